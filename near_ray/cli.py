@@ -1,0 +1,188 @@
+"""`near-ray …`: each subcommand parses flags, loads the run config and calls one stage.
+
+Every command accepts ``--config FILE`` and any number of ``--set section.key=value``. Stage code is
+imported lazily so that, e.g., ``near-ray annotator`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from near_ray.config import RunConfig, load_config
+from near_ray.errors import NearRayError
+
+log = logging.getLogger("near_ray")
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, args.set)
+
+
+def _print(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_synth(args: argparse.Namespace) -> None:
+    from near_ray.data.synth import generate
+    from near_ray.storage import storage_for
+
+    cfg = _config(args)
+    summary = generate(
+        out=args.out,
+        domains=[d.strip() for d in args.domains.split(",") if d.strip()],
+        species=args.species,
+        images_per_species=args.images_per_species,
+        image_size=args.image_size,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        storage=storage_for(cfg),
+    )
+    _print(summary)
+
+
+def cmd_annotator(args: argparse.Namespace) -> None:
+    from near_ray.label.annotator import serve_annotator
+    from near_ray.storage import storage_for
+
+    cfg = _config(args)
+    serve_annotator(
+        truth=args.truth,
+        profile=args.profile,
+        host=args.host,
+        port=args.port,
+        seed=args.seed,
+        faults=args.faults,
+        storage=storage_for(cfg),
+    )
+
+
+def cmd_label(args: argparse.Namespace) -> None:
+    from near_ray.label.stage import run_label
+
+    _print(run_label(_config(args)))
+
+
+def cmd_refine(args: argparse.Namespace) -> None:
+    from near_ray.refine.stage import run_refine
+
+    _print(run_refine(_config(args)))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from near_ray.train.stage import run_pretrain
+
+    _print(run_pretrain(_config(args), captions=args.captions, out=args.out))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from near_ray.train.stage import run_train
+
+    _print(run_train(_config(args)))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from near_ray.eval.stage import run_evaluate
+
+    _print(run_evaluate(_config(args), out=args.out))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from near_ray.pipeline import run_pipeline
+
+    _print(run_pipeline(_config(args), serve=args.serve))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from near_ray.demo import run_demo
+
+    run_demo(out=args.out, overrides=args.set)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from near_ray.serve.app import run_serve
+
+    cfg = _config(args)
+    if args.bundle:
+        cfg.serve.bundle = args.bundle
+    run_serve(cfg, write_config=args.write_config, block=not args.write_config)
+
+
+# ------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="near-ray", description="Vocabulary-free fine-grained recognition (NeaR) on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", "-c", help="run config (YAML)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config field")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("synth", cmd_synth, "write the synthetic fine-grained benchmark (images, truth, taxonomy, captions)")
+    p.add_argument("--out", required=True, help="output URI (s3://… or folder)")
+    p.add_argument("--domains", default="birds,flowers", help="comma-separated domains")
+    p.add_argument("--species", type=int, default=8, help="species per domain")
+    p.add_argument("--images-per-species", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--test-fraction", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("annotator", cmd_annotator, "run the simulated MLLM annotator (OpenAI-compatible HTTP server)")
+    p.add_argument("--truth", required=True, help="URI of a synthetic benchmark (or its truth.parquet)")
+    p.add_argument("--profile", default="strong", help="noise profile name or YAML/JSON file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--faults", default=None, help="fault injection as JSON or a file, e.g. '{\"rate_429\": 0.1}'")
+
+    add("label", cmd_label, "label images with an MLLM (Ray Data + vLLM / OpenAI-compatible endpoint)")
+    add("refine", cmd_refine, "vocabulary, CLIP embeddings, kNN and candidate sets")
+    p = add("pretrain", cmd_pretrain, "contrastive CLIP pretraining on an image-caption table")
+    p.add_argument("--captions", required=True, help="URI of captions.parquet (from `near-ray synth`)")
+    p.add_argument("--out", default=None, help="where to write the weights (default {workdir}/pretrained)")
+    add("train", cmd_train, "NeaR fine-tuning with Ray Train and model bundle export")
+    p = add("evaluate", cmd_evaluate, "cACC / sACC / NMI / ARI with baselines; report.json, report.md, plots")
+    p.add_argument("--out", default=None, help="report folder (default {workdir}/report)")
+    p = add("run", cmd_run, "the whole pipeline: label → refine → train → evaluate")
+    p.add_argument("--serve", action="store_true", help="start the Serve app at the end")
+    p = add("demo", cmd_demo, "the offline end-to-end demo on the synthetic benchmark")
+    p.add_argument("--out", default="demo_out", help="output folder")
+    p = add("serve", cmd_serve, "serve a model bundle with Ray Serve")
+    p.add_argument("--bundle", default=None, help="bundle URI (default serve.bundle or {workdir}/bundle)")
+    p.add_argument("--write-config", default=None, help="write a `serve deploy` config file here and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command != "demo":
+            _config(args)  # validate the config before any stage code is imported
+    except NearRayError as e:
+        print(f"near-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.fn(args)
+    except NearRayError as e:
+        print(f"near-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"near-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

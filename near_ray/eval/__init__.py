@@ -1,0 +1,1 @@
+"""Metrics (cACC, sACC, NMI, ARI), baselines and reports."""

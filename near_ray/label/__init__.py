@@ -1,0 +1,1 @@
+"""The label stage: prompts, answer parsing, MLLM backends, the simulated annotator."""

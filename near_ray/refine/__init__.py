@@ -1,0 +1,1 @@
+"""Vocabulary, CLIP image embeddings, kNN (FAISS) and candidate sets."""

@@ -1,0 +1,1 @@
+"""The Ray Serve application for a model bundle."""

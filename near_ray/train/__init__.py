@@ -1,0 +1,1 @@
+"""CLIP model, NeaR loss, the Ray Train loop and bundle export."""

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from near_ray.cli import main
+from near_ray.config import ConfigError, RunConfig, dump_config, load_config
+
+
+def test_defaults_live_in_the_models():
+    cfg = load_config()
+    assert cfg == RunConfig()
+    assert cfg.label.samples == 3
+    assert cfg.artifact("labels").endswith("labels")
+
+
+def test_yaml_and_overrides(tmp_path: Path):
+    f = tmp_path / "run.yaml"
+    f.write_text(
+        "storage: {workdir: s3://bucket/run}\n"
+        "data:\n  domains:\n    - {name: birds, uri: s3://bucket/birds, meta_class: bird}\n"
+        "label: {samples: 5}\n"
+    )
+    cfg = load_config(f, ["label.samples=2", "train.lr=0.001", "label.openai.concurrency=4", "data.max_images=null"])
+    assert cfg.label.samples == 2
+    assert cfg.train.lr == pytest.approx(0.001)
+    assert cfg.label.openai.concurrency == 4
+    assert cfg.data.domains[0].meta_class == "bird"
+    assert cfg.artifact("labels") == "s3://bucket/run/labels"
+    # A dumped config loads back to the same run.
+    g = tmp_path / "dumped.yaml"
+    g.write_text(dump_config(cfg))
+    assert load_config(g) == cfg
+
+
+def test_bad_field_names_file_and_path(tmp_path: Path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("label:\n  samples: zero\n  openai: {timeout_s: -1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert str(f) in msg and "label.samples" in msg and "label.openai.timeout_s" in msg
+
+
+def test_unknown_field_and_bad_yaml(tmp_path: Path):
+    f = tmp_path / "typo.yaml"
+    f.write_text("train: {epoch: 3}\n")
+    with pytest.raises(ConfigError, match=r"train\.epoch"):
+        load_config(f)
+    f.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["label.samples"])
+
+
+def test_duplicate_domains_rejected():
+    with pytest.raises(ConfigError, match="duplicate domain"):
+        load_config(None, ["data.domains=[{name: a, uri: x}, {name: a, uri: y}]"])
+
+
+def test_cli_reports_config_error_on_one_line(tmp_path: Path, capsys):
+    f = tmp_path / "bad.yaml"
+    f.write_text("refine: {k: 0}\n")
+    rc = main(["refine", "--config", str(f)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "refine.k" in err[0] and str(f) in err[0]

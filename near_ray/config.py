@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from near_ray.errors import NearRayError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from near_ray.errors import NearRayError
 
 
 class ConfigError(NearRayError, ValueError):

@@ -1,0 +1,174 @@
+"""The model bundle: everything serving and evaluation need, and nothing that can run code.
+
+A bundle is a folder on storage:
+  model.safetensors            open_clip weights (safetensors, no pickle)
+  config.json                  open_clip model config, preprocessing, prompt template, logit scale,
+                               abstain threshold, model_version, domains
+  vocabulary.json              [{"name", "domain", "synonyms", "support"}, ...]
+  text_embeddings.safetensors  {"text_embeddings": [V, D] float32, L2-normalized}
+  metrics.json                 training/evaluation metrics
+
+Serving imports this module, never the trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from near_ray.errors import NearRayError
+from near_ray.storage import Storage, join
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from near_ray.clip import Clip
+
+FORMAT_VERSION = 1
+FILES = ("model.safetensors", "config.json", "vocabulary.json", "text_embeddings.safetensors", "metrics.json")
+
+
+class BundleError(NearRayError):
+    pass
+
+
+def save_bundle(
+    uri: str,
+    clip: Clip,
+    vocabulary: list[dict[str, Any]],
+    text_embeddings: np.ndarray,
+    *,
+    prompt_template: str,
+    logit_scale: float,
+    abstain_threshold: float = 0.0,
+    metrics: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+    storage: Storage | None = None,
+) -> dict[str, Any]:
+    """Write a bundle; config.json is written last, so a bundle without it is incomplete."""
+    from safetensors.numpy import save as np_save
+
+    from near_ray.clip import save_weights
+
+    st = storage or Storage()
+    if len(vocabulary) != len(text_embeddings):
+        raise BundleError(f"{uri}: {len(vocabulary)} vocabulary entries but {len(text_embeddings)} text embeddings")
+    weights = save_weights(clip.model)
+    st.write_bytes(join(uri, "model.safetensors"), weights)
+    st.write_bytes(
+        join(uri, "text_embeddings.safetensors"),
+        np_save({"text_embeddings": np.ascontiguousarray(text_embeddings, dtype=np.float32)}),
+    )
+    st.write_json(join(uri, "vocabulary.json"), vocabulary)
+    st.write_json(join(uri, "metrics.json"), metrics or {})
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model_config": clip.model_config,
+        "image_mean": list(clip.image_mean),
+        "image_std": list(clip.image_std),
+        "prompt_template": prompt_template,
+        "logit_scale": float(logit_scale),
+        "abstain_threshold": float(abstain_threshold),
+        "domains": sorted({v.get("domain") or "" for v in vocabulary}),
+        "model_version": hashlib.sha256(weights).hexdigest()[:12],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra_config or {}),
+    }
+    st.write_json(join(uri, "config.json"), config)
+    return config
+
+
+@dataclass
+class Prediction:
+    names: list[str]
+    scores: list[float]
+    abstained: bool
+    domain: str | None
+
+
+class Bundle:
+    """A loaded bundle: image tower + cached text embeddings = a classifier over the vocabulary."""
+
+    def __init__(self, uri: str, clip: Clip, config: dict, vocabulary: list[dict], text_embeddings: np.ndarray):
+        self.uri = uri
+        self.clip = clip
+        self.config = config
+        self.vocabulary = vocabulary
+        self.names = [v["name"] for v in vocabulary]
+        self.domains = [v.get("domain") or "" for v in vocabulary]
+        self.text_embeddings = text_embeddings.astype(np.float32)
+        self.logit_scale = float(config["logit_scale"])
+        self.abstain_threshold = float(config.get("abstain_threshold", 0.0))
+        self.model_version = str(config.get("model_version", "unknown"))
+
+    def domain_mask(self, domain: str | None) -> np.ndarray:
+        if domain is None:
+            return np.ones(len(self.names), dtype=bool)
+        mask = np.array([d == domain for d in self.domains], dtype=bool)
+        if not mask.any():
+            raise BundleError(f"unknown domain '{domain}': this bundle serves {sorted(set(self.domains))}")
+        return mask
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        from near_ray.clip import encode_images
+
+        return encode_images(self.clip, images)
+
+    def probabilities(self, embeddings: np.ndarray, domain: str | None = None) -> np.ndarray:
+        """Softmax over the (domain's) vocabulary; entries outside the domain get probability 0."""
+        logits = self.logit_scale * embeddings @ self.text_embeddings.T
+        logits[:, ~self.domain_mask(domain)] = -np.inf
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, images: list[Image.Image], domain: str | None = None) -> np.ndarray:
+        """Index of the predicted vocabulary entry for each image."""
+        return self.probabilities(self.embed(images), domain).argmax(axis=1)
+
+    def classify(self, images: list[Image.Image], top_k: int = 5, domain: str | None = None) -> list[Prediction]:
+        probs = self.probabilities(self.embed(images), domain)
+        k = min(top_k, int(self.domain_mask(domain).sum()))
+        out = []
+        for row in probs:
+            idx = np.argsort(-row)[:k]
+            out.append(
+                Prediction(
+                    names=[self.names[i] for i in idx],
+                    scores=[float(row[i]) for i in idx],
+                    abstained=bool(row[idx[0]] < self.abstain_threshold),
+                    domain=self.domains[idx[0]] or None,
+                )
+            )
+        return out
+
+
+def load_bundle(uri: str, storage: Storage | None = None, device: str = "cpu") -> Bundle:
+    """Load a bundle written by ``save_bundle``; errors name the bundle and the missing/bad file."""
+    from safetensors.numpy import load as np_load
+
+    from near_ray.clip import create_clip, load_state_dict_bytes
+    from near_ray.config import ModelConfig
+
+    st = storage or Storage()
+    try:
+        config = st.read_json(join(uri, "config.json"))
+    except NearRayError as e:
+        raise BundleError(f"{uri}: not a model bundle (config.json: {e})") from e
+    if config.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{uri}: bundle format {config.get('format_version')} is not {FORMAT_VERSION}")
+    try:
+        vocabulary = st.read_json(join(uri, "vocabulary.json"))
+        text_embeddings = np_load(st.read_bytes(join(uri, "text_embeddings.safetensors")))["text_embeddings"]
+        state = load_state_dict_bytes(st.read_bytes(join(uri, "model.safetensors")))
+    except NearRayError as e:
+        raise BundleError(f"{uri}: incomplete bundle: {e}") from e
+    model_config = dict(config["model_config"], preprocess_cfg={"mean": config["image_mean"], "std": config["image_std"]})
+    clip = create_clip(ModelConfig(arch="bundle", pretrained=None), model_config=model_config)
+    clip.model.load_state_dict(state)
+    clip.model.to(device).eval()
+    return Bundle(uri, clip, config, vocabulary, text_embeddings)

@@ -1,0 +1,179 @@
+"""The CLIP model behind every stage: one front door over open_clip.
+
+``ModelConfig.arch`` is an open_clip model name ("ViT-B-16"), the name of a config shipped with
+near_ray (``near_ray/model_configs/*.json``, e.g. "near-tiny"), or a URI of such a JSON file.
+``ModelConfig.pretrained`` is an open_clip pretrained tag ("openai", "laion2b_s34b_b88k"), a URI of
+safetensors weights, or None for random init. Configs are data; nothing here downloads unless an
+open_clip pretrained tag asks for it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from near_ray.errors import NearRayError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from near_ray.config import ModelConfig
+    from near_ray.storage import Storage
+
+
+class ModelError(NearRayError):
+    pass
+
+
+@dataclass
+class Clip:
+    """An open_clip model with the transforms and tokenizer that belong to it."""
+
+    model: Any  # open_clip.CLIP
+    preprocess_train: Any
+    preprocess: Any  # eval transform: PIL image -> tensor
+    tokenizer: Any
+    model_config: dict  # the full open_clip config (JSON-able), so a bundle can rebuild the model offline
+    image_mean: tuple[float, ...] = field(default=(0.48145466, 0.4578275, 0.40821073))
+    image_std: tuple[float, ...] = field(default=(0.26862954, 0.26130258, 0.27577711))
+
+    @property
+    def image_size(self) -> int:
+        size = self.model_config["vision_cfg"]["image_size"]
+        return int(size if isinstance(size, int) else size[0])
+
+
+def builtin_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("near_ray.model_configs").iterdir() if p.name.endswith(".json"))
+
+
+def resolve_model_config(arch: str, storage: Storage | None = None) -> dict:
+    """The open_clip config dict for ``arch`` (a builtin name, an open_clip name, or a JSON URI)."""
+    import open_clip
+
+    if arch in builtin_configs():
+        return json.loads(resources.files("near_ray.model_configs").joinpath(f"{arch}.json").read_text())
+    if arch.endswith(".json"):
+        from near_ray.storage import Storage as _Storage
+
+        try:
+            return (storage or _Storage()).read_json(arch)
+        except NearRayError as e:
+            raise ModelError(f"model.arch: cannot read model config {arch}: {e}") from e
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ModelError(
+            f"model.arch: unknown architecture '{arch}': not an open_clip model "
+            f"(open_clip.list_models()), not one of near_ray's ({', '.join(builtin_configs())}), not a .json URI"
+        )
+    return cfg
+
+
+def _is_weights_uri(pretrained: str) -> bool:
+    return pretrained.endswith(".safetensors") or pretrained.startswith("s3://") or "/" in pretrained
+
+
+def load_state_dict_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as st_load
+
+    return st_load(data)
+
+
+def create_clip(model_cfg: ModelConfig, storage: Storage | None = None, model_config: dict | None = None) -> Clip:
+    """Build the model from config: open_clip name + pretrained tag, or config dict + safetensors weights."""
+    import open_clip
+
+    cfg = dict(model_config or resolve_model_config(model_cfg.arch, storage))
+    preprocess_cfg = cfg.pop("preprocess_cfg", {}) or {}
+    mean = tuple(preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    pretrained = model_cfg.pretrained
+    if pretrained and not _is_weights_uri(pretrained):
+        # An open_clip pretrained tag: production path, open_clip fetches the weights.
+        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(model_cfg.arch, pretrained=pretrained)
+        tokenizer = open_clip.get_tokenizer(model_cfg.arch)
+        mean = tuple(getattr(model.visual, "image_mean", None) or mean)
+        std = tuple(getattr(model.visual, "image_std", None) or std)
+        return Clip(model, preprocess_train, preprocess, tokenizer, cfg, mean, std)
+    model = open_clip.CLIP(**cfg)
+    if pretrained:
+        from near_ray.storage import Storage as _Storage
+
+        try:
+            state = load_state_dict_bytes((storage or _Storage()).read_bytes(pretrained))
+        except NearRayError as e:
+            raise ModelError(f"model.pretrained: {e}") from e
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("text.")]:
+            raise ModelError(
+                f"model.pretrained: weights {pretrained} do not fit arch '{model_cfg.arch}' "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+    size = cfg["vision_cfg"]["image_size"]
+    preprocess_train = open_clip.image_transform(size, is_train=True, mean=mean, std=std)
+    preprocess = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
+    tokenizer = open_clip.SimpleTokenizer(context_length=cfg.get("text_cfg", {}).get("context_length", 77))
+    full_cfg = dict(cfg, preprocess_cfg={"mean": list(mean), "std": list(std)})
+    return Clip(model, preprocess_train, preprocess, tokenizer, full_cfg, mean, std)
+
+
+def save_weights(model: Any) -> bytes:
+    """The model's state dict as safetensors bytes (no pickle)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return save(state)
+
+
+def encode_texts(clip: Clip, names: list[str], template: str, batch_size: int = 256) -> np.ndarray:
+    """L2-normalized text embeddings of ``template.format(name)`` for each name (float32, [N, D])."""
+    import torch
+
+    clip.model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(names), batch_size):
+            tokens = clip.tokenizer([template.format(n) for n in names[i : i + batch_size]])
+            emb = clip.model.encode_text(tokens.to(next(clip.model.parameters()).device))
+            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy())
+    dim = clip.model.text_projection.shape[-1] if hasattr(clip.model, "text_projection") else 0
+    return np.concatenate(out) if out else np.zeros((0, dim), dtype=np.float32)
+
+
+def encode_images(clip: Clip, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
+    """L2-normalized image embeddings (float32, [N, D]) with the eval transform."""
+    import torch
+
+    clip.model.eval()
+    device = next(clip.model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = torch.stack([clip.preprocess(im.convert("RGB")) for im in images[i : i + batch_size]]).to(device)
+            out.append(torch.nn.functional.normalize(clip.model.encode_image(x).float(), dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def decode_image(data: bytes, max_pixels: int = 64_000_000, what: str = "image") -> Image.Image:
+    """Bytes -> RGB PIL image, EXIF-transposed, refusing decompression bombs. Errors name ``what``."""
+    from PIL import Image, ImageOps
+
+    if not data:
+        raise NearRayError(f"{what}: empty file")
+    try:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > max_pixels:
+            raise NearRayError(f"{what}: {w}x{h} pixels exceeds the limit of {max_pixels}")
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")
+    except NearRayError:
+        raise
+    except Exception as e:
+        raise NearRayError(f"{what}: not a decodable image ({type(e).__name__}: {e})") from None

@@ -1,0 +1,33 @@
+"""Connecting to Ray: the cluster a job was submitted to, or a local one bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Use the running Ray session, else join RAY_ADDRESS (`ray job submit`), else start a local one.
+
+    A local cluster binds to 127.0.0.1 and passes the AWS_* variables to its workers so that they
+    reach the same object store as the driver.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    log.info("starting a local Ray cluster on 127.0.0.1")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env_vars} if env_vars else None,
+        log_to_driver=False,
+    )

@@ -100,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from near_ray.demo import run_demo
 
-    run_demo(out=args.out, overrides=args.set)
+    run_demo(out=args.out, overrides=args.set, config=args.config)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -159,7 +159,7 @@ class TrainConfig(_Section):
 
 # --------------------------------------------------------------------------------------------- serve
 class ServeConfig(_Section):
-    bundle: str | None = None  # bundle URI; defaults to {workdir}/bundle
+    bundle: str | None = None  # bundle URI; defaults to {workdir}/bundles/near
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     route_prefix: str = "/"
@@ -188,6 +188,19 @@ class EvalConfig(_Section):
     plots: bool = True
 
 
+class SynthConfig(_Section):
+    """The synthetic benchmark and simulated annotator used by the offline demo and benchmarks."""
+
+    domains: list[str] = Field(default_factory=lambda: ["birds", "flowers"])
+    species: int = Field(8, ge=2)  # per domain
+    images_per_species: int = Field(24, ge=2)  # split between train (discovery) and test
+    image_size: int = Field(64, ge=16)
+    test_fraction: float = Field(0.5, gt=0, lt=1)
+    seed: int = 0
+    annotator_profile: str = "strong"  # a profile name (near_ray/label/profiles) or a YAML file
+    annotator_faults: str | None = None  # fault injection as JSON, e.g. '{"rate_429": 0.05}'
+
+
 class RunConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -197,6 +210,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
 
     @model_validator(mode="after")
     def _unique_domains(self) -> RunConfig:

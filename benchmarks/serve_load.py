@@ -1,0 +1,217 @@
+"""Closed-loop HTTP load on loopback: the Ray Serve application vs a plain FastAPI + uvicorn server.
+
+Both serve the same near-tiny bundle (random init) and the same PNG; the plain server is one process
+that classifies each request on its own (no batching). Prints a table and writes
+benchmarks/results/serve_load.json.
+
+    python benchmarks/serve_load.py [--levels 1,8,32] [--seconds 20] [--replicas 1]
+"""
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
+
+
+def make_bundle(uri: str) -> str:
+    import torch
+
+    from near_ray.bundle import save_bundle
+    from near_ray.clip import create_clip, encode_texts
+    from near_ray.config import ModelConfig
+
+    torch.manual_seed(0)
+    clip = create_clip(ModelConfig(arch="near-tiny"))
+    names = [f"Species {i}" for i in range(50)]
+    vocab = [{"name": n, "domain": "birds", "synonyms": [], "support": 1} for n in names]
+    save_bundle(uri, clip, vocab, encode_texts(clip, names, "a photo of a {}."), prompt_template="a photo of a {}.", logit_scale=50.0)
+    return uri
+
+
+def test_image() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ plain server
+def plain_server(bundle: str, port: int) -> None:
+    """The baseline: one uvicorn process, each request decoded and classified alone."""
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    from near_ray.bundle import load_bundle
+    from near_ray.serve.images import ApiError, decode_upload
+
+    model = load_bundle(bundle)
+    app = FastAPI()
+
+    def work(body: bytes) -> JSONResponse:
+        try:
+            pred = model.classify([decode_upload(body, 40_000_000)], top_k=5)[0]
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        scored = [{"name": n, "score": s} for n, s in zip(pred.names, pred.scores, strict=True)]
+        return JSONResponse({"predictions": scored, "abstained": pred.abstained, "model_version": model.model_version})
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> JSONResponse:
+        return await run_in_threadpool(work, await request.body())
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def start_plain(bundle: str) -> tuple[subprocess.Popen, str]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import free_port, wait_for_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--plain-server", bundle, "--port", str(port)])
+    wait_for_port(port, timeout=120)
+    return proc, f"http://127.0.0.1:{port}/v1/classify"
+
+
+# ------------------------------------------------------------------------------------------ serve
+def start_serve(bundle: str, args: argparse.Namespace) -> str:
+    import ray
+    from ray import serve
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import free_port
+
+    from near_ray.config import ServeConfig
+    from near_ray.serve.app import application
+
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeConfig(
+        bundle=bundle,
+        min_replicas=args.replicas,
+        max_replicas=args.replicas,
+        cpus_per_replica=1.0,
+        ingress_cpus=0.5,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait,
+        decode_threads=4,
+    )
+    serve.run(application(settings), name="bench", route_prefix="/bench", blocking=False)
+    return f"http://127.0.0.1:{port}/bench/v1/classify"
+
+
+# ------------------------------------------------------------------------------------------ load
+async def closed_loop(url: str, body: bytes, concurrency: int, max_requests: int, seconds: float) -> dict:
+    """``concurrency`` clients, each sending its next request when the last one answered."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    sent = 0
+
+    async def client(c: httpx.AsyncClient) -> None:
+        nonlocal errors, sent
+        while sent < max_requests and time.perf_counter() < deadline:
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                r = await c.post(url, content=body, headers={"content-type": "image/png"})
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+        for _ in range(5):  # warm-up: connections, first batches, lazy imports
+            await c.post(url, content=body, headers={"content-type": "image/png"})
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {
+        "rps": round(len(latencies) / elapsed, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p95_ms": round(float(np.percentile(ms, 95)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "errors": errors,
+        "requests": len(latencies) + errors,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    levels = [int(x) for x in args.levels.split(",")]
+    body = test_image()
+    results: dict = {str(c): {} for c in levels}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = make_bundle(os.path.join(tmp, "bundle"))
+        # One server at a time: on a small machine they would otherwise compete for the same cores.
+        proc, plain_url = start_plain(bundle)
+        try:
+            for c in levels:
+                results[str(c)]["plain"] = asyncio.run(closed_loop(plain_url, body, c, args.max_requests, args.seconds))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        serve_url = start_serve(bundle, args)
+        for c in levels:
+            results[str(c)]["serve"] = asyncio.run(closed_loop(serve_url, body, c, args.max_requests, args.seconds))
+    return {
+        "concurrency": results,
+        "model": {"arch": "near-tiny", "weights": "random init", "vocabulary": 50, "image": "128x96 PNG"},
+        "serve": {"replicas": args.replicas, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "note": "closed loop on loopback; client, servers and Ray share the machine's cores",
+    }
+
+
+def print_table(report: dict) -> None:
+    print(f"{'conc':>5} {'server':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for c, row in report["concurrency"].items():
+        for name in ("plain", "serve"):
+            r = row[name]
+            print(f"{c:>5} {name:>6} {r['rps']:>8} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['p99_ms']:>8} {r['errors']:>6}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--levels", default="1,8,32")
+    p.add_argument("--seconds", type=float, default=20.0, help="time bound per level and server")
+    p.add_argument("--max-requests", type=int, default=2000, help="count bound per level and server")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait", type=float, default=0.005)
+    p.add_argument("--plain-server", metavar="BUNDLE", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    if args.plain_server:
+        plain_server(args.plain_server, args.port)
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    report = run(args)
+    print_table(report)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

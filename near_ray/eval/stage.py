@@ -1,0 +1,346 @@
+"""The evaluation stage: every method on the same test images, the field's metrics, a report.
+
+Methods (``cfg.eval.methods``): the model bundles under ``{workdir}/bundles/<method>`` (near, naive,
+near_no_knn, near_no_gmm, zero_shot), each restricted to the domain's vocabulary; and direct_mllm,
+the MLLM asked about every test image through the real label stage (its labels live under
+``{workdir}/eval/direct_mllm``), whose prediction is the majority name over its samples.
+
+Test images come from each domain's truth table (``data.domains[].truth``: parquet or CSV with
+``species`` (or ``class_name``), ``path`` relative to the table's folder or an absolute ``uri``,
+optional ``domain`` and ``split``; rows with split == "test" are used).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from near_ray.config import DomainConfig, RunConfig
+from near_ray.errors import NearRayError
+from near_ray.eval.metrics import SemanticAccuracy, by_domain
+from near_ray.eval.plots import write_plots
+from near_ray.eval.report import write_report
+from near_ray.storage import Storage, is_s3, join, storage_for
+
+if TYPE_CHECKING:
+    from near_ray.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+BUNDLE_METHODS = ("zero_shot", "naive", "near", "near_no_knn", "near_no_gmm")
+
+
+class EvaluationError(NearRayError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ test set
+def read_table(uri: str, storage: Storage) -> pd.DataFrame:
+    if uri.lower().endswith(".csv"):
+        try:
+            return pd.read_csv(io.BytesIO(storage.read_bytes(uri)))
+        except NearRayError:
+            raise
+        except Exception as e:
+            raise EvaluationError(f"{uri}: not a readable CSV table ({e})") from e
+    return storage.read_parquet(uri).to_pandas()
+
+
+def _resolve(path: str, base: str) -> str:
+    return path if is_s3(path) or path.startswith("/") else join(base, path)
+
+
+def test_set(domain: DomainConfig, storage: Storage) -> pd.DataFrame:
+    """The domain's test images: columns uri, domain, species."""
+    assert domain.truth
+    truth = read_table(domain.truth, storage)
+    where = f"data.domains[{domain.name}].truth {domain.truth}"
+    species_col = next((c for c in ("species", "class_name") if c in truth.columns), None)
+    path_col = next((c for c in ("uri", "path") if c in truth.columns), None)
+    if species_col is None or path_col is None:
+        raise EvaluationError(
+            f"{where}: needs columns species (or class_name) and path (or uri); has {list(truth.columns)}"
+        )
+    if "domain" in truth.columns:
+        truth = truth[truth["domain"] == domain.name]
+    if "split" in truth.columns:
+        truth = truth[truth["split"] == "test"]
+    if truth.empty:
+        raise EvaluationError(f"{where}: no test rows for domain '{domain.name}' (split == 'test')")
+    base = posixpath.dirname(domain.truth) if is_s3(domain.truth) else str(Path(domain.truth).parent)
+    return pd.DataFrame(
+        {
+            "uri": [_resolve(str(p), base) for p in truth[path_col]],
+            "domain": domain.name,
+            "species": truth[species_col].astype(str).to_numpy(),
+        }
+    )
+
+
+def load_test_sets(cfg: RunConfig, storage: Storage) -> pd.DataFrame:
+    frames = [test_set(d, storage) for d in cfg.data.domains if d.truth]
+    if not frames:
+        raise EvaluationError("evaluate: no domain has ground truth (set data.domains[].truth to a truth table)")
+    return pd.concat(frames, ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------------ images
+def image_batches(cfg: RunConfig, uris: list[str], storage: Storage) -> Iterator[tuple[int, list[Any]]]:
+    """(offset, [PIL image or NearRayError]) per batch; reads run in threads (object storage is I/O)."""
+    from near_ray.clip import decode_image
+
+    def load(uri: str) -> Any:
+        try:
+            return decode_image(storage.read_bytes(uri), cfg.label.image.max_pixels, what=uri)
+        except NearRayError as e:
+            return e
+
+    size = cfg.eval.batch_size
+    with ThreadPoolExecutor(cfg.eval.read_threads) as pool:
+        for start in range(0, len(uris), size):
+            yield start, list(pool.map(load, uris[start : start + size]))
+
+
+# ------------------------------------------------------------------------------------------ CLIP methods
+def bundle_predictions(
+    cfg: RunConfig, bundles: dict[str, Bundle], test: pd.DataFrame, storage: Storage
+) -> tuple[dict[str, list[str | None]], dict[str, float], list[dict[str, str]]]:
+    """Every bundle's predicted name per test image (one pass over the images), seconds spent per
+    bundle, and the images that could not be read (predicted as no name by every method)."""
+    preds: dict[str, list[str | None]] = {m: [None] * len(test) for m in bundles}
+    seconds = dict.fromkeys(bundles, 0.0)
+    bad: list[dict[str, str]] = []
+    domains = test["domain"].tolist()
+    for start, images in image_batches(cfg, test["uri"].tolist(), storage):
+        ok = [i for i, im in enumerate(images) if not isinstance(im, Exception)]
+        for i, im in enumerate(images):
+            if isinstance(im, Exception):
+                uri = str(test["uri"].iat[start + i])
+                bad.append({"uri": uri, "error": str(im).removeprefix(f"{uri}: ")})
+        if not ok:
+            continue
+        for method, bundle in bundles.items():
+            t0 = time.perf_counter()
+            emb = bundle.embed([images[i] for i in ok])
+            for d in sorted({domains[start + i] for i in ok}):
+                rows = [j for j, i in enumerate(ok) if domains[start + i] == d]
+                if d not in bundle.domains:
+                    continue  # this bundle has no vocabulary for the domain: no name, counted wrong
+                top = bundle.probabilities(emb[rows], domain=d).argmax(axis=1)
+                for j, k in zip(rows, top, strict=True):
+                    preds[method][start + ok[j]] = bundle.names[k]
+            seconds[method] += time.perf_counter() - t0
+    return preds, seconds, bad
+
+
+def batch1_latency_ms(bundle: Bundle, images: list[Any], domain: str) -> float:
+    """Median wall time of one image through the classifier (embed + scores), after one warm-up."""
+    bundle.probabilities(bundle.embed(images[:1]), domain=domain)
+    times = []
+    for im in images:
+        t0 = time.perf_counter()
+        bundle.probabilities(bundle.embed([im]), domain=domain)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def _probe_images(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[list[Any], str]:
+    for _, images in image_batches(cfg, test["uri"].tolist()[: cfg.eval.latency_probes * 2], storage):
+        good = [im for im in images if not isinstance(im, Exception)][: cfg.eval.latency_probes]
+        return good, str(test["domain"].iat[0])
+    return [], ""
+
+
+# ------------------------------------------------------------------------------------------ direct MLLM
+def _common_prefix(uris: list[str]) -> str:
+    folders = [u.rsplit("/", 1)[0] for u in uris]
+    prefix = (
+        posixpath.commonpath(folders)
+        if not is_s3(folders[0])
+        else "s3://" + posixpath.commonpath([f[len("s3://") :] for f in folders])
+    )
+    return prefix
+
+
+def _uri_key(uri: str) -> str:
+    return uri if is_s3(uri) else str(Path(uri).resolve())
+
+
+def majority_label(labels: list[str | None]) -> str | None:
+    """The most frequent name among an image's samples; ties go to the alphabetically first name."""
+    counts = Counter(lab for lab in labels if lab)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return min(name for name, n in counts.items() if n == best)
+
+
+def direct_mllm(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[list[str | None], dict[str, Any]]:
+    """The MLLM names every test image through the label stage; prediction = majority over its samples."""
+    from near_ray.label.stage import run_label
+
+    label_cfg = cfg.model_copy(deep=True)
+    label_cfg.storage.workdir = cfg.artifact("eval/direct_mllm")
+    label_cfg.data.max_images = None
+    meta = {d.name: d.meta_class for d in cfg.data.domains}
+    domains = []
+    for name, rows in test.groupby("domain", sort=True):
+        manifest = label_cfg.artifact(f"manifests/{name}.parquet")
+        import pyarrow as pa
+
+        storage.write_parquet(manifest, pa.table({"uri": rows["uri"].tolist()}))
+        # The prefix holds the test images (and, in some layouts, more); the manifest says exactly which.
+        domains.append(DomainConfig(name=name, uri=_common_prefix(rows["uri"].tolist()), meta_class=meta.get(name),
+                                    manifest=manifest))  # fmt: skip
+    label_cfg.data.domains = domains
+    summary = run_label(label_cfg)
+    labels = storage.read_parquet(label_cfg.artifact("labels")).to_pandas()
+    labels["key"] = labels["uri"].map(_uri_key)
+    labels = labels[labels["key"].isin({_uri_key(u) for u in test["uri"]})]
+    ok = labels[labels["status"] == "ok"]
+    by_uri = ok.groupby("key")["label"].apply(list).to_dict()
+    preds = [majority_label(by_uri.get(_uri_key(u), [])) for u in test["uri"]]
+    prices = cfg.label.prices
+    usd = (
+        labels["input_tokens"].fillna(0).sum() * prices.input_per_1m_tokens / 1e6
+        + labels["output_tokens"].fillna(0).sum() * prices.output_per_1m_tokens / 1e6
+        + len(labels) * prices.per_request
+    )
+    stats = {
+        "cost_per_1k": float(1000 * usd / len(test)),
+        "latency_ms": float(1000 * labels["latency_s"].dropna().mean()) if labels["latency_s"].notna().any() else None,
+        "requests": int(len(labels)),
+        "statuses": {str(k): int(v) for k, v in labels["status"].value_counts().items()},
+        "images_without_answer": int(sum(p is None for p in preds)),
+        "labels": label_cfg.artifact("labels"),
+        "label_summary": summary,
+    }
+    return preds, stats
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def _load_bundles(cfg: RunConfig, storage: Storage) -> tuple[dict[str, Bundle], dict[str, str]]:
+    from near_ray.bundle import load_bundle
+
+    bundles, skipped = {}, {}
+    for method in cfg.eval.methods:
+        if method == "direct_mllm":
+            continue
+        if method not in BUNDLE_METHODS:
+            skipped[method] = f"unknown method (known: direct_mllm, {', '.join(BUNDLE_METHODS)})"
+            continue
+        uri = cfg.artifact(f"bundles/{method}")
+        if not storage.exists(join(uri, "config.json")):
+            skipped[method] = f"no bundle at {uri}"
+            continue
+        bundles[method] = load_bundle(uri, storage)
+    return bundles, skipped
+
+
+def _vocabulary_sizes(bundles: dict[str, Bundle]) -> dict[str, dict[str, int]]:
+    return {m: dict(sorted(Counter(b.domains).items())) for m, b in bundles.items()}
+
+
+def _labeling_summary(cfg: RunConfig, storage: Storage) -> dict[str, Any] | None:
+    uri = cfg.artifact("labels/_summary.json")
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def _is_simulated(cfg: RunConfig, labeling: dict[str, Any] | None) -> bool:
+    if labeling and "simulated" in labeling:
+        return bool(labeling["simulated"])
+    return cfg.label.backend == "openai" and "simulated" in cfg.label.openai.model.lower()
+
+
+def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
+    """Evaluate every configured method on the test split; write report.json, report.md, predictions, plots."""
+    st = storage_for(cfg)
+    out = out or cfg.artifact("report")
+    test = load_test_sets(cfg, st)
+    log.info("evaluate: %d test images in %d domain(s)", len(test), test["domain"].nunique())
+    bundles, skipped = _load_bundles(cfg, st)
+    preds, seconds, bad = bundle_predictions(cfg, bundles, test, st) if bundles else ({}, {}, [])
+    probes, probe_domain = _probe_images(cfg, test, st) if bundles else ([], "")
+    sacc = SemanticAccuracy(cfg.eval.sbert_model)
+    methods: dict[str, dict[str, Any]] = {}
+    extra: dict[str, dict[str, Any]] = {}
+    if "direct_mllm" in cfg.eval.methods:
+        preds["direct_mllm"], extra["direct_mllm"] = direct_mllm(cfg, test, st)
+    for method, bundle in bundles.items():
+        n_ok = len(test) - len(bad)
+        extra[method] = {
+            "cost_per_1k": cfg.label.prices.clip_per_1k_images,
+            "latency_ms": batch1_latency_ms(bundle, probes, probe_domain)
+            if probes and probe_domain in bundle.domains
+            else None,
+            "throughput_img_s": n_ok / seconds[method] if seconds[method] > 0 else None,
+            "bundle": bundle.uri,
+            "model_version": bundle.model_version,
+        }
+    domains, truth = test["domain"].tolist(), test["species"].tolist()
+    for method in [m for m in cfg.eval.methods if m in preds]:
+        methods[method] = {**by_domain(domains, truth, preds[method], sacc), **extra[method]}
+        log.info("evaluate %s: cACC %.3f sACC %.3f", method, methods[method]["cacc"], methods[method]["sacc"])
+    report = _report(cfg, st, test, methods, bundles, skipped, bad, sacc, preds)
+    _write_predictions(out, st, test, preds)
+    if cfg.eval.plots:
+        near = (truth, preds["near"]) if "near" in preds else None
+        report["plots"] = write_plots(out, st, methods, cfg.artifact("refine/candidates.parquet"),
+                                      {m: b.uri for m, b in bundles.items()}, near, cfg.eval.confusion_classes)  # fmt: skip
+    report["files"] = write_report(report, out, st)
+    return report
+
+
+def _report(
+    cfg: RunConfig,
+    st: Storage,
+    test: pd.DataFrame,
+    methods: dict[str, dict[str, Any]],
+    bundles: dict[str, Bundle],
+    skipped: dict[str, str],
+    bad: list[dict[str, str]],
+    sacc: SemanticAccuracy,
+    preds: dict[str, list[str | None]],
+) -> dict[str, Any]:
+    labeling = _labeling_summary(cfg, st)
+    meta = {d.name: d.meta_class for d in cfg.data.domains}
+    vocab = _vocabulary_sizes(bundles)
+    if "direct_mllm" in preds:  # the MLLM's open vocabulary: distinct names it gave per domain
+        names = test.assign(pred=preds["direct_mllm"]).dropna(subset=["pred"])
+        vocab["direct_mllm"] = {str(d): int(n) for d, n in names.groupby("domain")["pred"].nunique().items()}
+    domains = [
+        {"name": d, "meta_class": meta.get(d), "test_images": int(len(rows)), "classes": int(rows["species"].nunique())}
+        for d, rows in test.groupby("domain", sort=True)
+    ]
+    return {
+        "dataset": cfg.eval.dataset or ", ".join(d["name"] for d in domains),
+        "domains": domains,
+        "test_images": int(len(test)),
+        "methods": methods,
+        "vocabulary_sizes": vocab,
+        "labeling": labeling,
+        "simulated_annotator": _is_simulated(cfg, labeling),
+        "sacc_model": sacc.model,
+        "skipped": skipped,
+        "bad_images": bad,
+        "clip_cost_per_1k_source": "label.prices.clip_per_1k_images",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _write_predictions(out: str, st: Storage, test: pd.DataFrame, preds: dict[str, list[str | None]]) -> None:
+    import pyarrow as pa
+
+    columns = {c: test[c].tolist() for c in ("uri", "domain", "species")}
+    columns.update({f"pred_{m}": p for m, p in preds.items()})
+    st.write_parquet(join(out, "predictions.parquet"), pa.table(columns))

@@ -1,0 +1,67 @@
+"""MLLM backends behind one seam: ``label_dataset(ds, cfg) -> ds``.
+
+A backend module exposes ``label_dataset(ds: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset``.
+
+Input rows (one per image x sample), built by the label stage:
+    image_id, uri, domain, sample, seed, temperature, system_prompt, user_prompt,
+    json_schema (JSON string, "" = free text), image (bytes, re-encoded), mime ("image/jpeg" | "image/png")
+
+Output rows keep every input column except ``image`` and add:
+    raw_answer (str | None), status ("ok" | "mllm_error"), error (str | None),
+    input_tokens (int), output_tokens (int), latency_s (float), model (str)
+
+``status`` here is about the request only; the stage turns answers that name nothing into
+``unparsable``. Backends are imported lazily: the vLLM one needs vLLM, the OpenAI one only aiohttp.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from near_ray.errors import NearRayError
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from near_ray.config import LabelConfig
+
+INPUT_COLUMNS = (
+    "image_id",
+    "uri",
+    "domain",
+    "sample",
+    "seed",
+    "temperature",
+    "system_prompt",
+    "user_prompt",
+    "json_schema",
+    "image",
+    "mime",
+)
+OUTPUT_COLUMNS = ("raw_answer", "status", "error", "input_tokens", "output_tokens", "latency_s", "model")
+
+_MODULES = {"openai": "near_ray.label.backends.openai", "vllm": "near_ray.label.backends.vllm"}
+
+LabelDataset = Callable[["ray.data.Dataset", "LabelConfig"], "ray.data.Dataset"]
+
+
+class BackendError(NearRayError):
+    """An unknown backend, or one whose dependencies are not installed."""
+
+
+def get_backend(name: str) -> LabelDataset:
+    """The ``label_dataset`` function of backend ``name`` ("openai" or "vllm")."""
+    if name not in _MODULES:
+        raise BackendError(f"label.backend: unknown backend '{name}' (known: {sorted(_MODULES)})")
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        raise BackendError(f"label.backend={name}: cannot import {_MODULES[name]}: {e}") from e
+    return module.label_dataset
+
+
+def model_name(cfg: LabelConfig) -> str:
+    """The model recorded in the labels table, part of each label's identity for resuming."""
+    return cfg.openai.model if cfg.backend == "openai" else cfg.vllm.model_source

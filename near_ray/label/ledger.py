@@ -1,0 +1,88 @@
+"""Which (image, sample) pairs still need an MLLM request: the label stage's resume and dedup memory.
+
+One small Ray actor per run, consulted by the read/decode tasks once per batch. It knows
+
+- the rows already final in the labels table (``ok``, ``unparsable``, ``bad_image``) for this
+  prompt version and model: such a (uri, image_id, sample) is skipped, so a re-run asks nothing;
+- which image_ids already have an answer (from the table, or claimed by another URI in this run):
+  a URI whose bytes are identical gets the answer copied at the end of the run, without a request.
+
+``mllm_error`` rows are not final: a re-run asks again. The state is rebuilt from the table on every
+run, so a killed run loses nothing but its unwritten rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from near_ray.storage import Storage
+
+ASK, COPY = "ask", "copy"
+
+
+@dataclass
+class LedgerCounts:
+    images_seen: int = 0
+    images_skipped: int = 0  # every sample already final
+    samples_skipped: int = 0
+    samples_asked: int = 0
+    samples_copied: int = 0
+    bad_images: int = 0
+
+
+class LabelLedger:
+    """Plain class (wrapped by ``ray.remote`` in the stage) so it can also be used and tested in-process."""
+
+    def __init__(self, labels_uri: str, storage: Storage, prompt_version: str, model: str) -> None:
+        from near_ray.label.table import FINAL_STATUSES, read_labels_table
+
+        self._done: set[tuple[str, str, int]] = set()  # (uri, image_id, sample) final
+        self._answered: set[tuple[str, int]] = set()  # (image_id, sample) with a final row somewhere
+        self._claimed: dict[str, str] = {}  # image_id -> the URI that asks for it in this run
+        self._aliases: list[dict[str, Any]] = []
+        self._bad_rows: list[dict[str, Any]] = []
+        self.counts = LedgerCounts()
+        table = read_labels_table(labels_uri, storage)
+        if table is not None:
+            cols = table.select(["uri", "image_id", "sample", "status", "prompt_version", "model"]).to_pydict()
+            for uri, iid, s, status, pv, m in zip(*cols.values(), strict=True):
+                if status in FINAL_STATUSES and pv == prompt_version and m == model:
+                    self._done.add((uri, iid, s))
+                    self._answered.add((iid, s))
+
+    def plan(self, items: list[tuple[str, str, str]], samples: int) -> list[list[int]]:
+        """For each (uri, domain, image_id): the samples to ask about; records skips and copies."""
+        out = []
+        for uri, domain, iid in items:
+            self.counts.images_seen += 1
+            owner = self._claimed.setdefault(iid, uri)
+            ask, skipped = [], 0
+            for s in range(samples):
+                if (uri, iid, s) in self._done:
+                    skipped += 1
+                elif owner != uri or (iid, s) in self._answered:
+                    self._aliases.append({"uri": uri, "domain": domain, "image_id": iid, "sample": s})
+                else:
+                    ask.append(s)
+            self.counts.samples_skipped += skipped
+            self.counts.images_skipped += skipped == samples
+            self.counts.samples_asked += len(ask)
+            self.counts.samples_copied += samples - skipped - len(ask)
+            out.append(ask)
+        return out
+
+    def add_bad(self, rows: list[dict[str, Any]]) -> None:
+        self._bad_rows.extend(rows)
+        self.counts.bad_images += len({r["uri"] for r in rows})
+
+    def drain_bad(self) -> list[dict[str, Any]]:
+        """The bad-image rows recorded since the last call (the driver writes them)."""
+        rows, self._bad_rows = self._bad_rows, []
+        return rows
+
+    def aliases(self) -> list[dict[str, Any]]:
+        return list(self._aliases)
+
+    def get_counts(self) -> dict[str, int]:
+        return asdict(self.counts)

@@ -1,0 +1,64 @@
+"""What the MLLM is asked: versioned prompt texts, the answer's JSON schema and per-sample seeds.
+
+A prompt version is part of every label's identity (``prompt_version`` column): changing a text
+means a new version, so answers to different questions are never mixed or mistaken for done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from near_ray.errors import NearRayError
+
+
+class PromptError(NearRayError):
+    """An unknown prompt version; the message lists the known ones."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    system: str
+    user_with_meta: str  # formatted with {meta_class}
+    user_generic: str  # when the domain's meta-class is unknown
+
+
+# vLLM's LLaVA chat templates need a text system message (ray issue #56125), so every version has one.
+PROMPTS: dict[str, PromptTemplate] = {
+    "v1": PromptTemplate(
+        system="You are an expert in fine-grained visual recognition. You name what an image shows as "
+        "specifically as you can.",
+        user_with_meta="What is the most specific name of this {meta_class}? Answer with the name only.",
+        user_generic="What is the most specific name of the main object in this image? Answer with the name only.",
+    ),
+}
+
+# Structured output: the answer is a JSON object with one string field.
+LABEL_SCHEMA: dict = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}},
+    "required": ["name"],
+    "additionalProperties": False,
+}
+
+
+def prompt_for(meta_class: str | None, version: str) -> tuple[str, str]:
+    """(system prompt, user prompt) for a domain whose meta-class may be unknown."""
+    if version not in PROMPTS:
+        raise PromptError(f"label.prompt_version: unknown prompt version '{version}' (known: {sorted(PROMPTS)})")
+    t = PROMPTS[version]
+    meta = (meta_class or "").strip()
+    user = t.user_with_meta.format(meta_class=meta) if meta else t.user_generic
+    return t.system, user
+
+
+def schema_text(structured: bool) -> str:
+    """The JSON schema as a string for the ``json_schema`` column ("" = free-text answers)."""
+    return json.dumps(LABEL_SCHEMA, sort_keys=True) if structured else ""
+
+
+def sample_seed(base_seed: int, image_id: str, sample: int) -> int:
+    """A stable 31-bit seed per (run seed, image, sample): re-runs ask exactly the same question."""
+    digest = hashlib.sha256(f"{base_seed}:{image_id}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF

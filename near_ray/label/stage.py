@@ -1,0 +1,432 @@
+"""Stage 1, label: images on storage -> MLLM answers -> the labels table.
+
+Data flow, per chunk of the listing::
+
+    driver: Storage.list (streamed)  --chunks of label.listing_chunk URIs-->  ray.data.from_items
+    Ray Data tasks: read bytes, hash (image_id), ask the ledger what is still to do,
+                    decode/validate/resize, build one request row per (image, sample)
+    backend actor pool (label_dataset seam): one MLLM request per row
+    driver: iter_batches -> parse -> labels parts on storage, written as results stream in
+
+Why listing chunks through ``from_items`` rather than ``read_binary_files``: the driver never holds
+more than one chunk of URIs, our listing rules (extensions, hidden names, ``max_images``) stay in
+one place (Storage.list), and bytes are fetched by the task that decodes them, so they cross the
+network once and compressed. Failures never stop the run: unreadable or invalid images become
+``bad_image`` rows, failed requests ``mllm_error`` rows, answers without a name ``unparsable``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from near_ray.config import DomainConfig, ImageConfig, RunConfig
+from near_ray.errors import NearRayError
+from near_ray.label.backends import get_backend, model_name
+from near_ray.label.images import BadImageError, image_id, prepare_image
+from near_ray.label.ledger import LabelLedger
+from near_ray.label.parse import parse_answer
+from near_ray.label.prompts import prompt_for, sample_seed, schema_text
+from near_ray.label.table import LabelWriter, labels_uri, read_labels, read_labels_table
+from near_ray.storage import Storage, is_s3, join, storage_for
+
+if TYPE_CHECKING:
+    import ray.actor
+    import ray.data
+
+__all__ = ["run_label", "read_labels"]
+
+log = logging.getLogger(__name__)
+
+READ_BATCH = 32  # images per read/decode task call
+READ_THREADS = 16  # concurrent object reads inside one task: S3 latency, not CPU, bounds reading
+
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("domain", pa.string()),
+        ("sample", pa.int32()),
+        ("seed", pa.int64()),
+        ("temperature", pa.float64()),
+        ("system_prompt", pa.string()),
+        ("user_prompt", pa.string()),
+        ("json_schema", pa.string()),
+        ("image", pa.binary()),
+        ("mime", pa.string()),
+    ]
+)
+
+
+class EmptyDomainError(NearRayError):
+    """A domain whose prefix (or manifest) holds no images."""
+
+
+class ManifestError(NearRayError):
+    """A domain manifest that cannot be read."""
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def run_label(cfg: RunConfig) -> dict[str, Any]:
+    """Label every image of every domain; resumable, see the module docstring. Returns the run summary."""
+    import ray
+
+    from near_ray.runtime import ensure_ray
+
+    storage = storage_for(cfg)
+    check_domains(cfg, storage)  # before starting anything
+    ensure_ray()
+    label_dataset = get_backend(cfg.label.backend)
+    out_uri = labels_uri(cfg)
+    model = model_name(cfg.label)
+    ledger = ray.remote(LabelLedger).options(num_cpus=0).remote(out_uri, storage, cfg.label.prompt_version, model)
+    writer = LabelWriter(out_uri, storage, cfg.label.part_rows, cfg.label.flush_interval_s)
+    progress = Progress(cfg.label.log_every_batches)
+    for chunk in listing_chunks(cfg, storage):
+        requests = request_dataset(chunk, cfg, ledger, storage)
+        for batch in label_dataset(requests, cfg.label).iter_batches(batch_format="pyarrow", batch_size=None):
+            rows = label_rows(batch, cfg.label.prompt_version, model)
+            progress.add_calls(rows)
+            writer.add(rows)
+            if progress.due():
+                writer.add(ray.get(ledger.drain_bad.remote()))
+                progress.log(writer)
+        writer.add(ray.get(ledger.drain_bad.remote()))
+    writer.flush()
+    copies = copy_identical(ray.get(ledger.aliases.remote()), out_uri, storage, cfg.label.prompt_version, model)
+    writer.add(copies)
+    writer.flush()
+    summary = progress.summary(cfg, ray.get(ledger.get_counts.remote()), writer)
+    ray.kill(ledger)
+    storage.write_json(cfg.artifact("labels/_summary.json"), summary)
+    log.info("label: %s", {k: summary[k] for k in ("rows_written", "by_status", "mllm_calls", "images_per_s")})
+    return summary
+
+
+def check_domains(cfg: RunConfig, storage: Storage) -> None:
+    """Fail before any work when a domain has no images (one listing page, or its manifest, each)."""
+    if not cfg.data.domains:
+        raise EmptyDomainError("data.domains: no domains configured (name, uri, meta_class)")
+    for d in cfg.data.domains:
+        if next(iter(domain_uris(d, cfg, storage)), None) is None:
+            where = (
+                f"manifest {d.manifest}"
+                if d.manifest
+                else f"{d.uri} (extensions {', '.join(cfg.data.image_extensions)})"
+            )
+            raise EmptyDomainError(f"data.domains[{d.name}]: no images in {where}")
+
+
+def domain_uris(d: DomainConfig, cfg: RunConfig, storage: Storage) -> Iterator[str]:
+    """A domain's image URIs: its manifest's ``uri`` column when it has one, else the listing of its prefix."""
+    if not d.manifest:
+        for obj in storage.list(d.uri, suffixes=cfg.data.image_extensions):
+            yield obj.uri
+        return
+    for uri in manifest_uris(d.manifest, storage):
+        yield uri if is_s3(uri) or uri.startswith("/") else join(d.uri, uri)
+
+
+def manifest_uris(manifest: str, storage: Storage) -> Iterator[str]:
+    """The ``uri`` column of a parquet or CSV manifest, in order."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    data = storage.read_bytes(manifest)
+    try:
+        if manifest.lower().endswith(".csv"):
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(include_columns=["uri"]))
+        else:
+            table = pq.read_table(io.BytesIO(data), columns=["uri"])
+    except (pa.ArrowInvalid, KeyError) as e:
+        raise ManifestError(f"{manifest}: not a parquet/CSV table with a 'uri' column: {e}") from None
+    for batch in table.to_batches(max_chunksize=10_000):
+        yield from (u for u in batch.column(0).to_pylist() if u)
+
+
+def listing_chunks(cfg: RunConfig, storage: Storage) -> Iterator[list[dict[str, str]]]:
+    """Every domain's image URIs, in chunks of ``label.listing_chunk``, capped at ``data.max_images``."""
+    chunk: list[dict[str, str]] = []
+    left = cfg.data.max_images if cfg.data.max_images is not None else math.inf
+    for d in cfg.data.domains:
+        for uri in domain_uris(d, cfg, storage):
+            if left <= 0:
+                break
+            left -= 1
+            chunk.append({"uri": uri, "domain": d.name})
+            if len(chunk) >= cfg.label.listing_chunk:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+# ------------------------------------------------------------------------------------------ requests
+def request_dataset(
+    chunk: list[dict[str, str]], cfg: RunConfig, ledger: ray.actor.ActorHandle, storage: Storage
+) -> ray.data.Dataset:
+    """One chunk of URIs -> request rows (the backend seam's input), built in Ray Data tasks."""
+    import ray.data
+
+    lc = cfg.label
+    prompts = {d.name: prompt_for(d.meta_class, lc.prompt_version) for d in cfg.data.domains}
+    settings = {
+        "samples": lc.samples,
+        "seed": lc.seed,
+        "temperature": lc.temperature,
+        "json_schema": schema_text(lc.openai.structured_output if lc.backend == "openai" else lc.vllm.guided_decoding),
+        "image": lc.image.model_dump(),
+        "prompt_version": lc.prompt_version,
+        "model": model_name(lc),
+    }
+    ds = ray.data.from_items(chunk, override_num_blocks=max(1, math.ceil(len(chunk) / READ_BATCH)))
+    return ds.map_batches(
+        build_requests,
+        fn_kwargs={"ledger": ledger, "storage": storage, "prompts": prompts, "settings": settings},
+        batch_size=READ_BATCH,
+        batch_format="pyarrow",
+        num_cpus=lc.prepare_cpus,
+        # Spread reads over the cluster. A remote-args function also keeps this a task operator of its
+        # own (Ray Data never fuses across one), so decoding scales with the cluster, not with the labeler pool.
+        ray_remote_args_fn=_spread,
+    )
+
+
+def _spread() -> dict[str, Any]:
+    return {"scheduling_strategy": "SPREAD"}
+
+
+def build_requests(
+    batch: pa.Table,
+    *,
+    ledger: ray.actor.ActorHandle,
+    storage: Storage,
+    prompts: dict[str, tuple[str, str]],
+    settings: dict[str, Any],
+) -> pa.Table:
+    """Read, hash, plan, decode: request rows for what is still to do; bad images go to the ledger."""
+    import ray
+
+    items = batch.select(["uri", "domain"]).to_pylist()
+    with ThreadPoolExecutor(min(READ_THREADS, len(items) or 1)) as pool:
+        blobs = list(pool.map(lambda it: _read(storage, it["uri"]), items))
+    ids = [
+        image_id(b) if isinstance(b, bytes) else _unreadable_id(it["uri"]) for it, b in zip(items, blobs, strict=True)
+    ]
+    plans = ray.get(
+        ledger.plan.remote(
+            [(it["uri"], it["domain"], i) for it, i in zip(items, ids, strict=True)], settings["samples"]
+        )
+    )
+    image_cfg = ImageConfig.model_validate(settings["image"])
+    requests: list[dict[str, Any]] = []
+    bad: list[dict[str, Any]] = []
+    for it, blob, iid, ask in zip(items, blobs, ids, plans, strict=True):
+        if not ask:
+            continue
+        try:
+            if not isinstance(blob, bytes):
+                raise BadImageError(blob)
+            prepared = prepare_image(blob, image_cfg)
+        except BadImageError as e:
+            bad.extend(_bad_rows(it, iid, ask, f"{it['uri']}: {e}", settings))
+            continue
+        system, user = prompts[it["domain"]]
+        for s in ask:
+            requests.append(
+                {
+                    "image_id": iid,
+                    "uri": it["uri"],
+                    "domain": it["domain"],
+                    "sample": s,
+                    "seed": sample_seed(settings["seed"], iid, s),
+                    "temperature": settings["temperature"],
+                    "system_prompt": system,
+                    "user_prompt": user,
+                    "json_schema": settings["json_schema"],
+                    "image": prepared.data,
+                    "mime": prepared.mime,
+                }
+            )
+    if bad:
+        ray.get(ledger.add_bad.remote(bad))  # recorded before this task's output counts as done
+    return pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
+
+
+def _read(storage: Storage, uri: str) -> bytes | str:
+    """The object's bytes, or a message saying why it cannot be read."""
+    try:
+        return storage.read_bytes(uri)
+    except NearRayError as e:
+        return f"cannot read: {e}"
+
+
+def _unreadable_id(uri: str) -> str:
+    return image_id(f"unreadable:{uri}".encode())
+
+
+def _bad_rows(item: dict[str, str], iid: str, samples: list[int], error: str, settings: dict[str, Any]) -> list[dict]:
+    return [
+        {
+            "image_id": iid,
+            "uri": item["uri"],
+            "domain": item["domain"],
+            "sample": s,
+            "seed": sample_seed(settings["seed"], iid, s),
+            "raw_answer": None,
+            "label": None,
+            "status": "bad_image",
+            "error": error,
+            "model": settings["model"],
+            "prompt_version": settings["prompt_version"],
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "latency_s": 0.0,
+        }
+        for s in samples
+    ]
+
+
+# ------------------------------------------------------------------------------------------ answers
+def label_rows(batch: pa.Table, prompt_version: str, model: str) -> list[dict[str, Any]]:
+    """Backend output rows -> labels-table rows: parse each answer, mark answers without a name."""
+    rows = []
+    for r in batch.to_pylist():
+        label = parse_answer(r["raw_answer"]) if r["status"] == "ok" else None
+        status, error = r["status"], r.get("error")
+        if status == "ok" and label is None:
+            status, error = "unparsable", f"{r['uri']}: sample {r['sample']}: the answer names nothing"
+        rows.append(
+            {
+                **{k: r.get(k) for k in ("image_id", "uri", "domain", "sample", "seed", "raw_answer")},
+                "label": label,
+                "status": status,
+                "error": error,
+                # The configured model, not the endpoint's alias for it: it is part of the resume key.
+                "model": model,
+                "prompt_version": prompt_version,
+                "input_tokens": r.get("input_tokens") or 0,
+                "output_tokens": r.get("output_tokens") or 0,
+                "latency_s": r.get("latency_s") or 0.0,
+            }
+        )
+    return rows
+
+
+def copy_identical(
+    aliases: list[dict[str, Any]], uri: str, storage: Storage, prompt_version: str, model: str
+) -> list[dict[str, Any]]:
+    """Rows for URIs whose bytes equal an image already asked about: its answers, copied at no cost."""
+    if not aliases:
+        return []
+    source = _answers_for({a["image_id"] for a in aliases}, uri, storage, prompt_version, model)
+    rows = []
+    for a in aliases:
+        src = source.get((a["image_id"], a["sample"]))
+        if src is None:  # the original was never answered: a re-run asks again
+            src = {"status": "mllm_error", "error": f"{a['uri']}: no answer for identical image {a['image_id']}"}
+            src.update(raw_answer=None, label=None, seed=None, uri=a["uri"])
+        error = src.get("error")
+        rows.append(
+            {
+                **src,
+                **a,
+                "error": error.replace(src["uri"], a["uri"]) if isinstance(error, str) else error,
+                "model": model,
+                "prompt_version": prompt_version,
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "latency_s": 0.0,
+            }
+        )
+    return rows
+
+
+def _answers_for(
+    ids: set[str], uri: str, storage: Storage, prompt_version: str, model: str
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """The best existing row per (image_id, sample) for these images: final answers beat errors."""
+    import pyarrow.compute as pc
+
+    table = read_labels_table(uri, storage)
+    if table is None:
+        return {}
+    mask = pc.and_(
+        pc.is_in(table["image_id"], value_set=pa.array(sorted(ids), pa.string())),
+        pc.and_(pc.equal(table["prompt_version"], prompt_version), pc.equal(table["model"], model)),
+    )
+    source: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in table.filter(mask).to_pylist():
+        key = (r["image_id"], r["sample"])
+        if key not in source or source[key]["status"] == "mllm_error":
+            source[key] = r
+    return source
+
+
+# ------------------------------------------------------------------------------------------ progress
+class Progress:
+    """Counts what this run did; logs a line every N result batches."""
+
+    def __init__(self, log_every: int) -> None:
+        self.start = time.monotonic()
+        self.log_every = log_every
+        self.batches = 0
+        self.calls = 0
+        self.tokens_in = 0
+        self.tokens_out = 0
+
+    def add_calls(self, rows: list[dict[str, Any]]) -> None:
+        self.batches += 1
+        self.calls += len(rows)
+        self.tokens_in += sum(int(r["input_tokens"]) for r in rows)
+        self.tokens_out += sum(int(r["output_tokens"]) for r in rows)
+
+    def due(self) -> bool:
+        return self.batches % self.log_every == 0
+
+    def log(self, writer: LabelWriter) -> None:
+        elapsed = time.monotonic() - self.start
+        log.info(
+            "label: %d MLLM calls, %d rows written in %d parts, %.1f calls/s",
+            self.calls,
+            writer.rows_written,
+            writer.parts_written,
+            self.calls / max(elapsed, 1e-9),
+        )
+
+    def summary(self, cfg: RunConfig, counts: dict[str, int], writer: LabelWriter) -> dict[str, Any]:
+        wall = time.monotonic() - self.start
+        p = cfg.label.prices
+        cost = (
+            self.tokens_in / 1e6 * p.input_per_1m_tokens
+            + self.tokens_out / 1e6 * p.output_per_1m_tokens
+            + self.calls * p.per_request
+        )
+        by_status, by_domain = writer.status_counts()
+        labeled = counts["images_seen"] - counts["images_skipped"]
+        return {
+            "labels": writer.uri,
+            "backend": cfg.label.backend,
+            "model": model_name(cfg.label),
+            "prompt_version": cfg.label.prompt_version,
+            "samples": cfg.label.samples,
+            "rows_written": writer.rows_written,
+            "parts_written": writer.parts_written,
+            "by_status": by_status,
+            "by_domain": by_domain,
+            "mllm_calls": self.calls,
+            "input_tokens": self.tokens_in,
+            "output_tokens": self.tokens_out,
+            "estimated_cost_usd": round(cost, 6),
+            **counts,
+            "images_labeled": labeled,
+            "wall_s": round(wall, 3),
+            "images_per_s": round(labeled / wall, 3) if wall > 0 else 0.0,
+        }

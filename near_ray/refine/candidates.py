@@ -1,0 +1,92 @@
+"""Candidate label sets: an image's own MLLM names plus the names of its nearest neighbours.
+
+S_i = own labels ∪ labels of kNN_K(i). Initial confidence of a name c for image i:
+
+    own_i(c) + neighbour_weight · Σ_j s_ij · own_j(c) / Σ_j s_ij,      normalized to sum 1,
+
+where own_i(c) is the fraction of i's parsed samples naming c and s_ij ≥ 0 the cosine similarity of
+neighbour j. Both terms are distributions, so ``neighbour_weight`` reads as "how much one image's
+whole neighbourhood counts against its own samples", whatever S and K are. An image whose own
+samples are all unparsable gets its candidates from its neighbours alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    candidates: list[str]  # most confident first
+    confidences: list[float]  # same order, sum 1 (empty when the image has no named neighbour either)
+
+
+def own_distribution(own_labels: Sequence[str]) -> dict[str, float]:
+    counts = Counter(own_labels)
+    total = sum(counts.values())
+    return {name: c / total for name, c in counts.items()} if total else {}
+
+
+def majority_label(own_labels: Sequence[str], support: dict[str, int] | None = None) -> str | None:
+    """The raw majority vote of an image's own samples (the naive baseline's label).
+
+    Ties go to the name with more support in the vocabulary, then to the alphabetically first name,
+    so the result never depends on sample order.
+    """
+    counts = Counter(own_labels)
+    if not counts:
+        return None
+    support = support or {}
+    return min(counts, key=lambda n: (-counts[n], -support.get(n, 0), n))
+
+
+def candidate_sets(
+    own_labels: Sequence[Sequence[str]],
+    neighbors: np.ndarray,
+    similarities: np.ndarray,
+    neighbour_weight: float,
+) -> list[CandidateSet]:
+    """One candidate set per image. ``neighbors``/``similarities`` as returned by ``knn`` (-1 = no neighbour)."""
+    owns = [own_distribution(o) for o in own_labels]
+    out = []
+    for i, own in enumerate(owns):
+        scores = dict(own)
+        votes = _neighbour_votes(owns, neighbors[i], similarities[i]) if neighbors.shape[1] else {}
+        for name, v in votes.items():
+            scores[name] = scores.get(name, 0.0) + neighbour_weight * v
+        if neighbour_weight == 0:  # names only neighbours gave still belong to S_i, with no initial mass
+            for name in votes:
+                scores.setdefault(name, 0.0)
+        out.append(_normalized(scores))
+    return out
+
+
+def _neighbour_votes(owns: list[dict[str, float]], ids: np.ndarray, sims: np.ndarray) -> dict[str, float]:
+    """Similarity-weighted average of the neighbours' own label distributions (sums to 1, or empty)."""
+    votes: dict[str, float] = {}
+    total = 0.0
+    for j, s in zip(ids.tolist(), sims.tolist(), strict=True):
+        if j < 0 or not owns[j]:
+            continue
+        w = max(float(s), 0.0) if np.isfinite(s) else 0.0
+        w = w or 1e-6  # an orthogonal neighbour still votes, barely: its names stay in the set
+        total += w
+        for name, p in owns[j].items():
+            votes[name] = votes.get(name, 0.0) + w * p
+    return {n: v / total for n, v in votes.items()} if total else {}
+
+
+def _normalized(scores: dict[str, float]) -> CandidateSet:
+    if not scores:
+        return CandidateSet([], [])
+    total = sum(scores.values())
+    if total <= 0:
+        probs = {n: 1.0 / len(scores) for n in scores}
+    else:
+        probs = {n: v / total for n, v in scores.items()}
+    names = sorted(probs, key=lambda n: (-probs[n], n))
+    return CandidateSet(names, [probs[n] for n in names])

@@ -1,0 +1,267 @@
+"""The refine stage: labels table -> vocabulary, CLIP embeddings, kNN graph, candidate label sets.
+
+Writes under ``{workdir}/refine/``: vocabulary.json, merges.json, embeddings.parquet,
+neighbors.parquet, candidates.parquet and, last, _summary.json. The summary carries fingerprints of
+the inputs (labels content, model, refine config), so a re-run with unchanged inputs does nothing,
+and a re-run that only changes vocabulary or kNN settings reuses the embeddings already on storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from near_ray.errors import NearRayError
+from near_ray.refine.candidates import candidate_sets, majority_label
+from near_ray.refine.embed import Embeddings, embed_images, embeddings_table, read_embeddings, unique_images
+from near_ray.refine.knn import choose_index, knn
+from near_ray.refine.vocabulary import Vocabulary, build_vocabulary, text_encoder
+from near_ray.storage import Storage, storage_for
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
+    from near_ray.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("vocabulary.json", "merges.json", "embeddings.parquet", "neighbors.parquet", "candidates.parquet")
+_EMBED_RESOURCES = {"embed_batch_size", "embed_actors", "embed_actor_cpus", "embed_gpus", "use_gpu"}
+_MAX_LISTED_FAILURES = 100
+
+
+class RefineError(NearRayError):
+    pass
+
+
+def refine_uri(cfg: RunConfig, name: str = "") -> str:
+    return cfg.artifact(f"refine/{name}" if name else "refine")
+
+
+# ------------------------------------------------------------------------------------------ fingerprints
+def _sha(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprints(labels: pd.DataFrame, cfg: RunConfig) -> dict[str, str]:
+    """Content fingerprints of what each output depends on (not of file names or write times)."""
+    import pandas as pd
+
+    cols = ["image_id", "uri", "domain", "sample", "label", "status"]
+    table = labels[cols].sort_values(["domain", "uri", "sample"]).astype(str)
+    labels_fp = _sha(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
+    images = sorted(zip(labels["image_id"].astype(str), labels["uri"].astype(str), strict=True))
+    embeddings_fp = _sha(sorted(set(images)), cfg.model.model_dump(), cfg.label.image.max_pixels)
+    refine_cfg = {k: v for k, v in cfg.refine.model_dump().items() if k not in _EMBED_RESOURCES}
+    return {"labels": labels_fp, "embeddings": embeddings_fp, "all": _sha(labels_fp, embeddings_fp, refine_cfg)}
+
+
+def _previous_summary(st: Storage, cfg: RunConfig) -> dict[str, Any] | None:
+    uri = refine_uri(cfg, "_summary.json")
+    try:
+        return st.read_json(uri) if st.exists(uri) else None
+    except NearRayError as e:
+        log.warning("refine: ignoring unreadable %s (%s); recomputing", uri, e)
+        return None
+
+
+# ------------------------------------------------------------------------------------------ steps
+def _read_labels(cfg: RunConfig, st: Storage) -> pd.DataFrame:
+    from near_ray.label.table import read_labels
+
+    labels = read_labels(cfg, st)
+    missing = {"image_id", "uri", "domain", "sample", "label", "status"} - set(labels.columns)
+    if missing:
+        raise RefineError(f"{cfg.artifact('labels')}: labels table lacks columns {sorted(missing)}")
+    if labels.empty:
+        raise RefineError(
+            f"{cfg.artifact('labels')}: no label rows for model/prompt_version of this config; run `near-ray label`"
+        )
+    return labels.reset_index(drop=True)
+
+
+def _embeddings(cfg: RunConfig, st: Storage, labels: pd.DataFrame, fp: dict[str, str],
+                prev: dict[str, Any] | None) -> tuple[Embeddings, bool]:
+    """(embeddings, reused): the ones on storage when their inputs are unchanged, else a fresh Ray Data run."""
+    uri = refine_uri(cfg, "embeddings.parquet")
+    if prev and prev.get("fingerprints", {}).get("embeddings") == fp["embeddings"] and st.exists(uri):
+        emb = read_embeddings(uri, st)
+        emb.failures = prev.get("bad_images", [])
+        log.info("refine: embeddings unchanged, reusing %s", uri)
+        return emb, True
+    from near_ray.runtime import ensure_ray
+
+    ensure_ray()
+    emb = embed_images(unique_images(labels), cfg, st)
+    st.write_parquet(uri, embeddings_table(emb))
+    return emb, False
+
+
+Graph = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # domain -> (row positions, local kNN ids, sims)
+
+
+def _neighbours(cfg: RunConfig, emb: Embeddings) -> tuple[pa.Table, Graph]:
+    """kNN within each domain: the neighbors table and, per domain, the graph in local row indices."""
+    import pyarrow as pa
+
+    rc = cfg.refine
+    ids = emb.meta["image_id"].to_numpy()
+    domains = emb.meta["domain"].to_numpy()
+    graph: Graph = {}
+    rows: dict[str, list] = {"image_id": [], "domain": [], "neighbors": [], "similarities": []}
+    for domain in sorted(set(domains.tolist())):
+        pos = np.nonzero(domains == domain)[0]
+        local_i, sims = knn(emb.vectors[pos], rc.k, rc.index, rc.exact_max_n, rc.use_gpu)
+        nbr = np.where(local_i >= 0, pos[np.clip(local_i, 0, None)], -1)
+        graph[domain] = (pos, local_i, sims)
+        for r, p in enumerate(pos):
+            valid = nbr[r] >= 0
+            rows["image_id"].append(ids[p])
+            rows["domain"].append(domain)
+            rows["neighbors"].append(ids[nbr[r][valid]].tolist())
+            rows["similarities"].append(sims[r][valid].astype(np.float32).tolist())
+    table = pa.table({
+        "image_id": pa.array(rows["image_id"], pa.string()),
+        "domain": pa.array(rows["domain"], pa.string()),
+        "neighbors": pa.array(rows["neighbors"], pa.list_(pa.string())),
+        "similarities": pa.array(rows["similarities"], pa.list_(pa.float32())),
+    })
+    return table, graph
+
+
+def own_labels(labels: pd.DataFrame, vocab: Vocabulary) -> dict[str, list[str]]:
+    """Per image_id: the vocabulary names of its parsed samples (pruned and unknown names dropped)."""
+    ok = labels[(labels["status"] == "ok") & labels["label"].notna()].sort_values(["image_id", "uri", "sample"])
+    out: dict[str, list[str]] = {}
+    for image_id, domain, label in zip(ok["image_id"], ok["domain"], ok["label"], strict=True):
+        name = vocab.canonical(domain, label)
+        if name is not None:
+            out.setdefault(image_id, []).append(name)
+    return out
+
+
+def _candidates(cfg: RunConfig, emb: Embeddings, own: dict[str, list[str]], vocab: Vocabulary,
+                graph: Graph) -> tuple[pa.Table, dict[str, dict[str, Any]]]:
+    import pyarrow as pa
+
+    meta = emb.meta
+    support = vocab.support()
+    cols: dict[str, list] = {c: [] for c in ("image_id", "uri", "domain", "own_labels", "majority_label",
+                                             "candidates", "confidences")}
+    stats: dict[str, dict[str, Any]] = {}
+    for domain, (pos, local_i, sims) in graph.items():
+        owns = [own.get(image_id, []) for image_id in meta["image_id"].to_numpy()[pos]]
+        sets = candidate_sets(owns, local_i, sims, cfg.refine.neighbour_weight)
+        domain_support = {name: n for (d, name), n in support.items() if d == domain}
+        kept = 0
+        for r, (p, cs) in enumerate(zip(pos, sets, strict=True)):
+            if not cs.candidates:
+                continue
+            kept += 1
+            cols["image_id"].append(meta["image_id"].iat[p])
+            cols["uri"].append(meta["uri"].iat[p])
+            cols["domain"].append(domain)
+            cols["own_labels"].append(owns[r])
+            cols["majority_label"].append(majority_label(owns[r], domain_support))
+            cols["candidates"].append(cs.candidates)
+            cols["confidences"].append(cs.confidences)
+        sizes = [len(s.candidates) for s in sets if s.candidates]
+        stats[domain] = {"images": int(len(pos)), "candidate_rows": kept, "no_candidates": int(len(pos)) - kept,
+                         "mean_candidates": round(float(np.mean(sizes)), 3) if sizes else 0.0,
+                         "mean_top_confidence": round(float(np.mean([s.confidences[0] for s in sets if s.candidates]
+                                                                     or [0.0])), 4)}
+    table = pa.table({
+        "image_id": pa.array(cols["image_id"], pa.string()),
+        "uri": pa.array(cols["uri"], pa.string()),
+        "domain": pa.array(cols["domain"], pa.string()),
+        "own_labels": pa.array(cols["own_labels"], pa.list_(pa.string())),
+        "majority_label": pa.array(cols["majority_label"], pa.string()),
+        "candidates": pa.array(cols["candidates"], pa.list_(pa.string())),
+        "confidences": pa.array(cols["confidences"], pa.list_(pa.float32())),
+    })
+    return table, stats
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def run_refine(cfg: RunConfig) -> dict[str, Any]:
+    """Vocabulary, embeddings, kNN and candidate sets for the labels table of ``cfg``; returns the summary."""
+    st = storage_for(cfg)
+    t0 = time.monotonic()
+    labels = _read_labels(cfg, st)
+    fp = fingerprints(labels, cfg)
+    prev = _previous_summary(st, cfg)
+    if prev and prev.get("fingerprint") == fp["all"] and all(st.exists(refine_uri(cfg, n)) for n in OUTPUTS):
+        log.info("refine: inputs unchanged since the last run, outputs on storage kept")
+        return {**prev, "skipped": True}
+    timings: dict[str, float] = {}
+
+    t = time.monotonic()
+    rc = cfg.refine
+    vocab = build_vocabulary(labels, text_encoder(cfg, st), rc.merge_threshold, rc.min_support, rc.merge_lexical_guard)
+    st.write_json(refine_uri(cfg, "vocabulary.json"), vocab.to_json())
+    st.write_json(refine_uri(cfg, "merges.json"), vocab.merges)
+    timings["vocabulary_s"] = round(time.monotonic() - t, 3)
+
+    t = time.monotonic()
+    emb, reused = _embeddings(cfg, st, labels, fp, prev)
+    timings["embeddings_s"] = round(time.monotonic() - t, 3)
+
+    t = time.monotonic()
+    neighbors, graph = _neighbours(cfg, emb)
+    st.write_parquet(refine_uri(cfg, "neighbors.parquet"), neighbors)
+    timings["knn_s"] = round(time.monotonic() - t, 3)
+
+    t = time.monotonic()
+    candidates, stats = _candidates(cfg, emb, own_labels(labels, vocab), vocab, graph)
+    st.write_parquet(refine_uri(cfg, "candidates.parquet"), candidates)
+    timings["candidates_s"] = round(time.monotonic() - t, 3)
+
+    summary = _summary(cfg, labels, vocab, emb, reused, stats, fp, timings, time.monotonic() - t0)
+    st.write_json(refine_uri(cfg, "_summary.json"), summary)  # last: its presence means the outputs are whole
+    return summary
+
+
+def _summary(cfg: RunConfig, labels: pd.DataFrame, vocab: Vocabulary, emb: Embeddings, reused: bool,
+             stats: dict[str, dict[str, Any]], fp: dict[str, str], timings: dict[str, float],
+             total_s: float) -> dict[str, Any]:
+    n_images = int(labels["image_id"].nunique())
+    embed_s = timings.get("embeddings_s", 0.0)
+    domains = {}
+    for domain in sorted(labels["domain"].dropna().unique().tolist()):
+        merges = vocab.merges.get(domain, {})
+        domains[domain] = {
+            "names_seen": merges.get("names_seen", 0),
+            "vocabulary_size": merges.get("vocabulary_size", 0),
+            "merged_groups": len(merges.get("merged", [])),
+            "pruned": len(merges.get("pruned", [])),
+            **stats.get(domain, {"images": 0, "candidate_rows": 0, "no_candidates": 0}),
+        }
+    return {
+        "fingerprint": fp["all"],
+        "fingerprints": fp,
+        "images": n_images,
+        "embedded": int(len(emb.meta)),
+        "embeddings_reused": reused,
+        "embed_images_per_s": None if reused or not embed_s else round(len(emb.meta) / embed_s, 2),
+        "bad_image_count": len(emb.failures),
+        "bad_images": emb.failures[:_MAX_LISTED_FAILURES],
+        "vocabulary_size": len(vocab.entries),
+        "merge_encoder": cfg.refine.merge_encoder,
+        "merge_threshold": cfg.refine.merge_threshold,
+        "k": cfg.refine.k,
+        "index": {d: choose_index(s.get("images", 0), cfg.refine.index, cfg.refine.exact_max_n)
+                  for d, s in stats.items()},
+        "domains": domains,
+        "timings_s": {**timings, "total_s": round(total_s, 3)},
+        "outputs": {n: refine_uri(cfg, n) for n in OUTPUTS},
+        "skipped": False,
+    }

@@ -1,0 +1,273 @@
+"""The HTTP API: a FastAPI ingress deployment in front of the batched ``Classifier``.
+
+The ingress reads and validates requests, decodes and resizes images in a thread pool, and sends
+fixed-size uint8 pixels to the model deployment, so nothing slow is serialized inside a batch.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the handlers' real `Request` annotations.
+import asyncio
+import hmac
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from near_ray.config import ServeConfig
+from near_ray.errors import NearRayError
+from near_ray.serve.images import ApiError, Preprocessor, decode_upload
+from near_ray.serve.requests import Upload, batch_uploads, single_upload
+
+RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+class ScoredName(BaseModel):
+    name: str
+    score: float
+
+
+class Classification(BaseModel):
+    predictions: list[ScoredName]
+    abstained: bool
+    model_version: str
+    domain: str | None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image_base64": {"type": "string"},
+                        "domain": {"type": "string"},
+                        "top_k": {"type": "integer"},
+                    },
+                    "required": ["image_base64"],
+                }
+            },
+        },
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 413, 415, 422, 503, 504)}
+
+app = FastAPI(
+    title="near_ray",
+    description="Names images with a fine-tuned CLIP over a vocabulary discovered without labels (NeaR).",
+    version="1",
+)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    where = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+    return JSONResponse(ApiError(422, "bad_request", where).body(), status_code=422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return JSONResponse(ApiError(e.status_code, code, str(e.detail)).body(), status_code=e.status_code)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, model: Any, settings: dict[str, Any]) -> None:
+        self.settings = ServeConfig.model_validate(settings)
+        self.model = model
+        self._token = self._read_token()
+        self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
+        self._described: dict[str, Any] | None = None
+        self._described_at = 0.0
+        self._preprocessors: dict[str, Preprocessor] = {}
+        self._counts = {"requests": 0, "images": 0, "errors": 0}
+
+    def _read_token(self) -> str | None:
+        name = self.settings.auth_token_env
+        if not name:
+            return None
+        token = os.environ.get(name)
+        if not token:  # fail closed: an auth-enabled server without its token must not start open
+            raise NearRayError(f"serve.auth_token_env={name}, but ${name} is not set in the ingress replica's environment")
+        return token
+
+    def _authorize(self, request: Request) -> None:
+        if self._token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token.encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    # ------------------------------------------------------------------------------- model state
+    async def _describe(self, max_age_s: float = float("inf")) -> dict[str, Any]:
+        if self._described is None or time.monotonic() - self._described_at > max_age_s:
+            self._described = await self.model.describe.remote()
+            self._described_at = time.monotonic()
+        return self._described
+
+    def _bundle_for(self, described: dict[str, Any], domain: str | None) -> int | None:
+        """Index of the bundle serving ``domain``; None when unknown."""
+        if domain is None:
+            if len(described["bundles"]) == 1:
+                return 0
+            raise ApiError(422, "domain_required", f"several bundles are served: pass a domain, one of {sorted(described['routes'])}")
+        route = described["routes"].get(domain)
+        return None if route is None else route["bundle"]
+
+    def _preprocessor(self, spec: dict[str, Any]) -> Preprocessor:
+        if spec["key"] not in self._preprocessors:
+            self._preprocessors[spec["key"]] = Preprocessor(spec)
+        return self._preprocessors[spec["key"]]
+
+    # ------------------------------------------------------------------------------- classify
+    async def _classify(self, upload: Upload, default_top_k: int | None, default_domain: str | None) -> dict[str, Any]:
+        if upload.error:
+            raise upload.error
+        domain = upload.domain or default_domain
+        top_k = upload.top_k or default_top_k or self.settings.top_k
+        described = await self._describe()
+        if self._bundle_for(described, domain) is None:  # maybe a bundle update added it: look again
+            described = await self._describe(max_age_s=0)
+            if self._bundle_for(described, domain) is None:
+                raise ApiError(404, "unknown_domain", f"unknown domain '{domain}': this server serves {sorted(described['routes'])}")
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        image = await loop.run_in_executor(self._pool, decode_upload, upload.data, s.max_pixels, upload.what)
+        for attempt in range(3):
+            spec = described["bundles"][self._bundle_for(described, domain)]["preprocess"]
+            pixels = await loop.run_in_executor(self._pool, self._preprocessor(spec).pixels, image)
+            try:
+                result = await self.model.classify.remote({"pixels": pixels, "domain": domain, "top_k": top_k, "key": spec["key"]})
+            except RETRYABLE:  # the replica died under us; Serve routes the retry to a live one
+                await asyncio.sleep(0.25 * (attempt + 1))
+                continue
+            if "error" not in result:
+                return dict(result, domain=domain or result["domain"])
+            code = result["error"]["code"]
+            if code != "stale_preprocessing":
+                raise ApiError(404 if code == "unknown_domain" else 500, code, result["error"]["message"])
+            described = await self._describe(max_age_s=0)
+        raise ApiError(503, "model_unavailable", f"{upload.what}: the model deployment did not answer after 3 attempts")
+
+    async def _with_timeout(self, coro: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coro, timeout=self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, "timeout", f"no answer within serve.request_timeout_s={self.settings.request_timeout_s}s") from None
+
+    @app.post("/v1/classify", response_model=Classification, responses=_ERRORS, openapi_extra=_IMAGE_BODY)
+    async def classify(
+        self,
+        request: Request,
+        domain: str | None = Query(None, description="restrict the answer to one domain's vocabulary"),
+        top_k: int | None = Query(None, ge=1, le=1000),
+    ) -> JSONResponse:
+        """Name one image: multipart field `file`, a raw image body, or JSON `{"image_base64", "domain", "top_k"}`."""
+        self._authorize(request)
+        self._counts["requests"] += 1
+        try:
+            upload = await single_upload(request, self.settings.max_body_bytes)
+            result = await self._with_timeout(self._classify(upload, top_k, domain))
+        except ApiError:
+            self._counts["errors"] += 1
+            raise
+        self._counts["images"] += 1
+        headers = {"x-near-ray-batch-size": str(result.pop("batch_size")), "x-near-ray-model-version": result["model_version"]}
+        return JSONResponse(result, headers=headers)
+
+    @app.post("/v1/classify/batch", responses=_ERRORS)
+    async def classify_batch(
+        self,
+        request: Request,
+        domain: str | None = Query(None, description="default domain for every image"),
+        top_k: int | None = Query(None, ge=1, le=1000),
+    ) -> JSONResponse:
+        """Name several images (multipart `file`/`files` parts, or JSON `[...]` / `{"images": [...]}`); errors per item."""
+        self._authorize(request)
+        self._counts["requests"] += 1
+        uploads = await batch_uploads(request, self.settings.max_body_bytes, self.settings.max_images_per_request)
+        outcomes = await self._with_timeout(
+            asyncio.gather(*(self._classify(u, top_k, domain) for u in uploads), return_exceptions=True)
+        )
+        results = []
+        for i, (upload, out) in enumerate(zip(uploads, outcomes, strict=True)):
+            if isinstance(out, ApiError):
+                results.append({"index": i, "image": upload.what, **out.body(), "status": out.status})
+            elif isinstance(out, BaseException):
+                results.append({"index": i, "image": upload.what, "error": {"code": "internal", "message": repr(out)}, "status": 500})
+            else:
+                out.pop("batch_size", None)
+                results.append({"index": i, **out})
+        self._counts["images"] += sum("error" not in r for r in results)
+        self._counts["errors"] += sum("error" in r for r in results)
+        return JSONResponse({"results": results})
+
+    @app.get("/v1/vocabulary", responses=_ERRORS)
+    async def vocabulary(self, request: Request, domain: str | None = None) -> JSONResponse:
+        """The names this server can answer with (all, or one domain's), with synonyms and support."""
+        self._authorize(request)
+        described = await self._describe(max_age_s=1.0)
+        if domain is None:
+            entries = [v for b in described["bundles"] for v in b["vocabulary"]]
+        elif domain not in described["routes"]:
+            raise ApiError(404, "unknown_domain", f"unknown domain '{domain}': this server serves {sorted(described['routes'])}")
+        else:
+            route = described["routes"][domain]
+            vocab = described["bundles"][route["bundle"]]["vocabulary"]
+            entries = [v for v in vocab if route["domain"] is None or v.get("domain") == route["domain"]]
+        return JSONResponse(
+            {
+                "domains": sorted(described["routes"]),
+                "model_versions": [b["model_version"] for b in described["bundles"]],
+                "vocabulary": entries,
+            }
+        )
+
+    @app.get("/v1/stats", responses=_ERRORS)
+    async def stats(self, request: Request) -> JSONResponse:
+        """Request counters of this ingress replica and the batch-size histogram of one model replica."""
+        self._authorize(request)
+        return JSONResponse({"ingress": dict(self._counts), "model": await self.model.stats.remote()})
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: the ingress answers (no auth)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz(self) -> JSONResponse:
+        """Readiness: a model replica answered with its loaded bundles (no auth)."""
+        try:
+            described = await asyncio.wait_for(self._describe(max_age_s=0), timeout=5.0)
+        except Exception as e:  # not ready yet, whatever the reason
+            return JSONResponse(ApiError(503, "not_ready", f"model not ready: {type(e).__name__}").body(), status_code=503)
+        return JSONResponse({"status": "ready", "model_versions": [b["model_version"] for b in described["bundles"]]})

@@ -1,0 +1,175 @@
+"""The Ray Serve application for model bundles: builder, `serve deploy` config, and `near-ray serve`.
+
+One builder, ``build_app(args)``, makes the application from our ``serve`` config fields. ``near-ray
+serve`` calls it in-process; ``near-ray serve --write-config FILE`` writes a Serve config whose
+``import_path`` points at it, which ``serve deploy`` and the KubeRay RayService (``serveConfigV2``)
+run unchanged. Model updates without downtime: change ``user_config`` (``{"bundle": URI}``) of the
+``Classifier`` deployment, or run ``update_bundle``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import yaml
+
+from near_ray.config import RunConfig, ServeConfig, StorageConfig
+from near_ray.errors import NearRayError
+
+log = logging.getLogger(__name__)
+
+IMPORT_PATH = "near_ray.serve.app:build_app"
+# Fields only the model deployment needs: kept out of the ingress's init args, so that a bundle
+# update changes nothing but the Classifier's user_config and needs no ingress restart.
+_MODEL_FIELDS = ("bundle", "bundles", "max_batch_size", "batch_wait_timeout_s", "abstain_threshold")
+
+
+def model_user_config(settings: ServeConfig) -> dict[str, Any]:
+    """The Classifier's ``user_config``: what can change on a running deployment."""
+    return {
+        "bundle": settings.bundle,
+        "bundles": dict(settings.bundles),
+        "max_batch_size": settings.max_batch_size,
+        "batch_wait_timeout_s": settings.batch_wait_timeout_s,
+        "abstain_threshold": settings.abstain_threshold,
+    }
+
+
+def classifier_options(settings: ServeConfig) -> dict[str, Any]:
+    return {
+        "autoscaling_config": {
+            "min_replicas": settings.min_replicas,
+            "initial_replicas": max(settings.min_replicas, 1),
+            "max_replicas": max(settings.max_replicas, settings.min_replicas),
+            "target_ongoing_requests": settings.target_ongoing_requests,
+        },
+        "ray_actor_options": {"num_cpus": settings.cpus_per_replica, "num_gpus": settings.gpus_per_replica},
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "user_config": model_user_config(settings),
+    }
+
+
+def ingress_options(settings: ServeConfig) -> dict[str, Any]:
+    return {
+        "num_replicas": settings.ingress_replicas,
+        "ray_actor_options": {"num_cpus": settings.ingress_cpus},
+        "max_ongoing_requests": settings.ingress_max_ongoing_requests,
+    }
+
+
+def application(settings: ServeConfig, storage: StorageConfig | None = None, secret_env: dict[str, str] | None = None) -> Any:
+    """The bound application: Ingress -> Classifier. ``secret_env`` reaches only the ingress's environment."""
+    from near_ray.serve.api import Ingress
+    from near_ray.serve.model import Classifier
+
+    model = Classifier.options(**classifier_options(settings)).bind((storage or StorageConfig()).model_dump(mode="json"))
+    options = ingress_options(settings)
+    if secret_env:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(secret_env)}
+    ingress_settings = settings.model_dump(mode="json", exclude=set(_MODEL_FIELDS))
+    return Ingress.options(**options).bind(model, ingress_settings)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve's application builder (``import_path``): args = the ``serve`` config fields + ``storage``."""
+    args = dict(args or {})
+    storage = StorageConfig.model_validate(args.pop("storage", None) or {})
+    return application(ServeConfig.model_validate(args), storage)
+
+
+def resolved_settings(cfg: RunConfig) -> ServeConfig:
+    """The serve section with the default bundle filled in: ``{workdir}/bundles/near``."""
+    settings = cfg.serve.model_copy()
+    if not settings.bundles and not settings.bundle:
+        settings.bundle = cfg.artifact("bundles/near")
+    return settings
+
+
+def deploy_config(cfg: RunConfig) -> dict[str, Any]:
+    """A `serve deploy` config (Serve's ServeDeploySchema) for this run's serve section."""
+    settings = resolved_settings(cfg)
+    app: dict[str, Any] = {
+        "name": settings.app_name,
+        "route_prefix": settings.route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": {**settings.model_dump(mode="json"), "storage": cfg.storage.model_dump(mode="json")},
+        "deployments": [{"name": "Classifier", **classifier_options(settings)}, {"name": "Ingress", **ingress_options(settings)}],
+    }
+    if settings.runtime_env:
+        app["runtime_env"] = settings.runtime_env
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": settings.host, "port": settings.port, "request_timeout_s": _proxy_timeout(settings)},
+        "applications": [app],
+    }
+
+
+def _proxy_timeout(settings: ServeConfig) -> float:
+    # A little above the ingress's own deadline, so that clients get its JSON 504 rather than the proxy's.
+    return settings.request_timeout_s + 5.0
+
+
+def write_deploy_config(cfg: RunConfig, uri: str) -> dict[str, Any]:
+    from ray.serve.schema import ServeDeploySchema
+
+    from near_ray.storage import storage_for
+
+    config = deploy_config(cfg)
+    ServeDeploySchema.model_validate(config)  # refuse to write what `serve deploy` would reject
+    storage_for(cfg).write_text(uri, yaml.safe_dump(config, sort_keys=False))
+    return config
+
+
+def check_bundles(cfg: RunConfig, settings: ServeConfig) -> None:
+    """Fail fast with the URI, instead of Serve retrying a replica that cannot load its bundle."""
+    from near_ray.serve.model import bundle_sources
+    from near_ray.storage import join, storage_for
+
+    storage = storage_for(cfg)
+    for _, uri in bundle_sources({"bundle": settings.bundle, "bundles": settings.bundles}):
+        if not storage.exists(join(uri, "config.json")):
+            raise NearRayError(f"serve: {uri} is not a model bundle (no config.json); train one or set serve.bundle")
+
+
+def _secret_env(settings: ServeConfig) -> dict[str, str] | None:
+    name = settings.auth_token_env
+    return {name: os.environ[name]} if name and os.environ.get(name) else None
+
+
+def run_serve(cfg: RunConfig, write_config: str | None = None, block: bool = True) -> dict[str, Any]:
+    """Start the application on Ray Serve (HTTP on serve.host:serve.port), or only write its deploy config."""
+    if write_config:
+        write_deploy_config(cfg, write_config)
+        log.info("wrote Serve config to %s (run it with: serve deploy %s)", write_config, write_config)
+        return {"serve_config": write_config}
+    from ray import serve
+
+    from near_ray.runtime import ensure_ray
+
+    settings = resolved_settings(cfg)
+    check_bundles(cfg, settings)
+    ensure_ray()
+    http = {"host": settings.host, "port": settings.port, "request_timeout_s": _proxy_timeout(settings)}
+    serve.start(http_options=http)
+    app = application(settings, cfg.storage, _secret_env(settings))
+    serve.run(app, name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
+    url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
+    log.info("serving %s at %s (docs at %s/docs)", settings.bundles or settings.bundle, url, url)
+    if block:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.delete(settings.app_name)
+    return {"url": url, "app": settings.app_name}
+
+
+def update_bundle(settings: ServeConfig, bundle: str, storage: StorageConfig | None = None) -> None:
+    """Swap the served bundle of a running application; in-flight requests finish on the old one."""
+    from ray import serve
+
+    new = settings.model_copy(update={"bundle": bundle, "bundles": {}})
+    serve.run(application(new, storage), name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)

@@ -1,0 +1,178 @@
+"""The model deployment: loaded bundles behind one dynamically batched classify call.
+
+A replica holds a ``Loaded`` snapshot (bundles + domain routes). ``reconfigure`` (Serve's
+``user_config``) loads new bundles first and then swaps the snapshot in one assignment, so a batch
+always runs on one consistent snapshot and requests in flight are never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from near_ray.config import StorageConfig
+from near_ray.errors import NearRayError
+from near_ray.serve.images import normalize, preprocess_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    """One consistent set of bundles and how public domain names route into them."""
+
+    bundles: list[Any]
+    routes: dict[str, tuple[int, str | None]]  # public domain -> (bundle index, domain inside the bundle)
+    specs: list[dict[str, Any]]  # preprocessing per bundle
+    loaded_at: float = field(default_factory=time.time)
+
+    def route(self, domain: str | None) -> tuple[int, str | None]:
+        if domain is None:
+            if len(self.bundles) == 1:
+                return 0, None
+            raise LookupError(f"several bundles are served: choose a domain, one of {sorted(self.routes)}")
+        if domain not in self.routes:
+            raise LookupError(f"unknown domain '{domain}': this server serves {sorted(self.routes)}")
+        return self.routes[domain]
+
+
+def bundle_sources(user_config: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """``{"bundles": {domain: uri}}`` or ``{"bundle": "uri[,uri…]"}`` -> [(alias or None, uri)]."""
+    mapping = user_config.get("bundles") or {}
+    if mapping:
+        return [(str(d), str(u)) for d, u in mapping.items()]
+    uris = [u.strip() for u in str(user_config.get("bundle") or "").split(",") if u.strip()]
+    if not uris:
+        raise NearRayError("serve: no bundle to serve: set serve.bundle (URI, or a comma-separated list) or serve.bundles")
+    return [(None, u) for u in uris]
+
+
+def load_bundles(sources: list[tuple[str | None, str]], storage_cfg: StorageConfig, device: str) -> Loaded:
+    from near_ray.bundle import load_bundle
+    from near_ray.storage import Storage
+
+    storage = Storage.from_config(storage_cfg)
+    bundles, routes = [], {}
+    for i, (alias, uri) in enumerate(sources):
+        b = load_bundle(uri, storage, device=device)
+        bundles.append(b)
+        inner = sorted({d for d in b.domains if d})
+        names = {alias: alias if alias in inner else None} if alias else {d: d for d in inner}
+        for public, in_bundle in names.items():
+            if public in routes:
+                raise NearRayError(f"serve: domain '{public}' is served by two bundles ({sources[routes[public][0]][1]}, {uri})")
+            routes[public] = (i, in_bundle)
+    return Loaded(bundles, routes, [preprocess_spec(b) for b in bundles])
+
+
+def top_k_result(bundle: Any, probs: np.ndarray, domain: str | None, top_k: int, threshold: float) -> dict[str, Any]:
+    """The same ranking as ``Bundle.classify`` for one row of probabilities."""
+    k = min(top_k, int(bundle.domain_mask(domain).sum()))
+    idx = np.argsort(-probs)[:k]
+    return {
+        "predictions": [{"name": bundle.names[i], "score": float(probs[i])} for i in idx],
+        "abstained": bool(probs[idx[0]] < threshold),
+        "domain": bundle.domains[idx[0]] or None,
+        "model_version": bundle.model_version,
+    }
+
+
+@serve.deployment(name="Classifier")
+class Classifier:
+    """Holds the bundles; ``classify`` receives preprocessed pixels and is batched by Serve."""
+
+    def __init__(self, storage: dict[str, Any] | None = None, device: str | None = None) -> None:
+        import torch
+
+        self._storage = StorageConfig.model_validate(storage or {})
+        self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._loaded: Loaded | None = None
+        self._sources: list[tuple[str | None, str]] = []
+        self._abstain_threshold = 0.0
+        self._batch_sizes: collections.Counter[int] = collections.Counter()
+        self._served = 0
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the configured bundles, then swap them in; batches already running keep the old ones."""
+        # A partial user_config (e.g. only {"bundle": uri}) keeps the current batching settings.
+        if "max_batch_size" in user_config:
+            self.classify.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self.classify.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        if "abstain_threshold" in user_config:
+            self._abstain_threshold = float(user_config["abstain_threshold"] or 0.0)
+        sources = bundle_sources(user_config)
+        if sources != self._sources or self._loaded is None:
+            loaded = await asyncio.to_thread(load_bundles, sources, self._storage, self._device)
+            self._loaded, self._sources = loaded, sources
+            log.info("serving %s", [(a, u, b.model_version) for (a, u), b in zip(sources, loaded.bundles, strict=True)])
+
+    def describe(self) -> dict[str, Any]:
+        """What the ingress needs: routes, preprocessing, vocabularies, versions."""
+        loaded = self._require()
+        return {
+            "routes": {d: {"bundle": i, "domain": inner} for d, (i, inner) in loaded.routes.items()},
+            "bundles": [
+                {"uri": b.uri, "model_version": b.model_version, "preprocess": spec, "vocabulary": b.vocabulary}
+                for b, spec in zip(loaded.bundles, loaded.specs, strict=True)
+            ],
+            "replica": os.getpid(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "replica": os.getpid(),
+            "requests": self._served,
+            "batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
+            "model_versions": [b.model_version for b in self._require().bundles],
+        }
+
+    def _require(self) -> Loaded:
+        if self._loaded is None:
+            raise NearRayError("serve: the model replica has no bundle loaded yet")
+        return self._loaded
+
+    # Placeholders: reconfigure() sets the real values from serve.max_batch_size / batch_wait_timeout_s.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def classify(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """items: {"pixels": uint8 [H, W, 3], "domain", "top_k", "key"} -> a result or an error per item."""
+        loaded = self._require()  # one snapshot for the whole batch, even if a swap lands meanwhile
+        self._batch_sizes[len(items)] += 1
+        self._served += len(items)
+        return await asyncio.to_thread(self._classify_batch, loaded, items)
+
+    def _classify_batch(self, loaded: Loaded, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import torch
+
+        results: list[dict[str, Any]] = [{} for _ in items]
+        by_bundle: dict[int, list[int]] = collections.defaultdict(list)
+        for j, item in enumerate(items):
+            try:
+                i, _ = loaded.route(item.get("domain"))
+            except LookupError as e:
+                results[j] = {"error": {"code": "unknown_domain", "message": str(e)}}
+                continue
+            if item["key"] != loaded.specs[i]["key"]:
+                results[j] = {"error": {"code": "stale_preprocessing", "message": "the model was updated; retry"}}
+                continue
+            by_bundle[i].append(j)
+        for i, idx in by_bundle.items():
+            bundle = loaded.bundles[i]
+            x = normalize([items[j]["pixels"] for j in idx], loaded.specs[i]).to(self._device)
+            with torch.no_grad():
+                emb = torch.nn.functional.normalize(bundle.clip.model.encode_image(x).float(), dim=-1).cpu().numpy()
+            threshold = self._abstain_threshold or bundle.abstain_threshold
+            for row, j in enumerate(idx):
+                inner = loaded.route(items[j].get("domain"))[1]
+                probs = bundle.probabilities(emb[row : row + 1], inner)[0]
+                result = top_k_result(bundle, probs, inner, int(items[j]["top_k"]), threshold)
+                results[j] = dict(result, batch_size=len(items))
+        return results

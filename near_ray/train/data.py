@@ -1,0 +1,192 @@
+"""What the trainer learns from: refine's artifacts as dense per-sample arrays, and the image stream.
+
+``load_training_set`` turns ``refine/vocabulary.json``, ``refine/candidates.parquet`` and
+``refine/neighbors.parquet`` into arrays indexed by sample (0..N-1) and vocabulary entry (0..V-1),
+shaped for one method (NeaR, an ablation or the naive baseline). ``image_dataset`` is the Ray Data
+stream the workers iterate: decoded once (materialized), then transformed per epoch, so random
+augmentation differs from epoch to epoch.
+
+Memory: the dense per-sample state is N*V*4 bytes per matrix on every worker (10k images x 1k
+names = 40 MB); beyond that, keep confidences sparse over each candidate set instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from near_ray.errors import NearRayError
+from near_ray.storage import Storage
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from near_ray.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+METHODS = ("near", "naive", "near_no_knn", "near_no_gmm")
+
+
+class TrainDataError(NearRayError):
+    """Refine's artifacts are missing or do not fit together; the message names the file and field."""
+
+
+@dataclass
+class TrainingSet:
+    """Per-sample arrays for one method; row i of every array is sample i."""
+
+    image_ids: list[str]
+    uris: list[str]
+    domains: list[str]
+    vocabulary: list[dict[str, Any]]
+    candidates: np.ndarray  # [N, V] bool: S_i
+    confidences: np.ndarray  # [N, V] float32: initial W (rows sum to 1 on S_i)
+    neighbours: np.ndarray  # [N, K] int64 sample indices, -1 = none
+    allowed: np.ndarray  # [N, V] bool: vocabulary entries of the sample's domain
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def vocabulary_index(vocabulary: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
+    return {(v.get("domain") or "", v["name"]): i for i, v in enumerate(vocabulary)}
+
+
+def _read_refine(cfg: RunConfig, storage: Storage) -> tuple[list[dict], list[dict], list[dict]]:
+    vocab_uri = cfg.artifact("refine/vocabulary.json")
+    cand_uri = cfg.artifact("refine/candidates.parquet")
+    for uri in (vocab_uri, cand_uri):
+        if not storage.exists(uri):
+            raise TrainDataError(f"{uri}: missing; run `near-ray refine` first")
+    vocabulary = storage.read_json(vocab_uri)
+    if not isinstance(vocabulary, list) or not vocabulary or not all("name" in v for v in vocabulary):
+        raise TrainDataError(f"{vocab_uri}: expected a non-empty list of {{'name', 'domain', ...}} entries")
+    table = storage.read_parquet(cand_uri)
+    need = {"image_id", "uri", "domain", "own_labels", "majority_label", "candidates", "confidences"}
+    if missing := sorted(need - set(table.column_names)):
+        raise TrainDataError(f"{cand_uri}: missing columns {missing}")
+    nb_uri = cfg.artifact("refine/neighbors.parquet")
+    neighbours = storage.read_parquet(nb_uri).select(["image_id", "neighbors"]).to_pylist() if storage.exists(nb_uri) else []
+    return vocabulary, table.select(sorted(need)).to_pylist(), neighbours
+
+
+def _initial_confidences(row: dict, method: str, index: dict[tuple[str, str], int]) -> dict[int, float]:
+    """{vocabulary index: weight} for one image under ``method``; empty = the image is not trainable."""
+    domain = row["domain"] or ""
+    if method == "naive":
+        v = index.get((domain, row["majority_label"])) if row["majority_label"] else None
+        return {} if v is None else {v: 1.0}
+    if method == "near_no_knn":
+        counts = Counter(index[(domain, n)] for n in (row["own_labels"] or []) if (domain, n) in index)
+        return {v: float(c) for v, c in counts.items()}
+    out: dict[int, float] = {}
+    for name, conf in zip(row["candidates"] or [], row["confidences"] or [], strict=False):
+        if (domain, name) in index:
+            out[index[(domain, name)]] = out.get(index[(domain, name)], 0.0) + max(float(conf), 1e-6)
+    return out
+
+
+def load_training_set(cfg: RunConfig, method: str, storage: Storage) -> TrainingSet:
+    """Dense per-sample arrays for ``method`` from refine's artifacts under ``cfg.storage.workdir``."""
+    if method not in METHODS:
+        raise TrainDataError(f"train.method: '{method}' is not one of {METHODS}")
+    vocabulary, cands, nb_table = _read_refine(cfg, storage)
+    index = vocabulary_index(vocabulary)
+    rows, weights = [], []
+    dropped: Counter[str] = Counter()
+    for row in cands:
+        w = _initial_confidences(row, method, index)
+        if not w:
+            dropped["no_majority_label" if method == "naive" else "no_candidates"] += 1
+            continue
+        rows.append(row)
+        weights.append(w)
+    if not rows:
+        raise TrainDataError(f"{cfg.artifact('refine/candidates.parquet')}: no trainable image for method '{method}'")
+    n, v = len(rows), len(vocabulary)
+    candidates = np.zeros((n, v), dtype=bool)
+    confidences = np.zeros((n, v), dtype=np.float32)
+    for i, w in enumerate(weights):
+        idx = np.fromiter(w.keys(), dtype=np.int64)
+        candidates[i, idx] = True
+        confidences[i, idx] = np.fromiter(w.values(), dtype=np.float32)
+    confidences /= confidences.sum(axis=1, keepdims=True)
+    vocab_domains = np.array([x.get("domain") or "" for x in vocabulary])
+    domains = [r["domain"] or "" for r in rows]
+    allowed = vocab_domains[None, :] == np.array(domains)[:, None]
+    image_ids = [r["image_id"] for r in rows]
+    neighbours = _neighbour_matrix(image_ids, nb_table) if method in ("near", "near_no_gmm") else np.full((n, 0), -1)
+    if dropped:
+        log.info("train %s: dropped %s", method, dict(dropped))
+    return TrainingSet(image_ids, [r["uri"] for r in rows], domains, vocabulary, candidates, confidences,
+                       neighbours, allowed, dict(dropped))
+
+
+def _neighbour_matrix(image_ids: list[str], table: list[dict]) -> np.ndarray:
+    """[N, K] sample indices of each sample's neighbours that are themselves trainable; -1 pads."""
+    pos = {iid: i for i, iid in enumerate(image_ids)}
+    lists: list[list[int]] = [[] for _ in image_ids]
+    for row in table:
+        i = pos.get(row["image_id"])
+        if i is not None:
+            lists[i] = [pos[n] for n in (row["neighbors"] or []) if n in pos and pos[n] != i]
+    k = max((len(x) for x in lists), default=0)
+    out = np.full((len(image_ids), k), -1, dtype=np.int64)
+    for i, x in enumerate(lists):
+        out[i, : len(x)] = x
+    return out
+
+
+# ------------------------------------------------------------------------------------------ images
+def _decode_batch(batch: dict[str, np.ndarray], storage: Storage, size: int) -> dict[str, np.ndarray]:
+    """Read and decode each image, resized to the model's input size (uint8 HWC)."""
+    from PIL import Image
+
+    from near_ray.clip import decode_image
+
+    images = []
+    for uri in batch["uri"]:
+        im = decode_image(storage.read_bytes(str(uri)), what=str(uri))
+        images.append(np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.uint8))
+    return {"idx": batch["idx"], "image": np.stack(images)}
+
+
+class _Transform:
+    """open_clip's train (random resized crop) or eval transform, applied per epoch in Ray Data."""
+
+    def __init__(self, size: int, mean: list[float], std: list[float], augment: bool) -> None:
+        self.args = (size, mean, std, augment)
+        self._tf: Any = None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import open_clip
+        import torch
+        from PIL import Image
+
+        if self._tf is None:
+            size, mean, std, augment = self.args
+            self._tf = open_clip.image_transform(size, is_train=augment, mean=tuple(mean), std=tuple(std))
+        pixels = torch.stack([self._tf(Image.fromarray(im)) for im in batch["image"]])
+        return {"idx": batch["idx"], "pixels": pixels.numpy()}
+
+
+def image_dataset(
+    uris: list[str], storage: Storage, size: int, mean: list[float], std: list[float], augment: bool
+) -> ray.data.Dataset:
+    """Rows {idx, pixels [3, size, size] float32}: decoded once, transformed lazily (per epoch)."""
+    import ray.data
+
+    items = [{"idx": i, "uri": u} for i, u in enumerate(uris)]
+    blocks = max(1, min(16, len(items) // 32))
+    decoded = (
+        ray.data.from_items(items, override_num_blocks=blocks)
+        .map_batches(_decode_batch, fn_kwargs={"storage": storage, "size": size}, batch_size=32, num_cpus=0.25)
+        .materialize()
+    )
+    return decoded.map_batches(_Transform(size, mean, std, augment), batch_size=64, num_cpus=0.25)

@@ -1,0 +1,127 @@
+"""The NeaR loss and its per-sample state updates (pure torch + a scikit-learn GMM).
+
+Notation: N samples, V vocabulary entries. ``candidates`` is a boolean [B, V] mask of each sample's
+candidate label set S_i; ``confidences`` (W) a [B, V] row-stochastic matrix supported on S_i.
+
+- partial-label loss   L_pll = -sum_c w_ic log p_ic                       (all methods before warm-up)
+- PRODEN update        w_ic <- p_ic 1[c in S_i] / sum_c' p_ic' 1[c' in S_i]
+- clean / noisy split  2-component GMM on per-sample losses; clean = P(low-mean component) > threshold
+- clean samples        cross-entropy on argmax_c w_ic
+- noisy samples        soft cross-entropy on a refined target: alpha * own prediction restricted to S_i
+                       + (1 - alpha) * mean of the K neighbours' predictions restricted to S_i
+- total                L = L_clean + lambda * L_noisy  (per-sample sums; the caller normalizes)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-12
+
+
+def clip_logits(
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: float, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """z_ic = s * cos(img_i, txt_c); entries outside ``allowed`` (e.g. another domain) get -inf."""
+    z = scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+    if allowed is not None:
+        z = z.masked_fill(~allowed, float("-inf"))
+    return z
+
+
+def restrict(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Probabilities renormalized inside each row's candidate set (uniform over S_i if all mass is outside)."""
+    masked = probs * candidates
+    total = masked.sum(dim=1, keepdim=True)
+    uniform = candidates.float() / candidates.sum(dim=1, keepdim=True).clamp_min(1)
+    return torch.where(total > _EPS, masked / total.clamp_min(_EPS), uniform)
+
+
+def proden_update(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """PRODEN: new confidences proportional to the model's probabilities inside the candidate set."""
+    return restrict(probs.detach(), candidates)
+
+
+def soft_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-sum_c t_ic log p_ic per sample; zero-target entries never touch -inf logits."""
+    return -(target * torch.where(target > 0, log_probs, torch.zeros_like(log_probs))).sum(dim=1)
+
+
+def partial_label_loss(log_probs: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
+    """Per-sample PRODEN loss -sum_c w_ic log p_ic."""
+    return soft_cross_entropy(log_probs, confidences)
+
+
+def hard_cross_entropy(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy on integer labels."""
+    return -log_probs.gather(1, labels.view(-1, 1)).squeeze(1)
+
+
+def refined_targets(
+    own_probs: torch.Tensor, neighbour_probs: torch.Tensor | None, candidates: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Label refinement for noisy samples: own prediction blended with the neighbours', inside S_i.
+
+    ``neighbour_probs`` is the mean of the K neighbours' predicted distributions ([B, V]); None means
+    no neighbour term (the no-kNN ablation), i.e. the target is the own prediction restricted to S_i.
+    """
+    own = restrict(own_probs.detach(), candidates)
+    if neighbour_probs is None:
+        return own
+    nb = restrict(neighbour_probs.detach(), candidates)
+    mixed = alpha * own + (1.0 - alpha) * nb
+    return mixed / mixed.sum(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+def neighbour_mean(predictions: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """Mean predicted distribution of each sample's neighbours; ``neighbours`` is [N, K] indices, -1 = none.
+
+    A sample without neighbours gets its own prediction (so the blend degrades to the own term).
+    """
+    valid = neighbours >= 0
+    gathered = predictions[neighbours.clamp_min(0)] * valid.unsqueeze(-1)  # [N, K, V]
+    count = valid.sum(dim=1, keepdim=True)
+    mean = gathered.sum(dim=1) / count.clamp_min(1)
+    return torch.where(count > 0, mean, predictions)
+
+
+def fit_clean_split(losses: np.ndarray, threshold: float, seed: int = 0) -> np.ndarray:
+    """Clean flags from a 2-component GMM on per-sample losses (DivideMix-style).
+
+    Clean = posterior of the lower-mean component above ``threshold``. With too few samples or
+    (near-)constant losses there is nothing to separate: every sample counts as clean.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(losses, dtype=np.float64).reshape(-1, 1)
+    if len(x) < 4 or float(x.std()) < 1e-6:
+        return np.ones(len(x), dtype=bool)
+    # Min-max scaling keeps the GMM's covariance regularizer meaningful whatever the loss range.
+    x = (x - x.min()) / (x.max() - x.min())
+    gmm = GaussianMixture(n_components=2, max_iter=50, tol=1e-3, reg_covar=5e-4, random_state=seed).fit(x)
+    clean_component = int(np.argmin(gmm.means_.ravel()))
+    return gmm.predict_proba(x)[:, clean_component] > threshold
+
+
+def near_batch_loss(
+    log_probs: torch.Tensor,
+    confidences: torch.Tensor,
+    candidates: torch.Tensor,
+    clean: torch.Tensor,
+    neighbour_probs: torch.Tensor | None,
+    alpha: float,
+    lambda_noisy: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeaR after warm-up: (per-sample loss [B], new confidences [B, V]).
+
+    Clean samples keep PRODEN confidences and are trained on their current label; noisy samples get
+    the refined target as both their training target and their new confidences (the refinement step).
+    """
+    probs = log_probs.exp()
+    target = refined_targets(probs, neighbour_probs, candidates, alpha)
+    labels = confidences.argmax(dim=1)
+    loss = torch.where(clean, hard_cross_entropy(log_probs, labels), lambda_noisy * soft_cross_entropy(log_probs, target))
+    new_conf = torch.where(clean.unsqueeze(1), proden_update(probs, candidates), target)
+    return loss, new_conf

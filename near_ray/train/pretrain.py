@@ -1,0 +1,178 @@
+"""Contrastive CLIP pretraining (symmetric InfoNCE) on an image-caption table, with Ray Train.
+
+The offline stand-in for a pretrained open_clip tag: a randomly initialized ``model.arch`` (e.g.
+near-tiny) learns image-text alignment from ``captions.parquet`` (``path`` relative to the table's
+folder, ``caption``). When a ``truth.parquet`` with a ``split`` column lies beside it, test-split
+images are held out of training and used to measure zero-shot caption retrieval.
+
+Negatives are the other pairs in each worker's batch (no cross-worker feature gather): enough for
+small models; large runs should gather features across workers as open_clip's trainer does.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from near_ray.config import RunConfig
+from near_ray.errors import NearRayError
+from near_ray.runtime import ensure_ray
+from near_ray.storage import Storage, join, storage_for
+
+log = logging.getLogger(__name__)
+
+
+class PretrainError(NearRayError):
+    pass
+
+
+def _root_of(captions: str) -> str:
+    return posixpath.dirname(captions.rstrip("/")) if captions.startswith("s3://") else str(Path(captions).parent)
+
+
+def read_pairs(captions: str, st: Storage) -> tuple[list[dict], list[dict]]:
+    """(train pairs, held-out pairs) as [{uri, caption}] from a captions table."""
+    table = st.read_parquet(captions)
+    if missing := sorted({"path", "caption"} - set(table.column_names)):
+        raise PretrainError(f"{captions}: missing columns {missing}")
+    root = _root_of(captions)
+    rows = [{"uri": join(root, r["path"]), "path": r["path"], "caption": r["caption"]} for r in table.to_pylist()]
+    truth_uri = join(root, "truth.parquet")
+    test_paths: set[str] = set()
+    if st.exists(truth_uri):
+        truth = st.read_parquet(truth_uri)
+        if "split" in truth.column_names:
+            test_paths = {r["path"] for r in truth.select(["path", "split"]).to_pylist() if r["split"] == "test"}
+    train = [r for r in rows if r["path"] not in test_paths]
+    held = [r for r in rows if r["path"] in test_paths]
+    if not train:
+        raise PretrainError(f"{captions}: no training pairs (every image is in the test split)")
+    return train, held
+
+
+def pretrain_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker loop: symmetric InfoNCE, a checkpoint per epoch, resumable."""
+    import ray.train
+    import ray.train.torch
+
+    from near_ray.clip import create_clip
+    from near_ray.config import ModelConfig
+    from near_ray.train.checkpoint import load_checkpoint
+    from near_ray.train.loop import report_epoch
+
+    tc = config["train"]
+    torch.manual_seed(tc["seed"])
+    device = ray.train.torch.get_device()
+    clip = create_clip(ModelConfig(**config["model"]), config["storage"])
+    tokens = torch.as_tensor(config["tokens"])
+    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=tc["pretrain_lr"], weight_decay=tc["weight_decay"])
+    meta: dict[str, Any] = {"epoch": -1, "history": [], "starts": []}
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as folder:
+            _, meta = load_checkpoint(folder, clip.model, optimizer)
+    start = meta["epoch"] + 1
+    meta["starts"] = meta["starts"] + [start]
+    model = ray.train.torch.prepare_model(clip.model)
+    ctx = ray.train.get_context()
+    local_bs = max(2, tc["pretrain_batch_size"] // ctx.get_world_size())
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start, max(start, tc["pretrain_epochs"])):
+        t0, total, count = time.monotonic(), 0.0, 0
+        model.train()
+        for batch in shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False):
+            img, txt, scale = model(batch["pixels"].float(), tokens[batch["idx"].long()].to(device))[:3]
+            logits = scale * img @ txt.T
+            target = torch.arange(len(logits), device=device)
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # CLIP's clamp: the temperature never exceeds 100
+                clip.model.logit_scale.clamp_(0, np.log(100))
+            total, count = total + float(loss) * len(logits), count + len(logits)
+        metrics = {"epoch": epoch, "loss": total / max(count, 1), "epoch_time_s": round(time.monotonic() - t0, 3)}
+        meta.update(epoch=epoch, history=meta["history"] + [metrics])
+        report_epoch(metrics, model, optimizer, {}, meta, ctx.get_world_rank())
+    if start >= tc["pretrain_epochs"]:
+        last = meta["history"][-1] if meta["history"] else {"epoch": -1}
+        report_epoch(last, model, optimizer, {}, meta, ctx.get_world_rank())
+
+
+def caption_retrieval(clip: Any, pairs: list[dict], st: Storage, limit: int = 256) -> dict[str, float]:
+    """Zero-shot image→caption retrieval: top-1 over all held-out captions is one of the image's own
+    (or an identical string). ``chance`` is the same rate for a uniformly random pick."""
+    from near_ray.clip import decode_image, encode_images, encode_texts
+
+    by_path: dict[str, list[str]] = {}
+    for p in pairs:
+        by_path.setdefault(p["uri"], []).append(p["caption"])
+    uris = sorted(by_path)[:limit]
+    captions = sorted({c for u in uris for c in by_path[u]})
+    if not uris:
+        return {}
+    image_emb = encode_images(clip, [decode_image(st.read_bytes(u), what=u) for u in uris])
+    text_emb = encode_texts(clip, captions, "{}")
+    top = (image_emb @ text_emb.T).argmax(1)
+    hits = [captions[t] in by_path[u] for u, t in zip(uris, top, strict=True)]
+    chance = float(np.mean([len(set(by_path[u])) / len(captions) for u in uris]))
+    return {"caption_top1": float(np.mean(hits)), "chance": chance, "images": len(uris), "captions": len(captions)}
+
+
+def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str, Any]:
+    """Pretrain ``cfg.model.arch`` from random init; weights to ``out`` (safetensors) + a JSON beside."""
+    import ray.train.torch
+
+    from near_ray.clip import create_clip, save_weights
+    from near_ray.train.data import image_dataset
+    from near_ray.train.stage import fit, load_trained, ray_run_config, scaling_config
+
+    st = storage_for(cfg)
+    out = out or cfg.artifact("pretrained/model.safetensors")
+    info_uri = (out[: -len(".safetensors")] if out.endswith(".safetensors") else out) + ".json"
+    if st.exists(out):
+        log.info("pretrain: %s exists, skipped", out)
+        return {"skipped": True, "weights": out, **(st.read_json(info_uri) if st.exists(info_uri) else {})}
+    ensure_ray()
+    train_pairs, held = read_pairs(captions, st)
+    model_cfg = cfg.model.model_copy(update={"pretrained": None})
+    clip = create_clip(model_cfg, st)
+    ds = image_dataset([p["uri"] for p in train_pairs], st, clip.image_size, list(clip.image_mean),
+                       list(clip.image_std), cfg.train.augment)
+    trainer = ray.train.torch.TorchTrainer(
+        pretrain_loop,
+        train_loop_config={"model": model_cfg.model_dump(), "train": cfg.train.model_dump(), "storage": st,
+                           "tokens": clip.tokenizer([p["caption"] for p in train_pairs]).numpy()},
+        scaling_config=scaling_config(cfg),
+        run_config=ray_run_config(cfg, "pretrain", st),
+        datasets={"train": ds},
+    )
+    t0 = time.monotonic()
+    result = fit(trainer, f"pretrain ({cfg.artifact('train/pretrain')})")
+    meta = load_trained(result.checkpoint, clip)
+    retrieval = caption_retrieval(clip, held or train_pairs[-256:], st)
+    st.write_bytes(out, save_weights(clip.model))
+    info = {
+        "arch": cfg.model.arch,
+        "model_config": clip.model_config,
+        "captions": captions,
+        "pairs": len(train_pairs),
+        "epochs": meta["history"],
+        "train_time_s": round(time.monotonic() - t0, 2),
+        "retrieval": {**retrieval, "held_out": bool(held)},
+        "command": " ".join(["near-ray", "pretrain", "--captions", captions, "--out", out,
+                             "--set", f"model.arch={cfg.model.arch}",
+                             "--set", f"train.pretrain_epochs={cfg.train.pretrain_epochs}",
+                             "--set", f"train.seed={cfg.train.seed}"]),
+        "python": sys.version.split()[0],
+    }
+    st.write_json(info_uri, info)
+    log.info("pretrain: %d pairs, caption retrieval %s → %s", len(train_pairs), retrieval, out)
+    return {"weights": out, **info}

@@ -1,0 +1,183 @@
+"""The train stage: NeaR (or an ablation / the naive baseline) with Ray Train, then the model bundle.
+
+``run_train(cfg)`` trains ``cfg.train.method`` on refine's artifacts, checkpoints every epoch under
+``{workdir}/train/{method}`` and writes the bundle to ``{workdir}/bundles/{method}``. Re-running
+the same config resumes from the last checkpoint. ``export_zero_shot(cfg)`` writes the untrained
+CLIP over the vocabulary as ``bundles/zero_shot``; ``run_pretrain`` lives in ``pretrain.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from near_ray.config import RunConfig
+from near_ray.errors import NearRayError
+from near_ray.runtime import ensure_ray
+from near_ray.storage import Storage, is_s3, storage_for
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(NearRayError):
+    """Training could not finish; the message says which run and where its checkpoints are."""
+
+
+def ray_run_config(cfg: RunConfig, name: str, storage: Storage) -> Any:
+    """RunConfig with checkpoints at ``{workdir}/train/{name}`` (S3 through a pyarrow filesystem)."""
+    import ray.train
+
+    base = cfg.artifact("train")
+    if is_s3(base):
+        path, fs = base[len("s3://") :], storage.pa_filesystem()
+    else:
+        path, fs = str(Path(base).resolve()), None
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoint_keep),
+    )
+
+
+def scaling_config(cfg: RunConfig) -> Any:
+    import ray.train
+
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return ray.train.ScalingConfig(
+        num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+    )
+
+
+def fit(trainer: Any, what: str) -> Any:
+    """``trainer.fit()`` with a user-facing error when the run fails for good."""
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise TrainError(f"{what}: training failed after retries: {type(e).__name__}: {e}") from e
+    if result.checkpoint is None:
+        raise TrainError(f"{what}: training finished without a checkpoint")
+    return result
+
+
+def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``cfg.train.method`` and export its bundle; returns a summary (epochs, metrics, bundle URI).
+
+    ``fault_injection`` ({"fail_once_at_epoch": E, "fail_marker": path}) kills a worker once, to
+    exercise recovery from checkpoints.
+    """
+    import ray.train.torch
+
+    from near_ray.clip import create_clip
+    from near_ray.train.data import image_dataset, load_training_set
+    from near_ray.train.loop import train_loop
+
+    ensure_ray()
+    st = storage_for(cfg)
+    method = cfg.train.method
+    if method == "pretrain":
+        raise TrainError("train.method 'pretrain': use `near-ray pretrain --captions …` instead")
+    ts = load_training_set(cfg, method, st)
+    clip = create_clip(cfg.model, st)
+    names = [v["name"] for v in ts.vocabulary]
+    ds = image_dataset(ts.uris, st, clip.image_size, list(clip.image_mean), list(clip.image_std), cfg.train.augment)
+    loop_config = {
+        "method": method,
+        "model": cfg.model.model_dump(),
+        "train": cfg.train.model_dump(),
+        "storage": st,
+        "prompts": [cfg.model.prompt_template.format(n) for n in names],
+        "candidates": ts.candidates,
+        "confidences": ts.confidences,
+        "neighbours": ts.neighbours,
+        "allowed": ts.allowed,
+        **(fault_injection or {}),
+    }
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(cfg),
+        run_config=ray_run_config(cfg, method, st),
+        datasets={"train": ds},
+    )
+    t0 = time.monotonic()
+    result = fit(trainer, f"train {method} ({cfg.artifact(f'train/{method}')})")
+    elapsed = time.monotonic() - t0
+    meta = load_trained(result.checkpoint, clip)
+    history = meta["history"]
+    metrics = {
+        "method": method,
+        "epochs": history,
+        "starts": meta["starts"],
+        "train_images": len(ts),
+        "dropped": ts.dropped,
+        "vocabulary_size": len(names),
+        "train_time_s": round(elapsed, 2),
+        "epoch_time_s_mean": round(float(np.mean([h["epoch_time_s"] for h in history])), 3) if history else None,
+    }
+    bundle_uri = cfg.artifact(f"bundles/{method}")
+    export_bundle(cfg, clip, ts.vocabulary, bundle_uri, meta["logit_scale"], metrics, st)
+    log.info("train %s: %d epochs in %.1f s, bundle %s", method, len(history), elapsed, bundle_uri)
+    return {**metrics, "bundle": bundle_uri, "checkpoint": result.checkpoint.path}
+
+
+def load_trained(checkpoint: Any, clip: Any) -> dict[str, Any]:
+    """Load a training checkpoint's weights into ``clip.model``; returns its meta (epoch, history)."""
+    from near_ray.train.checkpoint import load_checkpoint
+
+    with checkpoint.as_directory() as folder:
+        _, meta = load_checkpoint(folder, clip.model)
+    clip.model.eval()
+    return meta
+
+
+def export_bundle(
+    cfg: RunConfig, clip: Any, vocabulary: list[dict], uri: str, logit_scale: float, metrics: dict, st: Storage
+) -> str:
+    """Bundle = weights + vocabulary + text embeddings from the (fine-tuned) text tower."""
+    from near_ray.bundle import save_bundle
+    from near_ray.clip import encode_texts
+
+    text = encode_texts(clip, [v["name"] for v in vocabulary], cfg.model.prompt_template)
+    save_bundle(
+        uri,
+        clip,
+        vocabulary,
+        text,
+        prompt_template=cfg.model.prompt_template,
+        logit_scale=logit_scale,
+        abstain_threshold=cfg.serve.abstain_threshold,
+        metrics=metrics,
+        extra_config={"method": metrics.get("method"), "arch": cfg.model.arch, "pretrained": cfg.model.pretrained},
+        storage=st,
+    )
+    return uri
+
+
+def export_zero_shot(cfg: RunConfig) -> str:
+    """The initial CLIP over refine's vocabulary, without fine-tuning, as ``bundles/zero_shot``."""
+    from near_ray.clip import create_clip
+    from near_ray.train.data import TrainDataError
+
+    st = storage_for(cfg)
+    vocab_uri = cfg.artifact("refine/vocabulary.json")
+    if not st.exists(vocab_uri):
+        raise TrainDataError(f"{vocab_uri}: missing; run `near-ray refine` first")
+    clip = create_clip(cfg.model, st)
+    scale = float(min(100.0, clip.model.logit_scale.exp().item()))
+    uri = cfg.artifact("bundles/zero_shot")
+    return export_bundle(cfg, clip, st.read_json(vocab_uri), uri, scale, {"method": "zero_shot", "epochs": []}, st)
+
+
+def run_pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str, Any]:
+    """Contrastive CLIP pretraining on an image-caption table (see ``near_ray.train.pretrain``)."""
+    from near_ray.train.pretrain import pretrain
+
+    return pretrain(cfg, captions, out)

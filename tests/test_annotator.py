@@ -245,6 +245,15 @@ def test_fault_config_from_json_and_bad_input(tmp_path: Path, bench: str) -> Non
         AnnotatorServer(bench, profile="no-such-profile")
 
 
+def test_every_benchmark_image_is_recognised_after_reencoding(bench: str) -> None:
+    known, _, index = load_truth(bench, Storage())
+    assert len(index.keys) == len(known)  # no two images share a content key
+    for i, k in enumerate(known):
+        png = Path(bench, k.path).read_bytes()
+        jpeg = base64.b64decode(as_data_url(bench, k.path, size=40, quality=60).split(",", 1)[1])
+        assert index.lookup(png) == i and index.lookup(jpeg) == i, k.path
+
+
 # ------------------------------------------------------------------------------------------ noise structure
 def _sample_model(bench: str, profile: str, samples: int = 8) -> tuple[NoiseModel, list[list]]:
     known, taxonomy, _ = load_truth(bench, Storage())

@@ -44,7 +44,9 @@ def write_benchmark(root: str, st: Storage) -> dict[str, bytes]:
                 st.write_bytes(join(root, path), data)
                 rows.append({"path": path, "domain": d, "species": name, "split": split})
     st.write_bytes(join(root, "images/birds/test/birds_broken.png"), b"not an image at all")
-    rows.append({"path": "images/birds/test/birds_broken.png", "domain": "birds", "species": "House Sparrow", "split": "test"})
+    rows.append(
+        {"path": "images/birds/test/birds_broken.png", "domain": "birds", "species": "House Sparrow", "split": "test"}
+    )
     st.write_parquet(join(root, "truth.parquet"), pa.Table.from_pylist(rows))
     return examples
 
@@ -59,12 +61,27 @@ def write_bundles(workdir: str, st: Storage, examples: dict[str, bytes], methods
     decoy = {"name": "decoy", "domain": "birds", "synonyms": [], "support": 1}
     if "near" in methods:
         epochs = [{"epoch": e, "loss": 1.0 / (e + 1), "clean_fraction": 0.5 + 0.1 * e} for e in range(4)]
-        save_bundle(join(workdir, "bundles/near"), clip, [decoy, *vocab], np.vstack([image_emb[3:4], image_emb]),
-                    prompt_template="a photo of a {}.", logit_scale=100.0, metrics={"epochs": epochs}, storage=st)  # fmt: skip
+        save_bundle(
+            join(workdir, "bundles/near"),
+            clip,
+            [decoy, *vocab],
+            np.vstack([image_emb[3:4], image_emb]),
+            prompt_template="a photo of a {}.",
+            logit_scale=100.0,
+            metrics={"epochs": epochs},
+            storage=st,
+        )
     if "zero_shot" in methods:
         text_emb = encode_texts(clip, [v["name"] for v in vocab], "a photo of a {}.")
-        save_bundle(join(workdir, "bundles/zero_shot"), clip, vocab, text_emb, prompt_template="a photo of a {}.",
-                    logit_scale=100.0, storage=st)  # fmt: skip
+        save_bundle(
+            join(workdir, "bundles/zero_shot"),
+            clip,
+            vocab,
+            text_emb,
+            prompt_template="a photo of a {}.",
+            logit_scale=100.0,
+            storage=st,
+        )
 
 
 def make_config(root: str, workdir: str, methods: list[str]) -> RunConfig:
@@ -84,8 +101,10 @@ def test_run_evaluate_reports_every_bundle_method(tmp_path: Path) -> None:
     st = Storage()
     root, workdir = str(tmp_path / "bench"), str(tmp_path / "run")
     write_bundles(workdir, st, write_benchmark(root, st), ("near", "zero_shot"))
-    st.write_parquet(join(workdir, "refine/candidates.parquet"),
-                     pa.table({"image_id": ["a", "b", "c"], "candidates": [["x"], ["x", "y"], ["x", "y", "z"]]}))  # fmt: skip
+    st.write_parquet(
+        join(workdir, "refine/candidates.parquet"),
+        pa.table({"image_id": ["a", "b", "c"], "candidates": [["x"], ["x", "y"], ["x", "y", "z"]]}),
+    )
     cfg = make_config(root, workdir, ["zero_shot", "naive", "near"])
 
     report = run_evaluate(cfg)
@@ -98,7 +117,9 @@ def test_run_evaluate_reports_every_bundle_method(tmp_path: Path) -> None:
     # The near bundle is a perfect classifier; only the unreadable image is wrong.
     assert near["n"] == n_test
     assert near["cacc"] == pytest.approx((n_test - 1) / n_test)
-    assert near["domains"]["flowers"]["cacc"] == 1.0 and near["domains"]["flowers"]["sacc"] == pytest.approx(1.0, abs=1e-5)
+    assert near["domains"]["flowers"]["cacc"] == 1.0 and near["domains"]["flowers"]["sacc"] == pytest.approx(
+        1.0, abs=1e-5
+    )
     assert near["domains"]["birds"]["cacc"] == pytest.approx(6 / 7)
     for method in ("near", "zero_shot"):
         r = report["methods"][method]
@@ -161,3 +182,66 @@ def test_majority_label_breaks_ties_deterministically() -> None:
     assert majority_label(["wren", "robin", "wren"]) == "wren"
     assert majority_label(["wren", "robin"]) == majority_label(["robin", "wren"]) == "robin"
     assert majority_label([None, None]) is None
+
+
+@pytest.mark.slow
+def test_direct_mllm_labels_exactly_the_test_images_through_the_label_stage(tmp_path: Path, ray_cluster) -> None:
+    """Synthetic benchmark + simulated annotator that always names the exact species + the real label stage."""
+    import yaml
+
+    from near_ray.data.synth import generate
+    from near_ray.label.annotator import AnnotatorServer
+
+    st = Storage()
+    bench = str(tmp_path / "bench")
+    generate(
+        out=bench,
+        domains=["birds", "flowers"],
+        species=3,
+        images_per_species=4,
+        image_size=32,
+        seed=0,
+        test_fraction=0.5,
+        storage=st,
+    )
+    profile = yaml.safe_load((Path(__file__).parents[1] / "near_ray/label/profiles/strong.yaml").read_text())
+    profile.update(
+        outcomes={
+            "exact": 1.0,
+            "synonym": 0,
+            "coarse": 0,
+            "sibling": 0,
+            "unrelated": 0,
+            "hallucinated": 0,
+            "refusal": 0,
+        },
+        format_noise=0.3,
+        hard_fraction=0.0,
+    )
+    (tmp_path / "perfect.yaml").write_text(yaml.safe_dump(profile))
+    cfg = RunConfig()
+    cfg.storage.workdir = str(tmp_path / "run")
+    cfg.data.domains = [
+        DomainConfig(name=d, uri=f"{bench}/images/{d}/train", meta_class=d[:-1], truth=f"{bench}/truth.parquet")
+        for d in ("birds", "flowers")
+    ]
+    cfg.eval.methods = ["direct_mllm", "near"]
+    cfg.label.samples = 2
+    cfg.label.prices.per_request = 0.001
+    with AnnotatorServer(bench, profile=str(tmp_path / "perfect.yaml"), seed=0) as ann:
+        cfg.label.openai.base_url = ann.base_url
+        cfg.label.openai.api_key_env = None
+        report = run_evaluate(cfg)
+
+    mllm = report["methods"]["direct_mllm"]
+    n_test = 2 * 3 * 2
+    assert mllm["n"] == n_test and mllm["images_without_answer"] == 0
+    assert mllm["cacc"] == 1.0 and mllm["sacc"] == pytest.approx(1.0, abs=1e-3)
+    assert mllm["requests"] == 2 * n_test  # the manifest: test images only, S samples each
+    labels = st.read_parquet(mllm["labels"]).to_pandas()
+    assert all("/test/" in u for u in labels["uri"])
+    assert mllm["cost_per_1k"] > 1000 * 2 * 0.001  # per-request price plus tokens
+    assert mllm["latency_ms"] > 0
+    assert report["vocabulary_sizes"]["direct_mllm"] == {"birds": 3, "flowers": 3}
+    assert "no bundle" in report["skipped"]["near"]
+    assert report["simulated_annotator"] is True

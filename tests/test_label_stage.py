@@ -113,12 +113,13 @@ def test_labels_are_the_annotators_answers_and_a_rerun_asks_nothing(ray_cluster,
 
 
 def test_faults_end_as_retried_answers_or_mllm_error_rows(ray_cluster, bench, tmp_path):
-    faults = {"rate_429": 0.2, "retry_after_s": 0.1, "rate_500": 0.2, "rate_malformed": 0.1, "rate_hang": 0.1,
+    # 70% of attempts fail; with one retry about half of the rows end as mllm_error, the rest are retried successes.
+    faults = {"rate_429": 0.25, "retry_after_s": 0.1, "rate_500": 0.25, "rate_malformed": 0.1, "rate_hang": 0.1,
               "hang_s": 3.0}  # fmt: skip
     domains = _domains(bench)[:1]
     with AnnotatorServer(bench, profile="strong", seed=1, faults=faults) as ann:
         cfg = _cfg(str(tmp_path / "run"), ann.base_url, domains, "label.openai.timeout_s=1.0",
-                   "label.openai.max_retries=2")  # fmt: skip
+                   "label.openai.max_retries=1")  # fmt: skip
         summary = run_label(cfg)
         df = read_labels(cfg)
         stats = ann.stats()
@@ -126,7 +127,8 @@ def test_faults_end_as_retried_answers_or_mllm_error_rows(ray_cluster, bench, tm
         assert stats["requests"] > summary["mllm_calls"], "faults were retried"
         assert sum(stats["outcomes"][k] for k in ("http_429", "http_500", "malformed", "hang")) > 0
         errors = df[df["status"] == "mllm_error"]
-        assert errors.apply(lambda r: r["uri"] in r["error"], axis=1).all()
+        assert 0 < len(errors) < len(df)
+        assert all(r.uri in r.error for r in errors.itertuples()), "an error names its image"
         answered = df[df["status"] != "mllm_error"]
         assert answered["raw_answer"].notna().all()
 
@@ -200,7 +202,7 @@ def test_a_killed_run_resumes_paying_only_for_the_rest(ray_cluster, bench, tmp_p
     total = len(truth) * SAMPLES
     workdir = tmp_path / "run"
     with AnnotatorServer(bench, profile="strong", seed=0, faults={"latency_s": 0.4}) as ann:
-        overrides = ["label.openai.concurrency=1", "label.part_rows=2", "label.flush_interval_s=1"]
+        overrides = ["label.openai.concurrency=1", "label.batch_size=2", "label.part_rows=2", "label.flush_interval_s=1"]
         cfg = _cfg(str(workdir), ann.base_url, _domains(bench), *overrides)
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
         cmd = [sys.executable, "-m", "near_ray.cli", "label"]
@@ -222,6 +224,7 @@ def test_a_killed_run_resumes_paying_only_for_the_rest(ray_cluster, bench, tmp_p
         assert kept is not None and 0 < kept.num_rows < total, "the run was killed half-way with some parts written"
 
         before = ann.stats()["requests"]
+        cfg.label.openai.concurrency = 8
         summary = run_label(cfg)
         assert ann.stats()["requests"] - before == total - kept.num_rows == summary["mllm_calls"]
     df = read_labels(cfg)

@@ -194,7 +194,11 @@ def test_folder_layouts_with_and_without_splits(tmp_path: Path) -> None:
     split.put("test/a/1.png", _png())
     split.put("val/b/2.jpg", _png())
     table = read_dataset("folder", split.root, st, domain="things")
-    assert sorted(zip(table["class_name"], table["split"], strict=True)) == [("a", "test"), ("a", "train"), ("b", "val")]
+    assert sorted(zip(table["class_name"], table["split"], strict=True)) == [
+        ("a", "test"),
+        ("a", "train"),
+        ("b", "val"),
+    ]
     assert (table["domain"] == "things").all()
 
 
@@ -248,3 +252,94 @@ def test_cub200_and_stanford_dogs_on_s3(bucket: str) -> None:
     assert st.read_bytes(cub["uri"].iat[0])[:4] == b"\x89PNG"
     dogs = read_dataset("auto", f"{bucket}/dogs", st)
     assert dogs.attrs["layout"] == "stanford_dogs" and len(dogs) == 3
+
+
+# ------------------------------------------------------------------------------------------ benchmark harness
+def _job(repo_root: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_fgvr", repo_root / "jobs" / "benchmark_fgvr.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_shipped_config_loads(repo_root: Path) -> None:
+    from near_ray.config import load_config
+
+    files = sorted((repo_root / "configs").glob("*.yaml"))
+    assert {"cub200.yaml", "multidomain.yaml"} <= {f.name for f in files}
+    for f in files:
+        load_config(f)
+    cub = load_config(repo_root / "configs" / "cub200.yaml")
+    assert cub.label.backend == "vllm" and "Qwen2.5-VL" in cub.label.vllm.model_source
+    assert (cub.model.arch, cub.model.pretrained, cub.eval.discovery_per_class) == ("ViT-B-16", "openai", 3)
+    multi = load_config(repo_root / "configs" / "multidomain.yaml")
+    assert multi.label.backend == "openai" and len(multi.data.domains) > 1
+    assert all(d.uri.startswith("s3://") and d.meta_class for d in multi.data.domains)
+
+
+def test_benchmark_job_prepares_discovery_manifest_and_test_truth(tmp_path: Path, repo_root: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    tree = Tree(str(tmp_path / "CUB_200_2011"), Storage())
+    write_cub(tree)
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(repo_root / "jobs" / "benchmark_fgvr.py"),
+        "--dataset",
+        "cub200",
+        "--root",
+        tree.root,
+        "--set",
+        f"storage.workdir={workdir}",
+        "--set",
+        "eval.discovery_per_class=2",
+        "--prepare-only",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)["benchmark"]
+    assert summary | {"manifest": None, "truth": None} == {
+        "dataset": "cub200",
+        "root": tree.root,
+        "domain": "birds",
+        "classes": 2,
+        "images": 8,
+        "discovery_images": 4,
+        "discovery_per_class": 2,
+        "test_images": 2,
+        "manifest": None,
+        "truth": None,
+    }
+    table = read_dataset("cub200", tree.root, tree.st)
+    train_uris = set(table.loc[table["split"] == "train", "uri"])
+    manifest = tree.st.read_parquet(summary["manifest"]).to_pandas()
+    assert list(manifest.columns) == ["uri"]  # no class names reach the labeler
+    assert len(manifest) == 4 and set(manifest["uri"]) <= train_uris
+    truth = tree.st.read_parquet(summary["truth"]).to_pandas()
+    assert set(truth["uri"]) == set(table.loc[table["split"] == "test", "uri"])
+    assert (truth["split"] == "test").all() and set(truth["species"]) == {"Black footed Albatross", "Laysan Albatross"}
+
+    bad = subprocess.run(cmd[:3] + ["imagenet"] + cmd[4:], capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert bad.returncode == 1 and "unknown dataset layout 'imagenet'" in bad.stderr
+
+
+def test_benchmark_preparation_on_s3_feeds_the_evaluation(bucket: str, repo_root: Path) -> None:
+    from near_ray.config import RunConfig
+    from near_ray.eval.stage import load_test_sets
+
+    st = Storage()
+    write_pets(Tree(f"{bucket}/pets", st))
+    cfg = RunConfig()
+    cfg.storage.workdir = f"{bucket}/run"
+    summary = _job(repo_root).prepare_benchmark(cfg, "auto", f"{bucket}/pets")
+    assert summary["dataset"] == "oxford_pets" and summary["discovery_images"] == 2
+    (domain,) = cfg.data.domains
+    assert (domain.name, domain.meta_class, domain.manifest) == ("pets", "pet", summary["manifest"])
+    test = load_test_sets(cfg, st)
+    assert list(test["uri"]) == [f"{bucket}/pets/images/Abyssinian_2.jpg"]
+    assert list(test["species"]) == ["Abyssinian"] and list(test["domain"]) == ["pets"]

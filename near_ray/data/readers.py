@@ -35,8 +35,15 @@ from near_ray.errors import NearRayError
 from near_ray.storage import Storage, join, relative
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test",
-               "val": "val", "valid": "val", "validation": "val"}  # fmt: skip
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "test": "test",
+    "testing": "test",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+}
 COLUMNS = ["uri", "class_name", "split", "domain"]
 
 
@@ -70,12 +77,21 @@ DATASETS = {
     "folder": DatasetInfo("folder", "images", None),
     "unlabeled": DatasetInfo("unlabeled", "images", None),
 }
-ALIASES = {"cub": "cub200", "cub_200_2011": "cub200", "cars": "stanford_cars", "cars196": "stanford_cars",
-           "dogs": "stanford_dogs", "dogs120": "stanford_dogs", "flowers": "flowers102", "pets": "oxford_pets",
-           "pets37": "oxford_pets", "imagefolder": "folder"}  # fmt: skip
+ALIASES = {
+    "cub": "cub200",
+    "cub_200_2011": "cub200",
+    "cars": "stanford_cars",
+    "cars196": "stanford_cars",
+    "dogs": "stanford_dogs",
+    "dogs120": "stanford_dogs",
+    "flowers": "flowers102",
+    "pets": "oxford_pets",
+    "pets37": "oxford_pets",
+    "imagefolder": "folder",
+}
 
 
-# ------------------------------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------------------ index and .mat files
 def _text(storage: Storage, root: str, name: str, layout: str) -> str:
     uri = join(root, name)
     try:
@@ -170,8 +186,14 @@ def _cars_annotations(storage: Storage, root: str, names: list[str], layout: str
 
 def read_stanford_cars(root: str, storage: Storage, domain: str = "cars") -> list[Sample]:
     layout = "stanford_cars (devkit layout)"
-    names = [str(n) for n in _field(_mat(storage, root, ["devkit/cars_meta.mat", "cars_meta.mat"], layout),
-                                     "class_names", f"{root}/devkit/cars_meta.mat")]  # fmt: skip
+    names = [
+        str(n)
+        for n in _field(
+            _mat(storage, root, ["devkit/cars_meta.mat", "cars_meta.mat"], layout),
+            "class_names",
+            f"{root}/devkit/cars_meta.mat",
+        )
+    ]
     train = _cars_annotations(storage, root, ["devkit/cars_train_annos.mat", "cars_train_annos.mat"], layout)
     test = _cars_annotations(
         storage, root, ["cars_test_annos_withlabels.mat", "devkit/cars_test_annos_withlabels.mat"], layout
@@ -324,8 +346,9 @@ def discovery_set(table: pd.DataFrame, per_class: int = 3, seed: int = 0, split:
     pool = table if (table["split"] == "").all() else table[table["split"] == split]
     pool = pool[pool["class_name"].notna()]
     if pool.empty:
-        raise DatasetError(f"discovery_set: no labeled images in split '{split}' (splits present: "
-                           f"{sorted(set(table['split']))})")  # fmt: skip
+        raise DatasetError(
+            f"discovery_set: no labeled images in split '{split}' (splits present: {sorted(set(table['split']))})"
+        )
     rng = random.Random(seed)
     picked = []
     for class_name in sorted(pool["class_name"].unique()):

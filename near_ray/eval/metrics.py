@@ -29,14 +29,11 @@ def contingency(y_true: Sequence[Any], y_pred: Sequence[Any]) -> tuple[np.ndarra
     """Counts [n_pred, n_true] and the label lists of both axes (labels may be strings)."""
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} true labels but {len(y_pred)} predictions")
-    pred_labels = sorted({_key(p) for p in y_pred})
-    true_labels = sorted({_key(t) for t in y_true})
-    pi = {p: i for i, p in enumerate(pred_labels)}
-    ti = {t: i for i, t in enumerate(true_labels)}
+    pred_labels, pi = np.unique(np.array([_key(p) for p in y_pred], dtype=object), return_inverse=True)
+    true_labels, ti = np.unique(np.array([_key(t) for t in y_true], dtype=object), return_inverse=True)
     counts = np.zeros((len(pred_labels), len(true_labels)), dtype=np.int64)
-    for t, p in zip(y_true, y_pred, strict=True):
-        counts[pi[_key(p)], ti[_key(t)]] += 1
-    return counts, pred_labels, true_labels
+    np.add.at(counts, (pi, ti), 1)
+    return counts, list(pred_labels), list(true_labels)
 
 
 def _key(label: Any) -> str:

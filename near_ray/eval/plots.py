@@ -99,8 +99,9 @@ def confusions(
     ax.imshow(matrix, cmap="Blues")
     for (r, c), v in np.ndenumerate(matrix):
         if v:
-            ax.text(c, r, str(v), ha="center", va="center", fontsize=7,
-                    color="white" if v > matrix.max() / 2 else "black")  # fmt: skip
+            ax.text(
+                c, r, str(v), ha="center", va="center", fontsize=7, color="white" if v > matrix.max() / 2 else "black"
+            )
     ax.set_xticks(range(len(columns)), [_short(c) for c in columns], rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(classes)), [_short(c) for c in classes], fontsize=7)
     ax.set_xlabel("predicted name")

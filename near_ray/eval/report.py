@@ -39,8 +39,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     methods = report["methods"]
     lines = [f"# Evaluation: {report['dataset']}", ""]
     if report.get("simulated_annotator"):
-        lines += ["> The MLLM labels come from the **simulated annotator**: numbers measure the pipeline, "
-                  "not a real MLLM.", ""]  # fmt: skip
+        lines += [
+            "> The MLLM labels come from the **simulated annotator**: numbers measure the pipeline, not a real MLLM.",
+            "",
+        ]
     lines += [
         f"Test images: {report['test_images']} in {len(report['domains'])} domain(s). "
         f"sACC encoder: `{report['sacc_model']}`. Accuracies in percent; cost in USD per 1,000 images.",
@@ -55,15 +57,27 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_pct(r.get('ari'))} | {_num(r.get('cost_per_1k'), '.4f')} | {_num(r.get('latency_ms'), '.1f')} |"
         )
     if len(report["domains"]) > 1:
-        lines += ["", "## Per domain (cACC / sACC)", "", "| method | " + " | ".join(d["name"] for d in report["domains"]) + " |",
-                  "|---|" + "---:|" * len(report["domains"])]  # fmt: skip
+        lines += [
+            "",
+            "## Per domain (cACC / sACC)",
+            "",
+            "| method | " + " | ".join(d["name"] for d in report["domains"]) + " |",
+            "|---|" + "---:|" * len(report["domains"]),
+        ]
         for m in ordered_methods(methods):
             per = methods[m].get("domains", {})
-            cells = [f"{_pct(per.get(d['name'], {}).get('cacc'))} / {_pct(per.get(d['name'], {}).get('sacc'))}"
-                     for d in report["domains"]]  # fmt: skip
+            cells = [
+                f"{_pct(per.get(d['name'], {}).get('cacc'))} / {_pct(per.get(d['name'], {}).get('sacc'))}"
+                for d in report["domains"]
+            ]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "## Domains", "", "| domain | meta-class | test images | true classes | vocabulary (near) |",
-              "|---|---|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        "## Domains",
+        "",
+        "| domain | meta-class | test images | true classes | vocabulary (near) |",
+        "|---|---|---:|---:|---:|",
+    ]
     for d in report["domains"]:
         vocab = report.get("vocabulary_sizes", {}).get("near", {}).get(d["name"], "–")
         lines.append(f"| {d['name']} | {d.get('meta_class') or '–'} | {d['test_images']} | {d['classes']} | {vocab} |")

@@ -187,6 +187,8 @@ def majority_label(labels: list[str | None]) -> str | None:
 
 def direct_mllm(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[list[str | None], dict[str, Any]]:
     """The MLLM names every test image through the label stage; prediction = majority over its samples."""
+    import pyarrow as pa
+
     from near_ray.label.stage import run_label
 
     label_cfg = cfg.model_copy(deep=True)
@@ -196,12 +198,13 @@ def direct_mllm(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[l
     domains = []
     for name, rows in test.groupby("domain", sort=True):
         manifest = label_cfg.artifact(f"manifests/{name}.parquet")
-        import pyarrow as pa
-
         storage.write_parquet(manifest, pa.table({"uri": rows["uri"].tolist()}))
         # The prefix holds the test images (and, in some layouts, more); the manifest says exactly which.
-        domains.append(DomainConfig(name=name, uri=_common_prefix(rows["uri"].tolist()), meta_class=meta.get(name),
-                                    manifest=manifest))  # fmt: skip
+        domains.append(
+            DomainConfig(
+                name=name, uri=_common_prefix(rows["uri"].tolist()), meta_class=meta.get(name), manifest=manifest
+            )
+        )
     label_cfg.data.domains = domains
     summary = run_label(label_cfg)
     labels = storage.read_parquet(label_cfg.artifact("labels")).to_pandas()
@@ -229,6 +232,24 @@ def direct_mllm(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[l
 
 
 # ------------------------------------------------------------------------------------------ the stage
+def _clip_costs(
+    cfg: RunConfig, bundles: dict[str, Bundle], test: pd.DataFrame, st: Storage, seconds: dict[str, float], n_read: int
+) -> dict[str, dict[str, Any]]:
+    """Cost (configured price per 1k images), measured batch-1 latency and throughput of each bundle."""
+    probes, probe_domain = _probe_images(cfg, test, st) if bundles else ([], "")
+    out = {}
+    for method, bundle in bundles.items():
+        timed = bool(probes) and probe_domain in bundle.domains
+        out[method] = {
+            "cost_per_1k": cfg.label.prices.clip_per_1k_images,
+            "latency_ms": batch1_latency_ms(bundle, probes, probe_domain) if timed else None,
+            "throughput_img_s": n_read / seconds[method] if seconds[method] > 0 else None,
+            "bundle": bundle.uri,
+            "model_version": bundle.model_version,
+        }
+    return out
+
+
 def _load_bundles(cfg: RunConfig, storage: Storage) -> tuple[dict[str, Bundle], dict[str, str]]:
     from near_ray.bundle import load_bundle
 
@@ -270,23 +291,13 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
     log.info("evaluate: %d test images in %d domain(s)", len(test), test["domain"].nunique())
     bundles, skipped = _load_bundles(cfg, st)
     preds, seconds, bad = bundle_predictions(cfg, bundles, test, st) if bundles else ({}, {}, [])
-    probes, probe_domain = _probe_images(cfg, test, st) if bundles else ([], "")
-    sacc = SemanticAccuracy(cfg.eval.sbert_model)
-    methods: dict[str, dict[str, Any]] = {}
-    extra: dict[str, dict[str, Any]] = {}
+    extra = _clip_costs(cfg, bundles, test, st, seconds, len(test) - len(bad))
     if "direct_mllm" in cfg.eval.methods:
         preds["direct_mllm"], extra["direct_mllm"] = direct_mllm(cfg, test, st)
-    for method, bundle in bundles.items():
-        n_ok = len(test) - len(bad)
-        extra[method] = {
-            "cost_per_1k": cfg.label.prices.clip_per_1k_images,
-            "latency_ms": batch1_latency_ms(bundle, probes, probe_domain)
-            if probes and probe_domain in bundle.domains
-            else None,
-            "throughput_img_s": n_ok / seconds[method] if seconds[method] > 0 else None,
-            "bundle": bundle.uri,
-            "model_version": bundle.model_version,
-        }
+    if not preds:
+        log.warning("evaluate: no method could be evaluated: %s", skipped)
+    sacc = SemanticAccuracy(cfg.eval.sbert_model)
+    methods: dict[str, dict[str, Any]] = {}
     domains, truth = test["domain"].tolist(), test["species"].tolist()
     for method in [m for m in cfg.eval.methods if m in preds]:
         methods[method] = {**by_domain(domains, truth, preds[method], sacc), **extra[method]}
@@ -295,8 +306,15 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
     _write_predictions(out, st, test, preds)
     if cfg.eval.plots:
         near = (truth, preds["near"]) if "near" in preds else None
-        report["plots"] = write_plots(out, st, methods, cfg.artifact("refine/candidates.parquet"),
-                                      {m: b.uri for m, b in bundles.items()}, near, cfg.eval.confusion_classes)  # fmt: skip
+        report["plots"] = write_plots(
+            out,
+            st,
+            methods,
+            cfg.artifact("refine/candidates.parquet"),
+            {m: b.uri for m, b in bundles.items()},
+            near,
+            cfg.eval.confusion_classes,
+        )
     report["files"] = write_report(report, out, st)
     return report
 

@@ -229,9 +229,8 @@ class Annotator:
     def completion(self, body: dict[str, Any], images: list[bytes], prompt: str, image: int | None,
                    req_seed: int, temperature: float) -> dict[str, Any]:
         key = structured_key(body.get("response_format"))
-        n = body.get("n") or 1
         choices = []
-        for c in range(int(n)):
+        for c in range(int(body.get("n", 1))):
             if image is None:
                 self.count("unknown_image")
                 text = str(rng_for(self.seed, "unknown", req_seed, c).choice(UNKNOWN_ANSWERS))
@@ -263,6 +262,9 @@ class Annotator:
             req_seed = body.get("seed")
             if temperature < 0 or (req_seed is not None and not isinstance(req_seed, int)):
                 raise BadRequest("'temperature' must be ≥ 0 and 'seed' an integer", "temperature")
+            n = body.get("n", 1)
+            if not isinstance(n, int) or not 1 <= n <= 16:
+                raise BadRequest("'n' must be an integer from 1 to 16", "n")
             image = self.index.lookup(images[0])
         except json.JSONDecodeError as e:
             self.count("bad_request")
@@ -274,8 +276,9 @@ class Annotator:
             self.count("bad_request")
             return _error(400, f"messages: the image could not be decoded: {e}", "messages")
         if req_seed is None:  # no request seed: successive requests for an image are successive samples
-            req_seed = self._attempts[("unseeded", image)]
-            self._attempts[("unseeded", image)] += 1
+            with self._lock:
+                req_seed = self._attempts[("unseeded", image)]
+                self._attempts[("unseeded", image)] += 1
         fault, latency = self.draw_fault(image, req_seed, temperature)
         return await self._respond(request, body, images, prompt, image, req_seed, temperature, fault, latency)
 

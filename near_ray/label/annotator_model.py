@@ -151,6 +151,7 @@ class ImageIndex:
 
     def __init__(self, thumbs: np.ndarray) -> None:
         self.thumbs = thumbs
+        self._norms = (thumbs.astype(np.float64) ** 2).sum(axis=1)  # for distances by one mat-vec product
         self.keys: dict[str, int] = {}
         for i, t in enumerate(thumbs):
             self.keys.setdefault(exact_key(t), i)
@@ -164,7 +165,8 @@ class ImageIndex:
             return hit
         if not len(self.thumbs):
             return None
-        rms = np.sqrt(((self.thumbs - thumb) ** 2).mean(axis=1))
+        sq = self._norms - 2.0 * (self.thumbs @ thumb).astype(np.float64) + float(thumb.astype(np.float64) @ thumb)
+        rms = np.sqrt(np.maximum(sq, 0.0) / thumb.size)
         best = int(rms.argmin())
         if rms[best] <= MATCH_RMS:
             return best

@@ -45,7 +45,6 @@ __all__ = ["run_label", "read_labels"]
 
 log = logging.getLogger(__name__)
 
-READ_BATCH = 32  # images per read/decode task call
 READ_THREADS = 16  # concurrent object reads inside one task: S3 latency, not CPU, bounds reading
 
 REQUEST_SCHEMA = pa.schema(
@@ -186,21 +185,20 @@ def request_dataset(
         "prompt_version": lc.prompt_version,
         "model": model_name(lc),
     }
-    ds = ray.data.from_items(chunk, override_num_blocks=max(1, math.ceil(len(chunk) / READ_BATCH)))
+    # One block = the images of about one labeler batch: blocks flow to the actors (and answers back to
+    # the driver, which writes them) a batch at a time instead of a whole chunk at once.
+    per_block = max(1, lc.batch_size // lc.samples)
+    ds = ray.data.from_items(chunk, override_num_blocks=math.ceil(len(chunk) / per_block))
     return ds.map_batches(
         build_requests,
         fn_kwargs={"ledger": ledger, "storage": storage, "prompts": prompts, "settings": settings},
-        batch_size=READ_BATCH,
+        batch_size=None,
         batch_format="pyarrow",
         num_cpus=lc.prepare_cpus,
-        # Spread reads over the cluster. A remote-args function also keeps this a task operator of its
-        # own (Ray Data never fuses across one), so decoding scales with the cluster, not with the labeler pool.
-        ray_remote_args_fn=_spread,
+        # Decoding may hold a max_pixels RGBA canvas. Requesting that memory also keeps this a task
+        # operator of its own (not fused into the labeler actors), so decoding scales with the cluster.
+        memory=4 * lc.image.max_pixels,
     )
-
-
-def _spread() -> dict[str, Any]:
-    return {"scheduling_strategy": "SPREAD"}
 
 
 def build_requests(

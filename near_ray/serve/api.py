@@ -267,7 +267,7 @@ class Ingress:
     async def readyz(self) -> JSONResponse:
         """Readiness: a model replica answered with its loaded bundles (no auth)."""
         try:
-            described = await asyncio.wait_for(self._describe(max_age_s=0), timeout=5.0)
+            versions = await asyncio.wait_for(self.model.versions.remote(), timeout=5.0)
         except Exception as e:  # not ready yet, whatever the reason
             return JSONResponse(ApiError(503, "not_ready", f"model not ready: {type(e).__name__}").body(), status_code=503)
-        return JSONResponse({"status": "ready", "model_versions": [b["model_version"] for b in described["bundles"]]})
+        return JSONResponse({"status": "ready", "model_versions": versions})

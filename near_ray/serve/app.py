@@ -172,4 +172,5 @@ def update_bundle(settings: ServeConfig, bundle: str, storage: StorageConfig | N
     from ray import serve
 
     new = settings.model_copy(update={"bundle": bundle, "bundles": {}})
-    serve.run(application(new, storage), name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
+    app = application(new, storage, _secret_env(new))
+    serve.run(app, name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)

@@ -127,6 +127,10 @@ class Classifier:
             "replica": os.getpid(),
         }
 
+    def versions(self) -> list[str]:
+        """Cheap readiness probe: the model versions of the loaded bundles."""
+        return [b.model_version for b in self._require().bundles]
+
     def stats(self) -> dict[str, Any]:
         return {
             "replica": os.getpid(),

@@ -155,17 +155,72 @@ def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any],
     }
 
 
-def _setup(config: dict[str, Any]):
-    import ray.train
-    import ray.train.torch
+class RayTrainSession:
+    """What the loop needs from its runtime, served by Ray Train (the normal case)."""
 
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self._train, self._torch = ray.train, ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint_dir(self):
+        checkpoint = self._train.get_checkpoint()
+        return None if checkpoint is None else checkpoint.as_directory()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self._torch.prepare_model(model)
+
+    def dataset(self) -> Any:
+        return self._train.get_dataset_shard("train")
+
+    def report(self, metrics: dict, folder: str | None) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(folder) if folder else None
+        self._train.report(metrics, checkpoint=checkpoint)
+
+
+class InProcessSession:
+    """One worker in the calling process, without a Ray Train worker group (benchmarks, quick runs).
+
+    Checkpoints are copied to ``folder`` (latest kept), so the run still resumes and exports the same way.
+    """
+
+    def __init__(self, dataset: Any, folder: str) -> None:
+        self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
+        self._dataset, self.folder = dataset, Path(folder)
+
+    def checkpoint_dir(self):
+        from contextlib import nullcontext
+
+        return nullcontext(str(self.folder)) if (self.folder / "meta.json").exists() else None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def dataset(self) -> Any:
+        return self._dataset
+
+    def report(self, metrics: dict, folder: str | None) -> None:
+        import shutil
+
+        if folder:
+            tmp = self.folder.with_name(self.folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(folder, tmp)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            tmp.rename(self.folder)
+
+
+def _setup(config: dict[str, Any], device: torch.device):
     from near_ray.clip import create_clip
     from near_ray.config import ModelConfig
 
     tc = config["train"]
     torch.manual_seed(tc["seed"])
     np.random.seed(tc["seed"])
-    device = ray.train.torch.get_device()
     clip = create_clip(ModelConfig(**config["model"]), config["storage"])
     freeze_towers(clip.model, tc["train_towers"])
     tokens = clip.tokenizer(config["prompts"]).to(device)
@@ -173,30 +228,27 @@ def _setup(config: dict[str, Any]):
     scale = float(min(100.0, clip.model.logit_scale.exp().item()))
     params = [p for p in clip.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
-    return clip, tokens, scale, optimizer, device
+    return clip, tokens, scale, optimizer
 
 
-def train_loop(config: dict[str, Any]) -> None:
+def train_loop(config: dict[str, Any], session: Any = None) -> None:
     """Ray Train ``train_loop_per_worker`` for NeaR, its ablations and the naive baseline."""
-    import ray.train
-    import ray.train.torch
-
     tc = config["train"]
-    clip, tokens, scale, optimizer, device = _setup(config)
+    session = session or RayTrainSession()
+    device = session.device
+    clip, tokens, scale, optimizer = _setup(config, device)
     state = NearState(config, device)
     meta: dict[str, Any] = {"epoch": -1, "history": [], "starts": [], "logit_scale": scale}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+    if (restored := session.checkpoint_dir()) is not None:
+        with restored as folder:
             saved, meta = load_checkpoint(folder, clip.model, optimizer)
         state.restore({k: v.to(device) for k, v in saved.items()})
     start = meta["epoch"] + 1
     meta["starts"] = meta["starts"] + [start]
-    model = ray.train.torch.prepare_model(clip.model)
-    ctx = ray.train.get_context()
+    model = session.prepare_model(clip.model)
     run_ctx = {
         "device": device,
-        "world_size": ctx.get_world_size(),
+        "world_size": session.world_size,
         "tokens": tokens,
         "scale": scale,
         "amp": device.type == "cuda" and config["model"]["precision"] == "amp",
@@ -205,7 +257,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if tc["train_towers"] == "image":
         with torch.no_grad():  # frozen text tower: embed the vocabulary once
             run_ctx["cached_text"] = F.normalize(unwrap(model).encode_text(tokens).float(), dim=-1)
-    shard = ray.train.get_dataset_shard("train")
+    shard = session.dataset()
     for epoch in range(start, max(start, tc["epochs"])):
         _maybe_fail(config, epoch)
         t0 = time.monotonic()
@@ -213,19 +265,17 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics["epoch_time_s"] = round(time.monotonic() - t0, 3)
         metrics["images_per_s"] = round(metrics["samples_seen"] / max(metrics["epoch_time_s"], 1e-9), 2)
         meta.update(epoch=epoch, history=meta["history"] + [metrics])
-        report_epoch(metrics, model, optimizer, state.tensors(), meta, ctx.get_world_rank())
+        report_epoch(session, metrics, model, optimizer, state.tensors(), meta)
     if start >= tc["epochs"]:  # nothing left to train (a re-run of a finished run): report it once more
         last = dict(meta["history"][-1]) if meta["history"] else {"epoch": -1}
-        report_epoch(last, model, optimizer, state.tensors(), meta, ctx.get_world_rank())
+        report_epoch(session, last, model, optimizer, state.tensors(), meta)
 
 
-def report_epoch(metrics: dict, model, optimizer, state: dict[str, torch.Tensor], meta: dict, rank: int) -> None:
+def report_epoch(session: Any, metrics: dict, model, optimizer, state: dict[str, torch.Tensor], meta: dict) -> None:
     """Every worker reports; rank 0 attaches the checkpoint (weights, state and optimizer are replicated)."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(metrics)
+    if session.rank != 0:
+        session.report(metrics, None)
         return
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(folder, model, optimizer, state, meta)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        session.report(metrics, folder)

@@ -60,30 +60,27 @@ def read_pairs(captions: str, st: Storage) -> tuple[list[dict], list[dict]]:
 
 def pretrain_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop: symmetric InfoNCE, a checkpoint per epoch, resumable."""
-    import ray.train
-    import ray.train.torch
-
     from near_ray.clip import create_clip
     from near_ray.config import ModelConfig
     from near_ray.train.checkpoint import load_checkpoint
-    from near_ray.train.loop import report_epoch
+    from near_ray.train.loop import RayTrainSession, report_epoch
 
     tc = config["train"]
     torch.manual_seed(tc["seed"])
-    device = ray.train.torch.get_device()
+    session = RayTrainSession()
+    device = session.device
     clip = create_clip(ModelConfig(**config["model"]), config["storage"])
     tokens = torch.as_tensor(config["tokens"])
     optimizer = torch.optim.AdamW(clip.model.parameters(), lr=tc["pretrain_lr"], weight_decay=tc["weight_decay"])
     meta: dict[str, Any] = {"epoch": -1, "history": [], "starts": []}
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as folder:
+    if (restored := session.checkpoint_dir()) is not None:
+        with restored as folder:
             _, meta = load_checkpoint(folder, clip.model, optimizer)
     start = meta["epoch"] + 1
     meta["starts"] = meta["starts"] + [start]
-    model = ray.train.torch.prepare_model(clip.model)
-    ctx = ray.train.get_context()
-    local_bs = max(2, tc["pretrain_batch_size"] // ctx.get_world_size())
-    shard = ray.train.get_dataset_shard("train")
+    model = session.prepare_model(clip.model)
+    local_bs = max(2, tc["pretrain_batch_size"] // session.world_size)
+    shard = session.dataset()
     for epoch in range(start, max(start, tc["pretrain_epochs"])):
         t0, total, count = time.monotonic(), 0.0, 0
         model.train()
@@ -100,10 +97,10 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             total, count = total + float(loss) * len(logits), count + len(logits)
         metrics = {"epoch": epoch, "loss": total / max(count, 1), "epoch_time_s": round(time.monotonic() - t0, 3)}
         meta.update(epoch=epoch, history=meta["history"] + [metrics])
-        report_epoch(metrics, model, optimizer, {}, meta, ctx.get_world_rank())
+        report_epoch(session, metrics, model, optimizer, {}, meta)
     if start >= tc["pretrain_epochs"]:
         last = meta["history"][-1] if meta["history"] else {"epoch": -1}
-        report_epoch(last, model, optimizer, {}, meta, ctx.get_world_rank())
+        report_epoch(session, last, model, optimizer, {}, meta)
 
 
 def caption_retrieval(clip: Any, pairs: list[dict], st: Storage, limit: int = 256) -> dict[str, float]:

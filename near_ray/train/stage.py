@@ -67,17 +67,15 @@ def fit(trainer: Any, what: str) -> Any:
     return result
 
 
-def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None, in_process: bool = False) -> dict[str, Any]:
     """Train ``cfg.train.method`` and export its bundle; returns a summary (epochs, metrics, bundle URI).
 
-    ``fault_injection`` ({"fail_once_at_epoch": E, "fail_marker": path}) kills a worker once, to
-    exercise recovery from checkpoints.
+    ``in_process`` runs the same loop as one worker in this process, without a Ray Train worker group
+    (benchmarks: saves the group's start-up per run). ``fault_injection``
+    ({"fail_once_at_epoch": E, "fail_marker": path}) kills a worker once, to exercise recovery.
     """
-    import ray.train.torch
-
     from near_ray.clip import create_clip
     from near_ray.train.data import image_dataset, load_training_set
-    from near_ray.train.loop import train_loop
 
     ensure_ray()
     st = storage_for(cfg)
@@ -100,17 +98,10 @@ def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None) -> 
         "allowed": ts.allowed,
         **(fault_injection or {}),
     }
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=scaling_config(cfg),
-        run_config=ray_run_config(cfg, method, st),
-        datasets={"train": ds},
-    )
     t0 = time.monotonic()
-    result = fit(trainer, f"train {method} ({cfg.artifact(f'train/{method}')})")
+    checkpoint = (_fit_in_process if in_process else _fit_ray_train)(cfg, loop_config, ds, st)
     elapsed = time.monotonic() - t0
-    meta = load_trained(result.checkpoint, clip)
+    meta = load_trained(checkpoint, clip)
     history = meta["history"]
     metrics = {
         "method": method,
@@ -119,13 +110,45 @@ def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None) -> 
         "train_images": len(ts),
         "dropped": ts.dropped,
         "vocabulary_size": len(names),
+        "workers": 1 if in_process else cfg.train.num_workers,
         "train_time_s": round(elapsed, 2),
         "epoch_time_s_mean": round(float(np.mean([h["epoch_time_s"] for h in history])), 3) if history else None,
     }
     bundle_uri = cfg.artifact(f"bundles/{method}")
     export_bundle(cfg, clip, ts.vocabulary, bundle_uri, meta["logit_scale"], metrics, st)
     log.info("train %s: %d epochs in %.1f s, bundle %s", method, len(history), elapsed, bundle_uri)
-    return {**metrics, "bundle": bundle_uri, "checkpoint": result.checkpoint.path}
+    return {**metrics, "bundle": bundle_uri, "checkpoint": checkpoint.path}
+
+
+def _fit_ray_train(cfg: RunConfig, loop_config: dict[str, Any], ds: Any, st: Storage) -> Any:
+    import ray.train.torch
+
+    from near_ray.train.loop import train_loop
+
+    method = loop_config["method"]
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(cfg),
+        run_config=ray_run_config(cfg, method, st),
+        datasets={"train": ds},
+    )
+    return fit(trainer, f"train {method} ({cfg.artifact(f'train/{method}')})").checkpoint
+
+
+def _fit_in_process(cfg: RunConfig, loop_config: dict[str, Any], ds: Any, st: Storage) -> Any:
+    """Checkpoints in ``{workdir}/train/{method}/in_process`` (a local folder; a temporary one for S3)."""
+    import tempfile
+
+    import ray.train
+
+    from near_ray.train.loop import InProcessSession, train_loop
+
+    base = cfg.artifact(f"train/{loop_config['method']}")
+    folder = str(Path(tempfile.mkdtemp(prefix="near_ray_train_")) / "latest") if is_s3(base) else base + "/in_process"
+    Path(folder).parent.mkdir(parents=True, exist_ok=True)
+    train_loop(loop_config, InProcessSession(ds, folder))
+    return ray.train.Checkpoint.from_directory(folder)
 
 
 def load_trained(checkpoint: Any, clip: Any) -> dict[str, Any]:

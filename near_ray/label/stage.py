@@ -197,7 +197,7 @@ def request_dataset(
         num_cpus=lc.prepare_cpus,
         # Decoding may hold a max_pixels RGBA canvas. Requesting that memory also keeps this a task
         # operator of its own (not fused into the labeler actors), so decoding scales with the cluster.
-        memory=4 * lc.image.max_pixels,
+        memory=min(4 * lc.image.max_pixels, 2**30),
     )
 
 

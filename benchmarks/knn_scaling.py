@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -55,7 +56,8 @@ def main() -> None:
     import faiss
 
     out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                       "faiss": faiss.__version__, "gpus": faiss.get_num_gpus()},
+                       "faiss": faiss.__version__, "gpus": faiss.get_num_gpus(),
+                       "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
            "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

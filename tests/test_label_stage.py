@@ -152,7 +152,7 @@ def test_bad_files_become_bad_image_rows_and_identical_bytes_are_asked_once(ray_
     good = {f"{prefix}/good{i}.png": storage.read_bytes(u) for i, u in enumerate(birds)}
     twin = f"{prefix}/sub/twin_of_good0.png"
     bomb = io.BytesIO()
-    Image.new("1", (30000, 30000)).save(bomb, format="PNG")  # 900 Mpx claimed, a few kB on disk
+    Image.new("1", (9000, 9000)).save(bomb, format="PNG")  # 81 Mpx claimed (> max_pixels 64 M), a few kB on disk
     bad = {
         f"{prefix}/empty.png": b"",
         f"{prefix}/truncated.png": good[f"{prefix}/good1.png"][:120],

@@ -150,6 +150,7 @@ def _vllm_env() -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         RAY_USAGE_STATS_ENABLED="0",
+        VLLM_HOST_IP="127.0.0.1",  # vLLM's engine-core sockets stay on loopback
         PYTHONPATH=str(REPO),
     )
     return env

@@ -292,11 +292,14 @@ def test_auth_token_required_when_configured(ray_cluster, bundles):
         serve.delete("near_auth")
 
 
-def test_several_bundles_chosen_by_domain(ray_cluster, bundles):
+def test_several_bundles_chosen_by_domain_via_run_serve(ray_cluster, bundles, tmp_path):
     from ray import serve
 
     port = serve_http_port()
-    deploy("near_multi", settings(bundles={"birds": bundles["a"], "cars": bundles["cars"]}))
+    multi = settings(bundles={"birds": bundles["a"], "cars": bundles["cars"]}, app_name="near_multi", route_prefix="/near_multi", port=port)
+    cfg = RunConfig.model_validate({"storage": {"workdir": str(tmp_path)}, "serve": multi.model_dump()})
+    assert run_serve(cfg, block=False)["url"] == f"http://127.0.0.1:{port}/near_multi"
+    wait_healthy("near_multi", 1)
     images = [png(11), png(12)]
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}/near_multi", timeout=60) as c:
@@ -370,3 +373,11 @@ def test_kuberay_rayservice_runs_the_same_application(repo_root):
     overrides = [word for word in command.split() if "=" in word and word.startswith(("serve.", "storage."))]
     assert "serve.host=0.0.0.0" in overrides
     assert yaml.safe_load(service["spec"]["serveConfigV2"]) == deploy_config(load_config(None, overrides))
+
+
+def test_serving_a_missing_bundle_fails_fast_naming_it(tmp_path):
+    from near_ray.errors import NearRayError
+
+    cfg = RunConfig.model_validate({"storage": {"workdir": str(tmp_path)}, "serve": {"bundle": str(tmp_path / "nope")}})
+    with pytest.raises(NearRayError, match="nope is not a model bundle"):
+        run_serve(cfg, block=False)

@@ -379,8 +379,11 @@ class Progress:
         self.calls = 0
         self.tokens_in = 0
         self.tokens_out = 0
+        self.first_answer: float | None = None  # start-up (workers, actors) ends here
 
     def add_calls(self, rows: list[dict[str, Any]]) -> None:
+        if self.first_answer is None and rows:
+            self.first_answer = time.monotonic()
         self.batches += 1
         self.calls += len(rows)
         self.tokens_in += sum(int(r["input_tokens"]) for r in rows)
@@ -426,5 +429,6 @@ class Progress:
             **counts,
             "images_labeled": labeled,
             "wall_s": round(wall, 3),
+            "first_answer_s": round(self.first_answer - self.start, 3) if self.first_answer else None,
             "images_per_s": round(labeled / wall, 3) if wall > 0 else 0.0,
         }

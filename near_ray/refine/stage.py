@@ -89,13 +89,17 @@ def _read_labels(cfg: RunConfig, st: Storage) -> pd.DataFrame:
     return labels.reset_index(drop=True)
 
 
-def _embeddings(cfg: RunConfig, st: Storage, labels: pd.DataFrame, fp: dict[str, str],
-                prev: dict[str, Any] | None) -> tuple[Embeddings, bool]:
-    """(embeddings, reused): the ones on storage when their inputs are unchanged, else a fresh Ray Data run."""
-    uri = refine_uri(cfg, "embeddings.parquet")
-    if prev and prev.get("fingerprints", {}).get("embeddings") == fp["embeddings"] and st.exists(uri):
+def _embeddings(cfg: RunConfig, st: Storage, labels: pd.DataFrame, fp: dict[str, str]) -> tuple[Embeddings, bool]:
+    """(embeddings, reused): the ones on storage when their inputs are unchanged, else a fresh Ray Data run.
+
+    A small record beside the parquet says which inputs it was computed from, so embeddings survive
+    a run that failed after computing them (they are the expensive part).
+    """
+    uri, record_uri = refine_uri(cfg, "embeddings.parquet"), refine_uri(cfg, "_embeddings.json")
+    record = st.read_json(record_uri) if st.exists(record_uri) else {}
+    if record.get("fingerprint") == fp["embeddings"] and st.exists(uri):
         emb = read_embeddings(uri, st)
-        emb.failures = prev.get("bad_images", [])
+        emb.failures = record.get("bad_images", [])
         log.info("refine: embeddings unchanged, reusing %s", uri)
         return emb, True
     from near_ray.runtime import ensure_ray
@@ -103,6 +107,7 @@ def _embeddings(cfg: RunConfig, st: Storage, labels: pd.DataFrame, fp: dict[str,
     ensure_ray()
     emb = embed_images(unique_images(labels), cfg, st)
     st.write_parquet(uri, embeddings_table(emb))
+    st.write_json(record_uri, {"fingerprint": fp["embeddings"], "bad_images": emb.failures})
     return emb, False
 
 
@@ -141,9 +146,10 @@ def _neighbours(cfg: RunConfig, emb: Embeddings) -> tuple[pa.Table, Graph]:
 def own_labels(labels: pd.DataFrame, vocab: Vocabulary) -> dict[str, list[str]]:
     """Per image_id: the vocabulary names of its parsed samples (pruned and unknown names dropped)."""
     ok = labels[(labels["status"] == "ok") & labels["label"].notna()].sort_values(["image_id", "uri", "sample"])
+    names = {pair: vocab.canonical(*pair) for pair in set(zip(ok["domain"], ok["label"], strict=True))}
     out: dict[str, list[str]] = {}
     for image_id, domain, label in zip(ok["image_id"], ok["domain"], ok["label"], strict=True):
-        name = vocab.canonical(domain, label)
+        name = names[(domain, label)]
         if name is not None:
             out.setdefault(image_id, []).append(name)
     return out
@@ -212,7 +218,7 @@ def run_refine(cfg: RunConfig) -> dict[str, Any]:
     timings["vocabulary_s"] = round(time.monotonic() - t, 3)
 
     t = time.monotonic()
-    emb, reused = _embeddings(cfg, st, labels, fp, prev)
+    emb, reused = _embeddings(cfg, st, labels, fp)
     timings["embeddings_s"] = round(time.monotonic() - t, 3)
 
     t = time.monotonic()

@@ -110,6 +110,7 @@ class Ingress:
         self._described_at = 0.0
         self._preprocessors: dict[str, Preprocessor] = {}
         self._counts = {"requests": 0, "images": 0, "errors": 0}
+        import open_clip  # noqa: F401  (imported now rather than inside the first request's latency)
 
     def _read_token(self) -> str | None:
         name = self.settings.auth_token_env
@@ -143,10 +144,20 @@ class Ingress:
         route = described["routes"].get(domain)
         return None if route is None else route["bundle"]
 
+    def _spec_for(self, described: dict[str, Any], domain: str | None) -> dict[str, Any]:
+        i = self._bundle_for(described, domain)
+        if i is None:
+            raise ApiError(404, "unknown_domain", f"unknown domain '{domain}': this server serves {sorted(described['routes'])}")
+        return described["bundles"][i]["preprocess"]
+
     def _preprocessor(self, spec: dict[str, Any]) -> Preprocessor:
         if spec["key"] not in self._preprocessors:
             self._preprocessors[spec["key"]] = Preprocessor(spec)
         return self._preprocessors[spec["key"]]
+
+    def _prepare(self, upload: Upload, spec: dict[str, Any]) -> tuple[Any, Any]:
+        image = decode_upload(upload.data, self.settings.max_pixels, upload.what)
+        return image, self._preprocessor(spec).pixels(image)
 
     # ------------------------------------------------------------------------------- classify
     async def _classify(self, upload: Upload, default_top_k: int | None, default_domain: str | None) -> dict[str, Any]:
@@ -157,14 +168,11 @@ class Ingress:
         described = await self._describe()
         if self._bundle_for(described, domain) is None:  # maybe a bundle update added it: look again
             described = await self._describe(max_age_s=0)
-            if self._bundle_for(described, domain) is None:
-                raise ApiError(404, "unknown_domain", f"unknown domain '{domain}': this server serves {sorted(described['routes'])}")
+        spec = self._spec_for(described, domain)
         loop = asyncio.get_running_loop()
-        s = self.settings
-        image = await loop.run_in_executor(self._pool, decode_upload, upload.data, s.max_pixels, upload.what)
+        # Decode and resize in one thread hop: it is most of a small request's latency budget.
+        image, pixels = await loop.run_in_executor(self._pool, self._prepare, upload, spec)
         for attempt in range(3):
-            spec = described["bundles"][self._bundle_for(described, domain)]["preprocess"]
-            pixels = await loop.run_in_executor(self._pool, self._preprocessor(spec).pixels, image)
             try:
                 result = await self.model.classify.remote({"pixels": pixels, "domain": domain, "top_k": top_k, "key": spec["key"]})
             except RETRYABLE:  # the replica died under us; Serve routes the retry to a live one
@@ -176,6 +184,8 @@ class Ingress:
             if code != "stale_preprocessing":
                 raise ApiError(404 if code == "unknown_domain" else 500, code, result["error"]["message"])
             described = await self._describe(max_age_s=0)
+            spec = self._spec_for(described, domain)
+            pixels = await loop.run_in_executor(self._pool, self._preprocessor(spec).pixels, image)
         raise ApiError(503, "model_unavailable", f"{upload.what}: the model deployment did not answer after 3 attempts")
 
     async def _with_timeout(self, coro: Any) -> Any:

@@ -88,22 +88,24 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
     ledger = ray.remote(LabelLedger).options(num_cpus=0).remote(out_uri, storage, cfg.label.prompt_version, model)
     writer = LabelWriter(out_uri, storage, cfg.label.part_rows, cfg.label.flush_interval_s)
     progress = Progress(cfg.label.log_every_batches)
-    for chunk in listing_chunks(cfg, storage):
-        requests = request_dataset(chunk, cfg, ledger, storage)
-        for batch in label_dataset(requests, cfg.label).iter_batches(batch_format="pyarrow", batch_size=None):
-            rows = label_rows(batch, cfg.label.prompt_version, model)
-            progress.add_calls(rows)
-            writer.add(rows)
-            if progress.due():
-                writer.add(ray.get(ledger.drain_bad.remote()))
-                progress.log(writer)
+    try:
+        for chunk in listing_chunks(cfg, storage):
+            answers = label_dataset(request_dataset(chunk, cfg, ledger, storage), cfg.label)
+            for batch in answers.iter_batches(batch_format="pyarrow", batch_size=None):
+                rows = label_rows(batch, cfg.label.prompt_version, model)
+                progress.add_calls(rows)
+                writer.add(rows)
+                if progress.due():
+                    writer.add(ray.get(ledger.drain_bad.remote()))
+                    progress.log(writer)
         writer.add(ray.get(ledger.drain_bad.remote()))
-    writer.flush()
-    copies = copy_identical(ray.get(ledger.aliases.remote()), out_uri, storage, cfg.label.prompt_version, model)
-    writer.add(copies)
-    writer.flush()
-    summary = progress.summary(cfg, ray.get(ledger.get_counts.remote()), writer)
-    ray.kill(ledger)
+        writer.flush()
+        writer.add(copy_identical(ray.get(ledger.aliases.remote()), out_uri, storage, cfg.label.prompt_version, model))
+        counts = ray.get(ledger.get_counts.remote())
+    finally:
+        writer.flush()  # on any failure too: answers already paid for are kept
+        ray.kill(ledger)
+    summary = progress.summary(cfg, counts, writer)
     storage.write_json(cfg.artifact("labels/_summary.json"), summary)
     log.info("label: %s", {k: summary[k] for k in ("rows_written", "by_status", "mllm_calls", "images_per_s")})
     return summary

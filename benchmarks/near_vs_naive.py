@@ -117,6 +117,8 @@ def write_results(args: argparse.Namespace, runs: dict, seeds: list[int], pretra
     result = {
         "profiles": summarize(runs),
         "seeds": seeds,
+        "seeds_completed": {p: sorted(by) for p, by in runs.items()},
+        "complete": all(len(runs.get(p, {})) == len(seeds) for p in args.profiles.split(",")),
         "setup": {"domains": 2, "species_per_domain": args.species, "discovery_per_species": args.images_per_species // 2,
                   "test_per_species": args.images_per_species // 2, "label_samples": 3, "annotator": "simulated",
                   "labels": "real label stage over HTTP", "model": "near-tiny, contrastively pretrained",

@@ -29,7 +29,6 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env_vars} if env_vars else None,
-        log_to_driver=False,
     )
 
 

@@ -51,6 +51,8 @@ def prepare_image(data: bytes, cfg: ImageConfig) -> PreparedImage:
         im = to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(f"truncated or corrupt {im.format or 'image'} data: {e}") from None
+    except Exception as e:  # hostile files make decoders raise almost anything; one bad file must not stop a run
+        raise BadImageError(f"cannot decode {im.format or 'image'} data: {type(e).__name__}: {e}") from None
     im.thumbnail((cfg.max_side, cfg.max_side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     if cfg.format == "JPEG":
@@ -70,8 +72,8 @@ def _open_checked(data: bytes, cfg: ImageConfig) -> Image.Image:
         raise BadImageError(f"not an image (unrecognized format, {len(data)} bytes)") from None
     except Image.DecompressionBombError as e:
         raise BadImageError(f"image too large: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImageError(f"unreadable image header: {e}") from None
+    except Exception as e:  # OSError, SyntaxError, struct.error …: a header no decoder accepts
+        raise BadImageError(f"unreadable image header: {type(e).__name__}: {e}") from None
     w, h = im.size
     if w * h > cfg.max_pixels:
         raise BadImageError(f"image too large: {w}x{h} = {w * h} pixels > label.image.max_pixels={cfg.max_pixels}")

@@ -104,7 +104,7 @@ def start_serve(bundle: str, args: argparse.Namespace) -> str:
         bundle=bundle,
         min_replicas=args.replicas,
         max_replicas=args.replicas,
-        cpus_per_replica=1.0,
+        cpus_per_replica=args.cpus_per_replica,  # also the replica's torch threads (Ray sets OMP_NUM_THREADS)
         ingress_cpus=0.5,
         max_batch_size=args.max_batch_size,
         decode_threads=4,
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "concurrency": results,
         "model": {"arch": "near-tiny", "weights": "random init", "vocabulary": 50, "image": "128x96 PNG"},
-        "serve": {"replicas": args.replicas, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait},
+        "serve": {"replicas": args.replicas, "cpus_per_replica": args.cpus_per_replica, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait},
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -207,6 +207,7 @@ def main() -> None:
     p.add_argument("--max-requests", type=int, default=2000, help="count bound per level and server")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)  # 2 oversubscribes 2 cores: 3-5x slower here
     p.add_argument("--batch-wait", type=float, default=None, help="default: serve.batch_wait_timeout_s")
     p.add_argument("--plain-server", metavar="BUNDLE", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -43,15 +43,26 @@ def _benchmark(cfg: RunConfig, st: Storage, root: str) -> dict[str, Any]:
     return st.read_json(join(root, "taxonomy.json"))
 
 
-def _pretrained_clip(cfg: RunConfig, st: Storage, root: str) -> None:
-    """Start from a small CLIP that knows visual attributes, as production starts from a pretrained one."""
+def _pretrained_clip(cfg: RunConfig, st: Storage, out: str) -> None:
+    """Start from a small CLIP that knows visual attributes, as production starts from a pretrained one.
+
+    It is pretrained on a separate synthetic image-caption corpus (other seed, more domains), never on
+    the images the demo labels or tests on.
+    """
+    from near_ray.data.synth import generate
     from near_ray.train.stage import run_pretrain
 
     if cfg.model.pretrained:
         return
     weights = cfg.artifact("pretrained/model.safetensors")
     if not st.exists(weights):
-        run_pretrain(cfg, captions=join(root, "captions.parquet"), out=weights)
+        corpus = join(out, "pretrain_corpus")
+        s = cfg.synth
+        if not st.exists(join(corpus, "captions.parquet")):
+            generate(out=corpus, domains=s.pretrain_domains, species=s.pretrain_species,
+                     images_per_species=s.pretrain_images_per_species, image_size=s.image_size,
+                     seed=s.pretrain_seed, test_fraction=0.05, storage=st)
+        run_pretrain(cfg, captions=join(corpus, "captions.parquet"), out=weights)
     cfg.model.pretrained = weights
 
 
@@ -66,7 +77,7 @@ def _classify_over_http(cfg: RunConfig, st: Storage, root: str, n: int = 4) -> l
     truth = st.read_parquet(join(root, "truth.parquet"))
     test = truth.filter(pc.equal(truth["split"], "test")).to_pylist()
     picks = [next(r for r in test if r["domain"] == d) for d in cfg.synth.domains] + test[: max(0, n - 2)]
-    url = run_serve(cfg, write_config=None, block=False) or f"http://{cfg.serve.host}:{cfg.serve.port}"
+    url = run_serve(cfg, write_config=None, block=False)["url"]
     results = []
     try:
         with httpx.Client(base_url=url.rstrip("/"), timeout=60) as client:
@@ -122,7 +133,7 @@ def run_demo(out: str = "demo_out", overrides: list[str] | None = None, config: 
         )
         for d in cfg.synth.domains
     ]
-    _pretrained_clip(cfg, st, root)
+    _pretrained_clip(cfg, st, out)
     with AnnotatorServer(root, profile=cfg.synth.annotator_profile, seed=cfg.synth.seed,
                          faults=cfg.synth.annotator_faults) as annotator:
         cfg.label.openai.base_url = annotator.base_url

@@ -58,6 +58,11 @@ def read_pairs(captions: str, st: Storage) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
+def pretrain_lr(peak: float, epoch: int, epochs: int) -> float:
+    """Warm-up over two epochs, then cosine decay: a function of the epoch, so a resumed run matches."""
+    return peak * min(1.0, (epoch + 1) / 2) * 0.5 * (1 + np.cos(np.pi * epoch / max(epochs, 1)))
+
+
 def pretrain_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop: symmetric InfoNCE, a checkpoint per epoch, resumable."""
     from near_ray.clip import create_clip
@@ -82,6 +87,8 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     local_bs = max(2, tc["pretrain_batch_size"] // session.world_size)
     shard = session.dataset()
     for epoch in range(start, max(start, tc["pretrain_epochs"])):
+        for group in optimizer.param_groups:
+            group["lr"] = pretrain_lr(tc["pretrain_lr"], epoch, tc["pretrain_epochs"])
         t0, total, count = time.monotonic(), 0.0, 0
         model.train()
         for batch in shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False):

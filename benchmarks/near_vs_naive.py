@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/near_vs_naive.py [--seeds 0,1,2] [--profiles strong,weak] [--work DIR]
 
 Synthetic benchmark (2 domains x S species; half of each species' images are the discovery set,
-half the test split) → near-tiny CLIP pretrained once on the discovery images' captions → per
+half the test split) → near-tiny CLIP pretrained once on a separate synthetic caption corpus → per
 (profile, seed): labels from the simulated annotator through the real label stage over HTTP
 (samples=3), the real refine stage, then near / naive / near_no_knn / near_no_gmm trained with the
 same data, model, epochs and seed (Ray Train, 1 worker) → cACC (Hungarian), sACC (Sentence-BERT
@@ -150,7 +150,7 @@ def main() -> None:
     from near_ray.data.synth import generate
     from near_ray.eval.metrics import SemanticAccuracy
     from near_ray.runtime import ensure_ray
-    from near_ray.train.stage import run_pretrain
+    from near_ray.train.pretrain import pretrain_on_synthetic_corpus
 
     work = args.work or tempfile.mkdtemp(prefix="near_vs_naive_")
     st, root = Storage(), join(work, "benchmark")
@@ -162,7 +162,9 @@ def main() -> None:
     taxonomy = st.read_json(join(root, "taxonomy.json"))
     ensure_ray()
     pre_cfg = base_config(join(work, "pretrain"), root, taxonomy, args)
-    pretrain = run_pretrain(pre_cfg, join(root, "captions.parquet"), join(work, "pretrained", "model.safetensors"))
+    weights = pretrain_on_synthetic_corpus(pre_cfg, corpus=join(work, "pretrain_corpus"))
+    info_uri = weights[: -len(".safetensors")] + ".json"
+    pretrain = {"weights": weights, **(st.read_json(info_uri) if st.exists(info_uri) else {})}
     sacc = SemanticAccuracy()
     runs: dict[str, dict[int, dict]] = {}
     for profile in args.profiles.split(","):

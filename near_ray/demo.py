@@ -43,29 +43,6 @@ def _benchmark(cfg: RunConfig, st: Storage, root: str) -> dict[str, Any]:
     return st.read_json(join(root, "taxonomy.json"))
 
 
-def _pretrained_clip(cfg: RunConfig, st: Storage, out: str) -> None:
-    """Start from a small CLIP that knows visual attributes, as production starts from a pretrained one.
-
-    It is pretrained on a separate synthetic image-caption corpus (other seed, more domains), never on
-    the images the demo labels or tests on.
-    """
-    from near_ray.data.synth import generate
-    from near_ray.train.stage import run_pretrain
-
-    if cfg.model.pretrained:
-        return
-    weights = cfg.artifact("pretrained/model.safetensors")
-    if not st.exists(weights):
-        corpus = join(out, "pretrain_corpus")
-        s = cfg.synth
-        if not st.exists(join(corpus, "captions.parquet")):
-            generate(out=corpus, domains=s.pretrain_domains, species=s.pretrain_species,
-                     images_per_species=s.pretrain_images_per_species, image_size=s.image_size,
-                     seed=s.pretrain_seed, test_fraction=0.05, storage=st)
-        run_pretrain(cfg, captions=join(corpus, "captions.parquet"), out=weights)
-    cfg.model.pretrained = weights
-
-
 def _classify_over_http(cfg: RunConfig, st: Storage, root: str, n: int = 4) -> list[dict[str, Any]]:
     """Start the Serve app on 127.0.0.1, classify a few test images over HTTP, shut it down."""
     import httpx
@@ -111,6 +88,7 @@ def run_demo(out: str = "demo_out", overrides: list[str] | None = None, config: 
     from near_ray.label.annotator import AnnotatorServer
     from near_ray.pipeline import run_pipeline
     from near_ray.runtime import ensure_ray
+    from near_ray.train.pretrain import pretrain_on_synthetic_corpus
 
     path = config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
     if path is None:
@@ -133,7 +111,8 @@ def run_demo(out: str = "demo_out", overrides: list[str] | None = None, config: 
         )
         for d in cfg.synth.domains
     ]
-    _pretrained_clip(cfg, st, out)
+    if not cfg.model.pretrained:
+        cfg.model.pretrained = pretrain_on_synthetic_corpus(cfg, corpus=join(out, "pretrain_corpus"))
     with AnnotatorServer(root, profile=cfg.synth.annotator_profile, seed=cfg.synth.seed,
                          faults=cfg.synth.annotator_faults) as annotator:
         cfg.label.openai.base_url = annotator.base_url

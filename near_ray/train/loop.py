@@ -99,6 +99,17 @@ def _text_features(model: torch.nn.Module, tokens: torch.Tensor, cached: torch.T
     return img, txt
 
 
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """Fine-tuning keeps BatchNorm statistics from pretraining (ResNet towers; ViTs have none).
+
+    Frozen statistics make a sample's output independent of its batch, so N DDP workers compute the
+    same update as one worker with the same global batch (CPU DDP has no SyncBatchNorm).
+    """
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any], epoch: int, ctx: dict) -> dict:
     """One pass over this worker's shard; returns the epoch's metrics after the global state update."""
     tc = config["train"]
@@ -111,6 +122,7 @@ def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any],
     loss_new, seen = torch.zeros(n, device=device), torch.zeros(n, device=device)
     local_bs = max(1, tc["batch_size"] // ctx["world_size"])
     model.train()
+    freeze_batchnorm(model)
     for batch in shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False):
         idx, x = batch["idx"].long(), batch["pixels"].float()
         count = torch.tensor([float(len(idx))], device=device)

@@ -180,3 +180,25 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
     st.write_json(info_uri, info)
     log.info("pretrain: %d pairs, caption retrieval %s → %s", len(train_pairs), retrieval, out)
     return {"weights": out, **info}
+
+
+def pretrain_on_synthetic_corpus(cfg: RunConfig, corpus: str) -> str:
+    """Weights of a small CLIP pretrained on a synthetic image-caption corpus (made at ``corpus`` if absent).
+
+    The corpus (``cfg.synth.pretrain_*``: another seed, more domains) stands in for the web data a
+    production CLIP was pretrained on; it never holds the images a run labels or tests on. Returns the
+    weights URI (``{workdir}/pretrained/model.safetensors``); both steps are skipped when done.
+    """
+    from near_ray.data.synth import generate
+
+    st = storage_for(cfg)
+    weights = cfg.artifact("pretrained/model.safetensors")
+    if st.exists(weights):
+        return weights
+    s = cfg.synth
+    if not st.exists(join(corpus, "captions.parquet")):
+        generate(out=corpus, domains=s.pretrain_domains, species=s.pretrain_species,
+                 images_per_species=s.pretrain_images_per_species, image_size=s.image_size,
+                 seed=s.pretrain_seed, test_fraction=0.05, storage=st)
+    pretrain(cfg, captions=join(corpus, "captions.parquet"), out=weights)
+    return weights

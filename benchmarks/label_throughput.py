@@ -102,10 +102,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "label_throughput.json"))
     args = ap.parse_args()
 
-    import ray
+    from near_ray.runtime import ensure_ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ensure_ray()  # a local cluster on 127.0.0.1
     total = args.pool_size * args.concurrency
     with tempfile.TemporaryDirectory() as tmp:
         bench = f"{tmp}/bench"
@@ -149,7 +149,7 @@ def main() -> None:
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "ray": ray.__version__,
+            "ray": __import__("ray").__version__,
         },  # fmt: skip
     }
     print(json.dumps(result))

@@ -88,7 +88,9 @@ def start_plain(bundle: str) -> tuple[subprocess.Popen, str]:
 
 # ------------------------------------------------------------------------------------------ serve
 def start_serve(bundle: str, args: argparse.Namespace) -> str:
-    import ray
+    from near_ray.runtime import ensure_ray
+
+    ensure_ray(num_cpus=4)  # a local cluster on 127.0.0.1, before anything imports ray
     from ray import serve
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -97,7 +99,6 @@ def start_serve(bundle: str, args: argparse.Namespace) -> str:
     from near_ray.config import ServeConfig
     from near_ray.serve.app import application
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeConfig(

@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from near_ray.runtime import prefer_loopback
+
+    prefer_loopback()  # before any stage imports ray
     args = build_parser().parse_args(argv)
     try:
         if args.command != "demo":

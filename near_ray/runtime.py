@@ -7,6 +7,18 @@ import os
 
 log = logging.getLogger(__name__)
 
+# A local Ray cluster binds its servers to the node IP; with this set (read when ray is imported) the
+# node IP of a locally started cluster is 127.0.0.1, so nothing listens beyond loopback. Clusters
+# joined through RAY_ADDRESS are unaffected.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def prefer_loopback() -> None:
+    """Call before ray is first imported by a process that may start a local cluster."""
+    if not os.environ.get("RAY_ADDRESS"):
+        for key, value in LOOPBACK_ENV.items():
+            os.environ.setdefault(key, value)
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Use the running Ray session, else join RAY_ADDRESS (`ray job submit`), else start a local one.
@@ -14,6 +26,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     A local cluster binds to 127.0.0.1 and passes the AWS_* variables to its workers so that they
     reach the same object store as the driver.
     """
+    prefer_loopback()
     import ray
 
     if ray.is_initialized():

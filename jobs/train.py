@@ -14,8 +14,7 @@ import sys
 
 from near_ray.config import load_config
 from near_ray.errors import NearRayError
-from near_ray.runtime import ensure_ray
-from near_ray.train.stage import export_zero_shot, run_pretrain, run_train
+from near_ray.runtime import ensure_ray, prefer_loopback
 
 
 def main() -> int:
@@ -26,8 +25,11 @@ def main() -> int:
     parser.add_argument("--pretrain-captions", default=None, help="captions.parquet to pretrain the initial CLIP on")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prefer_loopback()  # before the stage imports ray
     try:
         cfg = load_config(args.config, args.set)
+        from near_ray.train.stage import export_zero_shot, run_pretrain, run_train
+
         ensure_ray()
         out: dict = {}
         if args.pretrain_captions:
@@ -42,8 +44,8 @@ def main() -> int:
             out[method] = run_train(method_cfg)
         print(json.dumps(out, indent=2, default=str))
     except NearRayError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"near-ray train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

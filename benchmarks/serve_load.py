@@ -1,10 +1,14 @@
 """Closed-loop HTTP load on loopback: the Ray Serve application vs a plain FastAPI + uvicorn server.
 
-Both serve the same near-tiny bundle (random init) and the same PNG; the plain server is one process
-that classifies each request on its own (no batching). Prints a table and writes
-benchmarks/results/serve_load.json.
+Both serve the same bundle (random init: weights do not change speed) and the same PNG; the plain
+server is one process that classifies each request on its own (no batching). Each model in
+``--models`` (``ARCH:CPUS_PER_REPLICA``) is measured in turn; the first is the headline
+(``concurrency`` in the JSON), the others go under ``other_models``. The default headline is
+ViT-B-32 at 224 px, a production-class CLIP; near-tiny (64 px, the demo's model) shows the other end:
+a model so small that per-request HTTP and RPC work, not the forward pass, is the cost. Prints a
+table and writes benchmarks/results/serve_load.json.
 
-    python benchmarks/serve_load.py [--levels 1,8,32] [--seconds 20] [--replicas 1]
+    python benchmarks/serve_load.py [--models ViT-B-32:2,near-tiny:1] [--levels 1,8,32] [--seconds 20]
 """
 
 import argparse
@@ -24,7 +28,7 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
 
 
-def make_bundle(uri: str) -> str:
+def make_bundle(uri: str, arch: str) -> str:
     import torch
 
     from near_ray.bundle import save_bundle
@@ -32,7 +36,7 @@ def make_bundle(uri: str) -> str:
     from near_ray.config import ModelConfig
 
     torch.manual_seed(0)
-    clip = create_clip(ModelConfig(arch="near-tiny"))
+    clip = create_clip(ModelConfig(arch=arch))
     names = [f"Species {i}" for i in range(50)]
     vocab = [{"name": n, "domain": "birds", "synonyms": [], "support": 1} for n in names]
     save_bundle(uri, clip, vocab, encode_texts(clip, names, "a photo of a {}."), prompt_template="a photo of a {}.", logit_scale=50.0)
@@ -87,7 +91,7 @@ def start_plain(bundle: str) -> tuple[subprocess.Popen, str]:
 
 
 # ------------------------------------------------------------------------------------------ serve
-def start_serve(bundle: str, args: argparse.Namespace) -> str:
+def start_serve(bundle: str, args: argparse.Namespace, cpus_per_replica: float) -> str:
     from near_ray.runtime import ensure_ray
 
     ensure_ray(num_cpus=4)  # a local cluster on 127.0.0.1, before anything imports ray
@@ -99,13 +103,14 @@ def start_serve(bundle: str, args: argparse.Namespace) -> str:
     from near_ray.config import ServeConfig
     from near_ray.serve.app import application
 
+    serve.shutdown()  # the previous model's application and proxy
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeConfig(
         bundle=bundle,
         min_replicas=args.replicas,
         max_replicas=args.replicas,
-        cpus_per_replica=args.cpus_per_replica,  # also the replica's torch threads (Ray sets OMP_NUM_THREADS)
+        cpus_per_replica=cpus_per_replica,  # also the replica's torch threads (Ray sets OMP_NUM_THREADS)
         ingress_cpus=0.5,
         max_batch_size=args.max_batch_size,
         decode_threads=4,
@@ -161,28 +166,44 @@ async def closed_loop(url: str, body: bytes, concurrency: int, max_requests: int
     }
 
 
-def run(args: argparse.Namespace) -> dict:
+def measure(arch: str, cpus_per_replica: float, args: argparse.Namespace, tmp: str) -> dict:
+    """Plain, then Serve, at every level, for one model."""
     levels = [int(x) for x in args.levels.split(",")]
-    load_before = os.getloadavg()[0]
     body = test_image()
     results: dict = {str(c): {} for c in levels}
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = make_bundle(os.path.join(tmp, "bundle"))
-        # One server at a time: on a small machine they would otherwise compete for the same cores.
-        proc, plain_url = start_plain(bundle)
-        try:
-            for c in levels:
-                results[str(c)]["plain"] = asyncio.run(closed_loop(plain_url, body, c, args.max_requests, args.seconds))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        serve_url = start_serve(bundle, args)
+    bundle = make_bundle(os.path.join(tmp, f"bundle-{arch}"), arch)
+    # One server at a time: on a small machine they would otherwise compete for the same cores.
+    proc, plain_url = start_plain(bundle)
+    try:
         for c in levels:
-            results[str(c)]["serve"] = asyncio.run(closed_loop(serve_url, body, c, args.max_requests, args.seconds))
+            results[str(c)]["plain"] = asyncio.run(closed_loop(plain_url, body, c, args.max_requests, args.seconds))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    serve_url = start_serve(bundle, args, cpus_per_replica)
+    for c in levels:
+        results[str(c)]["serve"] = asyncio.run(closed_loop(serve_url, body, c, args.max_requests, args.seconds))
+    from near_ray.clip import resolve_model_config
+
+    size = resolve_model_config(arch)["vision_cfg"]["image_size"]
     return {
         "concurrency": results,
-        "model": {"arch": "near-tiny", "weights": "random init", "vocabulary": 50, "image": "128x96 PNG"},
-        "serve": {"replicas": args.replicas, "cpus_per_replica": args.cpus_per_replica, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait},
+        "model": {"arch": arch, "image_size": size, "weights": "random init", "vocabulary": 50, "image": "128x96 PNG"},
+        "serve": {"replicas": args.replicas, "cpus_per_replica": cpus_per_replica, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait},
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    load_before = os.getloadavg()[0]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.models.split(","):
+            arch, _, cpus = spec.partition(":")
+            runs.append(measure(arch, float(cpus or 1), args, tmp))
+            print_table(runs[-1])
+    return {
+        **runs[0],
+        "other_models": runs[1:],
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -194,6 +215,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_table(report: dict) -> None:
+    print(f"{report['model']['arch']} ({report['model']['image_size']} px), {report['serve']['cpus_per_replica']} CPU per model replica")
     print(f"{'conc':>5} {'server':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for c, row in report["concurrency"].items():
         for name in ("plain", "serve"):
@@ -208,7 +230,9 @@ def main() -> None:
     p.add_argument("--max-requests", type=int, default=2000, help="count bound per level and server")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)  # 2 oversubscribes 2 cores: 3-5x slower here
+    # ARCH:CPUS: the model replica's CPUs (= its torch threads). A tiny model wants 1 on a 2-core machine
+    # (2 oversubscribes the cores the proxy and ingress need); a large one wants the cores for its forward pass.
+    p.add_argument("--models", default="ViT-B-32:2,near-tiny:1")
     p.add_argument("--batch-wait", type=float, default=None, help="default: serve.batch_wait_timeout_s")
     p.add_argument("--plain-server", metavar="BUNDLE", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -219,7 +243,6 @@ def main() -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     report = run(args)
-    print_table(report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 

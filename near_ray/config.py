@@ -183,10 +183,11 @@ class ServeConfig(_Section):
     route_prefix: str = "/"
     top_k: int = Field(5, ge=1)
     abstain_threshold: float = Field(0.0, ge=0, le=1)
+    # adaptive: one batch at a time, each taking what queued while the previous one ran (a lone request
+    # never waits); serve: Ray Serve's @serve.batch (a batch = what arrives within batch_wait_timeout_s)
+    batcher: Literal["adaptive", "serve"] = "adaptive"
     max_batch_size: int = Field(16, ge=1)
-    # 0: a batch takes what queued while the previous one ran, so a lone request never waits;
-    # raise it to trade latency for fuller batches
-    batch_wait_timeout_s: float = Field(0.0, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)  # > 0: wait this long for a fuller batch
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)

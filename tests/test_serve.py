@@ -296,7 +296,10 @@ def test_several_bundles_chosen_by_domain_via_run_serve(ray_cluster, bundles, tm
     from ray import serve
 
     port = serve_http_port()
-    multi = settings(bundles={"birds": bundles["a"], "cars": bundles["cars"]}, app_name="near_multi", route_prefix="/near_multi", port=port)
+    # Also the other batcher: Ray Serve's own @serve.batch (the main app uses the adaptive one).
+    multi = settings(
+        bundles={"birds": bundles["a"], "cars": bundles["cars"]}, app_name="near_multi", route_prefix="/near_multi", port=port, batcher="serve"
+    )
     cfg = RunConfig.model_validate({"storage": {"workdir": str(tmp_path)}, "serve": multi.model_dump()})
     assert run_serve(cfg, block=False)["url"] == f"http://127.0.0.1:{port}/near_multi"
     wait_healthy("near_multi", 1)
@@ -312,6 +315,7 @@ def test_several_bundles_chosen_by_domain_via_run_serve(ray_cluster, bundles, tm
             for res, pred in zip(r.json()["results"], expected(bundles["a"], images, domain="birds"), strict=True):
                 assert_same(res, pred)
             assert c.get("/v1/vocabulary").json()["domains"] == ["birds", "cars"]
+            assert c.get("/v1/stats").json()["model"]["batcher"] == "serve"
             assert [v["name"] for v in c.get("/v1/vocabulary", params={"domain": "cars"}).json()["vocabulary"]] == [n for n, _ in CARS]
     finally:
         serve.delete("near_multi")

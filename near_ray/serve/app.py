@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 IMPORT_PATH = "near_ray.serve.app:build_app"
 # Fields only the model deployment needs: kept out of the ingress's init args, so that a bundle
 # update changes nothing but the Classifier's user_config and needs no ingress restart.
-_MODEL_FIELDS = ("bundle", "bundles", "max_batch_size", "batch_wait_timeout_s", "abstain_threshold")
+_MODEL_FIELDS = ("bundle", "bundles", "batcher", "max_batch_size", "batch_wait_timeout_s", "abstain_threshold")
 
 
 def model_user_config(settings: ServeConfig) -> dict[str, Any]:
@@ -32,6 +32,7 @@ def model_user_config(settings: ServeConfig) -> dict[str, Any]:
     return {
         "bundle": settings.bundle,
         "bundles": dict(settings.bundles),
+        "batcher": settings.batcher,
         "max_batch_size": settings.max_batch_size,
         "batch_wait_timeout_s": settings.batch_wait_timeout_s,
         "abstain_threshold": settings.abstain_threshold,

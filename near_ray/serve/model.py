@@ -20,6 +20,7 @@ from ray import serve
 
 from near_ray.config import StorageConfig
 from near_ray.errors import NearRayError
+from near_ray.serve.batching import AdaptiveBatcher
 from near_ray.serve.images import normalize, preprocess_spec
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,12 @@ def top_k_result(bundle: Any, probs: np.ndarray, domain: str | None, top_k: int,
     }
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 @serve.deployment(name="Classifier")
 class Classifier:
     """Holds the bundles; ``classify`` receives preprocessed pixels and is batched by Serve."""
@@ -99,14 +106,21 @@ class Classifier:
         self._abstain_threshold = 0.0
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._served = 0
+        self._batcher_kind = "adaptive"
+        # Placeholders: reconfigure() sets the real values from serve.max_batch_size / batch_wait_timeout_s.
+        self._batcher = AdaptiveBatcher(self._run_batch, max_batch_size=16)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the configured bundles, then swap them in; batches already running keep the old ones."""
         # A partial user_config (e.g. only {"bundle": uri}) keeps the current batching settings.
+        if "batcher" in user_config:
+            self._batcher_kind = str(user_config["batcher"])
         if "max_batch_size" in user_config:
-            self.classify.set_max_batch_size(int(user_config["max_batch_size"]))
+            self._batcher.max_batch_size = int(user_config["max_batch_size"])
+            self._classify_serve_batch.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
-            self.classify.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            self._batcher.batch_wait_timeout_s = float(user_config["batch_wait_timeout_s"])
+            self._classify_serve_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
         if "abstain_threshold" in user_config:
             self._abstain_threshold = float(user_config["abstain_threshold"] or 0.0)
         sources = bundle_sources(user_config)
@@ -136,6 +150,8 @@ class Classifier:
             "replica": os.getpid(),
             "requests": self._served,
             "batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
+            "batcher": self._batcher_kind,
+            "torch_threads": _torch_threads(),
             "model_versions": [b.model_version for b in self._require().bundles],
         }
 
@@ -144,14 +160,22 @@ class Classifier:
             raise NearRayError("serve: the model replica has no bundle loaded yet")
         return self._loaded
 
-    # Placeholders: reconfigure() sets the real values from serve.max_batch_size / batch_wait_timeout_s.
+    async def classify(self, item: dict[str, Any]) -> dict[str, Any]:
+        """item: {"pixels": uint8 [H, W, 3], "domain", "top_k", "key"} -> a result or an error; batched."""
+        if self._batcher_kind == "serve":
+            return await self._classify_serve_batch(item)
+        return await self._batcher.submit(item)
+
+    # serve.batcher: serve. Placeholders: reconfigure() sets the values from the serve config.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def classify(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """items: {"pixels": uint8 [H, W, 3], "domain", "top_k", "key"} -> a result or an error per item."""
+    async def _classify_serve_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._run_batch, items)
+
+    def _run_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         loaded = self._require()  # one snapshot for the whole batch, even if a swap lands meanwhile
         self._batch_sizes[len(items)] += 1
         self._served += len(items)
-        return await asyncio.to_thread(self._classify_batch, loaded, items)
+        return self._classify_batch(loaded, items)
 
     def _classify_batch(self, loaded: Loaded, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import torch

@@ -292,6 +292,26 @@ def test_auth_token_required_when_configured(ray_cluster, bundles):
         serve.delete("near_auth")
 
 
+def test_request_over_its_deadline_gets_a_json_504_and_the_server_keeps_answering(ray_cluster, bundles):
+    from ray import serve
+
+    port = serve_http_port()
+    # The model waits 3 s for company before each batch; the ingress gives a request 0.5 s.
+    deploy("near_slow", settings(bundle=bundles["a"], batch_wait_timeout_s=3.0, request_timeout_s=0.5))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/near_slow", timeout=60) as c:
+            t0 = time.monotonic()
+            r = c.post("/v1/classify", content=png(3), headers={"content-type": "image/png"})
+            assert r.status_code == 504, r.text
+            assert time.monotonic() - t0 < 2.5  # the deadline, not the slow model, ended it
+            assert r.json()["error"]["code"] == "timeout"
+            assert "serve.request_timeout_s=0.5" in r.json()["error"]["message"]
+            assert c.get("/healthz").status_code == 200
+            assert c.get("/v1/vocabulary").status_code == 200
+    finally:
+        serve.delete("near_slow")
+
+
 def test_several_bundles_chosen_by_domain_via_run_serve(ray_cluster, bundles, tmp_path):
     from ray import serve
 

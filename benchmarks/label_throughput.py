@@ -1,6 +1,6 @@
 """Label stage throughput vs the backend alone: is the Ray pipeline ever the bottleneck?
 
-    python benchmarks/label_throughput.py [--images 4000] [--latency 0.2] [--pool-size 2] [--concurrency 16]
+    python benchmarks/label_throughput.py [--images 20000] [--latency 0.2] [--pool-size 2] [--concurrency 16]
 
 Both runs talk to the simulated annotator (its own process) over HTTP with a fixed latency per request and the same
 total number of requests in flight (pool size x per-actor concurrency):
@@ -9,8 +9,11 @@ total number of requests in flight (pool size x per-actor concurrency):
 - stage: ``run_label`` end to end (listing, read, hash, decode/resize, actor pool, parsing,
   parquet parts), on a Ray cluster already started (cluster start-up is not counted).
 
-With an endpoint-bound workload the stage should reach >= 0.9 x the backend's images/s. Prints a
-line and writes benchmarks/results/label_throughput.json. Everything answered is simulated.
+With an endpoint-bound workload the stage should reach >= 0.9 x the backend's images/s. ``ratio`` is
+over the whole stage, start-up included (actor pool, first tasks: ~7 s here); the default 20,000 images
+(~2 minutes at the endpoint's pace) keep that one-off from dominating, as it does not in a real
+labeling job; ``stage_steady_images_per_s`` excludes it. Prints a line and writes
+benchmarks/results/label_throughput.json. Everything answered is simulated.
 """
 
 from __future__ import annotations
@@ -93,12 +96,12 @@ def annotator_process(bench: str, latency: float) -> Iterator[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=4000, help="images in the benchmark (one domain)")
+    ap.add_argument("--images", type=int, default=20000, help="images in the benchmark (one domain)")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--latency", type=float, default=0.2, help="annotator latency per request (s)")
     ap.add_argument("--pool-size", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight per actor")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "label_throughput.json"))
     args = ap.parse_args()
 

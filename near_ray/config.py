@@ -112,10 +112,12 @@ class LabelConfig(_Section):
     prices: PriceConfig = Field(default_factory=PriceConfig)
     pool_size: int = Field(1, ge=1)  # labeler actors
     actor_cpus: float = Field(0.25, gt=0)  # fractional: whole-CPU actors starve read tasks on small nodes
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)  # requests per labeler batch (and images per request-building task)
     batches_per_actor: int = Field(4, ge=1)  # batches in flight per labeler actor: keeps its request slots full
     prepare_cpus: float = Field(0.25, gt=0)  # per read/decode/resize task
-    listing_chunk: int = Field(10_000, ge=1)  # URIs per Ray dataset: the driver never holds a whole listing
+    # URIs per Ray dataset: the driver never holds a whole listing (100k URIs ~ 10-20 MB). Each chunk starts
+    # its own actor pool (seconds), so chunks should be large next to what a pool labels in that time.
+    listing_chunk: int = Field(100_000, ge=1)
     part_rows: int = Field(2000, ge=1)  # rows per labels part file (per domain)
     flush_interval_s: float = Field(30.0, gt=0)  # write a part at least this often: a killed job keeps its work
     log_every_batches: int = Field(20, ge=1)

@@ -224,7 +224,14 @@ def test_a_killed_run_resumes_paying_only_for_the_rest(ray_cluster, bench, tmp_p
         kept = read_labels_table(cfg.artifact("labels"), Storage())
         assert kept is not None and 0 < kept.num_rows < total, "the run was killed half-way with some parts written"
 
-        before = ann.stats()["requests"]
+        # The killed driver's labeler actors die with it, but asynchronously: wait until the endpoint is quiet.
+        before, quiet_since = ann.stats()["requests"], time.monotonic()
+        while time.monotonic() - quiet_since < 2.0:
+            time.sleep(0.25)
+            now = ann.stats()["requests"]
+            if now != before:
+                before, quiet_since = now, time.monotonic()
+        kept = read_labels_table(cfg.artifact("labels"), Storage())
         cfg.label.openai.concurrency = 8
         summary = run_label(cfg)
         assert ann.stats()["requests"] - before == total - kept.num_rows == summary["mllm_calls"]

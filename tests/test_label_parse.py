@@ -60,6 +60,13 @@ ANSWERS = [
     ("   ", None),
     (None, None),
     ("...", None),
+    # JSON cut off (max_tokens) or broken: a complete name field survives, JSON text never becomes a name
+    ('{"name', None),
+    ('{"name": "Tennessee Warb', None),
+    ('{"name": "Tennessee Warbler", "conf', "Tennessee Warbler"),
+    ('{"species": ["Tennessee Warbler", "Nashville Warb', "Tennessee Warbler"),
+    ('["Tenn', None),
+    ('```json\n{"name": "Tennessee Warbler",\n```', "Tennessee Warbler"),
 ]
 
 

@@ -114,7 +114,7 @@ def _from_json(text: str) -> str | None:
     try:
         obj = json.loads(body)
     except (json.JSONDecodeError, ValueError):
-        return None
+        return _from_broken_json(body)
     if isinstance(obj, list) and obj:
         obj = obj[0]
     if isinstance(obj, str):
@@ -128,6 +128,27 @@ def _from_json(text: str) -> str | None:
                 return value[0]
         return ""  # JSON without a name: nothing to parse
     return None
+
+
+_JSON_FIELD = re.compile(r'"(%s)"\s*:\s*(\[\s*)?"((?:[^"\\]|\\.)*)"' % "|".join(_JSON_KEYS), re.IGNORECASE)
+
+
+def _from_broken_json(body: str) -> str | None:
+    """An answer that starts like JSON but is not (cut off at max_tokens, a stray brace, ...).
+
+    A name field whose string is complete is kept ('{"name": "Tennessee Warbler", "conf'); anything
+    else is no name at all (""), never the JSON text itself: '{"name": "Tennessee Warb' must not
+    become a vocabulary entry.
+    """
+    if not body.startswith("{"):
+        return None if not body.startswith("[") else ""
+    match = _JSON_FIELD.search(body)
+    if match is None:
+        return ""
+    try:
+        return json.loads(f'"{match.group(3)}"')
+    except (json.JSONDecodeError, ValueError):
+        return ""
 
 
 def _first_line(text: str) -> str:

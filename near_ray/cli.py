@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from near_ray.config import RunConfig, load_config
 from near_ray.errors import NearRayError
@@ -80,9 +81,24 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from near_ray.train.stage import run_train
+    from near_ray.train.stage import export_zero_shot, run_pretrain, run_train
 
-    _print(run_train(_config(args)))
+    cfg = _config(args)
+    if not args.method and not args.pretrain_captions:
+        _print(run_train(cfg))
+        return
+    out: dict[str, Any] = {}
+    if args.pretrain_captions:  # the initial CLIP first, then fine-tune from it
+        out["pretrain"] = run_pretrain(cfg, args.pretrain_captions, None)
+        cfg.model.pretrained = out["pretrain"]["weights"]
+    for method in args.method or [cfg.train.method]:
+        if method == "zero_shot":
+            out[method] = {"bundle": export_zero_shot(cfg)}
+            continue
+        method_cfg = cfg.model_copy(deep=True)
+        method_cfg.train.method = method
+        out[method] = run_train(method_cfg)
+    _print(out)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -147,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pretrain", cmd_pretrain, "contrastive CLIP pretraining on an image-caption table")
     p.add_argument("--captions", required=True, help="URI of captions.parquet (from `near-ray synth`)")
     p.add_argument("--out", default=None, help="where to write the weights (default {workdir}/pretrained)")
-    add("train", cmd_train, "NeaR fine-tuning with Ray Train and model bundle export")
+    p = add("train", cmd_train, "NeaR fine-tuning with Ray Train and model bundle export")
+    p.add_argument("--method", action="append", default=[], choices=["near", "naive", "near_no_knn", "near_no_gmm", "zero_shot"],
+                   help="train these methods one after the other (repeatable; default train.method)")  # fmt: skip
+    p.add_argument("--pretrain-captions", default=None, help="captions.parquet: contrastive pretraining of the initial CLIP first")
     p = add("evaluate", cmd_evaluate, "cACC / sACC / NMI / ARI with baselines; report.json, report.md, plots")
     p.add_argument("--out", default=None, help="report folder (default {workdir}/report)")
     p = add("run", cmd_run, "the whole pipeline: label → refine → train → evaluate")

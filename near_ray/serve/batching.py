@@ -42,9 +42,6 @@ class AdaptiveBatcher:
         self._wakeup.set()
         return await future  # cancelled with the request: the batch skips it
 
-    def pending(self) -> int:
-        return len(self._queue)
-
     async def _next_batch(self) -> list[tuple[Any, asyncio.Future]]:
         assert self._wakeup is not None
         while not self._queue:

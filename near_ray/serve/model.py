@@ -86,12 +86,6 @@ def top_k_result(bundle: Any, probs: np.ndarray, domain: str | None, top_k: int,
     }
 
 
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 @serve.deployment(name="Classifier")
 class Classifier:
     """Holds the bundles; ``classify`` receives preprocessed pixels and is batched by Serve."""
@@ -115,12 +109,12 @@ class Classifier:
         # A partial user_config (e.g. only {"bundle": uri}) keeps the current batching settings.
         if "batcher" in user_config:
             self._batcher_kind = str(user_config["batcher"])
-        if "max_batch_size" in user_config:
-            self._batcher.max_batch_size = int(user_config["max_batch_size"])
-            self._classify_serve_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "max_batch_size" in user_config:  # both batchers, so that switching keeps the settings
+            self._batcher.max_batch_size = size = int(user_config["max_batch_size"])
+            self._classify_serve_batch.set_max_batch_size(size)
         if "batch_wait_timeout_s" in user_config:
-            self._batcher.batch_wait_timeout_s = float(user_config["batch_wait_timeout_s"])
-            self._classify_serve_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            self._batcher.batch_wait_timeout_s = wait = float(user_config["batch_wait_timeout_s"])
+            self._classify_serve_batch.set_batch_wait_timeout_s(wait)
         if "abstain_threshold" in user_config:
             self._abstain_threshold = float(user_config["abstain_threshold"] or 0.0)
         sources = bundle_sources(user_config)
@@ -146,12 +140,14 @@ class Classifier:
         return [b.model_version for b in self._require().bundles]
 
     def stats(self) -> dict[str, Any]:
+        import torch
+
         return {
             "replica": os.getpid(),
             "requests": self._served,
             "batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
             "batcher": self._batcher_kind,
-            "torch_threads": _torch_threads(),
+            "torch_threads": torch.get_num_threads(),
             "model_versions": [b.model_version for b in self._require().bundles],
         }
 

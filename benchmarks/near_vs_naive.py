@@ -44,6 +44,8 @@ def base_config(work: str, root: str, taxonomy: dict, args: argparse.Namespace) 
     cfg.label.samples = 3
     cfg.train.num_workers = 1
     cfg.train.cpus_per_worker = 0.5
+    cfg.train.batch_size = 16  # as configs/demo.yaml: 12 steps an epoch over the 192 discovery images
+    cfg.train.torch_threads = os.cpu_count()  # Ray gives a 0.5-CPU worker one thread (pretraining)
     if args.epochs:
         cfg.train.epochs = args.epochs
     if args.pretrain_epochs:
@@ -111,8 +113,9 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, Any]:
 
 def write_results(args: argparse.Namespace, runs: dict, seeds: list[int], pretrain: dict, t_start: float) -> dict:
     """The JSON result so far (written after every run, so an interrupted benchmark keeps its numbers)."""
-    train = RunConfig().train.model_dump(include={"epochs", "warmup_epochs", "lr", "lambda_noisy", "refine_alpha",
-                                                  "gmm_clean_threshold", "batch_size", "pretrain_epochs"})
+    train = base_config("", "", {"domains": {}}, args).train.model_dump(
+        include={"epochs", "warmup_epochs", "lr", "lambda_noisy", "refine_alpha", "gmm_clean_threshold", "batch_size",
+                 "pretrain_epochs", "train_towers", "prior_power", "balance", "shuffle_buffer"})
     train.update({k: v for k, v in (("epochs", args.epochs), ("pretrain_epochs", args.pretrain_epochs)) if v})
     result = {
         "profiles": summarize(runs),

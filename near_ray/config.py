@@ -169,12 +169,22 @@ class TrainConfig(_Section):
     lambda_noisy: float = Field(1.0, ge=0)
     refine_alpha: float = Field(0.5, ge=0, le=1)  # own prediction vs neighbours' in the refined target
     gmm_clean_threshold: float = Field(0.5, ge=0, le=1)
-    train_towers: Literal["image", "text", "both"] = "image"
+    # PRODEN updates: new confidence ∝ p * initial_confidence ** prior_power / mean_prediction ** balance
+    # (0 and 0 = plain PRODEN); against self-training collapsing onto a few popular names
+    prior_power: float = Field(1.0, ge=0)
+    balance: float = Field(0.5, ge=0)
+    # text: the name embeddings adapt to the images (measured best for small discovery sets, where
+    # fine-tuning the image tower on a few noisy labels per class collapses onto a few names)
+    train_towers: Literal["image", "text", "both"] = "text"
     augment: bool = True
+    # rows each worker shuffles per epoch (Ray Data's local shuffle buffer; a new seeded order every
+    # epoch); 0 = the dataset's order. Above N it is a full shuffle of the worker's shard.
+    shuffle_buffer: int = Field(4096, ge=0)
     seed: int = 0
     max_failures: int = Field(2, ge=0)
+    torch_threads: int | None = Field(None, ge=1)  # intra-op threads per worker; None = Ray's (the worker's CPUs)
     checkpoint_keep: int = Field(2, ge=1)
-    pretrain_epochs: int = Field(8, ge=1)  # contrastive pretraining (`near-ray pretrain`)
+    pretrain_epochs: int = Field(12, ge=1)  # contrastive pretraining (`near-ray pretrain`)
     pretrain_lr: float = Field(2e-3, gt=0)  # peak of a warm-up + cosine schedule
     pretrain_batch_size: int = Field(128, ge=2)  # global; InfoNCE negatives are per worker
 

@@ -84,3 +84,23 @@ def test_noisy_term_is_weighted_by_lambda():
     l1, _ = L.near_batch_loss(logp, conf, cand, noisy, nb, 0.5, 1.0)
     l3, _ = L.near_batch_loss(logp, conf, cand, noisy, nb, 0.5, 3.0)
     assert float(l3) == pytest.approx(3 * float(l1))
+
+
+def test_confidence_prior_keeps_the_label_evidence_and_discounts_popular_names():
+    # Two names; the MLLM said name 0 for this sample three times out of four, the model leans to 1.
+    candidates = torch.tensor([[True, True]])
+    initial = torch.tensor([[0.75, 0.25]])
+    probs = _probs([[0.4, 0.6]])
+    assert L.proden_update(probs, candidates)[0].argmax() == 1  # plain PRODEN follows the model
+    prior = L.confidence_prior(initial, None, prior_power=1.0, balance=0.0)
+    kept = L.proden_update(probs, candidates, prior)[0]
+    assert kept.argmax() == 0 and kept.sum() == pytest.approx(1.0)  # 0.75*0.4 vs 0.25*0.6
+    assert L.confidence_prior(initial, None, prior_power=0.0, balance=0.0) is None
+    # Balance: name 1 is what the model predicts for most samples; a sample torn between the two
+    # (0.45 / 0.55) goes to the rarer name 0 once predictions are divided by the mean prediction.
+    mean = torch.tensor([[0.2, 0.8]])
+    balanced = L.proden_update(_probs([[0.45, 0.55]]), candidates, L.confidence_prior(initial, mean, 0.0, 1.0))[0]
+    assert balanced.argmax() == 0
+    # ...and the refined target of a noisy sample uses the same factor.
+    target = L.refined_targets(_probs([[0.45, 0.55]]), None, candidates, 0.5, L.confidence_prior(initial, mean, 0.0, 1.0))
+    assert target[0].argmax() == 0

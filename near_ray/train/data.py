@@ -4,7 +4,8 @@
 ``refine/neighbors.parquet`` into arrays indexed by sample (0..N-1) and vocabulary entry (0..V-1),
 shaped for one method (NeaR, an ablation or the naive baseline). ``image_dataset`` is the Ray Data
 stream the workers iterate: decoded once (materialized), then transformed per epoch, so random
-augmentation differs from epoch to epoch.
+augmentation differs from epoch to epoch; the training loops reshuffle it every epoch with a seeded
+local shuffle buffer (``train.shuffle_buffer``, ``near_ray.train.loop.shuffle_kwargs``).
 
 Memory: the dense per-sample state is N*V*4 bytes per matrix on every worker (10k images x 1k
 names = 40 MB); beyond that, keep confidences sparse over each candidate set instead.

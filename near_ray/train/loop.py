@@ -67,7 +67,8 @@ class NearState:
         self.candidates = torch.as_tensor(config["candidates"], device=device)
         self.allowed = torch.as_tensor(config["allowed"], device=device)
         self.neighbours = torch.as_tensor(config["neighbours"], device=device)
-        self.W = torch.as_tensor(config["confidences"], device=device).float().clone()
+        self.W0 = torch.as_tensor(config["confidences"], device=device).float()  # the sets' initial evidence
+        self.W = self.W0.clone()
         self.P = self.W.clone()  # before any epoch, neighbours "predict" their own label distribution
         self.losses = torch.zeros(len(self.W), device=device)
         self.clean = torch.ones(len(self.W), dtype=torch.bool, device=device)
@@ -110,12 +111,26 @@ def freeze_batchnorm(model: torch.nn.Module) -> None:
             m.eval()
 
 
+def set_threads(tc: dict[str, Any]) -> None:
+    """``train.torch_threads`` when set (Ray gives a worker with under 2 CPUs a single thread)."""
+    if tc.get("torch_threads"):
+        torch.set_num_threads(int(tc["torch_threads"]))
+
+
+def shuffle_kwargs(tc: dict[str, Any], epoch: int, rank: int) -> dict[str, Any]:
+    """``iter_torch_batches`` arguments for a different, reproducible order every epoch on every worker."""
+    if not tc["shuffle_buffer"]:
+        return {}
+    return {"local_shuffle_buffer_size": tc["shuffle_buffer"], "local_shuffle_seed": tc["seed"] * 100_003 + epoch * 1_009 + rank}
+
+
 def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any], epoch: int, ctx: dict) -> dict:
     """One pass over this worker's shard; returns the epoch's metrics after the global state update."""
     tc = config["train"]
     method, device = config["method"], ctx["device"]
     phase = _phase(method, epoch, tc["warmup_epochs"])
     nb_mean = L.neighbour_mean(state.P, state.neighbours) if method in ("near", "near_no_gmm") else None
+    mean_pred = state.P.mean(dim=0, keepdim=True) if epoch > 0 else None
     before = state.W.argmax(dim=1)
     n = len(state.W)
     W_new, P_new = torch.zeros_like(state.W), torch.zeros_like(state.P)
@@ -123,7 +138,9 @@ def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any],
     local_bs = max(1, tc["batch_size"] // ctx["world_size"])
     model.train()
     freeze_batchnorm(model)
-    for batch in shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False):
+    batches = shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False,
+                                       **shuffle_kwargs(tc, epoch, ctx["rank"]))
+    for batch in batches:
         idx, x = batch["idx"].long(), batch["pixels"].float()
         count = torch.tensor([float(len(idx))], device=device)
         all_reduce_(count)  # the global batch size, so that DDP's gradient mean is a mean over samples
@@ -132,13 +149,15 @@ def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any],
         logits = L.clip_logits(img.float(), txt.float(), ctx["scale"], state.allowed[idx])
         logp = F.log_softmax(logits, dim=1)
         w, cand = state.W[idx], state.candidates[idx]
+        prior = L.confidence_prior(state.W0[idx], mean_pred, tc["prior_power"], tc["balance"])
         if phase == "ce":
             per, new_w = L.hard_cross_entropy(logp, w.argmax(dim=1)), w
         elif phase == "pll":
-            per, new_w = L.partial_label_loss(logp, w), L.proden_update(logp.exp(), cand)
+            per, new_w = L.partial_label_loss(logp, w), L.proden_update(logp.exp(), cand, prior)
         else:
             nb = nb_mean[idx] if nb_mean is not None else None
-            per, new_w = L.near_batch_loss(logp, w, cand, state.clean[idx], nb, tc["refine_alpha"], tc["lambda_noisy"])
+            per, new_w = L.near_batch_loss(logp, w, cand, state.clean[idx], nb, tc["refine_alpha"], tc["lambda_noisy"],
+                                           prior)
         optimizer.zero_grad(set_to_none=True)
         (per.sum() * ctx["world_size"] / count.clamp_min(1)).backward()
         optimizer.step()
@@ -231,6 +250,7 @@ def _setup(config: dict[str, Any], device: torch.device):
     from near_ray.config import ModelConfig
 
     tc = config["train"]
+    set_threads(tc)
     torch.manual_seed(tc["seed"])
     np.random.seed(tc["seed"])
     clip = create_clip(ModelConfig(**config["model"]), config["storage"])
@@ -261,6 +281,7 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
     run_ctx = {
         "device": device,
         "world_size": session.world_size,
+        "rank": session.rank,
         "tokens": tokens,
         "scale": scale,
         "amp": device.type == "cuda" and config["model"]["precision"] == "amp",

@@ -4,7 +4,8 @@ Notation: N samples, V vocabulary entries. ``candidates`` is a boolean [B, V] ma
 candidate label set S_i; ``confidences`` (W) a [B, V] row-stochastic matrix supported on S_i.
 
 - partial-label loss   L_pll = -sum_c w_ic log p_ic                       (all methods before warm-up)
-- PRODEN update        w_ic <- p_ic 1[c in S_i] / sum_c' p_ic' 1[c' in S_i]
+- PRODEN update        w_ic <- p_ic 1[c in S_i] / sum_c' p_ic' 1[c' in S_i]; with ``confidence_prior``,
+                       p_ic is first multiplied by w0_ic ** prior_power / mean_j(p_jc) ** balance
 - clean / noisy split  2-component GMM on per-sample losses; clean = P(low-mean component) > threshold
 - clean samples        cross-entropy on argmax_c w_ic
 - noisy samples        soft cross-entropy on a refined target: alpha * own prediction restricted to S_i
@@ -39,9 +40,30 @@ def restrict(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return torch.where(total > _EPS, masked / total.clamp_min(_EPS), uniform)
 
 
-def proden_update(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """PRODEN: new confidences proportional to the model's probabilities inside the candidate set."""
-    return restrict(probs.detach(), candidates)
+def proden_update(probs: torch.Tensor, candidates: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """PRODEN: new confidences proportional to the model's probabilities inside the candidate set,
+    times ``prior`` when given (see ``confidence_prior``)."""
+    return restrict(probs.detach() if prior is None else probs.detach() * prior, candidates)
+
+
+def confidence_prior(
+    initial: torch.Tensor, mean_prediction: torch.Tensor | None, prior_power: float, balance: float
+) -> torch.Tensor | None:
+    """The factor PRODEN updates multiply the model's probabilities by, per sample and name.
+
+    ``initial ** prior_power``: the label evidence the sets were built from (the MLLM's own answers,
+    neighbours' votes) stays in the confidences, so self-training cannot move a sample wholly to a
+    name the evidence barely supports. ``mean_prediction ** -balance``: names the model predicts for
+    many samples are discounted (distribution alignment), against collapse onto a few popular names.
+    None when both powers are 0 (plain PRODEN).
+    """
+    factor = None
+    if prior_power:
+        factor = initial.clamp_min(_EPS) ** prior_power
+    if balance and mean_prediction is not None:
+        adjust = mean_prediction.clamp_min(1e-6) ** -balance
+        factor = adjust.expand_as(initial) if factor is None else factor * adjust
+    return factor
 
 
 def soft_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -60,14 +82,18 @@ def hard_cross_entropy(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 def refined_targets(
-    own_probs: torch.Tensor, neighbour_probs: torch.Tensor | None, candidates: torch.Tensor, alpha: float
+    own_probs: torch.Tensor,
+    neighbour_probs: torch.Tensor | None,
+    candidates: torch.Tensor,
+    alpha: float,
+    prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Label refinement for noisy samples: own prediction blended with the neighbours', inside S_i.
 
     ``neighbour_probs`` is the mean of the K neighbours' predicted distributions ([B, V]); None means
     no neighbour term (the no-kNN ablation), i.e. the target is the own prediction restricted to S_i.
     """
-    own = restrict(own_probs.detach(), candidates)
+    own = restrict(own_probs.detach() if prior is None else own_probs.detach() * prior, candidates)
     if neighbour_probs is None:
         return own
     nb = restrict(neighbour_probs.detach(), candidates)
@@ -113,6 +139,7 @@ def near_batch_loss(
     neighbour_probs: torch.Tensor | None,
     alpha: float,
     lambda_noisy: float,
+    prior: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NeaR after warm-up: (per-sample loss [B], new confidences [B, V]).
 
@@ -120,8 +147,8 @@ def near_batch_loss(
     the refined target as both their training target and their new confidences (the refinement step).
     """
     probs = log_probs.exp()
-    target = refined_targets(probs, neighbour_probs, candidates, alpha)
+    target = refined_targets(probs, neighbour_probs, candidates, alpha, prior)
     labels = confidences.argmax(dim=1)
     loss = torch.where(clean, hard_cross_entropy(log_probs, labels), lambda_noisy * soft_cross_entropy(log_probs, target))
-    new_conf = torch.where(clean.unsqueeze(1), proden_update(probs, candidates), target)
+    new_conf = torch.where(clean.unsqueeze(1), proden_update(probs, candidates, prior), target)
     return loss, new_conf

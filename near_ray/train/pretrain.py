@@ -6,7 +6,10 @@ folder, ``caption``). When a ``truth.parquet`` with a ``split`` column lies besi
 images are held out of training and used to measure zero-shot caption retrieval.
 
 Negatives are the other pairs in each worker's batch (no cross-worker feature gather): enough for
-small models; large runs should gather features across workers as open_clip's trainer does.
+small models; large runs should gather features across workers as open_clip's trainer does. Pairs
+of one image (several captions) are never each other's negatives, and every epoch reshuffles the
+pairs (``train.shuffle_buffer``): the table is sorted by path, and batches of one domain holding
+both captions of each image taught the model far less (loss 3.2-3.6 against 2.1 after 8 epochs).
 """
 
 from __future__ import annotations
@@ -58,6 +61,12 @@ def read_pairs(captions: str, st: Storage) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
+def image_numbers(uris: list[str]) -> np.ndarray:
+    """Pair index -> image index (pairs of one image share a number)."""
+    first: dict[str, int] = {}
+    return np.array([first.setdefault(u, len(first)) for u in uris], dtype=np.int64)
+
+
 def pretrain_lr(peak: float, epoch: int, epochs: int) -> float:
     """Warm-up over two epochs, then cosine decay: a function of the epoch, so a resumed run matches."""
     return peak * min(1.0, (epoch + 1) / 2) * 0.5 * (1 + np.cos(np.pi * epoch / max(epochs, 1)))
@@ -68,14 +77,16 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     from near_ray.clip import create_clip
     from near_ray.config import ModelConfig
     from near_ray.train.checkpoint import load_checkpoint
-    from near_ray.train.loop import RayTrainSession, report_epoch
+    from near_ray.train.loop import RayTrainSession, report_epoch, set_threads, shuffle_kwargs
 
     tc = config["train"]
+    set_threads(tc)
     torch.manual_seed(tc["seed"])
     session = RayTrainSession()
     device = session.device
     clip = create_clip(ModelConfig(**config["model"]), config["storage"])
     tokens = torch.as_tensor(config["tokens"])
+    image_of = torch.as_tensor(config["image_of"])  # pair -> image: an image's other captions are not negatives
     optimizer = torch.optim.AdamW(clip.model.parameters(), lr=tc["pretrain_lr"], weight_decay=tc["weight_decay"])
     meta: dict[str, Any] = {"epoch": -1, "history": [], "starts": []}
     if (restored := session.checkpoint_dir()) is not None:
@@ -91,9 +102,14 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             group["lr"] = pretrain_lr(tc["pretrain_lr"], epoch, tc["pretrain_epochs"])
         t0, total, count = time.monotonic(), 0.0, 0
         model.train()
-        for batch in shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False):
-            img, txt, scale = model(batch["pixels"].float(), tokens[batch["idx"].long()].to(device))[:3]
-            logits = scale * img @ txt.T
+        batches = shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False,
+                                           **shuffle_kwargs(tc, epoch, session.rank))
+        for batch in batches:
+            idx = batch["idx"].long().cpu()
+            img, txt, scale = model(batch["pixels"].float(), tokens[idx].to(device))[:3]
+            same = image_of[idx][:, None] == image_of[idx][None, :]
+            same.fill_diagonal_(False)
+            logits = (scale * img @ txt.T).masked_fill(same.to(device), float("-inf"))
             target = torch.arange(len(logits), device=device)
             loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
             optimizer.zero_grad(set_to_none=True)
@@ -153,7 +169,8 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
     trainer = ray.train.torch.TorchTrainer(
         pretrain_loop,
         train_loop_config={"model": model_cfg.model_dump(), "train": cfg.train.model_dump(), "storage": st,
-                           "tokens": clip.tokenizer([p["caption"] for p in train_pairs]).numpy()},
+                           "tokens": clip.tokenizer([p["caption"] for p in train_pairs]).numpy(),
+                           "image_of": image_numbers([p["uri"] for p in train_pairs])},
         scaling_config=scaling_config(cfg),
         run_config=ray_run_config(cfg, "pretrain", st),
         datasets={"train": ds},

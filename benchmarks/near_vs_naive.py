@@ -6,7 +6,8 @@ Synthetic benchmark (2 domains x S species; half of each species' images are the
 half the test split) → near-tiny CLIP pretrained once on a separate synthetic caption corpus → per
 (profile, seed): labels from the simulated annotator through the real label stage over HTTP
 (samples=3), the real refine stage, then near / naive / near_no_knn / near_no_gmm trained with the
-same data, model, epochs and seed (Ray Train, 1 worker) → cACC (Hungarian), sACC (Sentence-BERT
+same data, model, epochs and seed (Ray Train, 1 worker), and the untrained CLIP over the same
+vocabulary (zero_shot) as the reference → cACC (Hungarian), sACC (Sentence-BERT
 all-MiniLM-L6-v2) on the test split. Prints a table and writes benchmarks/results/near_vs_naive.json.
 Every MLLM answer here is simulated.
 """
@@ -28,7 +29,8 @@ import numpy as np
 from near_ray.config import DomainConfig, RunConfig
 from near_ray.storage import Storage, join
 
-METHODS = ("near", "naive", "near_no_knn", "near_no_gmm")
+TRAINED = ("near", "naive", "near_no_knn", "near_no_gmm")
+METHODS = (*TRAINED, "zero_shot")  # zero_shot: the starting CLIP over the same vocabulary, the reference
 RESULTS = Path(__file__).resolve().parent / "results" / "near_vs_naive.json"
 log = logging.getLogger("near_vs_naive")
 
@@ -73,7 +75,7 @@ def one_run(cfg: RunConfig, root: str, profile: str, seed: int) -> dict[str, Any
     from near_ray.label.annotator import AnnotatorServer
     from near_ray.label.stage import run_label
     from near_ray.refine.stage import run_refine
-    from near_ray.train.stage import run_train
+    from near_ray.train.stage import export_zero_shot, run_train
 
     cfg.label.seed = seed
     cfg.train.seed = seed
@@ -86,8 +88,9 @@ def one_run(cfg: RunConfig, root: str, profile: str, seed: int) -> dict[str, Any
     t0 = time.monotonic()
     refine = run_refine(cfg)
     timings["refine_s"] = time.monotonic() - t0
+    export_zero_shot(cfg)
     train = {}
-    for method in METHODS:
+    for method in TRAINED:
         mcfg = cfg.model_copy(deep=True)
         mcfg.train.method = method
         t0 = time.monotonic()

@@ -114,12 +114,13 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, Any]:
     return out
 
 
-def write_results(args: argparse.Namespace, runs: dict, seeds: list[int], pretrain: dict, t_start: float) -> dict:
+def write_results(
+    args: argparse.Namespace, cfg: RunConfig, runs: dict, seeds: list[int], pretrain: dict, t_start: float
+) -> dict:
     """The JSON result so far (written after every run, so an interrupted benchmark keeps its numbers)."""
-    train = base_config("", "", {"domains": {}}, args).train.model_dump(
+    train = cfg.train.model_dump(
         include={"epochs", "warmup_epochs", "lr", "lambda_noisy", "refine_alpha", "gmm_clean_threshold", "batch_size",
                  "pretrain_epochs", "train_towers", "prior_power", "balance", "shuffle_buffer"})
-    train.update({k: v for k, v in (("epochs", args.epochs), ("pretrain_epochs", args.pretrain_epochs)) if v})
     result = {
         "profiles": summarize(runs),
         "seeds": seeds,
@@ -181,8 +182,8 @@ def main() -> None:
             run["metrics"] = evaluate(cfg, st, sacc)
             runs.setdefault(profile, {})[seed] = run
             log.info("%s seed %d: %s", profile, seed, {m: round(v["cacc"], 3) for m, v in run["metrics"].items()})
-            write_results(args, runs, seeds, pretrain, t_start)
-    result = write_results(args, runs, seeds, pretrain, t_start)
+            write_results(args, pre_cfg, runs, seeds, pretrain, t_start)
+    result = write_results(args, pre_cfg, runs, seeds, pretrain, t_start)
     print(f"{'profile':8} {'method':12} {'cACC':>15} {'sACC':>7}")
     for profile, methods in result["profiles"].items():
         for m, v in methods.items():

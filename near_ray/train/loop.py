@@ -149,7 +149,7 @@ def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any],
         logits = L.clip_logits(img.float(), txt.float(), ctx["scale"], state.allowed[idx])
         logp = F.log_softmax(logits, dim=1)
         w, cand = state.W[idx], state.candidates[idx]
-        prior = L.confidence_prior(state.W0[idx], mean_pred, tc["prior_power"], tc["balance"])
+        prior = None if phase == "ce" else L.confidence_prior(state.W0[idx], mean_pred, tc["prior_power"], tc["balance"])
         if phase == "ce":
             per, new_w = L.hard_cross_entropy(logp, w.argmax(dim=1)), w
         elif phase == "pll":

@@ -93,7 +93,7 @@ def refined_targets(
     ``neighbour_probs`` is the mean of the K neighbours' predicted distributions ([B, V]); None means
     no neighbour term (the no-kNN ablation), i.e. the target is the own prediction restricted to S_i.
     """
-    own = restrict(own_probs.detach() if prior is None else own_probs.detach() * prior, candidates)
+    own = proden_update(own_probs, candidates, prior)
     if neighbour_probs is None:
         return own
     nb = restrict(neighbour_probs.detach(), candidates)

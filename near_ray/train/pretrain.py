@@ -107,7 +107,8 @@ def pretrain_loop(config: dict[str, Any]) -> None:
         for batch in batches:
             idx = batch["idx"].long().cpu()
             img, txt, scale = model(batch["pixels"].float(), tokens[idx].to(device))[:3]
-            same = image_of[idx][:, None] == image_of[idx][None, :]
+            ids = image_of[idx]
+            same = ids[:, None] == ids[None, :]
             same.fill_diagonal_(False)
             logits = (scale * img @ txt.T).masked_fill(same.to(device), float("-inf"))
             target = torch.arange(len(logits), device=device)

@@ -168,7 +168,11 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.05, ge=0)
     lambda_noisy: float = Field(1.0, ge=0)
     refine_alpha: float = Field(0.5, ge=0, le=1)  # own prediction vs neighbours' in the refined target
+    refine_k: int | None = Field(None, ge=1)  # nearest neighbours in the refined target (None = refine.k)
     gmm_clean_threshold: float = Field(0.5, ge=0, le=1)
+    # the bundle keeps the names at least this many training images are finally labelled with (0 = all)
+    min_label_support: int = Field(1, ge=0)
+    clean_loss: Literal["hard", "soft"] = "hard"  # clean samples: CE on argmax of W, or the PLL loss on W
     # PRODEN updates: new confidence ∝ p * initial_confidence ** prior_power / mean_prediction ** balance
     # (0 and 0 = plain PRODEN); against self-training collapsing onto a few popular names
     prior_power: float = Field(1.0, ge=0)

@@ -29,9 +29,10 @@ def _image(colour: tuple[int, int, int], rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def write_refine_artifacts(workdir: str, per_class: int = 6, seed: int = 0) -> list[dict]:
+def write_refine_artifacts(workdir: str, per_class: int = 6, seed: int = 0, stray: str | None = None) -> list[dict]:
     """Images + refine outputs; every third image of a class has a wrong majority label but the true
-    label among its candidates (from its neighbours). Returns the rows (with their true class)."""
+    label among its candidates (from its neighbours). ``stray``: a birds name one MLLM answer gave
+    once, in the vocabulary but nobody's label. Returns the rows (with their true class)."""
     st, rng = Storage(), np.random.default_rng(seed)
     rows, colour = [], 0
     for domain, names in CLASSES.items():
@@ -49,6 +50,9 @@ def write_refine_artifacts(workdir: str, per_class: int = 6, seed: int = 0) -> l
                                  confidences=conf, truth=name))
             colour += 1
     vocab = [{"name": n, "domain": d, "synonyms": [n], "support": per_class} for d, ns in CLASSES.items() for n in ns]
+    if stray:
+        rows[1]["own_labels"] = [rows[1]["own_labels"][0], rows[1]["own_labels"][1], stray]
+        vocab.append({"name": stray, "domain": "birds", "synonyms": [stray], "support": 1})
     st.write_json(join(workdir, "refine", "vocabulary.json"), vocab)
     cols = ["image_id", "uri", "domain", "own_labels", "majority_label", "candidates", "confidences"]
     table = pa.table({k: [r[k] for r in rows] for k in cols}).cast(
@@ -98,6 +102,52 @@ def test_missing_refine_artifacts_name_the_file(tmp_path):
         (Path(tmp_path) / "refine").mkdir()
         Storage().write_json(str(tmp_path / "refine" / "vocabulary.json"), [{"name": "x", "domain": "d"}])
         load_training_set(_cfg(str(tmp_path)), "near", Storage())
+
+
+def test_bundle_vocabulary_keeps_the_names_training_images_ended_with():
+    from near_ray.train.stage import prune_vocabulary
+
+    vocab = [{"name": n, "domain": d} for d, n in
+             [("birds", "red tit"), ("birds", "tit"), ("birds", "blue tit"), ("flowers", "rose"), ("flowers", "pink")]]
+    kept, pruned = prune_vocabulary(vocab, np.array([5, 0, 2, 0, 0]), min_support=2)
+    assert [v["name"] for v in kept] == ["red tit", "blue tit", "rose"]  # a domain keeps its best name
+    assert [v["train_support"] for v in kept] == [5, 2, 0]
+    assert pruned == [{"name": "tit", "domain": "birds", "train_support": 0},
+                      {"name": "pink", "domain": "flowers", "train_support": 0}]
+    everything, none = prune_vocabulary(vocab, np.array([5, 0, 2, 0, 0]), min_support=0)
+    assert [v["name"] for v in everything] == [v["name"] for v in vocab] and none == []
+
+
+def test_augmentation_is_seeded_per_sample_and_eval_input_matches_the_model_preprocess():
+    """Crops depend on (seed, epoch, sample) only, never on batching or order; without augmentation
+    the training input is what the model's own preprocess (refine, eval, serving) makes."""
+    import torch
+
+    from near_ray.clip import create_clip
+    from near_ray.train.data import PixelSpec, crop_boxes, to_pixels
+
+    clip = create_clip(_cfg("unused").model)
+    spec = PixelSpec(clip.image_size, tuple(clip.image_mean), tuple(clip.image_std), augment=True)
+    idx = np.arange(40)
+    boxes = crop_boxes(idx, 64, 64, spec, seed=0, epoch=0)
+    assert (crop_boxes(idx[::-1], 64, 64, spec, seed=0, epoch=0) == boxes[::-1]).all()  # order-independent
+    assert (crop_boxes(idx[7:9], 64, 64, spec, seed=0, epoch=0) == boxes[7:9]).all()  # batch-independent
+    assert (crop_boxes(idx, 64, 64, spec, seed=0, epoch=1) != boxes).any(axis=1).mean() > 0.8  # new each epoch
+    assert (crop_boxes(idx, 64, 64, spec, seed=1, epoch=0) != boxes).any(axis=1).mean() > 0.8
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 64).all() and (left + w <= 64).all()
+    area = h * w / 64**2
+    assert area.min() > 0.85 and area.max() <= 1.0 and len(set(map(tuple, boxes))) > 30
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, clip.image_size, clip.image_size, 3), dtype=np.uint8)
+    plain = to_pixels(torch.as_tensor(images), torch.arange(3), PixelSpec(**{**spec.__dict__, "augment": False}), 0, 0)
+    expected = torch.stack([clip.preprocess(Image.fromarray(im)) for im in images])
+    assert plain.shape == expected.shape and float((plain - expected).abs().max()) < 1e-5
+    augmented = to_pixels(torch.as_tensor(images), torch.arange(3), spec, 0, 0)
+    assert augmented.shape == expected.shape and float((augmented - expected).abs().mean()) > 0.1
+    again = to_pixels(torch.as_tensor(images[::-1].copy()), torch.arange(3).flip(0), spec, 0, 0)
+    assert torch.equal(again.flip(0), augmented)
 
 
 # ------------------------------------------------------------------------------------ Ray Train
@@ -199,22 +249,45 @@ def test_two_ddp_workers_on_s3_match_one_worker_and_the_bundle_predicts_like_the
         assert (bundle.predict(images, domain=domain) == expected).all()
 
 
+@pytest.mark.slow
+def test_a_run_with_augmentation_and_shuffling_is_reproducible_from_its_seed(ray_cluster, tmp_path):
+    """Same seed and config, two Ray Train runs: the same metrics and bit-identical weights (method
+    comparisons are not hidden by run-to-run noise); another seed trains differently."""
+    from safetensors.torch import load as st_load
+
+    from near_ray.train.stage import run_train
+
+    st, runs = Storage(), []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        write_refine_artifacts(str(tmp_path / name), per_class=4)
+        cfg = _cfg(str(tmp_path / name), epochs=2, batch_size=8, augment=True, seed=seed)
+        summary = run_train(cfg)
+        runs.append((summary, st_load(st.read_bytes(cfg.artifact("bundles/near/model.safetensors")))))
+    (sa, wa), (sb, wb), (sc, wc) = runs
+    assert [e["loss"] for e in sa["epochs"]] == [e["loss"] for e in sb["epochs"]]
+    assert all(bool((wa[k] == wb[k]).all()) for k in wa)
+    assert [e["loss"] for e in sa["epochs"]] != [e["loss"] for e in sc["epochs"]]
+    assert any(not bool((wa[k] == wc[k]).all()) for k in wa)
+
+
 def test_train_cli_makes_one_bundle_per_method(ray_cluster, tmp_path, capsys):
     """`near-ray train --method naive --method zero_shot` (what jobs/train.py runs under `ray job submit`)."""
     from near_ray.bundle import load_bundle
     from near_ray.cli import main
 
     workdir = str(tmp_path)
-    write_refine_artifacts(workdir, per_class=3)
+    write_refine_artifacts(workdir, per_class=3, stray="grey tit")
     sets = [f"storage.workdir={workdir}", "model.arch=near-tiny", "train.num_workers=1", "train.cpus_per_worker=0.5",
             "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=16", "train.augment=false"]  # fmt: skip
     argv = ["train", *(x for s in sets for x in ("--set", s)), "--method", "naive", "--method", "zero_shot"]
     assert main(argv) == 0
     out = json.JSONDecoder().raw_decode(capsys.readouterr().out.lstrip())[0]
     assert set(out) == {"naive", "zero_shot"}
-    for method in ("naive", "zero_shot"):
-        bundle = load_bundle(f"{workdir}/bundles/{method}")
-        assert sorted(bundle.names) == sorted(n for names in CLASSES.values() for n in names)
+    names = sorted(n for names in CLASSES.values() for n in names)
+    assert sorted(load_bundle(f"{workdir}/bundles/zero_shot").names) == sorted([*names, "grey tit"])
+    # The fine-tuned bundle drops the name no training image ended up labelled with.
+    assert sorted(load_bundle(f"{workdir}/bundles/naive").names) == names
+    assert out["naive"]["pruned_names"] == [{"name": "grey tit", "domain": "birds", "train_support": 0}]
     assert not (tmp_path / "train" / "near").exists()  # only the methods asked for
 
 

@@ -3,9 +3,9 @@
 ``load_training_set`` turns ``refine/vocabulary.json``, ``refine/candidates.parquet`` and
 ``refine/neighbors.parquet`` into arrays indexed by sample (0..N-1) and vocabulary entry (0..V-1),
 shaped for one method (NeaR, an ablation or the naive baseline). ``image_dataset`` is the Ray Data
-stream the workers iterate: decoded once (materialized), then transformed per epoch, so random
-augmentation differs from epoch to epoch; the training loops reshuffle it every epoch with a seeded
-local shuffle buffer (``train.shuffle_buffer``, ``near_ray.train.loop.shuffle_kwargs``).
+stream the workers iterate: decoded once (materialized); the loops reshuffle it every epoch with a
+seeded local shuffle buffer (``train.shuffle_buffer``, ``near_ray.train.loop.shuffle_kwargs``) and
+augment each sample with crops seeded by (seed, epoch, sample), so a run is reproducible.
 
 Memory: the dense per-sample state is N*V*4 bytes per matrix on every worker (10k images x 1k
 names = 40 MB); beyond that, keep confidences sparse over each candidate set instead.
@@ -158,36 +158,86 @@ def _decode_batch(batch: dict[str, np.ndarray], storage: Storage, size: int) -> 
     return {"idx": batch["idx"], "image": np.stack(images)}
 
 
-class _Transform:
-    """open_clip's train (random resized crop) or eval transform, applied per epoch in Ray Data."""
+@dataclass(frozen=True)
+class PixelSpec:
+    """How the training loops turn decoded images into model input: open_clip's train transform
+    (random resized crop, ``scale`` of the area, ``ratio`` aspect, bicubic) or its eval transform
+    (the decoded images are already at the input size), then the model's normalization."""
 
-    def __init__(self, size: int, mean: list[float], std: list[float], augment: bool) -> None:
-        self.args = (size, mean, std, augment)
-        self._tf: Any = None
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import open_clip
-        import torch
-        from PIL import Image
-
-        if self._tf is None:
-            size, mean, std, augment = self.args
-            self._tf = open_clip.image_transform(size, is_train=augment, mean=tuple(mean), std=tuple(std))
-        pixels = torch.stack([self._tf(Image.fromarray(im)) for im in batch["image"]])
-        return {"idx": batch["idx"], "pixels": pixels.numpy()}
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = True
+    scale: tuple[float, float] = (0.9, 1.0)  # open_clip's AugmentationCfg default
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
-def image_dataset(
-    uris: list[str], storage: Storage, size: int, mean: list[float], std: list[float], augment: bool
-) -> ray.data.Dataset:
-    """Rows {idx, pixels [3, size, size] float32}: decoded once, transformed lazily (per epoch)."""
+def crop_boxes(idx: np.ndarray, height: int, width: int, spec: PixelSpec, seed: int, epoch: int) -> np.ndarray:
+    """[B, 4] (top, left, h, w) random resized crops, one per sample.
+
+    Each sample's crop comes from its own generator seeded by (seed, epoch, sample index): the same
+    run draws the same crops however samples are batched, ordered or spread over workers, and every
+    epoch draws new ones. The sampling follows torchvision's ``RandomResizedCrop.get_params``.
+    """
+    out = np.empty((len(idx), 4), dtype=np.int64)
+    area, lo, hi = height * width, np.log(spec.ratio[0]), np.log(spec.ratio[1])
+    for j, i in enumerate(np.asarray(idx).tolist()):
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, int(i)])
+        for _ in range(10):
+            target = area * rng.uniform(*spec.scale)
+            aspect = np.exp(rng.uniform(lo, hi))
+            w, h = round(float(np.sqrt(target * aspect))), round(float(np.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                out[j] = (rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w)
+                break
+        else:  # torchvision's fallback: the whole image
+            out[j] = (0, 0, height, width)
+    return out
+
+
+def to_pixels(images: Any, idx: Any, spec: PixelSpec, seed: int, epoch: int) -> Any:
+    """uint8 [B, H, W, 3] images (on any device) -> normalized float [B, 3, size, size] model input."""
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    if spec.augment:
+        boxes = crop_boxes(idx.cpu().numpy(), x.shape[2], x.shape[3], spec, seed, epoch)
+        x = torch.stack([
+            TF.resized_crop(x[j], int(top), int(left), int(h), int(w), [spec.size, spec.size],
+                            InterpolationMode.BICUBIC, antialias=True)
+            for j, (top, left, h, w) in enumerate(boxes)
+        ]).clamp_(0, 1)
+    elif x.shape[2] != spec.size or x.shape[3] != spec.size:
+        x = TF.resize(x, [spec.size, spec.size], InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
+    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def image_dataset(uris: list[str], storage: Storage, size: int) -> ray.data.Dataset:
+    """Rows {idx, image uint8 [size, size, 3]}, decoded once and materialized.
+
+    The loops augment in the worker (``to_pixels``), with crops seeded per sample and epoch, so a
+    run is reproducible; the shard's order is preserved (``train_data_config``) for the same reason.
+    """
     import ray.data
 
     items = [{"idx": i, "uri": u} for i, u in enumerate(uris)]
     blocks = max(1, min(16, len(items) // 32))
-    decoded = (
+    return (
         ray.data.from_items(items, override_num_blocks=blocks)
         .map_batches(_decode_batch, fn_kwargs={"storage": storage, "size": size}, batch_size=32, num_cpus=0.25)
         .materialize()
     )
-    return decoded.map_batches(_Transform(size, mean, std, augment), batch_size=64, num_cpus=0.25)
+
+
+def train_data_config() -> Any:
+    """Ray Train's ``DataConfig`` with order preserved: the same blocks reach the same worker in the same
+    order on every run, so the seeded shuffle buffer gives the same batches."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from near_ray.train import loss as L
 from near_ray.train.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from near_ray.train.data import PixelSpec, to_pixels
 
 TEXT_PREFIXES = ("transformer.", "token_embedding", "positional_embedding", "ln_final", "text_projection", "text.")
 
@@ -141,7 +142,8 @@ def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any],
     batches = shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False,
                                        **shuffle_kwargs(tc, epoch, ctx["rank"]))
     for batch in batches:
-        idx, x = batch["idx"].long(), batch["pixels"].float()
+        idx = batch["idx"].long()
+        x = to_pixels(batch["image"], idx, ctx["pixels"], tc["seed"], epoch)
         count = torch.tensor([float(len(idx))], device=device)
         all_reduce_(count)  # the global batch size, so that DDP's gradient mean is a mean over samples
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx["amp"]):
@@ -157,7 +159,7 @@ def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any],
         else:
             nb = nb_mean[idx] if nb_mean is not None else None
             per, new_w = L.near_batch_loss(logp, w, cand, state.clean[idx], nb, tc["refine_alpha"], tc["lambda_noisy"],
-                                           prior)
+                                           prior, tc["clean_loss"])
         optimizer.zero_grad(set_to_none=True)
         (per.sum() * ctx["world_size"] / count.clamp_min(1)).backward()
         optimizer.step()
@@ -286,6 +288,7 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
         "scale": scale,
         "amp": device.type == "cuda" and config["model"]["precision"] == "amp",
         "cached_text": None,
+        "pixels": PixelSpec(**config["pixels"]),
     }
     if tc["train_towers"] == "image":
         with torch.no_grad():  # frozen text tower: embed the vocabulary once

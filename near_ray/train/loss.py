@@ -140,6 +140,7 @@ def near_batch_loss(
     alpha: float,
     lambda_noisy: float,
     prior: torch.Tensor | None = None,
+    clean_loss: str = "hard",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NeaR after warm-up: (per-sample loss [B], new confidences [B, V]).
 
@@ -148,7 +149,10 @@ def near_batch_loss(
     """
     probs = log_probs.exp()
     target = refined_targets(probs, neighbour_probs, candidates, alpha, prior)
-    labels = confidences.argmax(dim=1)
-    loss = torch.where(clean, hard_cross_entropy(log_probs, labels), lambda_noisy * soft_cross_entropy(log_probs, target))
+    if clean_loss == "hard":
+        clean_part = hard_cross_entropy(log_probs, confidences.argmax(dim=1))
+    else:
+        clean_part = partial_label_loss(log_probs, confidences)
+    loss = torch.where(clean, clean_part, lambda_noisy * soft_cross_entropy(log_probs, target))
     new_conf = torch.where(clean.unsqueeze(1), proden_update(probs, candidates, prior), target)
     return loss, new_conf

@@ -77,6 +77,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     from near_ray.clip import create_clip
     from near_ray.config import ModelConfig
     from near_ray.train.checkpoint import load_checkpoint
+    from near_ray.train.data import PixelSpec, to_pixels
     from near_ray.train.loop import RayTrainSession, report_epoch, set_threads, shuffle_kwargs
 
     tc = config["train"]
@@ -86,6 +87,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     device = session.device
     clip = create_clip(ModelConfig(**config["model"]), config["storage"])
     tokens = torch.as_tensor(config["tokens"])
+    pixels = PixelSpec(**config["pixels"])
     image_of = torch.as_tensor(config["image_of"])  # pair -> image: an image's other captions are not negatives
     optimizer = torch.optim.AdamW(clip.model.parameters(), lr=tc["pretrain_lr"], weight_decay=tc["weight_decay"])
     meta: dict[str, Any] = {"epoch": -1, "history": [], "starts": []}
@@ -106,7 +108,8 @@ def pretrain_loop(config: dict[str, Any]) -> None:
                                            **shuffle_kwargs(tc, epoch, session.rank))
         for batch in batches:
             idx = batch["idx"].long().cpu()
-            img, txt, scale = model(batch["pixels"].float(), tokens[idx].to(device))[:3]
+            x = to_pixels(batch["image"], idx, pixels, tc["seed"], epoch)
+            img, txt, scale = model(x, tokens[idx].to(device))[:3]
             ids = image_of[idx]
             same = ids[:, None] == ids[None, :]
             same.fill_diagonal_(False)
@@ -159,8 +162,8 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
     import ray.train.torch
 
     from near_ray.clip import create_clip, save_weights
-    from near_ray.train.data import image_dataset
-    from near_ray.train.stage import fit, load_trained, ray_run_config, scaling_config
+    from near_ray.train.data import image_dataset, train_data_config
+    from near_ray.train.stage import fit, load_trained, pixel_spec, ray_run_config, scaling_config
 
     st = storage_for(cfg)
     out = out or cfg.artifact("pretrained/model.safetensors")
@@ -172,16 +175,17 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
     train_pairs, held = read_pairs(captions, st)
     model_cfg = cfg.model.model_copy(update={"pretrained": None})
     clip = create_clip(model_cfg, st)
-    ds = image_dataset([p["uri"] for p in train_pairs], st, clip.image_size, list(clip.image_mean),
-                       list(clip.image_std), cfg.train.augment)
+    ds = image_dataset([p["uri"] for p in train_pairs], st, clip.image_size)
     trainer = ray.train.torch.TorchTrainer(
         pretrain_loop,
         train_loop_config={"model": model_cfg.model_dump(), "train": cfg.train.model_dump(), "storage": st,
                            "tokens": clip.tokenizer([p["caption"] for p in train_pairs]).numpy(),
-                           "image_of": image_numbers([p["uri"] for p in train_pairs])},
+                           "image_of": image_numbers([p["uri"] for p in train_pairs]),
+                           "pixels": pixel_spec(clip, cfg.train.augment)},
         scaling_config=scaling_config(cfg),
         run_config=ray_run_config(cfg, "pretrain", st),
         datasets={"train": ds},
+        dataset_config=train_data_config(),
     )
     t0 = time.monotonic()
     result = fit(trainer, f"pretrain ({cfg.artifact('train/pretrain')})")

@@ -85,7 +85,7 @@ def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None, in_
     ts = load_training_set(cfg, method, st)
     clip = create_clip(cfg.model, st)
     names = [v["name"] for v in ts.vocabulary]
-    ds = image_dataset(ts.uris, st, clip.image_size, list(clip.image_mean), list(clip.image_std), cfg.train.augment)
+    ds = image_dataset(ts.uris, st, clip.image_size)
     loop_config = {
         "method": method,
         "model": cfg.model.model_dump(),
@@ -94,8 +94,9 @@ def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None, in_
         "prompts": [cfg.model.prompt_template.format(n) for n in names],
         "candidates": ts.candidates,
         "confidences": ts.confidences,
-        "neighbours": ts.neighbours,
+        "neighbours": ts.neighbours[:, : cfg.train.refine_k] if cfg.train.refine_k else ts.neighbours,
         "allowed": ts.allowed,
+        "pixels": pixel_spec(clip, cfg.train.augment),
         **(fault_injection or {}),
     }
     t0 = time.monotonic()
@@ -103,6 +104,8 @@ def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None, in_
     elapsed = time.monotonic() - t0
     meta = load_trained(checkpoint, clip)
     history = meta["history"]
+    vocabulary, pruned = prune_vocabulary(ts.vocabulary, label_support(checkpoint, len(names)),
+                                          cfg.train.min_label_support)
     metrics = {
         "method": method,
         "epochs": history,
@@ -110,19 +113,27 @@ def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None, in_
         "train_images": len(ts),
         "dropped": ts.dropped,
         "vocabulary_size": len(names),
+        "bundle_vocabulary_size": len(vocabulary),
+        "pruned_names": pruned,
         "workers": 1 if in_process else cfg.train.num_workers,
         "train_time_s": round(elapsed, 2),
         "epoch_time_s_mean": round(float(np.mean([h["epoch_time_s"] for h in history])), 3) if history else None,
     }
     bundle_uri = cfg.artifact(f"bundles/{method}")
-    export_bundle(cfg, clip, ts.vocabulary, bundle_uri, meta["logit_scale"], metrics, st)
+    export_bundle(cfg, clip, vocabulary, bundle_uri, meta["logit_scale"], metrics, st)
     log.info("train %s: %d epochs in %.1f s, bundle %s", method, len(history), elapsed, bundle_uri)
     return {**metrics, "bundle": bundle_uri, "checkpoint": checkpoint.path}
+
+
+def pixel_spec(clip: Any, augment: bool) -> dict[str, Any]:
+    """The loops' ``PixelSpec`` (as a dict) for this model's input size and normalization."""
+    return {"size": clip.image_size, "mean": tuple(clip.image_mean), "std": tuple(clip.image_std), "augment": augment}
 
 
 def _fit_ray_train(cfg: RunConfig, loop_config: dict[str, Any], ds: Any, st: Storage) -> Any:
     import ray.train.torch
 
+    from near_ray.train.data import train_data_config
     from near_ray.train.loop import train_loop
 
     method = loop_config["method"]
@@ -132,6 +143,7 @@ def _fit_ray_train(cfg: RunConfig, loop_config: dict[str, Any], ds: Any, st: Sto
         scaling_config=scaling_config(cfg),
         run_config=ray_run_config(cfg, method, st),
         datasets={"train": ds},
+        dataset_config=train_data_config(),
     )
     return fit(trainer, f"train {method} ({cfg.artifact(f'train/{method}')})").checkpoint
 
@@ -159,6 +171,36 @@ def load_trained(checkpoint: Any, clip: Any) -> dict[str, Any]:
         _, meta = load_checkpoint(folder, clip.model)
     clip.model.eval()
     return meta
+
+
+def label_support(checkpoint: Any, vocabulary_size: int) -> np.ndarray:
+    """Per vocabulary entry: the training images whose final label (argmax of their confidences) it is."""
+    from near_ray.train.checkpoint import load_checkpoint
+
+    with checkpoint.as_directory() as folder:
+        state, _ = load_checkpoint(folder)
+    return np.bincount(state["W"].argmax(dim=1).numpy(), minlength=vocabulary_size)
+
+
+def prune_vocabulary(
+    vocabulary: list[dict[str, Any]], support: np.ndarray, min_support: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The bundle's vocabulary: names that at least ``min_support`` training images ended up labelled
+    with (``train_support`` added to each entry), and the pruned ones. Refinement concentrates an
+    image's labels on the names its neighbours share; a name no image kept is a stray answer (a
+    synonym, a coarser name, a one-off error) that would only take test images from a real class.
+    Each domain keeps at least its best-supported name. ``min_support`` 0 keeps every name."""
+    kept, pruned = [], []
+    best: dict[str, int] = {}
+    for i, v in enumerate(vocabulary):
+        d = v.get("domain") or ""
+        if d not in best or support[i] > support[best[d]]:
+            best[d] = i
+    keep_anyway = set(best.values())
+    for i, v in enumerate(vocabulary):
+        entry = {**v, "train_support": int(support[i])}
+        (kept if support[i] >= min_support or i in keep_anyway else pruned).append(entry)
+    return kept, [{"name": v["name"], "domain": v.get("domain"), "train_support": v["train_support"]} for v in pruned]
 
 
 def export_bundle(

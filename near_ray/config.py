@@ -172,7 +172,8 @@ class TrainConfig(_Section):
     gmm_clean_threshold: float = Field(0.5, ge=0, le=1)
     # the bundle keeps the names at least this many training images are finally labelled with (0 = all)
     min_label_support: int = Field(1, ge=0)
-    clean_loss: Literal["hard", "soft"] = "hard"  # clean samples: CE on argmax of W, or the PLL loss on W
+    # clean samples after warm-up: the PLL loss on their confidences W (soft), or CE on argmax W (hard)
+    clean_loss: Literal["hard", "soft"] = "soft"
     # PRODEN updates: new confidence ∝ p * initial_confidence ** prior_power / mean_prediction ** balance
     # (0 and 0 = plain PRODEN); against self-training collapsing onto a few popular names
     prior_power: float = Field(1.0, ge=0)

@@ -104,3 +104,15 @@ def test_confidence_prior_keeps_the_label_evidence_and_discounts_popular_names()
     # ...and the refined target of a noisy sample uses the same factor.
     target = L.refined_targets(_probs([[0.45, 0.55]]), None, candidates, 0.5, L.confidence_prior(initial, mean, 0.0, 1.0))
     assert target[0].argmax() == 0
+
+
+def test_clean_samples_train_on_their_label_or_on_their_confidences():
+    # A clean sample torn between two candidates (0.6 / 0.4): "hard" trains on the argmax, "soft" on W.
+    logp = F.log_softmax(torch.tensor([[1.0, 0.5, -1.0]]), 1)
+    cand = torch.tensor([[True, True, False]])
+    conf = torch.tensor([[0.6, 0.4, 0.0]])
+    clean = torch.tensor([True])
+    hard, _ = L.near_batch_loss(logp, conf, cand, clean, None, 0.5, 1.0, clean_loss="hard")
+    soft, _ = L.near_batch_loss(logp, conf, cand, clean, None, 0.5, 1.0, clean_loss="soft")
+    assert float(hard) == pytest.approx(float(-logp[0, 0]))
+    assert float(soft) == pytest.approx(float(-(0.6 * logp[0, 0] + 0.4 * logp[0, 1])))

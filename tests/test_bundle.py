@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from near_ray.bundle import BundleError, load_bundle, save_bundle
-from near_ray.clip import create_clip, encode_images, encode_texts
 from near_ray.config import ModelConfig
+from near_ray.model.bundle import BundleError, load_bundle, save_bundle
+from near_ray.model.clip import create_clip, encode_images, encode_texts
 
 
 def _images(n):

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from near_ray.refine.candidates import candidate_sets, majority_label
+from near_ray.names import majority_label
+from near_ray.refine.candidates import candidate_sets
 from near_ray.refine.knn import knn
 
 
@@ -20,7 +21,7 @@ def test_mislabeled_image_gets_its_neighbours_label():
     own = [[names[c]] * 3 for c in cls]
     own[2] = ["Crimson-spotted Warbler"] * 3  # image 2 shows a barred warbler; every sample says spotted
     ids, sims = knn(x, 5)
-    sets = candidate_sets(own, ids, sims, neighbour_weight=0.5)
+    sets = candidate_sets(own, ids, sims, neighbour_weight=0.5, min_neighbour_votes=0.0)
     s = sets[2]
     assert set(s.candidates) == set(names)
     conf = dict(zip(s.candidates, s.confidences, strict=True))
@@ -35,7 +36,7 @@ def test_confidences_are_inside_the_set_and_sum_to_one():
     vocab = ["A", "B", "C", "D"]
     own = [[vocab[rng.integers(4)] for _ in range(rng.integers(0, 4))] for _ in cls]
     ids, sims = knn(x, 4)
-    for i, s in enumerate(candidate_sets(own, ids, sims, neighbour_weight=0.7)):
+    for i, s in enumerate(candidate_sets(own, ids, sims, neighbour_weight=0.7, min_neighbour_votes=0.0)):
         neighbour_names = {n for j in ids[i] for n in own[j]}
         assert set(s.candidates) == set(own[i]) | neighbour_names
         if s.candidates:
@@ -49,17 +50,17 @@ def test_unparsable_image_gets_candidates_from_neighbours_only():
     own = [["Rosy Lotus"] if c == 0 else ["Amber Anemone", "Amber Anemone", "Rosy Lotus"] for c in cls]
     own[0] = []  # all of image 0's answers were unparsable
     ids, sims = knn(x, 4)
-    s = candidate_sets(own, ids, sims, neighbour_weight=0.5)[0]
+    s = candidate_sets(own, ids, sims, neighbour_weight=0.5, min_neighbour_votes=0.0)[0]
     assert s.candidates == ["Rosy Lotus"] and s.confidences == [pytest.approx(1.0)]
 
 
 def test_no_neighbours_and_no_labels():
     own = [["Rosy Lotus", "Rosy Lotus", "Amber Anemone"]]
     ids, sims = knn(np.ones((1, 4), np.float32) / 2, 5)
-    s = candidate_sets(own, ids, sims, 0.5)[0]
+    s = candidate_sets(own, ids, sims, 0.5, 0.0)[0]
     assert s.candidates == ["Rosy Lotus", "Amber Anemone"]
     assert s.confidences == [pytest.approx(2 / 3), pytest.approx(1 / 3)]
-    empty = candidate_sets([[]], ids, sims, 0.5)[0]
+    empty = candidate_sets([[]], ids, sims, 0.5, 0.0)[0]
     assert empty.candidates == [] and empty.confidences == []
 
 

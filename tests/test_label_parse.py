@@ -11,8 +11,9 @@ from PIL import Image
 
 from near_ray.config import ImageConfig
 from near_ray.label.images import BadImageError, image_id, prepare_image
-from near_ray.label.parse import parse_answer, title_case
+from near_ray.label.parse import parse_answer
 from near_ray.label.prompts import LABEL_SCHEMA, PromptError, prompt_for, sample_seed, schema_text
+from near_ray.names import title_case
 
 ANSWERS = [
     # structured output

@@ -18,13 +18,13 @@ import yaml
 from PIL import Image
 
 from near_ray.config import load_config
-from near_ray.data.synth import generate
-from near_ray.label.annotator import AnnotatorServer
 from near_ray.label.backends.openai import ChatClient
 from near_ray.label.ledger import LabelLedger
 from near_ray.label.parse import parse_answer
 from near_ray.label.stage import EmptyDomainError, run_label
 from near_ray.label.table import LabelWriter, read_labels, read_labels_table
+from near_ray.sim.annotator import AnnotatorServer
+from near_ray.sim.synth import generate
 from near_ray.storage import Storage, join
 
 SAMPLES = 2

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from near_ray.cli import main
-from near_ray.data.synth import generate
-from near_ray.label.annotator import AnnotatorServer
+from near_ray.sim.annotator import AnnotatorServer
+from near_ray.sim.synth import generate
 from near_ray.storage import Storage
 
 pytestmark = pytest.mark.slow

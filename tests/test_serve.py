@@ -22,9 +22,9 @@ import yaml
 from conftest import free_port
 from PIL import Image
 
-from near_ray.bundle import load_bundle, save_bundle
-from near_ray.clip import create_clip, encode_texts
 from near_ray.config import ModelConfig, RunConfig, ServeConfig
+from near_ray.model.bundle import load_bundle, save_bundle
+from near_ray.model.clip import create_clip, encode_texts
 from near_ray.serve.app import application, build_app, run_serve, update_bundle
 
 VOCAB = [("Red Finch", "birds"), ("Blue Finch", "birds"), ("Grey Finch", "birds"), ("Star Lily", "flowers"), ("Moon Lily", "flowers")]

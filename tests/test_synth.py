@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from near_ray.data.synth import generate
-from near_ray.data.taxonomy import TEMPLATES, SynthError, build_taxonomy
 from near_ray.errors import NearRayError
+from near_ray.sim.synth import generate
+from near_ray.sim.taxonomy import TEMPLATES, SynthError, build_taxonomy
 from near_ray.storage import Storage, join
 
 DOMAINS = ["birds", "flowers", "mushrooms", "butterflies"]
@@ -102,8 +102,8 @@ def test_siblings_differ_in_exactly_one_visible_attribute() -> None:
 
 def test_sibling_images_differ_locally() -> None:
     """Regenerating one image as its sibling species changes only part of it (same nuisance draw)."""
-    from near_ray.data.render import render
-    from near_ray.data.taxonomy import domain_rng
+    from near_ray.sim.render import render
+    from near_ray.sim.taxonomy import domain_rng
 
     tax = build_taxonomy("birds", 8, seed=0)
     a = tax.species[0]

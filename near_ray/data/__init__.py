@@ -1,1 +1,1 @@
-"""Readers for image collections and the field's benchmarks, and the synthetic fine-grained benchmark."""
+"""Readers for image collections in the field's native dataset layouts (CUB, Cars, Dogs, Flowers, Pets, folders)."""

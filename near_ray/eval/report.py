@@ -6,16 +6,7 @@ import math
 from typing import Any
 
 from near_ray.storage import Storage, join
-
-METHOD_ORDER = ("direct_mllm", "zero_shot", "naive", "near", "near_no_knn", "near_no_gmm")
-METHOD_TITLES = {
-    "direct_mllm": "direct MLLM (per test image)",
-    "zero_shot": "zero-shot CLIP over the MLLM vocabulary",
-    "naive": "naive fine-tuning (majority labels)",
-    "near": "NeaR",
-    "near_no_knn": "NeaR without kNN candidates",
-    "near_no_gmm": "NeaR without GMM clean/noisy split",
-}
+from near_ray.train.methods import EVALUATED, TITLES
 
 
 def _pct(value: Any) -> str:
@@ -31,8 +22,8 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def ordered_methods(methods: dict[str, Any]) -> list[str]:
-    known = [m for m in METHOD_ORDER if m in methods]
-    return known + sorted(m for m in methods if m not in METHOD_ORDER)
+    known = [m for m in EVALUATED if m in methods]
+    return known + sorted(m for m in methods if m not in EVALUATED)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -53,7 +44,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for m in ordered_methods(methods):
         r = methods[m]
         lines.append(
-            f"| {METHOD_TITLES.get(m, m)} | {_pct(r.get('cacc'))} | {_pct(r.get('sacc'))} | {_pct(r.get('nmi'))} | "
+            f"| {TITLES.get(m, m)} | {_pct(r.get('cacc'))} | {_pct(r.get('sacc'))} | {_pct(r.get('nmi'))} | "
             f"{_pct(r.get('ari'))} | {_num(r.get('cost_per_1k'), '.4f')} | {_num(r.get('latency_ms'), '.1f')} |"
         )
     if len(report["domains"]) > 1:

@@ -30,14 +30,15 @@ from near_ray.errors import NearRayError
 from near_ray.eval.metrics import SemanticAccuracy, by_domain
 from near_ray.eval.plots import write_plots
 from near_ray.eval.report import write_report
+from near_ray.names import majority_label
 from near_ray.storage import Storage, is_s3, join, storage_for
+from near_ray.train.methods import DIRECT_MLLM
 
 if TYPE_CHECKING:
-    from near_ray.bundle import Bundle
+    from near_ray.model.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
-BUNDLE_METHODS = ("zero_shot", "naive", "near", "near_no_knn", "near_no_gmm")
 
 
 class EvaluationError(NearRayError):
@@ -97,11 +98,11 @@ def load_test_sets(cfg: RunConfig, storage: Storage) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------ images
 def image_batches(cfg: RunConfig, uris: list[str], storage: Storage) -> Iterator[tuple[int, list[Any]]]:
     """(offset, [PIL image or NearRayError]) per batch; reads run in threads (object storage is I/O)."""
-    from near_ray.clip import decode_image
+    from near_ray.images import decode_image
 
     def load(uri: str) -> Any:
         try:
-            return decode_image(storage.read_bytes(uri), cfg.label.image.max_pixels, what=uri)
+            return decode_image(storage.read_bytes(uri), uri, cfg.label.image.max_pixels)
         except NearRayError as e:
             return e
 
@@ -176,15 +177,6 @@ def _uri_key(uri: str) -> str:
     return uri if is_s3(uri) else str(Path(uri).resolve())
 
 
-def majority_label(labels: list[str | None]) -> str | None:
-    """The most frequent name among an image's samples; ties go to the alphabetically first name."""
-    counts = Counter(lab for lab in labels if lab)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return min(name for name, n in counts.items() if n == best)
-
-
 def direct_mllm(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[list[str | None], dict[str, Any]]:
     """The MLLM names every test image through the label stage; prediction = majority over its samples."""
     import pyarrow as pa
@@ -213,12 +205,8 @@ def direct_mllm(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[l
     ok = labels[labels["status"] == "ok"]
     by_uri = ok.groupby("key")["label"].apply(list).to_dict()
     preds = [majority_label(by_uri.get(_uri_key(u), [])) for u in test["uri"]]
-    prices = cfg.label.prices
-    usd = (
-        labels["input_tokens"].fillna(0).sum() * prices.input_per_1m_tokens / 1e6
-        + labels["output_tokens"].fillna(0).sum() * prices.output_per_1m_tokens / 1e6
-        + len(labels) * prices.per_request
-    )
+    usd = cfg.label.prices.mllm_usd(float(labels["input_tokens"].fillna(0).sum()),
+                                    float(labels["output_tokens"].fillna(0).sum()), len(labels))
     stats = {
         "cost_per_1k": float(1000 * usd / len(test)),
         "latency_ms": float(1000 * labels["latency_s"].dropna().mean()) if labels["latency_s"].notna().any() else None,
@@ -251,14 +239,11 @@ def _clip_costs(
 
 
 def _load_bundles(cfg: RunConfig, storage: Storage) -> tuple[dict[str, Bundle], dict[str, str]]:
-    from near_ray.bundle import load_bundle
+    from near_ray.model.bundle import load_bundle
 
     bundles, skipped = {}, {}
     for method in cfg.eval.methods:
-        if method == "direct_mllm":
-            continue
-        if method not in BUNDLE_METHODS:
-            skipped[method] = f"unknown method (known: direct_mllm, {', '.join(BUNDLE_METHODS)})"
+        if method == DIRECT_MLLM:
             continue
         uri = cfg.artifact(f"bundles/{method}")
         if not storage.exists(join(uri, "config.json")):
@@ -277,10 +262,9 @@ def _labeling_summary(cfg: RunConfig, storage: Storage) -> dict[str, Any] | None
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
-def _is_simulated(cfg: RunConfig, labeling: dict[str, Any] | None) -> bool:
-    if labeling and "simulated" in labeling:
-        return bool(labeling["simulated"])
-    return cfg.label.backend == "openai" and "simulated" in cfg.label.openai.model.lower()
+def _is_simulated(labeling: dict[str, Any] | None, direct: dict[str, Any] | None) -> bool:
+    """Whether the labels (or the direct-MLLM answers) came from the simulated annotator, per the label summaries."""
+    return any(bool(s and s.get("simulated")) for s in (labeling, (direct or {}).get("label_summary")))
 
 
 def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
@@ -292,8 +276,8 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
     bundles, skipped = _load_bundles(cfg, st)
     preds, seconds, bad = bundle_predictions(cfg, bundles, test, st) if bundles else ({}, {}, [])
     extra = _clip_costs(cfg, bundles, test, st, seconds, len(test) - len(bad))
-    if "direct_mllm" in cfg.eval.methods:
-        preds["direct_mllm"], extra["direct_mllm"] = direct_mllm(cfg, test, st)
+    if DIRECT_MLLM in cfg.eval.methods:
+        preds[DIRECT_MLLM], extra[DIRECT_MLLM] = direct_mllm(cfg, test, st)
     if not preds:
         log.warning("evaluate: no method could be evaluated: %s", skipped)
     sacc = SemanticAccuracy(cfg.eval.sbert_model)
@@ -347,7 +331,7 @@ def _report(
         "methods": methods,
         "vocabulary_sizes": vocab,
         "labeling": labeling,
-        "simulated_annotator": _is_simulated(cfg, labeling),
+        "simulated_annotator": _is_simulated(labeling, methods.get(DIRECT_MLLM)),
         "sacc_model": sacc.model,
         "skipped": skipped,
         "bad_images": bad,

@@ -1,1 +1,1 @@
-"""The label stage: prompts, answer parsing, MLLM backends, the simulated annotator."""
+"""The label stage: prompts, answer parsing, MLLM backends, the labels table and its ledger."""

@@ -1,4 +1,5 @@
-"""Which (image, sample) pairs still need an MLLM request: the label stage's resume and dedup memory.
+"""Which (image, sample) pairs still need an MLLM request (the label stage's resume and dedup memory),
+and the rows of identical images, copied from the answers already paid for.
 
 One small Ray actor per run, consulted by the read/decode tasks once per batch. It knows
 
@@ -16,6 +17,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import pyarrow as pa
+
+from near_ray.label.table import FINAL_STATUSES, read_labels_table
 from near_ray.storage import Storage
 
 ASK, COPY = "ask", "copy"
@@ -35,8 +39,6 @@ class LabelLedger:
     """Plain class (wrapped by ``ray.remote`` in the stage) so it can also be used and tested in-process."""
 
     def __init__(self, labels_uri: str, storage: Storage, prompt_version: str, model: str) -> None:
-        from near_ray.label.table import FINAL_STATUSES, read_labels_table
-
         self._done: set[tuple[str, str, int]] = set()  # (uri, image_id, sample) final
         self._answered: set[tuple[str, int]] = set()  # (image_id, sample) with a final row somewhere
         self._claimed: dict[str, str] = {}  # image_id -> the URI that asks for it in this run
@@ -86,3 +88,53 @@ class LabelLedger:
 
     def get_counts(self) -> dict[str, int]:
         return asdict(self.counts)
+
+
+def copy_identical(
+    aliases: list[dict[str, Any]], uri: str, storage: Storage, prompt_version: str, model: str
+) -> list[dict[str, Any]]:
+    """Rows for URIs whose bytes equal an image already asked about: its answers, copied at no cost."""
+    if not aliases:
+        return []
+    source = _answers_for({a["image_id"] for a in aliases}, uri, storage, prompt_version, model)
+    rows = []
+    for a in aliases:
+        src = source.get((a["image_id"], a["sample"]))
+        if src is None:  # the original was never answered: a re-run asks again
+            src = {"status": "mllm_error", "error": f"{a['uri']}: no answer for identical image {a['image_id']}"}
+            src.update(raw_answer=None, label=None, seed=None, uri=a["uri"])
+        error = src.get("error")
+        rows.append(
+            {
+                **src,
+                **a,
+                "error": error.replace(src["uri"], a["uri"]) if isinstance(error, str) else error,
+                "model": model,
+                "prompt_version": prompt_version,
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "latency_s": 0.0,
+            }
+        )
+    return rows
+
+
+def _answers_for(
+    ids: set[str], uri: str, storage: Storage, prompt_version: str, model: str
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """The best existing row per (image_id, sample) for these images: final answers beat errors."""
+    import pyarrow.compute as pc
+
+    table = read_labels_table(uri, storage)
+    if table is None:
+        return {}
+    mask = pc.and_(
+        pc.is_in(table["image_id"], value_set=pa.array(sorted(ids), pa.string())),
+        pc.and_(pc.equal(table["prompt_version"], prompt_version), pc.equal(table["model"], model)),
+    )
+    source: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in table.filter(mask).to_pylist():
+        key = (r["image_id"], r["sample"])
+        if key not in source or source[key]["status"] == "mllm_error":
+            source[key] = r
+    return source

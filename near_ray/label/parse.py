@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import re
 
+from near_ray.names import clean_surface, strip_parenthesized, title_case
+
 MAX_WORDS = 10  # longer "names" are descriptions, not names
 
 _JSON_KEYS = ("name", "label", "species", "answer", "class", "category")
@@ -44,7 +46,6 @@ _LEADS = [
 ]
 
 _MARKDOWN = re.compile(r"[*_`#>]+")
-_PARENS = re.compile(r"\([^)]*\)|\[[^\]]*\]|\{[^}]*\}")
 _QUOTES = "\"'“”‘’«»`"
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _LIST_SPLIT = re.compile(r"\s*(?:[,;/|]|\bor\b|\s-\s|—|–)\s*", re.IGNORECASE)
@@ -76,31 +77,17 @@ def normalize_name(text: str) -> str | None:
         if not rest or _is_refusal(rest.group(1)):
             return None
         text = rest.group(1)
-    text = _PARENS.sub(" ", text)
+    text = strip_parenthesized(text)
     text = _strip_leads(text.strip().strip(_QUOTES).strip())
     text = _LIST_SPLIT.split(text, maxsplit=1)[0]
     text = text.split(". ", 1)[0]  # a second sentence is commentary
     text = _SCENE.sub("", text)
     text = _strip_leads(text.strip().strip(_QUOTES).strip())
-    text = text.strip().strip(_QUOTES).rstrip(".!?:;,").strip().strip(_QUOTES).strip()
-    text = re.sub(r"\s+", " ", text)
+    text = clean_surface(text.strip().strip(_QUOTES)) or ""
+    text = text.strip(_QUOTES).strip()
     if not text or not any(c.isalpha() for c in text) or len(text.split()) > MAX_WORDS:
         return None
     return title_case(text)
-
-
-def title_case(text: str) -> str:
-    """One casing for every surface form: "orange-crowned WARBLER" -> "Orange-crowned Warbler".
-
-    Words with digits or short all-capital words (BMW, M3) are kept as written, unless the whole
-    answer is in capitals.
-    """
-    shouting = text.isupper()
-    words = []
-    for w in text.split(" "):
-        keep = not shouting and (any(c.isdigit() for c in w) or (w.isupper() and 2 <= len(w) <= 4))
-        words.append(w if keep else w[:1].upper() + w[1:].lower())
-    return " ".join(words)
 
 
 def _from_json(text: str) -> str | None:

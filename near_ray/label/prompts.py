@@ -6,6 +6,7 @@ means a new version, so answers to different questions are never mixed or mistak
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass
@@ -56,6 +57,20 @@ def prompt_for(meta_class: str | None, version: str) -> tuple[str, str]:
 def schema_text(structured: bool) -> str:
     """The JSON schema as a string for the ``json_schema`` column ("" = free-text answers)."""
     return json.dumps(LABEL_SCHEMA, sort_keys=True) if structured else ""
+
+
+def chat_messages(system: str, user: str, image: bytes, mime: str) -> list[dict]:
+    """The chat messages of one labeling request, for every backend: a text system message (ray issue
+    #56125) and a user message with the image as a ``data:`` URL part and the question. Every message's
+    content is a list of parts, so the column has one Arrow type in Ray Data."""
+    data_url = f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
+    return [
+        {"role": "system", "content": [{"type": "text", "text": system}]},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": user}],
+        },
+    ]
 
 
 def sample_seed(base_seed: int, image_id: str, sample: int) -> int:

@@ -20,21 +20,23 @@ from __future__ import annotations
 import io
 import logging
 import math
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from near_ray.config import DomainConfig, ImageConfig, RunConfig
+from near_ray.config import DomainConfig, LabelConfig, RunConfig
+from near_ray.console import Progress
 from near_ray.errors import NearRayError
 from near_ray.label.backends import get_backend, model_name
 from near_ray.label.images import BadImageError, image_id, prepare_image
-from near_ray.label.ledger import LabelLedger
+from near_ray.label.ledger import LabelLedger, copy_identical
 from near_ray.label.parse import parse_answer
 from near_ray.label.prompts import prompt_for, sample_seed, schema_text
-from near_ray.label.table import LabelWriter, labels_uri, read_labels, read_labels_table
+from near_ray.label.stats import LabelStats
+from near_ray.label.table import LabelWriter, labels_uri, read_labels
 from near_ray.storage import Storage, is_s3, join, storage_for
 
 if TYPE_CHECKING:
@@ -64,6 +66,16 @@ REQUEST_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True)
+class RequestSpec:
+    """How the request-building tasks ask: the label section, each domain's prompts, the answer schema."""
+
+    label: LabelConfig
+    prompts: dict[str, tuple[str, str]]  # domain -> (system prompt, user prompt)
+    json_schema: str  # "" = free-text answers
+    model: str  # as recorded in the labels table
+
+
 class EmptyDomainError(NearRayError):
     """A domain whose prefix (or manifest) holds no images."""
 
@@ -87,17 +99,19 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
     model = model_name(cfg.label)
     ledger = ray.remote(LabelLedger).options(num_cpus=0).remote(out_uri, storage, cfg.label.prompt_version, model)
     writer = LabelWriter(out_uri, storage, cfg.label.part_rows, cfg.label.flush_interval_s)
-    progress = Progress(cfg.label.log_every_batches)
+    stats = LabelStats(cfg.label.log_every_batches)
     try:
         for chunk in listing_chunks(cfg, storage):
             answers = label_dataset(request_dataset(chunk, cfg, ledger, storage), cfg.label)
+            bar = Progress("label", len(chunk) * cfg.label.samples, "answers")
             for batch in answers.iter_batches(batch_format="pyarrow", batch_size=None):
                 rows = label_rows(batch, cfg.label.prompt_version, model)
-                progress.add_calls(rows)
+                stats.add_calls(rows, batch)
                 writer.add(rows)
-                if progress.due():
+                bar.update(len(rows), f"{stats.calls} MLLM calls, {writer.rows_written} rows written")
+                if stats.due():
                     writer.add(ray.get(ledger.drain_bad.remote()))
-                    progress.log(writer)
+            bar.close()
         writer.add(ray.get(ledger.drain_bad.remote()))
         writer.flush()
         writer.add(copy_identical(ray.get(ledger.aliases.remote()), out_uri, storage, cfg.label.prompt_version, model))
@@ -105,8 +119,11 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
     finally:
         writer.flush()  # on any failure too: answers already paid for are kept
         ray.kill(ledger)
-    summary = progress.summary(cfg, counts, writer)
-    storage.write_json(cfg.artifact("labels/_summary.json"), summary)
+    summary_uri = cfg.artifact("labels/_summary.json")
+    if storage.exists(summary_uri):  # a resumed run that asked nothing still knows who answered before
+        stats.fingerprints.update(storage.read_json(summary_uri).get("system_fingerprints") or [])
+    summary = stats.summary(cfg, counts, writer)
+    storage.write_json(summary_uri, summary)
     log.info("label: %s", {k: summary[k] for k in ("rows_written", "by_status", "mllm_calls", "images_per_s")})
     return summary
 
@@ -177,23 +194,19 @@ def request_dataset(
     import ray.data
 
     lc = cfg.label
-    prompts = {d.name: prompt_for(d.meta_class, lc.prompt_version) for d in cfg.data.domains}
-    settings = {
-        "samples": lc.samples,
-        "seed": lc.seed,
-        "temperature": lc.temperature,
-        "json_schema": schema_text(lc.openai.structured_output if lc.backend == "openai" else lc.vllm.guided_decoding),
-        "image": lc.image.model_dump(),
-        "prompt_version": lc.prompt_version,
-        "model": model_name(lc),
-    }
+    spec = RequestSpec(
+        label=lc,
+        prompts={d.name: prompt_for(d.meta_class, lc.prompt_version) for d in cfg.data.domains},
+        json_schema=schema_text(lc.openai.structured_output if lc.backend == "openai" else lc.vllm.guided_decoding),
+        model=model_name(lc),
+    )
     # One block = the images of about one labeler batch: blocks flow to the actors (and answers back to
     # the driver, which writes them) a batch at a time instead of a whole chunk at once.
     per_block = max(1, lc.batch_size // lc.samples)
     ds = ray.data.from_items(chunk, override_num_blocks=math.ceil(len(chunk) / per_block))
     return ds.map_batches(
         build_requests,
-        fn_kwargs={"ledger": ledger, "storage": storage, "prompts": prompts, "settings": settings},
+        fn_kwargs={"ledger": ledger, "storage": storage, "spec": spec},
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=lc.prepare_cpus,
@@ -208,8 +221,7 @@ def build_requests(
     *,
     ledger: ray.actor.ActorHandle,
     storage: Storage,
-    prompts: dict[str, tuple[str, str]],
-    settings: dict[str, Any],
+    spec: RequestSpec,
 ) -> pa.Table:
     """Read, hash, plan, decode: request rows for what is still to do; bad images go to the ledger."""
     import ray
@@ -222,23 +234,23 @@ def build_requests(
     ]
     plans = ray.get(
         ledger.plan.remote(
-            [(it["uri"], it["domain"], i) for it, i in zip(items, ids, strict=True)], settings["samples"]
+            [(it["uri"], it["domain"], i) for it, i in zip(items, ids, strict=True)], spec.label.samples
         )
     )
-    image_cfg = ImageConfig.model_validate(settings["image"])
     requests: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
     for it, blob, iid, ask in zip(items, blobs, ids, plans, strict=True):
         if not ask:
             continue
-        try:
-            if not isinstance(blob, bytes):
-                raise BadImageError(blob)
-            prepared = prepare_image(blob, image_cfg)
-        except BadImageError as e:
-            bad.extend(_bad_rows(it, iid, ask, f"{it['uri']}: {e}", settings))
+        if not isinstance(blob, bytes):
+            bad.extend(_bad_rows(it, iid, ask, f"{it['uri']}: {blob}", spec))
             continue
-        system, user = prompts[it["domain"]]
+        try:
+            prepared = prepare_image(blob, spec.label.image, what=it["uri"])
+        except BadImageError as e:
+            bad.extend(_bad_rows(it, iid, ask, str(e), spec))
+            continue
+        system, user = spec.prompts[it["domain"]]
         for s in ask:
             requests.append(
                 {
@@ -246,11 +258,11 @@ def build_requests(
                     "uri": it["uri"],
                     "domain": it["domain"],
                     "sample": s,
-                    "seed": sample_seed(settings["seed"], iid, s),
-                    "temperature": settings["temperature"],
+                    "seed": sample_seed(spec.label.seed, iid, s),
+                    "temperature": spec.label.temperature,
                     "system_prompt": system,
                     "user_prompt": user,
-                    "json_schema": settings["json_schema"],
+                    "json_schema": spec.json_schema,
                     "image": prepared.data,
                     "mime": prepared.mime,
                 }
@@ -272,20 +284,20 @@ def _unreadable_id(uri: str) -> str:
     return image_id(f"unreadable:{uri}".encode())
 
 
-def _bad_rows(item: dict[str, str], iid: str, samples: list[int], error: str, settings: dict[str, Any]) -> list[dict]:
+def _bad_rows(item: dict[str, str], iid: str, samples: list[int], error: str, spec: RequestSpec) -> list[dict]:
     return [
         {
             "image_id": iid,
             "uri": item["uri"],
             "domain": item["domain"],
             "sample": s,
-            "seed": sample_seed(settings["seed"], iid, s),
+            "seed": sample_seed(spec.label.seed, iid, s),
             "raw_answer": None,
             "label": None,
             "status": "bad_image",
             "error": error,
-            "model": settings["model"],
-            "prompt_version": settings["prompt_version"],
+            "model": spec.model,
+            "prompt_version": spec.label.prompt_version,
             "input_tokens": 0,
             "output_tokens": 0,
             "latency_s": 0.0,
@@ -318,119 +330,3 @@ def label_rows(batch: pa.Table, prompt_version: str, model: str) -> list[dict[st
             }
         )
     return rows
-
-
-def copy_identical(
-    aliases: list[dict[str, Any]], uri: str, storage: Storage, prompt_version: str, model: str
-) -> list[dict[str, Any]]:
-    """Rows for URIs whose bytes equal an image already asked about: its answers, copied at no cost."""
-    if not aliases:
-        return []
-    source = _answers_for({a["image_id"] for a in aliases}, uri, storage, prompt_version, model)
-    rows = []
-    for a in aliases:
-        src = source.get((a["image_id"], a["sample"]))
-        if src is None:  # the original was never answered: a re-run asks again
-            src = {"status": "mllm_error", "error": f"{a['uri']}: no answer for identical image {a['image_id']}"}
-            src.update(raw_answer=None, label=None, seed=None, uri=a["uri"])
-        error = src.get("error")
-        rows.append(
-            {
-                **src,
-                **a,
-                "error": error.replace(src["uri"], a["uri"]) if isinstance(error, str) else error,
-                "model": model,
-                "prompt_version": prompt_version,
-                "input_tokens": 0,
-                "output_tokens": 0,
-                "latency_s": 0.0,
-            }
-        )
-    return rows
-
-
-def _answers_for(
-    ids: set[str], uri: str, storage: Storage, prompt_version: str, model: str
-) -> dict[tuple[str, int], dict[str, Any]]:
-    """The best existing row per (image_id, sample) for these images: final answers beat errors."""
-    import pyarrow.compute as pc
-
-    table = read_labels_table(uri, storage)
-    if table is None:
-        return {}
-    mask = pc.and_(
-        pc.is_in(table["image_id"], value_set=pa.array(sorted(ids), pa.string())),
-        pc.and_(pc.equal(table["prompt_version"], prompt_version), pc.equal(table["model"], model)),
-    )
-    source: dict[tuple[str, int], dict[str, Any]] = {}
-    for r in table.filter(mask).to_pylist():
-        key = (r["image_id"], r["sample"])
-        if key not in source or source[key]["status"] == "mllm_error":
-            source[key] = r
-    return source
-
-
-# ------------------------------------------------------------------------------------------ progress
-class Progress:
-    """Counts what this run did; logs a line every N result batches."""
-
-    def __init__(self, log_every: int) -> None:
-        self.start = time.monotonic()
-        self.log_every = log_every
-        self.batches = 0
-        self.calls = 0
-        self.tokens_in = 0
-        self.tokens_out = 0
-        self.first_answer: float | None = None  # start-up (workers, actors) ends here
-
-    def add_calls(self, rows: list[dict[str, Any]]) -> None:
-        if self.first_answer is None and rows:
-            self.first_answer = time.monotonic()
-        self.batches += 1
-        self.calls += len(rows)
-        self.tokens_in += sum(int(r["input_tokens"]) for r in rows)
-        self.tokens_out += sum(int(r["output_tokens"]) for r in rows)
-
-    def due(self) -> bool:
-        return self.batches % self.log_every == 0
-
-    def log(self, writer: LabelWriter) -> None:
-        elapsed = time.monotonic() - self.start
-        log.info(
-            "label: %d MLLM calls, %d rows written in %d parts, %.1f calls/s",
-            self.calls,
-            writer.rows_written,
-            writer.parts_written,
-            self.calls / max(elapsed, 1e-9),
-        )
-
-    def summary(self, cfg: RunConfig, counts: dict[str, int], writer: LabelWriter) -> dict[str, Any]:
-        wall = time.monotonic() - self.start
-        p = cfg.label.prices
-        cost = (
-            self.tokens_in / 1e6 * p.input_per_1m_tokens
-            + self.tokens_out / 1e6 * p.output_per_1m_tokens
-            + self.calls * p.per_request
-        )
-        by_status, by_domain = writer.status_counts()
-        labeled = counts["images_seen"] - counts["images_skipped"]
-        return {
-            "labels": writer.uri,
-            "backend": cfg.label.backend,
-            "model": model_name(cfg.label),
-            "prompt_version": cfg.label.prompt_version,
-            "samples": cfg.label.samples,
-            "rows_written": writer.rows_written,
-            "parts_written": writer.parts_written,
-            "by_status": by_status,
-            "by_domain": by_domain,
-            "mllm_calls": self.calls,
-            "input_tokens": self.tokens_in,
-            "output_tokens": self.tokens_out,
-            "estimated_cost_usd": round(cost, 6),
-            **counts,
-            "images_labeled": labeled,
-            "wall_s": round(wall, 3),
-            "first_answer_s": round(self.first_answer - self.start, 3) if self.first_answer else None,
-            "images_per_s": round(labeled / wall, 3) if wall > 0 else 0.0,
-        }

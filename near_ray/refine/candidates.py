@@ -38,27 +38,15 @@ def own_distribution(own_labels: Sequence[str]) -> dict[str, float]:
     return {name: c / total for name, c in counts.items()} if total else {}
 
 
-def majority_label(own_labels: Sequence[str], support: dict[str, int] | None = None) -> str | None:
-    """The raw majority vote of an image's own samples (the naive baseline's label).
-
-    Ties go to the name with more support in the vocabulary, then to the alphabetically first name,
-    so the result never depends on sample order.
-    """
-    counts = Counter(own_labels)
-    if not counts:
-        return None
-    support = support or {}
-    return min(counts, key=lambda n: (-counts[n], -support.get(n, 0), n))
-
-
 def candidate_sets(
     own_labels: Sequence[Sequence[str]],
     neighbors: np.ndarray,
     similarities: np.ndarray,
     neighbour_weight: float,
-    min_neighbour_votes: float = 0.0,
+    min_neighbour_votes: float,
 ) -> list[CandidateSet]:
-    """One candidate set per image. ``neighbors``/``similarities`` as returned by ``knn`` (-1 = no neighbour)."""
+    """One candidate set per image. ``neighbors``/``similarities`` as returned by ``knn`` (-1 = no neighbour);
+    the two weights are ``refine.neighbour_weight`` and ``refine.min_neighbour_votes``."""
     owns = [own_distribution(o) for o in own_labels]
     out = []
     for i, own in enumerate(owns):

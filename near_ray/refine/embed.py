@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from near_ray.console import Progress
 from near_ray.errors import NearRayError
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class ImageEmbedder:
     def __init__(self, model_cfg: ModelConfig, storage: Storage, max_pixels: int, threads: int = 1) -> None:
         import torch
 
-        from near_ray.clip import create_clip
+        from near_ray.model.clip import create_clip
 
         torch.set_num_threads(max(1, threads))  # fractional-CPU actors must not spawn one thread per core
         self.storage = storage
@@ -61,10 +62,10 @@ class ImageEmbedder:
         self.pool = ThreadPoolExecutor(max_workers=8)
 
     def _load(self, uri: str) -> Any:
-        from near_ray.clip import decode_image
+        from near_ray.images import decode_image
 
         try:
-            return self.clip.preprocess(decode_image(self.storage.read_bytes(uri), self.max_pixels, what=uri))
+            return self.clip.preprocess(decode_image(self.storage.read_bytes(uri), uri, self.max_pixels))
         except NearRayError as e:
             return str(e)
         except Exception as e:  # a transform failing on an odd image must not take the actor down
@@ -109,7 +110,9 @@ def embed_images(images: pd.DataFrame, cfg: RunConfig, storage: Storage) -> Embe
         num_gpus=rc.embed_gpus,
     )
     metas, vecs, failures = [], [], []
+    bar = Progress("embed", len(images), "images")
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+        bar.update(len(b["uri"]))
         err = b["error"].astype(str)
         ok = err == ""
         for i in np.nonzero(~ok)[0]:
@@ -118,6 +121,7 @@ def embed_images(images: pd.DataFrame, cfg: RunConfig, storage: Storage) -> Embe
                              "domain": str(b["domain"][i]), "error": str(err[i])})
         metas.append(pd.DataFrame({k: b[k][ok].astype(str) for k in ("image_id", "uri", "domain")}))
         vecs.append(np.asarray(b["embedding"][ok], dtype=np.float32))
+    bar.close()
     if not metas:
         return Embeddings(images.iloc[:0][["image_id", "uri", "domain"]], np.zeros((0, 0), np.float32), failures)
     meta = pd.concat(metas, ignore_index=True)

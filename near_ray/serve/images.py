@@ -1,4 +1,4 @@
-"""Uploaded bytes -> validated RGB image -> the model's input pixels.
+"""Uploaded bytes -> validated RGB image (``near_ray.images``, as every stage decodes) -> the model's input pixels.
 
 Everything here runs in the ingress (in worker threads), so the model replica only ever receives
 fixed-size uint8 arrays and spends its time on the forward pass. Each failure carries the HTTP status
@@ -7,7 +7,6 @@ a client should see and a message naming the image.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -32,28 +31,20 @@ class ApiError(NearRayError):
         return {"error": {"code": self.code, "message": self.message}}
 
 
-def decode_upload(data: bytes, max_pixels: int, what: str = "image") -> Any:
-    """Bytes -> RGB PIL image; the pixel count is checked from the header, before any decoding."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+_STATUS = {"empty": (400, "empty_image"), "not_an_image": (415, "unsupported_media"),
+           "unsupported_format": (415, "unsupported_media"), "too_large": (413, "too_many_pixels"),
+           "too_small": (422, "bad_image"), "corrupt": (422, "bad_image")}
 
-    if not data:
-        raise ApiError(400, "empty_image", f"{what}: empty body, expected image bytes")
+
+def decode_upload(data: bytes, max_pixels: int, what: str = "image") -> Any:
+    """Bytes -> RGB PIL image with the project's decoder; its refusals as the HTTP errors clients see."""
+    from near_ray.images import ImageError, decode_image
+
     try:
-        im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ApiError(413, "too_many_pixels", f"{what}: {e}") from None
-    except UnidentifiedImageError:
-        raise ApiError(415, "unsupported_media", f"{what}: not an image in a supported format {ACCEPTED_FORMATS}") from None
-    if im.format not in ACCEPTED_FORMATS:
-        raise ApiError(415, "unsupported_media", f"{what}: format {im.format} is not one of {ACCEPTED_FORMATS}")
-    w, h = im.size
-    if w * h > max_pixels:
-        raise ApiError(413, "too_many_pixels", f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
-    try:
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
-    except Exception as e:  # truncated or corrupt payload behind a valid header
-        raise ApiError(422, "bad_image", f"{what}: cannot decode {im.format} data ({type(e).__name__}: {e})") from None
+        return decode_image(data, what, max_pixels, formats=ACCEPTED_FORMATS, setting="serve")
+    except ImageError as e:
+        status, code = _STATUS[e.kind]
+        raise ApiError(status, code, str(e)) from None
 
 
 class Preprocessor:

@@ -22,6 +22,7 @@ from near_ray.config import StorageConfig
 from near_ray.errors import NearRayError
 from near_ray.serve.batching import AdaptiveBatcher
 from near_ray.serve.images import normalize, preprocess_spec
+from near_ray.serve.routing import RouteError, Routes
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,9 @@ class Loaded:
     """One consistent set of bundles and how public domain names route into them."""
 
     bundles: list[Any]
-    routes: dict[str, tuple[int, str | None]]  # public domain -> (bundle index, domain inside the bundle)
+    routes: Routes
     specs: list[dict[str, Any]]  # preprocessing per bundle
     loaded_at: float = field(default_factory=time.time)
-
-    def route(self, domain: str | None) -> tuple[int, str | None]:
-        if domain is None:
-            if len(self.bundles) == 1:
-                return 0, None
-            raise LookupError(f"several bundles are served: choose a domain, one of {sorted(self.routes)}")
-        if domain not in self.routes:
-            raise LookupError(f"unknown domain '{domain}': this server serves {sorted(self.routes)}")
-        return self.routes[domain]
 
 
 def bundle_sources(user_config: dict[str, Any]) -> list[tuple[str | None, str]]:
@@ -57,7 +49,7 @@ def bundle_sources(user_config: dict[str, Any]) -> list[tuple[str | None, str]]:
 
 
 def load_bundles(sources: list[tuple[str | None, str]], storage_cfg: StorageConfig, device: str) -> Loaded:
-    from near_ray.bundle import load_bundle
+    from near_ray.model.bundle import load_bundle
     from near_ray.storage import Storage
 
     storage = Storage.from_config(storage_cfg)
@@ -71,17 +63,16 @@ def load_bundles(sources: list[tuple[str | None, str]], storage_cfg: StorageConf
             if public in routes:
                 raise NearRayError(f"serve: domain '{public}' is served by two bundles ({sources[routes[public][0]][1]}, {uri})")
             routes[public] = (i, in_bundle)
-    return Loaded(bundles, routes, [preprocess_spec(b) for b in bundles])
+    return Loaded(bundles, Routes(routes, len(bundles)), [preprocess_spec(b) for b in bundles])
 
 
-def top_k_result(bundle: Any, probs: np.ndarray, domain: str | None, top_k: int, threshold: float) -> dict[str, Any]:
-    """The same ranking as ``Bundle.classify`` for one row of probabilities."""
-    k = min(top_k, int(bundle.domain_mask(domain).sum()))
-    idx = np.argsort(-probs)[:k]
+def top_k_result(bundle: Any, probs: np.ndarray, domain: str | None, top_k: int, threshold: float | None) -> dict[str, Any]:
+    """``Bundle.rank`` (the one ranking every stage uses) as the API's JSON."""
+    p = bundle.rank(probs, domain, top_k, threshold)
     return {
-        "predictions": [{"name": bundle.names[i], "score": float(probs[i])} for i in idx],
-        "abstained": bool(probs[idx[0]] < threshold),
-        "domain": bundle.domains[idx[0]] or None,
+        "predictions": [{"name": n, "score": s} for n, s in zip(p.names, p.scores, strict=True)],
+        "abstained": p.abstained,
+        "domain": p.domain,
         "model_version": bundle.model_version,
     }
 
@@ -90,14 +81,14 @@ def top_k_result(bundle: Any, probs: np.ndarray, domain: str | None, top_k: int,
 class Classifier:
     """Holds the bundles; ``classify`` receives preprocessed pixels and is batched by Serve."""
 
-    def __init__(self, storage: dict[str, Any] | None = None, device: str | None = None) -> None:
+    def __init__(self, storage: StorageConfig | None = None, device: str | None = None) -> None:
         import torch
 
-        self._storage = StorageConfig.model_validate(storage or {})
+        self._storage = storage or StorageConfig()
         self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._loaded: Loaded | None = None
         self._sources: list[tuple[str | None, str]] = []
-        self._abstain_threshold = 0.0
+        self._abstain_threshold: float | None = None  # serve.abstain_threshold; None = each bundle's own
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._served = 0
         self._batcher_kind = "adaptive"
@@ -116,7 +107,8 @@ class Classifier:
             self._batcher.batch_wait_timeout_s = wait = float(user_config["batch_wait_timeout_s"])
             self._classify_serve_batch.set_batch_wait_timeout_s(wait)
         if "abstain_threshold" in user_config:
-            self._abstain_threshold = float(user_config["abstain_threshold"] or 0.0)
+            value = user_config["abstain_threshold"]
+            self._abstain_threshold = None if value is None else float(value)
         sources = bundle_sources(user_config)
         if sources != self._sources or self._loaded is None:
             loaded = await asyncio.to_thread(load_bundles, sources, self._storage, self._device)
@@ -127,7 +119,7 @@ class Classifier:
         """What the ingress needs: routes, preprocessing, vocabularies, versions."""
         loaded = self._require()
         return {
-            "routes": {d: {"bundle": i, "domain": inner} for d, (i, inner) in loaded.routes.items()},
+            "routes": loaded.routes.to_json(),
             "bundles": [
                 {"uri": b.uri, "model_version": b.model_version, "preprocess": spec, "vocabulary": b.vocabulary}
                 for b, spec in zip(loaded.bundles, loaded.specs, strict=True)
@@ -180,9 +172,9 @@ class Classifier:
         by_bundle: dict[int, list[int]] = collections.defaultdict(list)
         for j, item in enumerate(items):
             try:
-                i, _ = loaded.route(item.get("domain"))
-            except LookupError as e:
-                results[j] = {"error": {"code": "unknown_domain", "message": str(e)}}
+                i, _ = loaded.routes.route(item.get("domain"))
+            except RouteError as e:
+                results[j] = {"error": {"code": e.code, "message": str(e)}}
                 continue
             if item["key"] != loaded.specs[i]["key"]:
                 results[j] = {"error": {"code": "stale_preprocessing", "message": "the model was updated; retry"}}
@@ -193,10 +185,9 @@ class Classifier:
             x = normalize([items[j]["pixels"] for j in idx], loaded.specs[i]).to(self._device)
             with torch.no_grad():
                 emb = torch.nn.functional.normalize(bundle.clip.model.encode_image(x).float(), dim=-1).cpu().numpy()
-            threshold = self._abstain_threshold or bundle.abstain_threshold
             for row, j in enumerate(idx):
-                inner = loaded.route(items[j].get("domain"))[1]
+                inner = loaded.routes.route(items[j].get("domain"))[1]
                 probs = bundle.probabilities(emb[row : row + 1], inner)[0]
-                result = top_k_result(bundle, probs, inner, int(items[j]["top_k"]), threshold)
+                result = top_k_result(bundle, probs, inner, int(items[j]["top_k"]), self._abstain_threshold)
                 results[j] = dict(result, batch_size=len(items))
         return results

@@ -22,6 +22,7 @@ import numpy as np
 
 from near_ray.errors import NearRayError
 from near_ray.storage import Storage
+from near_ray.train.methods import METHODS, Method
 
 if TYPE_CHECKING:
     import ray.data
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
     from near_ray.config import RunConfig
 
 log = logging.getLogger(__name__)
-
-METHODS = ("near", "naive", "near_no_knn", "near_no_gmm")
-
 
 class TrainDataError(NearRayError):
     """Refine's artifacts are missing or do not fit together; the message names the file and field."""
@@ -77,13 +75,13 @@ def _read_refine(cfg: RunConfig, storage: Storage) -> tuple[list[dict], list[dic
     return vocabulary, table.select(sorted(need)).to_pylist(), neighbours
 
 
-def _initial_confidences(row: dict, method: str, index: dict[tuple[str, str], int]) -> dict[int, float]:
+def _initial_confidences(row: dict, method: Method, index: dict[tuple[str, str], int]) -> dict[int, float]:
     """{vocabulary index: weight} for one image under ``method``; empty = the image is not trainable."""
     domain = row["domain"] or ""
-    if method == "naive":
+    if method.targets == "majority":
         v = index.get((domain, row["majority_label"])) if row["majority_label"] else None
         return {} if v is None else {v: 1.0}
-    if method == "near_no_knn":
+    if method.targets == "own_labels":
         counts = Counter(index[(domain, n)] for n in (row["own_labels"] or []) if (domain, n) in index)
         return {v: float(c) for v, c in counts.items()}
     out: dict[int, float] = {}
@@ -93,10 +91,11 @@ def _initial_confidences(row: dict, method: str, index: dict[tuple[str, str], in
     return out
 
 
-def load_training_set(cfg: RunConfig, method: str, storage: Storage) -> TrainingSet:
-    """Dense per-sample arrays for ``method`` from refine's artifacts under ``cfg.storage.workdir``."""
-    if method not in METHODS:
-        raise TrainDataError(f"train.method: '{method}' is not one of {METHODS}")
+def load_training_set(cfg: RunConfig, name: str, storage: Storage) -> TrainingSet:
+    """Dense per-sample arrays for method ``name`` from refine's artifacts under ``cfg.storage.workdir``."""
+    method = METHODS.get(name)
+    if method is None or not method.trained:
+        raise TrainDataError(f"train.method: '{name}' is not a trained method")
     vocabulary, cands, nb_table = _read_refine(cfg, storage)
     index = vocabulary_index(vocabulary)
     rows, weights = [], []
@@ -104,12 +103,12 @@ def load_training_set(cfg: RunConfig, method: str, storage: Storage) -> Training
     for row in cands:
         w = _initial_confidences(row, method, index)
         if not w:
-            dropped["no_majority_label" if method == "naive" else "no_candidates"] += 1
+            dropped["no_majority_label" if method.targets == "majority" else "no_candidates"] += 1
             continue
         rows.append(row)
         weights.append(w)
     if not rows:
-        raise TrainDataError(f"{cfg.artifact('refine/candidates.parquet')}: no trainable image for method '{method}'")
+        raise TrainDataError(f"{cfg.artifact('refine/candidates.parquet')}: no trainable image for method '{name}'")
     n, v = len(rows), len(vocabulary)
     candidates = np.zeros((n, v), dtype=bool)
     confidences = np.zeros((n, v), dtype=np.float32)
@@ -122,9 +121,9 @@ def load_training_set(cfg: RunConfig, method: str, storage: Storage) -> Training
     domains = [r["domain"] or "" for r in rows]
     allowed = vocab_domains[None, :] == np.array(domains)[:, None]
     image_ids = [r["image_id"] for r in rows]
-    neighbours = _neighbour_matrix(image_ids, nb_table) if method in ("near", "near_no_gmm") else np.full((n, 0), -1)
+    neighbours = _neighbour_matrix(image_ids, nb_table) if method.neighbour_refinement else np.full((n, 0), -1)
     if dropped:
-        log.info("train %s: dropped %s", method, dict(dropped))
+        log.info("train %s: dropped %s", name, dict(dropped))
     return TrainingSet(image_ids, [r["uri"] for r in rows], domains, vocabulary, candidates, confidences,
                        neighbours, allowed, dict(dropped))
 
@@ -149,7 +148,7 @@ def _decode_batch(batch: dict[str, np.ndarray], storage: Storage, size: int) -> 
     """Read and decode each image, resized to the model's input size (uint8 HWC)."""
     from PIL import Image
 
-    from near_ray.clip import decode_image
+    from near_ray.images import decode_image
 
     images = []
     for uri in batch["uri"]:
@@ -170,6 +169,11 @@ class PixelSpec:
     augment: bool = True
     scale: tuple[float, float] = (0.9, 1.0)  # open_clip's AugmentationCfg default
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    @classmethod
+    def for_model(cls, clip: Any, augment: bool) -> PixelSpec:
+        """The input size and normalization of ``clip`` (a ``near_ray.model.Clip``)."""
+        return cls(clip.image_size, tuple(clip.image_mean), tuple(clip.image_std), augment)
 
 
 def crop_boxes(idx: np.ndarray, height: int, width: int, spec: PixelSpec, seed: int, epoch: int) -> np.ndarray:

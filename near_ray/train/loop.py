@@ -15,18 +15,24 @@ One epoch:
 from __future__ import annotations
 
 import os
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from near_ray.train import loss as L
-from near_ray.train.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from near_ray.train.checkpoint import load_checkpoint, unwrap
 from near_ray.train.data import PixelSpec, to_pixels
+from near_ray.train.methods import get_method
+from near_ray.train.runner import RayTrainSession, post_epoch, report_epoch, set_threads, shuffle_kwargs
+
+if TYPE_CHECKING:
+    from near_ray.config import ModelConfig, TrainConfig
+    from near_ray.storage import Storage
 
 TEXT_PREFIXES = ("transformer.", "token_embedding", "positional_embedding", "ln_final", "text_projection", "text.")
 
@@ -49,10 +55,53 @@ def all_reduce_(*tensors: torch.Tensor) -> None:
             torch.distributed.all_reduce(t)
 
 
-def _maybe_fail(config: dict[str, Any], epoch: int) -> None:
+@dataclass
+class FaultInjection:
+    """Kill a worker once, at the start of ``fail_once_at_epoch`` (the recovery tests): ``fail_marker``
+    is written first, so the second attempt knows it already died."""
+
+    fail_once_at_epoch: int
+    fail_marker: str
+
+
+@dataclass
+class FineTuneJob:
+    """Everything a fine-tuning worker needs, sent to it as one object (train_loop_config={"job": …})."""
+
+    method: str
+    model: ModelConfig
+    train: TrainConfig
+    storage: Storage
+    prompts: list[str]  # the prompt of each vocabulary entry
+    candidates: np.ndarray  # [N, V] bool: S_i
+    confidences: np.ndarray  # [N, V] float32: initial W
+    neighbours: np.ndarray  # [N, K] sample indices, -1 = none
+    allowed: np.ndarray  # [N, V] bool: the sample's domain vocabulary
+    pixels: PixelSpec
+    fault: FaultInjection | None = None
+    feed: Any = None  # runner.epoch_feed(): rank 0 posts each epoch's metrics for the driver's progress line
+
+
+@dataclass
+class EpochContext:
+    """What stays fixed across a worker's epochs."""
+
+    device: torch.device
+    world_size: int
+    rank: int
+    tokens: torch.Tensor
+    scale: float
+    amp: bool
+    pixels: PixelSpec
+    cached_text: torch.Tensor | None = None
+
+
+def _maybe_fail(fault: FaultInjection | None, epoch: int) -> None:
     """Fault injection for the recovery test: kill this worker once, at a given epoch."""
-    at, marker = config.get("fail_once_at_epoch"), config.get("fail_marker")
-    if at is not None and marker and epoch == at and not Path(marker).exists():
+    if fault is None:
+        return
+    at, marker = fault.fail_once_at_epoch, fault.fail_marker
+    if epoch == at and not Path(marker).exists():
         import ray.train
 
         # Die only once the last checkpoint is committed, so the test knows where training must resume.
@@ -64,11 +113,12 @@ def _maybe_fail(config: dict[str, Any], epoch: int) -> None:
 class NearState:
     """The global per-sample state, kept identical on every worker."""
 
-    def __init__(self, config: dict[str, Any], device: torch.device) -> None:
-        self.candidates = torch.as_tensor(config["candidates"], device=device)
-        self.allowed = torch.as_tensor(config["allowed"], device=device)
-        self.neighbours = torch.as_tensor(config["neighbours"], device=device)
-        self.W0 = torch.as_tensor(config["confidences"], device=device).float()  # the sets' initial evidence
+    def __init__(self, job: FineTuneJob, device: torch.device) -> None:
+        # torch.tensor copies: arrays from Ray's object store are read-only
+        self.candidates = torch.tensor(job.candidates, device=device)
+        self.allowed = torch.tensor(job.allowed, device=device)
+        self.neighbours = torch.tensor(job.neighbours, device=device)
+        self.W0 = torch.tensor(job.confidences, device=device).float()  # the sets' initial evidence
         self.W = self.W0.clone()
         self.P = self.W.clone()  # before any epoch, neighbours "predict" their own label distribution
         self.losses = torch.zeros(len(self.W), device=device)
@@ -82,14 +132,6 @@ class NearState:
         self.P.copy_(state["P"])
         self.losses.copy_(state["losses"])
         self.clean.copy_(state["clean"].bool())
-
-
-def _phase(method: str, epoch: int, warmup: int) -> str:
-    if method == "naive":
-        return "ce"
-    if method == "near_no_gmm" or epoch < warmup:
-        return "pll"
-    return "near"
 
 
 def _text_features(model: torch.nn.Module, tokens: torch.Tensor, cached: torch.Tensor | None, x: torch.Tensor):
@@ -112,56 +154,42 @@ def freeze_batchnorm(model: torch.nn.Module) -> None:
             m.eval()
 
 
-def set_threads(tc: dict[str, Any]) -> None:
-    """``train.torch_threads`` when set (Ray gives a worker with under 2 CPUs a single thread)."""
-    if tc.get("torch_threads"):
-        torch.set_num_threads(int(tc["torch_threads"]))
-
-
-def shuffle_kwargs(tc: dict[str, Any], epoch: int, rank: int) -> dict[str, Any]:
-    """``iter_torch_batches`` arguments for a different, reproducible order every epoch on every worker."""
-    if not tc["shuffle_buffer"]:
-        return {}
-    return {"local_shuffle_buffer_size": tc["shuffle_buffer"], "local_shuffle_seed": tc["seed"] * 100_003 + epoch * 1_009 + rank}
-
-
-def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any], epoch: int, ctx: dict) -> dict:
+def run_epoch(model, optimizer, shard, state: NearState, job: FineTuneJob, epoch: int, ctx: EpochContext) -> dict:
     """One pass over this worker's shard; returns the epoch's metrics after the global state update."""
-    tc = config["train"]
-    method, device = config["method"], ctx["device"]
-    phase = _phase(method, epoch, tc["warmup_epochs"])
-    nb_mean = L.neighbour_mean(state.P, state.neighbours) if method in ("near", "near_no_gmm") else None
+    tc, method, device = job.train, get_method(job.method), ctx.device
+    phase = method.phase(epoch, tc.warmup_epochs)
+    nb_mean = L.neighbour_mean(state.P, state.neighbours) if method.neighbour_refinement else None
     mean_pred = state.P.mean(dim=0, keepdim=True) if epoch > 0 else None
     before = state.W.argmax(dim=1)
     n = len(state.W)
     W_new, P_new = torch.zeros_like(state.W), torch.zeros_like(state.P)
     loss_new, seen = torch.zeros(n, device=device), torch.zeros(n, device=device)
-    local_bs = max(1, tc["batch_size"] // ctx["world_size"])
+    local_bs = max(1, tc.batch_size // ctx.world_size)
     model.train()
     freeze_batchnorm(model)
     batches = shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False,
-                                       **shuffle_kwargs(tc, epoch, ctx["rank"]))
+                                       **shuffle_kwargs(tc, epoch, ctx.rank))
     for batch in batches:
         idx = batch["idx"].long()
-        x = to_pixels(batch["image"], idx, ctx["pixels"], tc["seed"], epoch)
+        x = to_pixels(batch["image"], idx, ctx.pixels, tc.seed, epoch)
         count = torch.tensor([float(len(idx))], device=device)
         all_reduce_(count)  # the global batch size, so that DDP's gradient mean is a mean over samples
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx["amp"]):
-            img, txt = _text_features(model, ctx["tokens"], ctx["cached_text"], x)
-        logits = L.clip_logits(img.float(), txt.float(), ctx["scale"], state.allowed[idx])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+            img, txt = _text_features(model, ctx.tokens, ctx.cached_text, x)
+        logits = L.clip_logits(img.float(), txt.float(), ctx.scale, state.allowed[idx])
         logp = F.log_softmax(logits, dim=1)
         w, cand = state.W[idx], state.candidates[idx]
-        prior = None if phase == "ce" else L.confidence_prior(state.W0[idx], mean_pred, tc["prior_power"], tc["balance"])
+        prior = None if phase == "ce" else L.confidence_prior(state.W0[idx], mean_pred, tc.prior_power, tc.balance)
         if phase == "ce":
             per, new_w = L.hard_cross_entropy(logp, w.argmax(dim=1)), w
         elif phase == "pll":
             per, new_w = L.partial_label_loss(logp, w), L.proden_update(logp.exp(), cand, prior)
         else:
             nb = nb_mean[idx] if nb_mean is not None else None
-            per, new_w = L.near_batch_loss(logp, w, cand, state.clean[idx], nb, tc["refine_alpha"], tc["lambda_noisy"],
-                                           prior, tc["clean_loss"])
+            per, new_w = L.near_batch_loss(logp, w, cand, state.clean[idx], nb, tc.refine_alpha, tc.lambda_noisy,
+                                           prior, tc.clean_loss)
         optimizer.zero_grad(set_to_none=True)
-        (per.sum() * ctx["world_size"] / count.clamp_min(1)).backward()
+        (per.sum() * ctx.world_size / count.clamp_min(1)).backward()
         optimizer.step()
         W_new[idx] += new_w.detach()
         P_new[idx] += logp.detach().exp()
@@ -173,8 +201,8 @@ def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any],
     state.P[upd] = P_new[upd] / seen[upd].unsqueeze(1)
     state.losses[upd] = loss_new[upd] / seen[upd]
     clean_used = float(state.clean.float().mean()) if phase == "near" else 1.0
-    if method in ("near", "near_no_knn") and epoch + 1 >= tc["warmup_epochs"]:
-        flags = L.fit_clean_split(state.losses.cpu().numpy(), tc["gmm_clean_threshold"], seed=tc["seed"])
+    if method.gmm and epoch + 1 >= tc.warmup_epochs:
+        flags = L.fit_clean_split(state.losses.cpu().numpy(), tc.gmm_clean_threshold, seed=tc.seed)
         state.clean.copy_(torch.as_tensor(flags, device=device))
     after = state.W.argmax(dim=1)
     return {
@@ -188,90 +216,32 @@ def run_epoch(model, optimizer, shard, state: NearState, config: dict[str, Any],
     }
 
 
-class RayTrainSession:
-    """What the loop needs from its runtime, served by Ray Train (the normal case)."""
+def _setup(job: FineTuneJob, device: torch.device):
+    from near_ray.model.clip import create_clip
 
-    def __init__(self) -> None:
-        import ray.train
-        import ray.train.torch
-
-        self._train, self._torch = ray.train, ray.train.torch
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-
-    def checkpoint_dir(self):
-        checkpoint = self._train.get_checkpoint()
-        return None if checkpoint is None else checkpoint.as_directory()
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return self._torch.prepare_model(model)
-
-    def dataset(self) -> Any:
-        return self._train.get_dataset_shard("train")
-
-    def report(self, metrics: dict, folder: str | None) -> None:
-        checkpoint = self._train.Checkpoint.from_directory(folder) if folder else None
-        self._train.report(metrics, checkpoint=checkpoint)
-
-
-class InProcessSession:
-    """One worker in the calling process, without a Ray Train worker group (benchmarks, quick runs).
-
-    Checkpoints are copied to ``folder`` (latest kept), so the run still resumes and exports the same way.
-    """
-
-    def __init__(self, dataset: Any, folder: str) -> None:
-        self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
-        self._dataset, self.folder = dataset, Path(folder)
-
-    def checkpoint_dir(self):
-        from contextlib import nullcontext
-
-        return nullcontext(str(self.folder)) if (self.folder / "meta.json").exists() else None
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
-    def dataset(self) -> Any:
-        return self._dataset
-
-    def report(self, metrics: dict, folder: str | None) -> None:
-        import shutil
-
-        if folder:
-            tmp = self.folder.with_name(self.folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(folder, tmp)
-            shutil.rmtree(self.folder, ignore_errors=True)
-            tmp.rename(self.folder)
-
-
-def _setup(config: dict[str, Any], device: torch.device):
-    from near_ray.clip import create_clip
-    from near_ray.config import ModelConfig
-
-    tc = config["train"]
+    tc = job.train
     set_threads(tc)
-    torch.manual_seed(tc["seed"])
-    np.random.seed(tc["seed"])
-    clip = create_clip(ModelConfig(**config["model"]), config["storage"])
-    freeze_towers(clip.model, tc["train_towers"])
-    tokens = clip.tokenizer(config["prompts"]).to(device)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    clip = create_clip(job.model, job.storage)
+    freeze_towers(clip.model, tc.train_towers)
+    tokens = clip.tokenizer(job.prompts).to(device)
     clip.model.to(device)
     scale = float(min(100.0, clip.model.logit_scale.exp().item()))
     params = [p for p in clip.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     return clip, tokens, scale, optimizer
 
 
 def train_loop(config: dict[str, Any], session: Any = None) -> None:
-    """Ray Train ``train_loop_per_worker`` for NeaR, its ablations and the naive baseline."""
-    tc = config["train"]
+    """Ray Train ``train_loop_per_worker`` for NeaR, its ablations and the naive baseline
+    (``config = {"job": FineTuneJob}``)."""
+    job: FineTuneJob = config["job"]
+    tc = job.train
     session = session or RayTrainSession()
     device = session.device
-    clip, tokens, scale, optimizer = _setup(config, device)
-    state = NearState(config, device)
+    clip, tokens, scale, optimizer = _setup(job, device)
+    state = NearState(job, device)
     meta: dict[str, Any] = {"epoch": -1, "history": [], "starts": [], "logit_scale": scale}
     if (restored := session.checkpoint_dir()) is not None:
         with restored as folder:
@@ -280,38 +250,22 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
     start = meta["epoch"] + 1
     meta["starts"] = meta["starts"] + [start]
     model = session.prepare_model(clip.model)
-    run_ctx = {
-        "device": device,
-        "world_size": session.world_size,
-        "rank": session.rank,
-        "tokens": tokens,
-        "scale": scale,
-        "amp": device.type == "cuda" and config["model"]["precision"] == "amp",
-        "cached_text": None,
-        "pixels": PixelSpec(**config["pixels"]),
-    }
-    if tc["train_towers"] == "image":
+    ctx = EpochContext(device=device, world_size=session.world_size, rank=session.rank, tokens=tokens, scale=scale,
+                       amp=device.type == "cuda" and job.model.precision == "amp", pixels=job.pixels)
+    if tc.train_towers == "image":
         with torch.no_grad():  # frozen text tower: embed the vocabulary once
-            run_ctx["cached_text"] = F.normalize(unwrap(model).encode_text(tokens).float(), dim=-1)
+            ctx.cached_text = F.normalize(unwrap(model).encode_text(tokens).float(), dim=-1)
     shard = session.dataset()
-    for epoch in range(start, max(start, tc["epochs"])):
-        _maybe_fail(config, epoch)
+    for epoch in range(start, max(start, tc.epochs)):
+        _maybe_fail(job.fault, epoch)
         t0 = time.monotonic()
-        metrics = run_epoch(model, optimizer, shard, state, config, epoch, run_ctx)
+        metrics = run_epoch(model, optimizer, shard, state, job, epoch, ctx)
         metrics["epoch_time_s"] = round(time.monotonic() - t0, 3)
         metrics["images_per_s"] = round(metrics["samples_seen"] / max(metrics["epoch_time_s"], 1e-9), 2)
         meta.update(epoch=epoch, history=meta["history"] + [metrics])
         report_epoch(session, metrics, model, optimizer, state.tensors(), meta)
-    if start >= tc["epochs"]:  # nothing left to train (a re-run of a finished run): report it once more
+        if session.rank == 0:
+            post_epoch(job.feed, metrics)
+    if start >= tc.epochs:  # nothing left to train (a re-run of a finished run): report it once more
         last = dict(meta["history"][-1]) if meta["history"] else {"epoch": -1}
         report_epoch(session, last, model, optimizer, state.tensors(), meta)
-
-
-def report_epoch(session: Any, metrics: dict, model, optimizer, state: dict[str, torch.Tensor], meta: dict) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint (weights, state and optimizer are replicated)."""
-    if session.rank != 0:
-        session.report(metrics, None)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(folder, model, optimizer, state, meta)
-        session.report(metrics, folder)

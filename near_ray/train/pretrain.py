@@ -15,11 +15,10 @@ both captions of each image taught the model far less (loss 3.2-3.6 against 2.1 
 from __future__ import annotations
 
 import logging
-import posixpath
 import sys
 import time
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,7 +27,11 @@ import torch.nn.functional as F
 from near_ray.config import RunConfig
 from near_ray.errors import NearRayError
 from near_ray.runtime import ensure_ray
-from near_ray.storage import Storage, join, storage_for
+from near_ray.storage import Storage, join, parent, storage_for
+from near_ray.train.data import PixelSpec
+
+if TYPE_CHECKING:
+    from near_ray.config import ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +40,12 @@ class PretrainError(NearRayError):
     pass
 
 
-def _root_of(captions: str) -> str:
-    return posixpath.dirname(captions.rstrip("/")) if captions.startswith("s3://") else str(Path(captions).parent)
-
-
 def read_pairs(captions: str, st: Storage) -> tuple[list[dict], list[dict]]:
     """(train pairs, held-out pairs) as [{uri, caption}] from a captions table."""
     table = st.read_parquet(captions)
     if missing := sorted({"path", "caption"} - set(table.column_names)):
         raise PretrainError(f"{captions}: missing columns {missing}")
-    root = _root_of(captions)
+    root = parent(captions)
     rows = [{"uri": join(root, r["path"]), "path": r["path"], "caption": r["caption"]} for r in table.to_pylist()]
     truth_uri = join(root, "truth.parquet")
     test_paths: set[str] = set()
@@ -72,24 +71,38 @@ def pretrain_lr(peak: float, epoch: int, epochs: int) -> float:
     return peak * min(1.0, (epoch + 1) / 2) * 0.5 * (1 + np.cos(np.pi * epoch / max(epochs, 1)))
 
 
+@dataclass
+class PretrainJob:
+    """What a pretraining worker needs, sent as one object (train_loop_config={"job": …})."""
+
+    model: ModelConfig
+    train: TrainConfig
+    storage: Storage
+    tokens: np.ndarray  # [pairs, context] caption tokens
+    image_of: np.ndarray  # pair -> image number: an image's other captions are not its negatives
+    pixels: PixelSpec
+    feed: Any = None  # runner.epoch_feed()
+
+
 def pretrain_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop: symmetric InfoNCE, a checkpoint per epoch, resumable."""
-    from near_ray.clip import create_clip
-    from near_ray.config import ModelConfig
+    from near_ray.model.clip import create_clip
     from near_ray.train.checkpoint import load_checkpoint
-    from near_ray.train.data import PixelSpec, to_pixels
-    from near_ray.train.loop import RayTrainSession, report_epoch, set_threads, shuffle_kwargs
+    from near_ray.train.data import to_pixels
+    from near_ray.train.runner import RayTrainSession, post_epoch, report_epoch, set_threads, shuffle_kwargs
 
-    tc = config["train"]
+    job: PretrainJob = config["job"]
+    tc = job.train
     set_threads(tc)
-    torch.manual_seed(tc["seed"])
+    torch.manual_seed(tc.seed)
     session = RayTrainSession()
     device = session.device
-    clip = create_clip(ModelConfig(**config["model"]), config["storage"])
-    tokens = torch.as_tensor(config["tokens"])
-    pixels = PixelSpec(**config["pixels"])
-    image_of = torch.as_tensor(config["image_of"])  # pair -> image: an image's other captions are not negatives
-    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=tc["pretrain_lr"], weight_decay=tc["weight_decay"])
+    clip = create_clip(job.model, job.storage)
+    tokens = torch.tensor(job.tokens)  # copies: arrays from Ray's object store are read-only
+    image_of = torch.tensor(job.image_of)
+    # On its device before the optimizer exists: resumed moments must land where the parameters are.
+    clip.model.to(device)
+    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=tc.pretrain_lr, weight_decay=tc.weight_decay)
     meta: dict[str, Any] = {"epoch": -1, "history": [], "starts": []}
     if (restored := session.checkpoint_dir()) is not None:
         with restored as folder:
@@ -97,18 +110,18 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     start = meta["epoch"] + 1
     meta["starts"] = meta["starts"] + [start]
     model = session.prepare_model(clip.model)
-    local_bs = max(2, tc["pretrain_batch_size"] // session.world_size)
+    local_bs = max(2, tc.pretrain_batch_size // session.world_size)
     shard = session.dataset()
-    for epoch in range(start, max(start, tc["pretrain_epochs"])):
+    for epoch in range(start, max(start, tc.pretrain_epochs)):
         for group in optimizer.param_groups:
-            group["lr"] = pretrain_lr(tc["pretrain_lr"], epoch, tc["pretrain_epochs"])
+            group["lr"] = pretrain_lr(tc.pretrain_lr, epoch, tc.pretrain_epochs)
         t0, total, count = time.monotonic(), 0.0, 0
         model.train()
         batches = shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False,
                                            **shuffle_kwargs(tc, epoch, session.rank))
         for batch in batches:
             idx = batch["idx"].long().cpu()
-            x = to_pixels(batch["image"], idx, pixels, tc["seed"], epoch)
+            x = to_pixels(batch["image"], idx, job.pixels, tc.seed, epoch)
             img, txt, scale = model(x, tokens[idx].to(device))[:3]
             ids = image_of[idx]
             same = ids[:, None] == ids[None, :]
@@ -121,11 +134,13 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             optimizer.step()
             with torch.no_grad():  # CLIP's clamp: the temperature never exceeds 100
                 clip.model.logit_scale.clamp_(0, np.log(100))
-            total, count = total + float(loss) * len(logits), count + len(logits)
+            total, count = total + float(loss.detach()) * len(logits), count + len(logits)
         metrics = {"epoch": epoch, "loss": total / max(count, 1), "epoch_time_s": round(time.monotonic() - t0, 3)}
         meta.update(epoch=epoch, history=meta["history"] + [metrics])
         report_epoch(session, metrics, model, optimizer, {}, meta)
-    if start >= tc["pretrain_epochs"]:
+        if session.rank == 0:
+            post_epoch(job.feed, metrics)
+    if start >= tc.pretrain_epochs:
         last = meta["history"][-1] if meta["history"] else {"epoch": -1}
         report_epoch(session, last, model, optimizer, {}, meta)
 
@@ -135,7 +150,8 @@ def caption_retrieval(clip: Any, pairs: list[dict], st: Storage, limit: int = 25
     (or an identical string). ``chance`` is the same rate for a uniformly random pick;
     ``rank_percentile`` (share of other captions ranked above the image's best own caption; 0 = always
     first, about 1/(n+1) for a random model with n captions per image) is steadier on small sets."""
-    from near_ray.clip import decode_image, encode_images, encode_texts
+    from near_ray.images import decode_image
+    from near_ray.model.clip import encode_images, encode_texts
 
     by_path: dict[str, list[str]] = {}
     for p in pairs:
@@ -161,9 +177,9 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
     """Pretrain ``cfg.model.arch`` from random init; weights to ``out`` (safetensors) + a JSON beside."""
     import ray.train.torch
 
-    from near_ray.clip import create_clip, save_weights
+    from near_ray.model.clip import create_clip, save_weights
     from near_ray.train.data import image_dataset, train_data_config
-    from near_ray.train.stage import fit, load_trained, pixel_spec, ray_run_config, scaling_config
+    from near_ray.train.runner import epoch_feed, fit, load_trained, ray_run_config, scaling_config
 
     st = storage_for(cfg)
     out = out or cfg.artifact("pretrained/model.safetensors")
@@ -178,17 +194,19 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
     ds = image_dataset([p["uri"] for p in train_pairs], st, clip.image_size)
     trainer = ray.train.torch.TorchTrainer(
         pretrain_loop,
-        train_loop_config={"model": model_cfg.model_dump(), "train": cfg.train.model_dump(), "storage": st,
-                           "tokens": clip.tokenizer([p["caption"] for p in train_pairs]).numpy(),
-                           "image_of": image_numbers([p["uri"] for p in train_pairs]),
-                           "pixels": pixel_spec(clip, cfg.train.augment)},
+        train_loop_config={"job": PretrainJob(
+            model=model_cfg, train=cfg.train, storage=st,
+            tokens=clip.tokenizer([p["caption"] for p in train_pairs]).numpy(),
+            image_of=image_numbers([p["uri"] for p in train_pairs]),
+            pixels=PixelSpec.for_model(clip, cfg.train.augment), feed=(feed := epoch_feed()))},
         scaling_config=scaling_config(cfg),
         run_config=ray_run_config(cfg, "pretrain", st),
         datasets={"train": ds},
         dataset_config=train_data_config(),
     )
     t0 = time.monotonic()
-    result = fit(trainer, f"pretrain ({cfg.artifact('train/pretrain')})")
+    result = fit(trainer, f"pretrain ({cfg.artifact('train/pretrain')})", feed, cfg.train.pretrain_epochs,
+                 label="pretrain")
     meta = load_trained(result.checkpoint, clip)
     retrieval = caption_retrieval(clip, held or train_pairs[-256:], st)
     st.write_bytes(out, save_weights(clip.model))
@@ -209,25 +227,3 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
     st.write_json(info_uri, info)
     log.info("pretrain: %d pairs, caption retrieval %s → %s", len(train_pairs), retrieval, out)
     return {"weights": out, **info}
-
-
-def pretrain_on_synthetic_corpus(cfg: RunConfig, corpus: str) -> str:
-    """Weights of a small CLIP pretrained on a synthetic image-caption corpus (made at ``corpus`` if absent).
-
-    The corpus (``cfg.synth.pretrain_*``: another seed, more domains) stands in for the web data a
-    production CLIP was pretrained on; it never holds the images a run labels or tests on. Returns the
-    weights URI (``{workdir}/pretrained/model.safetensors``); both steps are skipped when done.
-    """
-    from near_ray.data.synth import generate
-
-    st = storage_for(cfg)
-    weights = cfg.artifact("pretrained/model.safetensors")
-    if st.exists(weights):
-        return weights
-    s = cfg.synth
-    if not st.exists(join(corpus, "captions.parquet")):
-        generate(out=corpus, domains=s.pretrain_domains, species=s.pretrain_species,
-                 images_per_species=s.pretrain_images_per_species, image_size=s.image_size,
-                 seed=s.pretrain_seed, test_fraction=0.05, storage=st)
-    pretrain(cfg, captions=join(corpus, "captions.parquet"), out=weights)
-    return weights

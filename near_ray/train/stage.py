@@ -3,7 +3,7 @@
 ``run_train(cfg)`` trains ``cfg.train.method`` on refine's artifacts, checkpoints every epoch under
 ``{workdir}/train/{method}`` and writes the bundle to ``{workdir}/bundles/{method}``. Re-running
 the same config resumes from the last checkpoint. ``export_zero_shot(cfg)`` writes the untrained
-CLIP over the vocabulary as ``bundles/zero_shot``; ``run_pretrain`` lives in ``pretrain.py``.
+CLIP over the vocabulary as ``bundles/zero_shot``. Pretraining is ``near_ray.train.pretrain``.
 """
 
 from __future__ import annotations
@@ -16,91 +16,47 @@ from typing import Any
 import numpy as np
 
 from near_ray.config import RunConfig
-from near_ray.errors import NearRayError
 from near_ray.runtime import ensure_ray
 from near_ray.storage import Storage, is_s3, storage_for
+from near_ray.train.loop import FaultInjection, FineTuneJob
+from near_ray.train.runner import TrainError, fit, load_trained_state, ray_run_config, scaling_config
+
+__all__ = ["TrainError", "export_zero_shot", "run_train"]
 
 log = logging.getLogger(__name__)
 
 
-class TrainError(NearRayError):
-    """Training could not finish; the message says which run and where its checkpoints are."""
-
-
-def ray_run_config(cfg: RunConfig, name: str, storage: Storage) -> Any:
-    """RunConfig with checkpoints at ``{workdir}/train/{name}`` (S3 through a pyarrow filesystem)."""
-    import ray.train
-
-    base = cfg.artifact("train")
-    if is_s3(base):
-        path, fs = base[len("s3://") :], storage.pa_filesystem()
-    else:
-        path, fs = str(Path(base).resolve()), None
-    return ray.train.RunConfig(
-        name=name,
-        storage_path=path,
-        storage_filesystem=fs,
-        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoint_keep),
-    )
-
-
-def scaling_config(cfg: RunConfig) -> Any:
-    import ray.train
-
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = 1
-    return ray.train.ScalingConfig(
-        num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
-    )
-
-
-def fit(trainer: Any, what: str) -> Any:
-    """``trainer.fit()`` with a user-facing error when the run fails for good."""
-    try:
-        result = trainer.fit()
-    except Exception as e:
-        raise TrainError(f"{what}: training failed after retries: {type(e).__name__}: {e}") from e
-    if result.checkpoint is None:
-        raise TrainError(f"{what}: training finished without a checkpoint")
-    return result
-
-
-def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None, in_process: bool = False) -> dict[str, Any]:
+def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: bool = False) -> dict[str, Any]:
     """Train ``cfg.train.method`` and export its bundle; returns a summary (epochs, metrics, bundle URI).
 
     ``in_process`` runs the same loop as one worker in this process, without a Ray Train worker group
-    (benchmarks: saves the group's start-up per run). ``fault_injection``
-    ({"fail_once_at_epoch": E, "fail_marker": path}) kills a worker once, to exercise recovery.
+    (benchmarks: saves the group's start-up per run). ``fault`` kills a worker once, to exercise recovery.
     """
-    from near_ray.clip import create_clip
-    from near_ray.train.data import image_dataset, load_training_set
+    from near_ray.model.clip import create_clip
+    from near_ray.train.data import PixelSpec, image_dataset, load_training_set
 
     ensure_ray()
     st = storage_for(cfg)
     method = cfg.train.method
-    if method == "pretrain":
-        raise TrainError("train.method 'pretrain': use `near-ray pretrain --captions …` instead")
     ts = load_training_set(cfg, method, st)
     clip = create_clip(cfg.model, st)
     names = [v["name"] for v in ts.vocabulary]
     ds = image_dataset(ts.uris, st, clip.image_size)
-    loop_config = {
-        "method": method,
-        "model": cfg.model.model_dump(),
-        "train": cfg.train.model_dump(),
-        "storage": st,
-        "prompts": [cfg.model.prompt_template.format(n) for n in names],
-        "candidates": ts.candidates,
-        "confidences": ts.confidences,
-        "neighbours": ts.neighbours[:, : cfg.train.refine_k] if cfg.train.refine_k else ts.neighbours,
-        "allowed": ts.allowed,
-        "pixels": pixel_spec(clip, cfg.train.augment),
-        **(fault_injection or {}),
-    }
+    job = FineTuneJob(
+        method=method,
+        model=cfg.model,
+        train=cfg.train,
+        storage=st,
+        prompts=[cfg.model.prompt_template.format(n) for n in names],
+        candidates=ts.candidates,
+        confidences=ts.confidences,
+        neighbours=ts.neighbours[:, : cfg.train.refine_k] if cfg.train.refine_k else ts.neighbours,
+        allowed=ts.allowed,
+        pixels=PixelSpec.for_model(clip, cfg.train.augment),
+        fault=fault,
+    )
     t0 = time.monotonic()
-    checkpoint = (_fit_in_process if in_process else _fit_ray_train)(cfg, loop_config, ds, st)
+    checkpoint = (_fit_in_process if in_process else _fit_ray_train)(cfg, job, ds, st)
     elapsed = time.monotonic() - t0
     state, meta = load_trained_state(checkpoint, clip)
     history = meta["history"]
@@ -125,57 +81,41 @@ def run_train(cfg: RunConfig, fault_injection: dict[str, Any] | None = None, in_
     return {**metrics, "bundle": bundle_uri, "checkpoint": checkpoint.path}
 
 
-def pixel_spec(clip: Any, augment: bool) -> dict[str, Any]:
-    """The loops' ``PixelSpec`` (as a dict) for this model's input size and normalization."""
-    return {"size": clip.image_size, "mean": tuple(clip.image_mean), "std": tuple(clip.image_std), "augment": augment}
-
-
-def _fit_ray_train(cfg: RunConfig, loop_config: dict[str, Any], ds: Any, st: Storage) -> Any:
+def _fit_ray_train(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage) -> Any:
     import ray.train.torch
 
     from near_ray.train.data import train_data_config
     from near_ray.train.loop import train_loop
+    from near_ray.train.runner import epoch_feed
 
-    method = loop_config["method"]
+    method = job.method
+    job.feed = epoch_feed()
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"job": job},
         scaling_config=scaling_config(cfg),
         run_config=ray_run_config(cfg, method, st),
         datasets={"train": ds},
         dataset_config=train_data_config(),
     )
-    return fit(trainer, f"train {method} ({cfg.artifact(f'train/{method}')})").checkpoint
+    where = f"train {method} ({cfg.artifact(f'train/{method}')})"
+    return fit(trainer, where, job.feed, cfg.train.epochs, label=f"train {method}").checkpoint
 
 
-def _fit_in_process(cfg: RunConfig, loop_config: dict[str, Any], ds: Any, st: Storage) -> Any:
+def _fit_in_process(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage) -> Any:
     """Checkpoints in ``{workdir}/train/{method}/in_process`` (a local folder; a temporary one for S3)."""
     import tempfile
 
     import ray.train
 
-    from near_ray.train.loop import InProcessSession, train_loop
+    from near_ray.train.loop import train_loop
+    from near_ray.train.runner import InProcessSession
 
-    base = cfg.artifact(f"train/{loop_config['method']}")
+    base = cfg.artifact(f"train/{job.method}")
     folder = str(Path(tempfile.mkdtemp(prefix="near_ray_train_")) / "latest") if is_s3(base) else base + "/in_process"
     Path(folder).parent.mkdir(parents=True, exist_ok=True)
-    train_loop(loop_config, InProcessSession(ds, folder))
+    train_loop({"job": job}, InProcessSession(ds, folder))
     return ray.train.Checkpoint.from_directory(folder)
-
-
-def load_trained_state(checkpoint: Any, clip: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load a training checkpoint's weights into ``clip.model``; returns its per-sample state and meta."""
-    from near_ray.train.checkpoint import load_checkpoint
-
-    with checkpoint.as_directory() as folder:
-        state, meta = load_checkpoint(folder, clip.model)
-    clip.model.eval()
-    return state, meta
-
-
-def load_trained(checkpoint: Any, clip: Any) -> dict[str, Any]:
-    """Load a training checkpoint's weights into ``clip.model``; returns its meta (epoch, history)."""
-    return load_trained_state(checkpoint, clip)[1]
 
 
 def label_support(confidences: Any, vocabulary_size: int) -> np.ndarray:
@@ -209,8 +149,8 @@ def export_bundle(
     cfg: RunConfig, clip: Any, vocabulary: list[dict], uri: str, logit_scale: float, metrics: dict, st: Storage
 ) -> str:
     """Bundle = weights + vocabulary + text embeddings from the (fine-tuned) text tower."""
-    from near_ray.bundle import save_bundle
-    from near_ray.clip import encode_texts
+    from near_ray.model.bundle import save_bundle
+    from near_ray.model.clip import encode_texts
 
     text = encode_texts(clip, [v["name"] for v in vocabulary], cfg.model.prompt_template)
     save_bundle(
@@ -220,7 +160,7 @@ def export_bundle(
         text,
         prompt_template=cfg.model.prompt_template,
         logit_scale=logit_scale,
-        abstain_threshold=cfg.serve.abstain_threshold,
+        abstain_threshold=cfg.serve.abstain_threshold or 0.0,
         metrics=metrics,
         extra_config={"method": metrics.get("method"), "arch": cfg.model.arch, "pretrained": cfg.model.pretrained},
         storage=st,
@@ -230,7 +170,7 @@ def export_bundle(
 
 def export_zero_shot(cfg: RunConfig) -> str:
     """The initial CLIP over refine's vocabulary, without fine-tuning, as ``bundles/zero_shot``."""
-    from near_ray.clip import create_clip
+    from near_ray.model.clip import create_clip
     from near_ray.train.data import TrainDataError
 
     st = storage_for(cfg)
@@ -241,10 +181,3 @@ def export_zero_shot(cfg: RunConfig) -> str:
     scale = float(min(100.0, clip.model.logit_scale.exp().item()))
     uri = cfg.artifact("bundles/zero_shot")
     return export_bundle(cfg, clip, st.read_json(vocab_uri), uri, scale, {"method": "zero_shot", "epochs": []}, st)
-
-
-def run_pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str, Any]:
-    """Contrastive CLIP pretraining on an image-caption table (see ``near_ray.train.pretrain``)."""
-    from near_ray.train.pretrain import pretrain
-
-    return pretrain(cfg, captions, out)

@@ -9,6 +9,8 @@ Input rows (one per image x sample), built by the label stage:
 Output rows keep every input column except ``image`` and add:
     raw_answer (str | None), status ("ok" | "mllm_error"), error (str | None),
     input_tokens (int), output_tokens (int), latency_s (float), model (str)
+and may add ``system_fingerprint`` (str | None: the endpoint's own; the simulated annotator says
+"simulated", which the run summary and reports pass on).
 
 ``status`` here is about the request only; the stage turns answers that name nothing into
 ``unparsable``. Backends are imported lazily: the vLLM one needs vLLM, the OpenAI one only aiohttp.
@@ -40,7 +42,6 @@ INPUT_COLUMNS = (
     "image",
     "mime",
 )
-OUTPUT_COLUMNS = ("raw_answer", "status", "error", "input_tokens", "output_tokens", "latency_s", "model")
 
 _MODULES = {"openai": "near_ray.label.backends.openai", "vllm": "near_ray.label.backends.vllm"}
 

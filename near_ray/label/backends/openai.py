@@ -15,7 +15,6 @@ run goes on. The API key is read inside the actor from the environment variable 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from near_ray.label.backends import INPUT_COLUMNS
+from near_ray.label.prompts import chat_messages
 
 if TYPE_CHECKING:
     import ray.data
@@ -44,6 +44,7 @@ OUTPUT_TYPES = {
     "output_tokens": pa.int64(),
     "latency_s": pa.float64(),
     "model": pa.string(),
+    "system_fingerprint": pa.string(),
 }
 
 
@@ -61,19 +62,9 @@ class FatalError(Exception):
 
 def request_body(row: dict[str, Any], cfg: OpenAIBackendConfig) -> dict[str, Any]:
     """The chat-completions request for one (image, sample) row."""
-    image_b64 = base64.b64encode(row["image"]).decode("ascii")
     body: dict[str, Any] = {
         "model": cfg.model,
-        "messages": [
-            {"role": "system", "content": row["system_prompt"]},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": f"data:{row['mime']};base64,{image_b64}"}},
-                    {"type": "text", "text": row["user_prompt"]},
-                ],
-            },
-        ],
+        "messages": chat_messages(row["system_prompt"], row["user_prompt"], row["image"], row["mime"]),
         "temperature": float(row["temperature"]),
         "seed": int(row["seed"]),
         "max_tokens": cfg.max_tokens,
@@ -182,7 +173,9 @@ def _parse_completion(text: str) -> tuple[str | None, dict[str, Any]]:
         content = message.get("refusal")  # structured-output refusals: kept verbatim, parse to no name
     if content is not None and not isinstance(content, str):
         raise RetryableError(f"malformed response body: content is {type(content).__name__}")
-    usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+    usage = dict(obj["usage"]) if isinstance(obj.get("usage"), dict) else {}
+    if isinstance(obj.get("system_fingerprint"), str):  # kept with the usage: which backend build answered
+        usage["system_fingerprint"] = obj["system_fingerprint"]
     return content, usage
 
 
@@ -191,6 +184,7 @@ def _result(answer: str | None, error: str | None, usage: dict[str, Any], latenc
         "raw_answer": answer,
         "status": "ok" if error is None else "mllm_error",
         "error": error,
+        "system_fingerprint": usage.get("system_fingerprint"),
         "input_tokens": int(usage.get("prompt_tokens") or 0),
         "output_tokens": int(usage.get("completion_tokens") or 0),
         "latency_s": float(latency),
@@ -201,10 +195,8 @@ def _result(answer: str | None, error: str | None, usage: dict[str, Any], latenc
 class OpenAILabeler:
     """Ray Data actor: one event loop, one HTTP session, concurrent requests for every batch it holds."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        from near_ray.config import OpenAIBackendConfig
-
-        self.cfg = OpenAIBackendConfig.model_validate(cfg)
+    def __init__(self, cfg: OpenAIBackendConfig) -> None:
+        self.cfg = cfg
         self._client: ChatClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -240,7 +232,7 @@ def label_dataset(ds: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset:
     per_actor = max(cfg.batches_per_actor, math.ceil(cfg.openai.concurrency / cfg.batch_size) * 2)
     return ds.map_batches(
         OpenAILabeler,
-        fn_constructor_kwargs={"cfg": cfg.openai.model_dump()},
+        fn_constructor_kwargs={"cfg": cfg.openai},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,

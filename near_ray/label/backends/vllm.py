@@ -22,13 +22,13 @@ Choices, each checked against ray 2.60 / vLLM 0.29:
 
 from __future__ import annotations
 
-import base64
 import functools
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from near_ray.errors import NearRayError
 from near_ray.label.backends import INPUT_COLUMNS, model_name
+from near_ray.label.prompts import chat_messages
 
 if TYPE_CHECKING:
     import ray.data
@@ -92,17 +92,7 @@ def processor_options(cfg: LabelConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ rows
 def request_row(row: dict[str, Any], max_tokens: int, guided_decoding: bool) -> dict[str, Any]:
     """One engine request: chat messages with the image as a data URL, per-row sampling params."""
-    data_url = f"data:{row['mime']};base64,{base64.b64encode(row['image']).decode('ascii')}"
-    messages = [
-        {"role": "system", "content": [{"type": "text", "text": row["system_prompt"]}]},
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": data_url}},
-                {"type": "text", "text": row["user_prompt"]},
-            ],
-        },
-    ]
+    messages = chat_messages(row["system_prompt"], row["user_prompt"], row["image"], row["mime"])
     sampling: dict[str, Any] = {
         "seed": int(row["seed"]),
         "temperature": float(row["temperature"]),

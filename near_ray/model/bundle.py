@@ -26,10 +26,9 @@ from near_ray.storage import Storage, join
 if TYPE_CHECKING:
     from PIL import Image
 
-    from near_ray.clip import Clip
+    from near_ray.model.clip import Clip
 
 FORMAT_VERSION = 1
-FILES = ("model.safetensors", "config.json", "vocabulary.json", "text_embeddings.safetensors", "metrics.json")
 
 
 class BundleError(NearRayError):
@@ -52,7 +51,7 @@ def save_bundle(
     """Write a bundle; config.json is written last, so a bundle without it is incomplete."""
     from safetensors.numpy import save as np_save
 
-    from near_ray.clip import save_weights
+    from near_ray.model.clip import save_weights
 
     st = storage or Storage()
     if len(vocabulary) != len(text_embeddings):
@@ -114,7 +113,7 @@ class Bundle:
         return mask
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
-        from near_ray.clip import encode_images
+        from near_ray.model.clip import encode_images
 
         return encode_images(self.clip, images)
 
@@ -130,29 +129,28 @@ class Bundle:
         """Index of the predicted vocabulary entry for each image."""
         return self.probabilities(self.embed(images), domain).argmax(axis=1)
 
-    def classify(self, images: list[Image.Image], top_k: int = 5, domain: str | None = None) -> list[Prediction]:
-        probs = self.probabilities(self.embed(images), domain)
+    def rank(self, probs: np.ndarray, domain: str | None, top_k: int, threshold: float | None = None) -> Prediction:
+        """The top-k names of one row of ``probabilities`` (ties to the lower vocabulary index) and whether
+        the top one falls below the abstain threshold (the bundle's own unless ``threshold`` is given)."""
         k = min(top_k, int(self.domain_mask(domain).sum()))
-        out = []
-        for row in probs:
-            idx = np.argsort(-row)[:k]
-            out.append(
-                Prediction(
-                    names=[self.names[i] for i in idx],
-                    scores=[float(row[i]) for i in idx],
-                    abstained=bool(row[idx[0]] < self.abstain_threshold),
-                    domain=self.domains[idx[0]] or None,
-                )
-            )
-        return out
+        idx = np.argsort(-probs, kind="stable")[:k]
+        limit = self.abstain_threshold if threshold is None else threshold
+        return Prediction(
+            names=[self.names[i] for i in idx],
+            scores=[float(probs[i]) for i in idx],
+            abstained=bool(probs[idx[0]] < limit),
+            domain=self.domains[idx[0]] or None,
+        )
+
+    def classify(self, images: list[Image.Image], top_k: int = 5, domain: str | None = None) -> list[Prediction]:
+        return [self.rank(row, domain, top_k) for row in self.probabilities(self.embed(images), domain)]
 
 
 def load_bundle(uri: str, storage: Storage | None = None, device: str = "cpu") -> Bundle:
     """Load a bundle written by ``save_bundle``; errors name the bundle and the missing/bad file."""
     from safetensors.numpy import load as np_load
 
-    from near_ray.clip import create_clip, load_state_dict_bytes
-    from near_ray.config import ModelConfig
+    from near_ray.model.clip import clip_from_config, load_state_dict_bytes
 
     st = storage or Storage()
     try:
@@ -168,7 +166,7 @@ def load_bundle(uri: str, storage: Storage | None = None, device: str = "cpu") -
     except NearRayError as e:
         raise BundleError(f"{uri}: incomplete bundle: {e}") from e
     model_config = dict(config["model_config"], preprocess_cfg={"mean": config["image_mean"], "std": config["image_std"]})
-    clip = create_clip(ModelConfig(arch="bundle", pretrained=None), model_config=model_config)
+    clip = clip_from_config(model_config)
     clip.model.load_state_dict(state)
     clip.model.to(device).eval()
     return Bundle(uri, clip, config, vocabulary, text_embeddings)

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from near_ray.data.render import render
-from near_ray.data.taxonomy import (
+from near_ray.sim.render import render
+from near_ray.sim.taxonomy import (
     PALETTE,
     TEMPLATES,
     DomainTaxonomy,

@@ -2,7 +2,7 @@
 
 It knows the true class of every image of a synthetic benchmark (truth.parquet + taxonomy.json),
 recognises an image sent as a data URL by its content (robust to re-encoding and resizing), and
-answers with structured noise from a profile (see annotator_model.py and profiles/*.yaml). Faults —
+answers with structured noise from a profile (see noise.py and profiles/*.yaml). Faults —
 latency, HTTP 429/500, hangs, malformed bodies — are injected deterministically per (image, seed,
 attempt), so a retry of the same request can succeed. Everything it says is simulated, and /stats
 says so.
@@ -13,8 +13,6 @@ Endpoints: POST /v1/chat/completions, GET /v1/models, GET /healthz, GET /stats, 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import math
@@ -29,7 +27,7 @@ from aiohttp import web
 from PIL import UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from near_ray.label.annotator_model import (
+from near_ray.sim.noise import (
     OUTCOMES,
     UNKNOWN_ANSWERS,
     AnnotatorError,
@@ -41,6 +39,7 @@ from near_ray.label.annotator_model import (
     load_truth,
     rng_for,
 )
+from near_ray.sim.protocol import BadRequest, error_response, parse_request, structured_key
 from near_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -86,79 +85,6 @@ class FaultConfig(BaseModel):
         if cfg.rate_429 + cfg.rate_500 + cfg.rate_hang + cfg.rate_malformed > 1:
             raise AnnotatorError("faults: rate_429 + rate_500 + rate_hang + rate_malformed must be ≤ 1")
         return cfg
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-# ------------------------------------------------------------------------------------------ requests
-def _decode_data_url(url: Any, where: str) -> bytes:
-    if not isinstance(url, str) or not url.startswith("data:"):
-        raise BadRequest(f"{where}: only data: URLs with base64 images are supported (the simulator cannot fetch)",
-                         where)
-    header, _, payload = url.partition(",")
-    if ";base64" not in header:
-        raise BadRequest(f"{where}: the data URL is not base64-encoded", where)
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest(f"{where}: invalid base64 in the data URL", where) from None
-
-
-def parse_request(body: Any) -> tuple[list[bytes], str]:
-    """(images, text of the prompt) of a chat-completions request, or BadRequest naming the field."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list", "messages")
-    images, texts = [], []
-    for m, msg in enumerate(messages):
-        content = msg.get("content") if isinstance(msg, dict) else None
-        if isinstance(content, str):
-            texts.append(content)
-            continue
-        if not isinstance(content, list):
-            raise BadRequest(f"messages[{m}].content must be a string or a list of parts", f"messages[{m}].content")
-        for p, part in enumerate(content):
-            where = f"messages[{m}].content[{p}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                texts.append(str(part.get("text", "")))
-            elif kind == "image_url":
-                iu = part.get("image_url")
-                images.append(_decode_data_url(iu.get("url") if isinstance(iu, dict) else iu, f"{where}.image_url"))
-            else:
-                raise BadRequest(f"{where}: unsupported content part type {kind!r}", where)
-    if not images:
-        raise BadRequest("no image in the request: add an 'image_url' content part with a data URL", "messages")
-    return images, " ".join(texts)
-
-
-def structured_key(response_format: Any) -> str | None:
-    """The JSON key to answer under when the request asks for structured output, else None."""
-    if not isinstance(response_format, dict):
-        return None
-    kind = response_format.get("type")
-    if kind == "json_object":
-        return "name"
-    if kind != "json_schema":
-        return None
-    schema = (response_format.get("json_schema") or {}).get("schema") or {}
-    props = schema.get("properties") or {}
-    for key in schema.get("required") or []:
-        if (props.get(key) or {}).get("type") == "string":
-            return str(key)
-    return next((str(k) for k, v in props.items() if (v or {}).get("type") == "string"), "name")
-
-
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-           headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return web.json_response(body, status=status, headers=headers)
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -268,13 +194,13 @@ class Annotator:
             image = self.index.lookup(images[0])
         except json.JSONDecodeError as e:
             self.count("bad_request")
-            return _error(400, f"the request body is not valid JSON: {e}")
+            return error_response(400, f"the request body is not valid JSON: {e}")
         except BadRequest as e:
             self.count("bad_request")
-            return _error(400, str(e), e.param)
+            return error_response(400, str(e), e.param)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             self.count("bad_request")
-            return _error(400, f"messages: the image could not be decoded: {e}", "messages")
+            return error_response(400, f"messages: the image could not be decoded: {e}", "messages")
         if req_seed is None:  # no request seed: successive requests for an image are successive samples
             with self._lock:
                 req_seed = self._attempts[("unseeded", image)]
@@ -295,11 +221,11 @@ class Annotator:
             await asyncio.sleep(latency)
         if fault == "http_429":
             self.count("http_429")
-            return _error(429, "Rate limit reached (simulated). Please retry after the indicated time.",
+            return error_response(429, "Rate limit reached (simulated). Please retry after the indicated time.",
                           kind="rate_limit_error", headers={"Retry-After": f"{self.faults.retry_after_s:g}"})
         if fault == "http_500":
             self.count("http_500")
-            return _error(500, "The server had an error while processing your request (simulated).",
+            return error_response(500, "The server had an error while processing your request (simulated).",
                           kind="server_error")
         if fault == "malformed":
             self.count("malformed")

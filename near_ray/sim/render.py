@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from near_ray.data.taxonomy import INK, PALETTE, SIZES
+from near_ray.sim.taxonomy import INK, PALETTE, SIZES
 
 RGB = tuple[int, int, int]
 NAMED = INK

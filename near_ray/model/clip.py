@@ -1,7 +1,7 @@
 """The CLIP model behind every stage: one front door over open_clip.
 
 ``ModelConfig.arch`` is an open_clip model name ("ViT-B-16"), the name of a config shipped with
-near_ray (``near_ray/model_configs/*.json``, e.g. "near-tiny"), or a URI of such a JSON file.
+near_ray (``near_ray/model/configs/*.json``, e.g. "near-tiny"), or a URI of such a JSON file.
 ``ModelConfig.pretrained`` is an open_clip pretrained tag ("openai", "laion2b_s34b_b88k"), a URI of
 safetensors weights, or None for random init. Configs are data; nothing here downloads unless an
 open_clip pretrained tag asks for it.
@@ -9,7 +9,6 @@ open_clip pretrained tag asks for it.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -49,8 +48,11 @@ class Clip:
         return int(size if isinstance(size, int) else size[0])
 
 
+_CONFIGS = resources.files("near_ray.model") / "configs"
+
+
 def builtin_configs() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("near_ray.model_configs").iterdir() if p.name.endswith(".json"))
+    return sorted(p.name[:-5] for p in _CONFIGS.iterdir() if p.name.endswith(".json"))
 
 
 def resolve_model_config(arch: str, storage: Storage | None = None) -> dict:
@@ -58,7 +60,7 @@ def resolve_model_config(arch: str, storage: Storage | None = None) -> dict:
     import open_clip
 
     if arch in builtin_configs():
-        return json.loads(resources.files("near_ray.model_configs").joinpath(f"{arch}.json").read_text())
+        return json.loads(_CONFIGS.joinpath(f"{arch}.json").read_text())
     if arch.endswith(".json"):
         from near_ray.storage import Storage as _Storage
 
@@ -85,23 +87,22 @@ def load_state_dict_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return st_load(data)
 
 
-def create_clip(model_cfg: ModelConfig, storage: Storage | None = None, model_config: dict | None = None) -> Clip:
-    """Build the model from config: open_clip name + pretrained tag, or config dict + safetensors weights."""
+def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
+    """Build the model a run config names: an open_clip name + pretrained tag, or a config + safetensors weights."""
     import open_clip
 
-    cfg = dict(model_config or resolve_model_config(model_cfg.arch, storage))
-    preprocess_cfg = cfg.pop("preprocess_cfg", {}) or {}
-    mean = tuple(preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
-    std = tuple(preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    cfg = resolve_model_config(model_cfg.arch, storage)
     pretrained = model_cfg.pretrained
     if pretrained and not _is_weights_uri(pretrained):
         # An open_clip pretrained tag: production path, open_clip fetches the weights.
+        preprocess_cfg = cfg.get("preprocess_cfg", {}) or {}
         model, preprocess_train, preprocess = open_clip.create_model_and_transforms(model_cfg.arch, pretrained=pretrained)
         tokenizer = open_clip.get_tokenizer(model_cfg.arch)
-        mean = tuple(getattr(model.visual, "image_mean", None) or mean)
-        std = tuple(getattr(model.visual, "image_std", None) or std)
-        return Clip(model, preprocess_train, preprocess, tokenizer, cfg, mean, std)
-    model = open_clip.CLIP(**cfg)
+        mean = tuple(getattr(model.visual, "image_mean", None) or preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        std = tuple(getattr(model.visual, "image_std", None) or preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
+        return Clip(model, preprocess_train, preprocess, tokenizer, {k: v for k, v in cfg.items() if k != "preprocess_cfg"},
+                    mean, std)
+    clip = clip_from_config(cfg)
     if pretrained:
         from near_ray.storage import Storage as _Storage
 
@@ -109,12 +110,25 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None, model_co
             state = load_state_dict_bytes((storage or _Storage()).read_bytes(pretrained))
         except NearRayError as e:
             raise ModelError(f"model.pretrained: {e}") from e
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = clip.model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.startswith("text.")]:
             raise ModelError(
                 f"model.pretrained: weights {pretrained} do not fit arch '{model_cfg.arch}' "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
+    return clip
+
+
+def clip_from_config(model_config: dict) -> Clip:
+    """A randomly initialized model from an open_clip config dict (with ``preprocess_cfg``: mean, std):
+    what a bundle's config.json holds, so a bundle rebuilds its model offline."""
+    import open_clip
+
+    cfg = dict(model_config)
+    preprocess_cfg = cfg.pop("preprocess_cfg", {}) or {}
+    mean = tuple(preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    model = open_clip.CLIP(**cfg)
     size = cfg["vision_cfg"]["image_size"]
     preprocess_train = open_clip.image_transform(size, is_train=True, mean=mean, std=std)
     preprocess = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
@@ -150,30 +164,13 @@ def encode_images(clip: Clip, images: list[Image.Image], batch_size: int = 64) -
     """L2-normalized image embeddings (float32, [N, D]) with the eval transform."""
     import torch
 
+    from near_ray.images import to_rgb
+
     clip.model.eval()
     device = next(clip.model.parameters()).device
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            x = torch.stack([clip.preprocess(im.convert("RGB")) for im in images[i : i + batch_size]]).to(device)
+            x = torch.stack([clip.preprocess(to_rgb(im)) for im in images[i : i + batch_size]]).to(device)
             out.append(torch.nn.functional.normalize(clip.model.encode_image(x).float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
-def decode_image(data: bytes, max_pixels: int = 64_000_000, what: str = "image") -> Image.Image:
-    """Bytes -> RGB PIL image, EXIF-transposed, refusing decompression bombs. Errors name ``what``."""
-    from PIL import Image, ImageOps
-
-    if not data:
-        raise NearRayError(f"{what}: empty file")
-    try:
-        im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        if w * h > max_pixels:
-            raise NearRayError(f"{what}: {w}x{h} pixels exceeds the limit of {max_pixels}")
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
-    except NearRayError:
-        raise
-    except Exception as e:
-        raise NearRayError(f"{what}: not a decodable image ({type(e).__name__}: {e})") from None

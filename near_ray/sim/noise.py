@@ -1,6 +1,6 @@
 """What the simulated MLLM answers: noise profiles, image recognition by content, structured noise.
 
-The noise model (DESIGN.md, "Simulated annotator") has three layers, each drawn from its own seeded
+The noise model (docs/simulation.md) has three layers, each drawn from its own seeded
 numpy Generator so no global RNG state is involved:
 
 - per class: the share of its wrong answers that name a sibling (Beta-distributed around the profile's
@@ -61,7 +61,7 @@ class AnnotatorError(NearRayError):
 
 
 class Profile(BaseModel):
-    """A noise profile; the YAML files in near_ray/label/profiles document every knob."""
+    """A noise profile; the YAML files in near_ray/sim/profiles document every knob."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -94,15 +94,15 @@ class Profile(BaseModel):
 
 
 def load_profile(profile: str) -> Profile:
-    """A profile by name (near_ray/label/profiles/NAME.yaml) or a path to a YAML/JSON file."""
+    """A profile by name (near_ray/sim/profiles/NAME.yaml) or a path to a YAML/JSON file."""
     path = Path(profile)
     try:
         if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
             text, source = path.read_text(), str(path)
         else:
-            res = resources.files("near_ray.label") / "profiles" / f"{profile}.yaml"
+            res = resources.files("near_ray.sim") / "profiles" / f"{profile}.yaml"
             if not res.is_file():
-                known = sorted(p.name[:-5] for p in (resources.files("near_ray.label") / "profiles").iterdir()
+                known = sorted(p.name[:-5] for p in (resources.files("near_ray.sim") / "profiles").iterdir()
                                if p.name.endswith(".yaml"))
                 raise AnnotatorError(f"profile '{profile}': no such file or built-in profile (built-in: {known})")
             text, source = res.read_text(), f"profile '{profile}'"
@@ -330,7 +330,7 @@ class NoiseModel:
                       if n != species and (exclude_genus is None or e.get("genus") != exclude_genus))
 
     def _hallucinate(self, domain: str, rng: np.random.Generator) -> str:
-        from near_ray.data.taxonomy import PALETTE, SPECIES_PREFIXES, TEMPLATES
+        from near_ray.sim.taxonomy import PALETTE, SPECIES_PREFIXES, TEMPLATES
 
         existing = {n.lower() for n in self.domains[domain]["species"]}
         heads = TEMPLATES[domain].heads if domain in TEMPLATES else tuple(

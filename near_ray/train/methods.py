@@ -1,0 +1,60 @@
+"""Every way near_ray turns the MLLM's names into a classifier, defined once.
+
+A method says what each training image starts from (``targets``), which loss it trains with after
+warm-up (``loss``), and whether the NeaR machinery is on: the GMM clean/noisy split (``gmm``) and the
+neighbours' predictions in the refined target (``neighbour_refinement``). The config's allowed values,
+the CLI's choices, the pipeline's list of bundles to train and the report's labels all come from
+``METHODS``: an ablation is one more entry here. Plain data, no torch: the config imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Targets = Literal["candidates", "own_labels", "majority", "none"]
+Loss = Literal["ce", "pll", "near", "none"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str  # how reports name it
+    targets: Targets  # initial confidences: kNN candidate sets, own MLLM answers, the majority label
+    loss: Loss  # after warm-up: cross-entropy, partial-label (PRODEN), or NeaR's clean/noisy loss
+    gmm: bool = False  # fit the clean/noisy split on per-sample losses each epoch after warm-up
+    neighbour_refinement: bool = False  # noisy samples' targets blend in their neighbours' predictions
+
+    @property
+    def trained(self) -> bool:
+        return self.loss != "none"
+
+    def phase(self, epoch: int, warmup_epochs: int) -> str:
+        """The loss of one epoch: "ce", "pll" (warm-up, or PRODEN all the way) or "near"."""
+        if self.loss == "ce":
+            return "ce"
+        if self.loss == "near" and epoch >= warmup_epochs:
+            return "near"
+        return "pll"
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("zero_shot", "zero-shot CLIP over the MLLM vocabulary", targets="none", loss="none"),
+        Method("naive", "naive fine-tuning (majority labels)", targets="majority", loss="ce"),
+        Method("near", "NeaR", targets="candidates", loss="near", gmm=True, neighbour_refinement=True),
+        Method("near_no_knn", "NeaR without kNN candidates", targets="own_labels", loss="near", gmm=True),
+        Method("near_no_gmm", "NeaR without GMM clean/noisy split", targets="candidates", loss="pll"),
+    )
+}
+TRAINED = tuple(name for name, m in METHODS.items() if m.trained)
+DIRECT_MLLM = "direct_mllm"  # not a bundle: the MLLM asked about every test image (evaluation only)
+EVALUATED = (DIRECT_MLLM, *METHODS)  # what eval.methods may name
+TITLES = {DIRECT_MLLM: "direct MLLM (per test image)", **{name: m.title for name, m in METHODS.items()}}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise KeyError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
+    return METHODS[name]

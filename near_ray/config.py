@@ -149,6 +149,9 @@ class RefineConfig(Section):
     # guard, 0.92 merges no sibling and no coarse name while it merges modifier variants of one name.
     merge_threshold: float = Field(0.92, ge=-1, le=1)
     merge_lexical_guard: bool = True  # embedding merges only add modifiers or fix spelling, never swap words
+    # ... and only between names given to the same images: this share of the rarer name's images must
+    # also carry the other name (names with images of their own are distinct classes, not variants)
+    merge_min_shared: float = Field(0.5, ge=0, le=1)
     min_support: int = Field(1, ge=1)  # images a name needs to stay in the vocabulary
     k: int = Field(10, ge=1)  # neighbours per image
     neighbour_weight: float = Field(0.5, ge=0)  # weight of neighbour votes vs own samples
@@ -180,6 +183,9 @@ class TrainConfig(Section):
     gmm_clean_threshold: float = Field(0.5, ge=0, le=1)
     # the bundle keeps the names at least this many training images are finally labelled with (0 = all)
     min_label_support: int = Field(1, ge=0)
+    # the classifier: each name's text embedding mixed with this share of its image prototype (the
+    # confidence-weighted mean embedding of its training images); 0 = text only
+    prototype_weight: float = Field(0.0, ge=0, le=1)
     # clean samples after warm-up: the PLL loss on their confidences W (soft), or CE on argmax W (hard)
     clean_loss: Literal["hard", "soft"] = "soft"
     # PRODEN updates: new confidence ∝ p * initial_confidence ** prior_power / mean_prediction ** balance

@@ -112,3 +112,23 @@ def test_by_domain_keeps_domains_apart(sacc: SemanticAccuracy) -> None:
     exact = by_domain(domains, truth, truth, sacc)
     assert exact["sacc"] == pytest.approx(1.0, abs=1e-5)
     assert exact["domains"]["flowers"]["sacc"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_prediction_spread_flags_a_method_that_collapses_onto_few_names():
+    from near_ray.eval.metrics import prediction_spread
+    from near_ray.eval.report import render_markdown
+
+    truth = [f"species {c}" for c in range(8) for _ in range(5)]
+    domains = ["birds"] * len(truth)
+    varied = prediction_spread(domains, truth, truth)
+    assert varied["birds"] == {"classes": 8, "distinct_names": 8, "top_name": "species 7", "top_share": 0.125,
+                               "collapsed": False}
+    constant = ["species 0"] * 30 + ["species 1"] * 10
+    collapsed = prediction_spread(domains, truth, constant)["birds"]
+    assert collapsed["distinct_names"] == 2 and collapsed["top_share"] == 0.75 and collapsed["collapsed"]
+    report = {"dataset": "d", "test_images": 40, "sacc_model": "m", "domains": [{"name": "birds", "classes": 8,
+              "test_images": 40, "meta_class": "bird"}], "latency_conditions": {"load_average_1m": 1.5, "cpus": 2},
+              "methods": {"near": {"cacc": 1.0, "spread": varied}, "naive": {"cacc": 0.2, "spread": {"birds": collapsed}}}}
+    md = render_markdown(report)
+    assert "Warning: collapse" in md and "naive" in md.split("Warning: collapse")[1].split("\n")[2]
+    assert "load average of 1.5 on 2 CPUs (a busy machine)" in md and "sACC rewards names" in md

@@ -148,3 +148,24 @@ def by_domain(
             per[d]["sacc"] = float(sims[rows].mean())
     result["domains"] = per
     return result
+
+
+def prediction_spread(
+    domains: Sequence[str], true_names: Sequence[str], pred_names: Sequence[str | None]
+) -> dict[str, dict[str, Any]]:
+    """Per domain: how many distinct names a method predicts against how many classes there are, and
+    the largest share of the test images one name takes. A method that collapses onto one or two names
+    can still score a high sACC when those names share words with the true names."""
+    out: dict[str, dict[str, Any]] = {}
+    for d in sorted(set(domains)):
+        rows = [i for i, x in enumerate(domains) if x == d]
+        preds = [pred_names[i] for i in rows if pred_names[i] is not None]
+        classes = len({true_names[i] for i in rows})
+        counts: dict[str, int] = {}
+        for p in preds:
+            counts[p] = counts.get(p, 0) + 1
+        top = max(counts, key=lambda n: (counts[n], n)) if counts else None
+        share = counts[top] / len(rows) if top else 0.0
+        out[d] = {"classes": classes, "distinct_names": len(counts), "top_name": top, "top_share": round(share, 4),
+                  "collapsed": bool(classes >= 3 and (len(counts) <= classes / 2 or share >= max(3 / classes, 0.2)))}
+    return out

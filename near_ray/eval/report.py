@@ -47,6 +47,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {TITLES.get(m, m)} | {_pct(r.get('cacc'))} | {_pct(r.get('sacc'))} | {_pct(r.get('nmi'))} | "
             f"{_pct(r.get('ari'))} | {_num(r.get('cost_per_1k'), '.4f')} | {_num(r.get('latency_ms'), '.1f')} |"
         )
+    lines += _spread_lines(report, methods)
     if len(report["domains"]) > 1:
         lines += [
             "",
@@ -85,6 +86,40 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"- {name}: {where}" if where.startswith("skipped") else f"![{name}]({where.rsplit('/', 1)[-1]})"
             )
     return "\n".join(lines) + "\n"
+
+
+def _spread_lines(report: dict[str, Any], methods: dict[str, Any]) -> list[str]:
+    """Notes under the main table: latency conditions, the sACC caveat, and methods that collapsed."""
+    cond = report.get("latency_conditions") or {}
+    lines = [""]
+    if cond:
+        quiet = "" if cond.get("load_average_1m", 0) < 0.5 * (cond.get("cpus") or 1) else " (a busy machine)"
+        lines.append(f"Latency: batch-1 wall time, measured with a load average of {cond.get('load_average_1m')} "
+                     f"on {cond.get('cpus')} CPUs{quiet}.")
+    lines.append("sACC rewards names that share words with the true names: a method that predicts one or two "
+                 "names for most images can score a high sACC. The spread below shows how many names each method uses.")
+    domains = [d["name"] for d in report["domains"]]
+    lines += ["", "## Prediction spread (distinct names predicted / true classes, largest share of one name)", "",
+              "| method | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    collapsed = []
+    for m in ordered_methods(methods):
+        spread = methods[m].get("spread", {})
+        cells = []
+        for d in domains:
+            s = spread.get(d)
+            if not s:
+                cells.append("–")
+                continue
+            cells.append(f"{s['distinct_names']} / {s['classes']}, {100 * s['top_share']:.0f}%"
+                         + (" ⚠" if s["collapsed"] else ""))
+            if s["collapsed"]:
+                collapsed.append(f"{TITLES.get(m, m)} on {d}: {s['distinct_names']} names for {s['classes']} "
+                                 f"classes, '{s['top_name']}' for {100 * s['top_share']:.0f}% of the images")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if collapsed:
+        lines += ["", "**Warning: collapse.** These methods name most test images with a few names:", ""]
+        lines += [f"- {c}" for c in collapsed]
+    return lines
 
 
 def json_safe(obj: Any) -> Any:

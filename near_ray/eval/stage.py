@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import posixpath
 import statistics
 import time
@@ -27,7 +28,7 @@ import pandas as pd
 
 from near_ray.config import DomainConfig, RunConfig
 from near_ray.errors import NearRayError
-from near_ray.eval.metrics import SemanticAccuracy, by_domain
+from near_ray.eval.metrics import SemanticAccuracy, by_domain, prediction_spread
 from near_ray.eval.plots import write_plots
 from near_ray.eval.report import write_report
 from near_ray.names import majority_label
@@ -284,7 +285,8 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
     methods: dict[str, dict[str, Any]] = {}
     domains, truth = test["domain"].tolist(), test["species"].tolist()
     for method in [m for m in cfg.eval.methods if m in preds]:
-        methods[method] = {**by_domain(domains, truth, preds[method], sacc), **extra[method]}
+        methods[method] = {**by_domain(domains, truth, preds[method], sacc), **extra[method],
+                           "spread": prediction_spread(domains, truth, preds[method])}
         log.info("evaluate %s: cACC %.3f sACC %.3f", method, methods[method]["cacc"], methods[method]["sacc"])
     report = _report(cfg, st, test, methods, bundles, skipped, bad, sacc, preds)
     _write_predictions(out, st, test, preds)
@@ -333,6 +335,8 @@ def _report(
         "labeling": labeling,
         "simulated_annotator": _is_simulated(labeling, methods.get(DIRECT_MLLM)),
         "sacc_model": sacc.model,
+        # batch-1 latency is a wall-clock measure: what else ran on the machine at the time
+        "latency_conditions": {"load_average_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()},
         "skipped": skipped,
         "bad_images": bad,
         "clip_cost_per_1k_source": "label.prices.clip_per_1k_images",

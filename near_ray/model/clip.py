@@ -2,9 +2,10 @@
 
 ``ModelConfig.arch`` is an open_clip model name ("ViT-B-16"), the name of a config shipped with
 near_ray (``near_ray/model/configs/*.json``, e.g. "near-tiny"), or a URI of such a JSON file.
-``ModelConfig.pretrained`` is an open_clip pretrained tag ("openai", "laion2b_s34b_b88k"), a URI of
-safetensors weights, or None for random init. Configs are data; nothing here downloads unless an
-open_clip pretrained tag asks for it.
+``ModelConfig.pretrained`` is an open_clip pretrained tag ("openai", "laion2b_s34b_b88k"), a tag of
+weights near_ray ships for one of its configs ("synthetic" for near-tiny: ``near_ray/model/pretrained``),
+a URI of safetensors weights, or None for random init. Configs are data; nothing here downloads
+unless an open_clip pretrained tag asks for it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from near_ray.errors import NearRayError
+from near_ray.model.tokenizer import SubsetTokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +79,15 @@ def resolve_model_config(arch: str, storage: Storage | None = None) -> dict:
     return cfg
 
 
+def shipped_weights(arch: str, tag: str | None) -> str | None:
+    """The file of weights near_ray ships for ``arch`` under pretrained tag ``tag``
+    (``near_ray/model/pretrained/<arch>.<tag>.safetensors``, e.g. near-tiny + "synthetic"), else None."""
+    if not tag or _is_weights_uri(tag) or arch not in builtin_configs():
+        return None
+    path = resources.files("near_ray.model") / "pretrained" / f"{arch}.{tag}.safetensors"
+    return str(path) if path.is_file() else None
+
+
 def _is_weights_uri(pretrained: str) -> bool:
     return pretrained.endswith(".safetensors") or pretrained.startswith("s3://") or "/" in pretrained
 
@@ -92,7 +103,7 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
     import open_clip
 
     cfg = resolve_model_config(model_cfg.arch, storage)
-    pretrained = model_cfg.pretrained
+    pretrained = shipped_weights(model_cfg.arch, model_cfg.pretrained) or model_cfg.pretrained
     if pretrained and not _is_weights_uri(pretrained):
         # An open_clip pretrained tag: production path, open_clip fetches the weights.
         preprocess_cfg = cfg.get("preprocess_cfg", {}) or {}
@@ -126,14 +137,22 @@ def clip_from_config(model_config: dict) -> Clip:
 
     cfg = dict(model_config)
     preprocess_cfg = cfg.pop("preprocess_cfg", {}) or {}
+    tokenizer_cfg = cfg.pop("tokenizer", None) or {}
     mean = tuple(preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    context_length = cfg.get("text_cfg", {}).get("context_length", 77)
+    if "bpe_subset" in tokenizer_cfg:  # a small text tower: its own token embedding rows
+        tokenizer: Any = SubsetTokenizer(tokenizer_cfg["bpe_subset"], context_length)
+        cfg["text_cfg"] = dict(cfg["text_cfg"], vocab_size=tokenizer.vocab_size)
+    else:
+        tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
     model = open_clip.CLIP(**cfg)
     size = cfg["vision_cfg"]["image_size"]
     preprocess_train = open_clip.image_transform(size, is_train=True, mean=mean, std=std)
     preprocess = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
-    tokenizer = open_clip.SimpleTokenizer(context_length=cfg.get("text_cfg", {}).get("context_length", 77))
     full_cfg = dict(cfg, preprocess_cfg={"mean": list(mean), "std": list(std)})
+    if tokenizer_cfg:
+        full_cfg["tokenizer"] = tokenizer_cfg
     return Clip(model, preprocess_train, preprocess, tokenizer, full_cfg, mean, std)
 
 

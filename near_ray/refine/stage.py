@@ -213,7 +213,8 @@ def run_refine(cfg: RunConfig) -> dict[str, Any]:
 
     t = time.monotonic()
     rc = cfg.refine
-    vocab = build_vocabulary(labels, text_encoder(cfg, st), rc.merge_threshold, rc.min_support, rc.merge_lexical_guard)
+    vocab = build_vocabulary(labels, text_encoder(cfg, st), rc.merge_threshold, min_support=rc.min_support,
+                             lexical_guard=rc.merge_lexical_guard, min_shared=rc.merge_min_shared)
     st.write_json(refine_uri(cfg, "vocabulary.json"), vocab.to_json())
     st.write_json(refine_uri(cfg, "merges.json"), vocab.merges)
     timings["vocabulary_s"] = round(time.monotonic() - t, 3)

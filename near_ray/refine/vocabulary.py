@@ -194,14 +194,24 @@ def _domain_keys(rows: pd.DataFrame) -> list[_Key]:
     return sorted(keys.values(), key=lambda k: k.key)
 
 
+def shared_images(a: set, b: set) -> float:
+    """How much two names are given to the same images: |A ∩ B| / min(|A|, |B|)."""
+    return len(a & b) / max(1, min(len(a), len(b)))
+
+
 def _merge_domain(
-    keys: list[_Key], encode: TextEncoder | None, threshold: float, guard: bool
+    keys: list[_Key], encode: TextEncoder | None, threshold: float, guard: bool, min_shared: float
 ) -> tuple[list[list[_Key]], list[float | None]]:
     if encode is None or len(keys) < 2:
         return [[k] for k in keys], [None] * len(keys)
     reps = [k.representative for k in keys]
     emb = np.asarray(encode(reps), dtype=np.float32)
-    compatible = (lambda i, j: lexically_compatible(reps[i], reps[j])) if guard else None
+
+    def compatible(i: int, j: int) -> bool:
+        # Text says "may be one"; the images must say "are one": the same images get both names.
+        lexical = not guard or lexically_compatible(reps[i], reps[j])
+        return lexical and shared_images(keys[i].images, keys[j].images) >= min_shared
+
     groups = complete_linkage(emb, threshold, np.array([len(k.images) for k in keys]), compatible)
     min_sims: list[float | None] = []
     for g in groups:
@@ -217,10 +227,18 @@ def build_vocabulary(
     labels: pd.DataFrame,
     encode: TextEncoder | None,
     threshold: float,
-    min_support: int = 1,
-    lexical_guard: bool = True,
+    *,
+    min_support: int,
+    lexical_guard: bool,
+    min_shared: float,
 ) -> Vocabulary:
-    """The vocabulary from a labels table (columns image_id, domain, label, status; only ``ok`` rows count)."""
+    """The vocabulary from a labels table (columns image_id, domain, label, status; only ``ok`` rows count).
+
+    An embedding merge needs both the text (cosine ``threshold``, the lexical guard) and the images:
+    at least ``min_shared`` of the images of the rarer name also got the other one
+    (``refine.merge_min_shared``). A qualifier is often the class difference ("minor", "lesser",
+    "juvenile", a colour): two names that each have images of their own stay apart.
+    """
     missing = {"image_id", "domain", "label", "status"} - set(labels.columns)
     if missing:
         raise VocabularyError(f"labels table: missing columns {sorted(missing)}")
@@ -228,7 +246,7 @@ def build_vocabulary(
     vocab = Vocabulary([], {})
     for domain in sorted(labels["domain"].dropna().unique().tolist()):
         keys = _domain_keys(ok[ok["domain"] == domain])
-        groups, min_sims = _merge_domain(keys, encode, threshold, lexical_guard)
+        groups, min_sims = _merge_domain(keys, encode, threshold, lexical_guard, min_shared)
         kept, merged, pruned = [], [], []
         for group, min_sim in zip(groups, min_sims, strict=True):
             surfaces = sum((k.surfaces for k in group), Counter())

@@ -230,11 +230,12 @@ def image_dataset(uris: list[str], storage: Storage, size: int) -> ray.data.Data
 
     items = [{"idx": i, "uri": u} for i, u in enumerate(uris)]
     blocks = max(1, min(16, len(items) // 32))
-    return (
-        ray.data.from_items(items, override_num_blocks=blocks)
-        .map_batches(_decode_batch, fn_kwargs={"storage": storage, "size": size}, batch_size=32, num_cpus=0.25)
-        .materialize()
-    )
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        _decode_batch, fn_kwargs={"storage": storage, "size": size}, batch_size=32, num_cpus=0.25)
+    # The materialized blocks keep the items' order, not the order their decode tasks finished in:
+    # the split across workers (and so each batch) would otherwise change from run to run.
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize()
 
 
 def train_data_config() -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from near_ray.config import RunConfig
+from near_ray.model.clip import encode_texts
 from near_ray.runtime import ensure_ray
 from near_ray.storage import Storage, is_s3, storage_for
 from near_ray.train.loop import FaultInjection, FineTuneJob
@@ -62,6 +63,8 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     history = meta["history"]
     vocabulary, pruned = prune_vocabulary(ts.vocabulary, label_support(state["W"], len(names)),
                                           cfg.train.min_label_support)
+    kept = [i for i, v in enumerate(ts.vocabulary) if (v.get("domain"), v["name"]) in
+            {(k.get("domain"), k["name"]) for k in vocabulary}]
     metrics = {
         "method": method,
         "epochs": history,
@@ -76,7 +79,13 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         "epoch_time_s_mean": round(float(np.mean([h["epoch_time_s"] for h in history])), 3) if history else None,
     }
     bundle_uri = cfg.artifact(f"bundles/{method}")
-    export_bundle(cfg, clip, vocabulary, bundle_uri, meta["logit_scale"], metrics, st)
+    classes = None
+    if cfg.train.prototype_weight > 0:
+        text = encode_texts(clip, [v["name"] for v in vocabulary], cfg.model.prompt_template)
+        images = training_image_embeddings(cfg, clip, ts, st)
+        classes = class_embeddings(text, state["W"].numpy()[:, kept], images, cfg.train.prototype_weight)
+        metrics["class_embeddings"] = f"text + image prototypes (weight {cfg.train.prototype_weight})"
+    export_bundle(cfg, clip, vocabulary, bundle_uri, meta["logit_scale"], metrics, st, classes)
     log.info("train %s: %d epochs in %.1f s, bundle %s", method, len(history), elapsed, bundle_uri)
     return {**metrics, "bundle": bundle_uri, "checkpoint": checkpoint.path}
 
@@ -145,14 +154,41 @@ def prune_vocabulary(
     return kept, pruned
 
 
-def export_bundle(
-    cfg: RunConfig, clip: Any, vocabulary: list[dict], uri: str, logit_scale: float, metrics: dict, st: Storage
-) -> str:
-    """Bundle = weights + vocabulary + text embeddings from the (fine-tuned) text tower."""
-    from near_ray.model.bundle import save_bundle
-    from near_ray.model.clip import encode_texts
+def class_embeddings(text: np.ndarray, confidences: np.ndarray, images: np.ndarray, weight: float) -> np.ndarray:
+    """The classifier's class vectors: each name's text embedding mixed with its image prototype, the
+    confidence-weighted mean of the training images' embeddings (FineR and FiNDR classify with such a
+    mix, 0.7 text). ``weight`` is the prototype's share; a name no image supports keeps its text."""
+    proto = confidences.T.astype(np.float64) @ images.astype(np.float64)  # [V, D]
+    norm = np.linalg.norm(proto, axis=1, keepdims=True)
+    proto = np.divide(proto, norm, out=np.zeros_like(proto), where=norm > 0)
+    mixed = np.where(norm > 0, (1 - weight) * text + weight * proto, text)
+    return (mixed / np.linalg.norm(mixed, axis=1, keepdims=True)).astype(np.float32)
 
-    text = encode_texts(clip, [v["name"] for v in vocabulary], cfg.model.prompt_template)
+
+def training_image_embeddings(cfg: RunConfig, clip: Any, ts: Any, st: Storage) -> np.ndarray:
+    """[N, D] eval-transform embeddings of the training images with the trained image tower: refine's,
+    when the image tower did not train (``train.train_towers: text``), else computed again here."""
+    from near_ray.images import decode_image
+    from near_ray.model.clip import encode_images
+    from near_ray.refine.embed import read_embeddings
+
+    if cfg.train.train_towers == "text":
+        emb = read_embeddings(cfg.artifact("refine/embeddings.parquet"), st)
+        row = {iid: i for i, iid in enumerate(emb.meta["image_id"])}
+        return emb.vectors[[row[i] for i in ts.image_ids]]
+    log.info("train: embedding %d training images with the fine-tuned image tower for the prototypes", len(ts))
+    return encode_images(clip, [decode_image(st.read_bytes(u), u) for u in ts.uris])
+
+
+def export_bundle(
+    cfg: RunConfig, clip: Any, vocabulary: list[dict], uri: str, logit_scale: float, metrics: dict, st: Storage,
+    classes: np.ndarray | None = None,
+) -> str:
+    """Bundle = weights + vocabulary + class embeddings: the (fine-tuned) text tower's, or ``classes``."""
+    from near_ray.model.bundle import save_bundle
+
+    text = classes if classes is not None else encode_texts(clip, [v["name"] for v in vocabulary],
+                                                           cfg.model.prompt_template)
     save_bundle(
         uri,
         clip,

@@ -139,6 +139,7 @@ class ModelConfig(Section):
     pretrained: str | None = None  # open_clip pretrained tag (e.g. "openai"), or a weights URI
     prompt_template: str = "a photo of a {}."
     precision: Literal["fp32", "amp"] = "fp32"
+    init_seed: int = 0  # initialization of whatever the weights do not cover (all of it without `pretrained`)
 
 
 # --------------------------------------------------------------------------------------------- refine

@@ -46,6 +46,10 @@ def quiet_ray_data() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Ray Data configures its own loggers when it is imported (after setup_console): quiet them again,
+    # and drop its one-time note that the bars are off.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 @contextmanager
@@ -95,7 +99,8 @@ class Progress:
     def _line(self) -> str:
         elapsed = time.monotonic() - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
+        pace = f"{rate:.1f}/s" if rate >= 1 or not self.done else f"{elapsed / self.done:.0f} s each"
         of = f"/{self.total}" if self.total else ""
         pct = f" {100 * self.done / self.total:3.0f}%" if self.total else ""
         extra = f"  {self.extra}" if self.extra else ""
-        return f"  {self.what}:{pct} {self.done}{of} {self.unit} ({rate:.1f}/s, {elapsed:.0f} s){extra}"
+        return f"  {self.what}:{pct} {self.done}{of} {self.unit} ({pace}, {elapsed:.0f} s){extra}"

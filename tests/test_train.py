@@ -332,3 +332,31 @@ def test_pretrain_learns_image_caption_alignment_and_writes_reproducible_weights
     clip = create_clip(cfg.model.model_copy(update={"pretrained": info["weights"]}), st)
     assert caption_retrieval(clip, held, st) == {
         k: retrieval[k] for k in ("caption_top1", "chance", "rank_percentile", "images", "captions")}
+
+
+def test_image_prototypes_fix_a_classifier_whose_name_embeddings_are_poor():
+    """Two classes whose images cluster apart, named by text embeddings that both point at the first
+    cluster: text alone names every image class 0; mixing in each name's image prototype (the
+    confidence-weighted mean of its training images) separates them. A name no image supports keeps
+    its text embedding."""
+    from near_ray.train.stage import class_embeddings
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+    def images(n):
+        x = np.repeat(centres, n, axis=0) + rng.normal(0, 0.2, (2 * n, 3))
+        return x / np.linalg.norm(x, axis=1, keepdims=True), np.repeat([0, 1], n)
+
+    train, labels = images(20)
+    test, truth = images(50)
+    text = np.array([[0.9, 0.3, 0.3], [0.92, 0.2, 0.34], [0.0, 0.0, 1.0]])
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    confidences = np.zeros((len(train), 3))
+    confidences[np.arange(len(train)), labels] = 0.8  # soft labels: most mass on the right name
+    confidences[np.arange(len(train)), 1 - labels] = 0.2
+    acc = {w: float(((test @ class_embeddings(text, confidences, train, w)[:2].T).argmax(1) == truth).mean())
+           for w in (0.0, 0.5)}
+    assert acc[0.0] <= 0.6 and acc[0.5] >= 0.9, acc
+    mixed = class_embeddings(text, confidences, train, 0.5)
+    assert np.allclose(mixed[2], text[2]) and np.allclose(np.linalg.norm(mixed, axis=1), 1.0)

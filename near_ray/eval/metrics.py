@@ -81,7 +81,7 @@ class SemanticAccuracy:
         unique = sorted(set(names))
         if not unique:
             return {}
-        vecs = np.asarray(self.encoder.encode(unique, batch_size=256, convert_to_numpy=True), dtype=np.float32)
+        vecs = np.asarray(self.encoder.encode(unique, batch_size=256, convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
         vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         return dict(zip(unique, vecs, strict=True))
 

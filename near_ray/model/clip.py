@@ -113,7 +113,7 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
         std = tuple(getattr(model.visual, "image_std", None) or preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
         return Clip(model, preprocess_train, preprocess, tokenizer, {k: v for k, v in cfg.items() if k != "preprocess_cfg"},
                     mean, std)
-    clip = clip_from_config(cfg)
+    clip = clip_from_config(cfg, model_cfg.init_seed)
     if pretrained:
         from near_ray.storage import Storage as _Storage
 
@@ -130,10 +130,13 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
     return clip
 
 
-def clip_from_config(model_config: dict) -> Clip:
-    """A randomly initialized model from an open_clip config dict (with ``preprocess_cfg``: mean, std):
-    what a bundle's config.json holds, so a bundle rebuilds its model offline."""
+def clip_from_config(model_config: dict, init_seed: int = 0) -> Clip:
+    """A model from an open_clip config dict (with ``preprocess_cfg``: mean, std), initialized from
+    ``init_seed``: what a bundle's config.json holds, so a bundle rebuilds its model offline. The seed
+    is its own (the global RNG is left as it was), so every process that builds the same untrained
+    model gets the same weights: refine's embedder, the trainers and a bundle before its weights load."""
     import open_clip
+    import torch
 
     cfg = dict(model_config)
     preprocess_cfg = cfg.pop("preprocess_cfg", {}) or {}
@@ -146,7 +149,9 @@ def clip_from_config(model_config: dict) -> Clip:
         cfg["text_cfg"] = dict(cfg["text_cfg"], vocab_size=tokenizer.vocab_size)
     else:
         tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
-    model = open_clip.CLIP(**cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = open_clip.CLIP(**cfg)
     size = cfg["vision_cfg"]["image_size"]
     preprocess_train = open_clip.image_transform(size, is_train=True, mean=mean, std=std)
     preprocess = open_clip.image_transform(size, is_train=False, mean=mean, std=std)

@@ -284,7 +284,7 @@ def text_encoder(cfg: RunConfig, storage: Storage | None = None) -> TextEncoder 
         from near_ray.model.sentence import load_sentence_encoder
 
         model = load_sentence_encoder()
-        return lambda names: np.asarray(model.encode(names, normalize_embeddings=True, batch_size=256),
+        return lambda names: np.asarray(model.encode(names, normalize_embeddings=True, batch_size=256, show_progress_bar=False),
                                         dtype=np.float32)
     from near_ray.model.clip import create_clip, encode_texts
 

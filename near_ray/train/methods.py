@@ -10,7 +10,7 @@ the CLI's choices, the pipeline's list of bundles to train and the report's labe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Targets = Literal["candidates", "own_labels", "majority", "none"]
 Loss = Literal["ce", "pll", "near", "none"]
@@ -24,6 +24,8 @@ class Method:
     loss: Loss  # after warm-up: cross-entropy, partial-label (PRODEN), or NeaR's clean/noisy loss
     gmm: bool = False  # fit the clean/noisy split on per-sample losses each epoch after warm-up
     neighbour_refinement: bool = False  # noisy samples' targets blend in their neighbours' predictions
+    # train.* settings this method fixes whatever the run config says (an ablation of one option)
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
     def trained(self) -> bool:
@@ -46,6 +48,9 @@ METHODS: dict[str, Method] = {
         Method("near", "NeaR", targets="candidates", loss="near", gmm=True, neighbour_refinement=True),
         Method("near_no_knn", "NeaR without kNN candidates", targets="own_labels", loss="near", gmm=True),
         Method("near_no_gmm", "NeaR without GMM clean/noisy split", targets="candidates", loss="pll"),
+        Method("near_text_only", "NeaR classifying with text embeddings only (no image prototypes)",
+               targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
+               overrides=(("prototype_weight", 0.0),)),
     )
 }
 TRAINED = tuple(name for name, m in METHODS.items() if m.trained)

@@ -189,7 +189,7 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
         return {"skipped": True, "weights": out, **(st.read_json(info_uri) if st.exists(info_uri) else {})}
     ensure_ray()
     train_pairs, held = read_pairs(captions, st)
-    model_cfg = cfg.model.model_copy(update={"pretrained": None})
+    model_cfg = cfg.model.model_copy(update={"pretrained": None, "init_seed": cfg.train.seed})
     clip = create_clip(model_cfg, st)
     ds = image_dataset([p["uri"] for p in train_pairs], st, clip.image_size)
     trainer = ray.train.torch.TorchTrainer(

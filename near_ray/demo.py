@@ -78,14 +78,24 @@ def _classify_over_http(cfg: DemoConfig, st: Storage, root: str, n: int = 4) -> 
 
 
 def format_table(report: dict[str, Any]) -> str:
-    cols = ("cacc", "sacc", "nmi", "ari", "cost_per_1k", "latency_ms")
-    lines = [f"{'method':<14}" + "".join(f"{c:>13}" for c in cols)]
-    for method, m in report.get("methods", {}).items():
-        cells = []
-        for c in cols:
-            v = m.get(c)
-            cells.append(f"{v:>13.4f}" if isinstance(v, (int, float)) else f"{'-':>13}")
-        lines.append(f"{method:<14}" + "".join(cells))
+    """The results as a markdown table: what a run of the same commit and config reproduces exactly.
+    Latency is a wall-clock measure of this machine at this moment, so it is printed apart."""
+    from near_ray.eval.report import ordered_methods
+
+    methods = report.get("methods", {})
+    lines = ["| method | cACC | sACC | NMI | ARI | names / classes | cost / 1k images ($) |",
+             "|---|---|---|---|---|---|---|"]
+    for m in ordered_methods(methods):
+        r = methods[m]
+        spread = r.get("spread", {})
+        names = f"{sum(s['distinct_names'] for s in spread.values())} / {sum(s['classes'] for s in spread.values())}"
+        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "–" for k in ("cacc", "sacc", "nmi", "ari")]
+        cost = f"{r['cost_per_1k']:.3f}" if isinstance(r.get("cost_per_1k"), (int, float)) else "–"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {names if spread else '–'} | {cost} |")
+    latency = {m: r["latency_ms"] for m, r in methods.items() if isinstance(r.get("latency_ms"), (int, float))}
+    cond = report.get("latency_conditions") or {}
+    where = f", load average {cond['load_average_1m']} on {cond['cpus']} CPUs" if cond else ""
+    lines.append(f"\nlatency (ms per image, batch 1{where}): " + ", ".join(f"{m} {v:.1f}" for m, v in latency.items()))
     return "\n".join(lines)
 
 

@@ -104,6 +104,12 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
 
     cfg = resolve_model_config(model_cfg.arch, storage)
     pretrained = shipped_weights(model_cfg.arch, model_cfg.pretrained) or model_cfg.pretrained
+    if pretrained and not _is_weights_uri(pretrained) and model_cfg.arch in builtin_configs():
+        folder = resources.files("near_ray.model") / "pretrained"
+        shipped = sorted(p.name for p in (folder.iterdir() if folder.is_dir() else [])
+                         if p.name.startswith(f"{model_cfg.arch}.") and p.name.endswith(".safetensors"))
+        raise ModelError(f"model.pretrained: '{pretrained}' is not a tag of {model_cfg.arch} (shipped weights: "
+                         f"{', '.join(shipped) or 'none'}), nor a weights URI")
     if pretrained and not _is_weights_uri(pretrained):
         # An open_clip pretrained tag: production path, open_clip fetches the weights.
         preprocess_cfg = cfg.get("preprocess_cfg", {}) or {}

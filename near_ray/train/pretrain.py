@@ -179,7 +179,7 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
 
     from near_ray.model.clip import create_clip, save_weights
     from near_ray.train.data import image_dataset, train_data_config
-    from near_ray.train.runner import epoch_feed, fit, load_trained, ray_run_config, scaling_config
+    from near_ray.train.runner import epoch_feed, fit, load_trained, ray_run_config, run_name, scaling_config
 
     st = storage_for(cfg)
     out = out or cfg.artifact("pretrained/model.safetensors")
@@ -200,12 +200,12 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
             image_of=image_numbers([p["uri"] for p in train_pairs]),
             pixels=PixelSpec.for_model(clip, cfg.train.augment), feed=(feed := epoch_feed()))},
         scaling_config=scaling_config(cfg),
-        run_config=ray_run_config(cfg, "pretrain", st),
+        run_config=ray_run_config(cfg, name := run_name("pretrain", cfg, captions), st),
         datasets={"train": ds},
         dataset_config=train_data_config(),
     )
     t0 = time.monotonic()
-    result = fit(trainer, f"pretrain ({cfg.artifact('train/pretrain')})", feed, cfg.train.pretrain_epochs,
+    result = fit(trainer, f"pretrain ({cfg.artifact(f'train/{name}')})", feed, cfg.train.pretrain_epochs,
                  label="pretrain")
     meta = load_trained(result.checkpoint, clip)
     retrieval = caption_retrieval(clip, held or train_pairs[-256:], st)

@@ -29,6 +29,26 @@ class TrainError(NearRayError):
 
 
 # ------------------------------------------------------------------------------------------ driver
+# Settings that say where and how fast a run trains, not what it learns: a run may resume with others.
+_RESOURCE_FIELDS = {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures", "checkpoint_keep",
+                    "accelerator_type", "tracking"}
+
+
+def run_name(kind: str, cfg: RunConfig, *inputs: Any) -> str:
+    """The Ray Train run (and checkpoint folder) of ``kind`` for this config: ``<kind>-<fingerprint>``.
+
+    A re-run of the same config (and inputs, e.g. refine's fingerprint) resumes its checkpoints; a run
+    that would learn something else (another seed, lr, method option or starting model) starts its own
+    instead of resuming a stale one.
+    """
+    import hashlib
+    import json
+
+    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RESOURCE_FIELDS}
+    blob = json.dumps([kind, cfg.model.model_dump(mode="json"), train, *inputs], sort_keys=True, default=str)
+    return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
 def ray_run_config(cfg: RunConfig, name: str, storage: Storage) -> Any:
     """RunConfig with checkpoints at ``{workdir}/train/{name}`` (S3 through a pyarrow filesystem)."""
     import ray.train

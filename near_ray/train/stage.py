@@ -21,7 +21,7 @@ from near_ray.runtime import ensure_ray
 from near_ray.storage import Storage, is_s3, storage_for
 from near_ray.train.loop import FaultInjection, FineTuneJob
 from near_ray.train.methods import get_method
-from near_ray.train.runner import TrainError, fit, load_trained_state, ray_run_config, scaling_config
+from near_ray.train.runner import TrainError, fit, load_trained_state, ray_run_config, run_name, scaling_config
 
 __all__ = ["TrainError", "export_zero_shot", "run_train"]
 
@@ -59,8 +59,11 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         pixels=PixelSpec.for_model(clip, cfg.train.augment),
         fault=fault,
     )
+    summary_uri = cfg.artifact("refine/_summary.json")
+    refined = st.read_json(summary_uri).get("fingerprint") if st.exists(summary_uri) else None
+    name = run_name(method, cfg, refined)  # checkpoints of this config (and these refine outputs) only
     t0 = time.monotonic()
-    checkpoint = (_fit_in_process if in_process else _fit_ray_train)(cfg, job, ds, st)
+    checkpoint = (_fit_in_process if in_process else _fit_ray_train)(cfg, job, ds, st, name)
     elapsed = time.monotonic() - t0
     state, meta = load_trained_state(checkpoint, clip)
     history = meta["history"]
@@ -93,7 +96,7 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     return {**metrics, "bundle": bundle_uri, "checkpoint": checkpoint.path}
 
 
-def _fit_ray_train(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage) -> Any:
+def _fit_ray_train(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage, name: str) -> Any:
     import ray.train.torch
 
     from near_ray.train.data import train_data_config
@@ -106,16 +109,16 @@ def _fit_ray_train(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage) -> An
         train_loop,
         train_loop_config={"job": job},
         scaling_config=scaling_config(cfg),
-        run_config=ray_run_config(cfg, method, st),
+        run_config=ray_run_config(cfg, name, st),
         datasets={"train": ds},
         dataset_config=train_data_config(),
     )
-    where = f"train {method} ({cfg.artifact(f'train/{method}')})"
+    where = f"train {method} ({cfg.artifact(f'train/{name}')})"
     return fit(trainer, where, job.feed, cfg.train.epochs, label=f"train {method}").checkpoint
 
 
-def _fit_in_process(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage) -> Any:
-    """Checkpoints in ``{workdir}/train/{method}/in_process`` (a local folder; a temporary one for S3)."""
+def _fit_in_process(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage, name: str) -> Any:
+    """Checkpoints in ``{workdir}/train/{name}/in_process`` (a local folder; a temporary one for S3)."""
     import tempfile
 
     import ray.train
@@ -123,7 +126,7 @@ def _fit_in_process(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage) -> A
     from near_ray.train.loop import train_loop
     from near_ray.train.runner import InProcessSession
 
-    base = cfg.artifact(f"train/{job.method}")
+    base = cfg.artifact(f"train/{name}")
     folder = str(Path(tempfile.mkdtemp(prefix="near_ray_train_")) / "latest") if is_s3(base) else base + "/in_process"
     Path(folder).parent.mkdir(parents=True, exist_ok=True)
     train_loop({"job": job}, InProcessSession(ds, folder))

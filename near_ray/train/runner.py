@@ -29,22 +29,24 @@ class TrainError(NearRayError):
 
 
 # ------------------------------------------------------------------------------------------ driver
-# Settings that say where and how fast a run trains, not what it learns: a run may resume with others.
-_RESOURCE_FIELDS = {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures", "checkpoint_keep",
-                    "accelerator_type", "tracking"}
+# Settings that say where and how fast a run trains, or what happens after it (the bundle's classifier
+# and vocabulary), not what it learns: runs that differ only in these share their checkpoints.
+_NOT_LEARNED = {"method", "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures",
+                "checkpoint_keep", "accelerator_type", "tracking", "prototype_weight", "min_label_support"}
 
 
 def run_name(kind: str, cfg: RunConfig, *inputs: Any) -> str:
     """The Ray Train run (and checkpoint folder) of ``kind`` for this config: ``<kind>-<fingerprint>``.
 
     A re-run of the same config (and inputs, e.g. refine's fingerprint) resumes its checkpoints; a run
-    that would learn something else (another seed, lr, method option or starting model) starts its own
-    instead of resuming a stale one.
+    that would learn something else (another seed, lr, loss or starting model) starts its own instead
+    of resuming a stale one. Two methods whose training is the same (an ablation of the classifier
+    only) share one run: the second finds it finished and only exports its bundle.
     """
     import hashlib
     import json
 
-    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RESOURCE_FIELDS}
+    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NOT_LEARNED}
     blob = json.dumps([kind, cfg.model.model_dump(mode="json"), train, *inputs], sort_keys=True, default=str)
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 

@@ -61,7 +61,9 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     )
     summary_uri = cfg.artifact("refine/_summary.json")
     refined = st.read_json(summary_uri).get("fingerprint") if st.exists(summary_uri) else None
-    name = run_name(method, cfg, refined)  # checkpoints of this config (and these refine outputs) only
+    learns = get_method(method)  # what the run learns from its definition, not from the method's name
+    definition = [learns.targets, learns.loss, learns.gmm, learns.neighbour_refinement]
+    name = run_name(learns.loss, cfg, definition, refined)  # this config's (and these refine outputs') run
     t0 = time.monotonic()
     checkpoint = (_fit_in_process if in_process else _fit_ray_train)(cfg, job, ds, st, name)
     elapsed = time.monotonic() - t0

@@ -87,6 +87,7 @@ def _fit_ray_train(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage) -> An
     from near_ray.train.data import train_data_config
     from near_ray.train.loop import train_loop
     from near_ray.train.runner import epoch_feed
+    from near_ray.train.tracking import open_tracker
 
     method = job.method
     job.feed = epoch_feed()
@@ -99,7 +100,8 @@ def _fit_ray_train(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage) -> An
         dataset_config=train_data_config(),
     )
     where = f"train {method} ({cfg.artifact(f'train/{method}')})"
-    return fit(trainer, where, job.feed, cfg.train.epochs, label=f"train {method}").checkpoint
+    return fit(trainer, where, job.feed, cfg.train.epochs, label=f"train {method}",
+               tracker=open_tracker(cfg, method)).checkpoint
 
 
 def _fit_in_process(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage) -> Any:

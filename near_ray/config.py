@@ -181,6 +181,7 @@ class TrainConfig(Section):
     method: str = "near"  # one of near_ray.train.methods.TRAINED
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    accelerator_type: str | None = None  # with use_gpu: workers only on nodes with this GPU ("A10G", "H100")
     cpus_per_worker: float = Field(1.0, gt=0)
     epochs: int = Field(10, ge=1)
     warmup_epochs: int = Field(2, ge=0)

@@ -2,9 +2,9 @@
 
 The entry points in ``jobs/`` (``ray job submit -- python jobs/X.py …``) run ``near-ray X`` with a
 ``JobRecord`` around it, so that ``ray job logs`` shows what ran and how it ended. A stopped job
-(``ray job stop`` sends SIGTERM) finishes like Ctrl-C: every stage writes what it already has (label
-answers already paid for, checkpoints) before the process exits, and a resubmission with the same
-config continues from storage.
+(``ray job stop`` sends SIGTERM) writes what it already has before it exits (labeling first lets the
+requests already made be answered, so no answer is paid for twice; training keeps its epoch
+checkpoints), and a resubmission with the same config continues from storage.
 
 Credentials never appear: a run config holds none (``label.openai.api_key_env`` and
 ``serve.auth_token_env`` are the *names* of environment variables, S3 access comes from the
@@ -27,14 +27,22 @@ from near_ray.storage import StorageError, is_s3, split_s3, storage_for
 log = logging.getLogger("near_ray.job")
 
 
-def _interrupt(signum: int, frame: Any) -> None:
+def _on_stop(signum: int, frame: Any) -> None:
+    from near_ray.runtime import request_stop
+
+    if request_stop():
+        log.info("job: stop requested (signal %d): the running stage finishes the work in flight, then stops "
+                 "(a second signal interrupts it)", signum)
+        return
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def stop_like_ctrl_c() -> None:
-    """SIGTERM (``ray job stop``, a pod's termination) raises KeyboardInterrupt in the main thread, so
-    ``finally`` blocks run: Python's default would end the process without writing anything."""
-    signal.signal(signal.SIGTERM, _interrupt)
+def stop_gracefully() -> None:
+    """SIGTERM (``ray job stop``, a pod's termination) stops the job like Ctrl-C, so ``finally`` blocks
+    write what the stage has (Python's default would end the process without writing anything); a
+    stage that winds down by itself (labeling: the requests already made are answered and written)
+    is asked to, and a second signal interrupts it."""
+    signal.signal(signal.SIGTERM, _on_stop)
 
 
 def check_workdir(cfg: RunConfig) -> None:
@@ -59,7 +67,7 @@ class JobRecord:
     @classmethod
     def start(cls, command: str, config: str | None, cfg: RunConfig) -> JobRecord:
         """Log the job's identity and config, check its workdir, and make SIGTERM a clean stop."""
-        stop_like_ctrl_c()
+        stop_gracefully()
         record = cls(command, config, cfg.storage.workdir)
         submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
         log.info("job %s%s: config %s, workdir %s", command, f" ({submission})" if submission else "",

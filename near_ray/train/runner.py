@@ -54,7 +54,8 @@ def scaling_config(cfg: RunConfig) -> Any:
     if cfg.train.use_gpu:
         resources["GPU"] = 1
     return ray.train.ScalingConfig(
-        num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
+        accelerator_type=cfg.train.accelerator_type if cfg.train.use_gpu else None,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,18 +45,21 @@ class TensorBoardTracker:
 
     def __init__(self, uri: str, run: str, storage: Storage) -> None:
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
         except ImportError as e:
             raise TrackingError("train.tracking.backend=tensorboard needs the tensorboardX package") from e
         self.uri, self.storage = join(uri, run), storage
         self.local = Path(tempfile.mkdtemp(prefix="near_ray_tb_")) if is_s3(self.uri) else Path(self.uri)
         self.local.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(logdir=str(self.local), flush_secs=3600)
+        # The synchronous writer: SummaryWriter's queue thread may still hold an epoch when we upload.
+        self.writer = EventsWriter(str(self.local / "events"))
 
     def log(self, metrics: dict[str, Any]) -> None:
-        step = int(metrics.get("epoch", 0))
-        for key, value in numeric(metrics).items():
-            self.writer.add_scalar(f"train/{key}", value, global_step=step)
+        from tensorboardX.proto import event_pb2, summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=f"train/{k}", simple_value=v) for k, v in numeric(metrics).items()]
+        self.writer.write_event(event_pb2.Event(wall_time=time.time(), step=int(metrics.get("epoch", 0)),
+                                                summary=summary_pb2.Summary(value=values)))
         self.writer.flush()
         if is_s3(self.uri):
             for path in self.local.rglob("*"):

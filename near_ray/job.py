@@ -66,8 +66,9 @@ class JobRecord:
 
     @classmethod
     def start(cls, command: str, config: str | None, cfg: RunConfig) -> JobRecord:
-        """Log the job's identity and config, check its workdir, and make SIGTERM a clean stop."""
-        stop_gracefully()
+        """Log the job's identity and config, check its workdir, join the cluster, make SIGTERM a clean stop."""
+        from near_ray.runtime import ensure_ray
+
         record = cls(command, config, cfg.storage.workdir)
         submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
         log.info("job %s%s: config %s, workdir %s", command, f" ({submission})" if submission else "",
@@ -75,6 +76,8 @@ class JobRecord:
         log.info("job %s: the config as validated (it holds no credentials; those come from the environment "
                  "or the node's role and are never logged):\n%s", command, dump_config(cfg).rstrip())
         check_workdir(cfg)
+        ensure_ray()
+        stop_gracefully()  # after ray.init, which installs its own SIGTERM handler (an abrupt sys.exit)
         return record
 
     def finish(self, status: str, result: Any = None, error: str | None = None) -> str:

@@ -2,9 +2,9 @@
 
 The entry points in ``jobs/`` (``ray job submit -- python jobs/X.py …``) run ``near-ray X`` with a
 ``JobRecord`` around it, so that ``ray job logs`` shows what ran and how it ended. A stopped job
-(``ray job stop`` sends SIGTERM) writes what it already has before it exits (labeling first lets the
-requests already made be answered, so no answer is paid for twice; training keeps its epoch
-checkpoints), and a resubmission with the same config continues from storage.
+(``ray job stop`` sends SIGTERM) writes what it already has before it exits (labeling builds no new
+requests and writes the answers to those already built, so no answer is paid for twice; training
+keeps its epoch checkpoints), and a resubmission with the same config continues from storage.
 
 Credentials never appear: a run config holds none (``label.openai.api_key_env`` and
 ``serve.auth_token_env`` are the *names* of environment variables, S3 access comes from the

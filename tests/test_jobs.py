@@ -196,7 +196,9 @@ def run_config(bench: dict[str, Any], workdir: str) -> dict[str, Any]:
             {"name": d, "uri": f"{root}/images/{d}/train", "meta_class": m, "truth": f"{root}/truth.parquet"}
             for d, m in (("birds", "bird"), ("flowers", "flower"))
         ]},
-        "label": {"samples": 2, "batch_size": 2, "batches_per_actor": 1, "flush_interval_s": 1.0,
+        # Listing chunks of 4 images: a stop lets the chunk in flight finish (Ray Data builds a tiny
+        # chunk's requests at once) and asks nothing of the chunks after it.
+        "label": {"samples": 2, "batch_size": 2, "batches_per_actor": 1, "flush_interval_s": 1.0, "listing_chunk": 4,
                   "openai": {"base_url": bench["annotator"].base_url, "api_key_env": None, "concurrency": 2}},
         "model": {"arch": "near-tiny"},
         "refine": {"k": 3, "merge_encoder": "none"},
@@ -251,6 +253,7 @@ def test_stopped_pipeline_job_resumes_and_pays_no_answer_twice(pipeline_run, ben
     r = pipeline_run
     assert r["stopped"]["status"] == "STOPPED"
     assert "job run STOPPED" in r["first_logs"], r["first_logs"][-3000:]
+    assert "label: stopping: no new requests" in r["first_logs"]
     # The stop came half-way: answers were on storage, and some images were still to be asked.
     assert 0 < r["labels_after_stop"] < 12 * 2
     assert r["finished"]["status"] == "SUCCEEDED", r["second_logs"][-4000:]

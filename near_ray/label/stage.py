@@ -110,7 +110,7 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
                     if stop.requested and not stopping:
                         ray.get(ledger.stop_asking.remote())
                         stopping = True
-                        log.info("label: stopping: no new requests; writing the answers in flight")
+                        log.info("label: stopping: no new requests; writing the answers to those already built")
                     rows = label_rows(batch, cfg.label.prompt_version, model)
                     stats.add_calls(rows, batch)
                     writer.add(rows)

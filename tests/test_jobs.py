@@ -444,3 +444,25 @@ def package_version() -> str:
     import tomllib
 
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_sigterm_winds_down_a_stoppable_stage_and_interrupts_anything_else():
+    from near_ray.job import stop_gracefully
+    from near_ray.runtime import stoppable
+
+    def sigterm() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # the handler runs in this (the main) thread
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_gracefully()
+        with stoppable() as stop:
+            sigterm()
+            assert stop.requested  # the stage was asked, nothing was interrupted
+            with pytest.raises(KeyboardInterrupt):
+                sigterm()  # a second signal does not wait
+        with pytest.raises(KeyboardInterrupt):
+            sigterm()  # no stage that winds down: stop like Ctrl-C
+    finally:
+        signal.signal(signal.SIGTERM, previous)

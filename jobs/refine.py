@@ -11,4 +11,4 @@ import sys
 from near_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["refine", *sys.argv[1:]]))
+    sys.exit(main(["refine", *sys.argv[1:]], job=True))

@@ -72,33 +72,32 @@ def cmd_annotator(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_label(args: argparse.Namespace) -> None:
+def cmd_label(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.label.stage import run_label
 
-    _print(run_label(_config(args)))
+    return run_label(_config(args))
 
 
-def cmd_refine(args: argparse.Namespace) -> None:
+def cmd_refine(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.refine.stage import run_refine
 
-    _print(run_refine(_config(args)))
+    return run_refine(_config(args))
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
+def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.train.pretrain import pretrain
 
-    _print(pretrain(_config(args), captions=args.captions, out=args.out))
+    return pretrain(_config(args), captions=args.captions, out=args.out)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.train.methods import get_method
     from near_ray.train.pretrain import pretrain
     from near_ray.train.stage import export_zero_shot, run_train
 
     cfg = _config(args)
     if not args.method and not args.pretrain_captions:
-        _print(run_train(cfg))
-        return
+        return run_train(cfg)
     out: dict[str, Any] = {}
     if args.pretrain_captions:  # the initial CLIP first, then fine-tune from it
         out["pretrain"] = pretrain(cfg, args.pretrain_captions, None)
@@ -110,19 +109,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         method_cfg = cfg.model_copy(deep=True)
         method_cfg.train.method = method
         out[method] = run_train(method_cfg)
-    _print(out)
+    return out
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.eval.stage import run_evaluate
 
-    _print(run_evaluate(_config(args), out=args.out))
+    return run_evaluate(_config(args), out=args.out)
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.pipeline import run_pipeline
 
-    _print(run_pipeline(_config(args), serve=args.serve))
+    return run_pipeline(_config(args), serve=args.serve)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -131,13 +130,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(out=args.out, overrides=args.set, config=args.config)
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any] | None:
     from near_ray.serve.app import run_serve
 
     cfg = _config(args)
     if args.bundle:
         cfg.serve.bundle = args.bundle
+    if args.detach and not args.write_config:
+        from near_ray.job import wait_until_ready
+
+        return wait_until_ready(cfg, run_serve(cfg, block=False), args.wait_s)
     run_serve(cfg, write_config=args.write_config, block=not args.write_config)
+    return None
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -189,30 +193,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "serve a model bundle with Ray Serve")
     p.add_argument("--bundle", default=None, help="bundle URI (default serve.bundle, else {workdir}/bundles/<train.method>)")
     p.add_argument("--write-config", default=None, help="write a `serve deploy` config file here and exit")
+    p.add_argument("--detach", action="store_true",
+                   help="deploy, wait until the app answers /readyz, exit and leave it running (jobs/serve.py)")
+    p.add_argument("--wait-s", type=float, default=600.0, help="with --detach: how long to wait for readiness")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, job: bool = False) -> int:
+    """``near-ray …``; with ``job`` (the entry points in jobs/), the run's metadata is logged around it."""
     from near_ray.runtime import prefer_loopback
 
     prefer_loopback()  # before any stage imports ray
     args = build_parser().parse_args(argv)
     try:
-        _config(args)  # validate the config before any stage code is imported
+        cfg = _config(args)  # validate the config before any stage code is imported
     except NearRayError as e:
         print(f"near-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     from near_ray.console import setup_console
 
     setup_console(args.verbose)
+    record = None
     try:
-        args.fn(args)
+        if job:
+            from near_ray.job import JobRecord
+
+            record = JobRecord.start(args.command, args.config, cfg)
+        result = args.fn(args)
     except NearRayError as e:
         print(f"near-ray {args.command}: error: {e}", file=sys.stderr)
+        if record:
+            record.finish("FAILED", error=str(e))
         return 2
     except KeyboardInterrupt:
         print(f"near-ray {args.command}: interrupted", file=sys.stderr)
+        if record:
+            record.finish("STOPPED", error="interrupted (ray job stop, SIGTERM or Ctrl-C); resubmit to continue")
         return 130
+    except Exception as e:  # a bug, not a user error: the traceback follows, after the job's last line
+        if record:
+            record.finish("FAILED", error=f"{type(e).__name__}: {e}")
+        raise
+    if result is not None:
+        _print(result)
+    if record:
+        record.finish("SUCCEEDED", result=result)
     return 0
 
 

@@ -168,10 +168,24 @@ class RefineConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------- train
+class TrackingConfig(Section):
+    """Where the driver also sends each epoch's training metrics (besides Ray Train's reported metrics).
+
+    tensorboard: event files below ``uri`` (local folder or s3://; default ``{workdir}/tensorboard``),
+    one run folder per method. mlflow: runs in experiment ``experiment`` of the tracking server at
+    ``uri`` (None = MLFLOW_TRACKING_URI or MLflow's local ./mlruns).
+    """
+
+    backend: Literal["none", "tensorboard", "mlflow"] = "none"
+    uri: str | None = None
+    experiment: str = "near_ray"
+
+
 class TrainConfig(Section):
     method: str = "near"  # one of near_ray.train.methods.TRAINED
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    accelerator_type: str | None = None  # with use_gpu: workers only on nodes with this GPU ("A10G", "H100")
     cpus_per_worker: float = Field(1.0, gt=0)
     epochs: int = Field(10, ge=1)
     warmup_epochs: int = Field(2, ge=0)
@@ -207,6 +221,7 @@ class TrainConfig(Section):
     pretrain_epochs: int = Field(12, ge=1)  # contrastive pretraining (`near-ray pretrain`)
     pretrain_lr: float = Field(2e-3, gt=0)  # peak of a warm-up + cosine schedule
     pretrain_batch_size: int = Field(128, ge=2)  # global; InfoNCE negatives are per worker
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
     @field_validator("method")
@@ -328,25 +343,45 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "-
     return data
 
 
+def _read_config_text(path: str) -> str:
+    """A config file's text, local or on S3 (a job's config can live beside its data: ``-c s3://…``).
+
+    An S3 config is read with the endpoint and region of the environment (AWS_ENDPOINT_URL,
+    AWS_REGION), since the config's own ``storage`` section is not known before it is read.
+    """
+    from near_ray.storage import Storage, is_s3
+
+    if is_s3(path):
+        try:
+            return Storage().read_text(path)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: cannot read: {e}") from None
+        except NearRayError as e:  # the storage message names the URI and what to check
+            raise ConfigError(f"config file {e}") from None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from e
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, schema: type[RunConfig] | None = None
 ) -> RunConfig:
-    """Load a run config from YAML (or defaults when ``path`` is None) and apply ``--set`` overrides.
+    """Load a run config from YAML (a local path or an ``s3://`` URI; defaults when ``path`` is None)
+    and apply ``--set`` overrides.
 
     ``schema`` is the model to validate against (``RunConfig``; the demo's adds its ``synth`` section).
     """
     source = str(path) if path else "<defaults>"
     data: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(_read_config_text(str(path)))
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML: {e}") from e
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{source}: cannot read: {e}") from e
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

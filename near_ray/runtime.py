@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +91,33 @@ def free_local_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class StopRequest:
+    """Set when the process is asked to stop (``ray job stop`` sends SIGTERM) while a stage that winds
+    down by itself runs: the stage stops starting new work, keeps what is in flight, then stops."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+_stoppable: list[StopRequest] = []
+
+
+@contextmanager
+def stoppable() -> Iterator[StopRequest]:
+    """While inside, ``request_stop`` sets the yielded flag instead of interrupting the stage."""
+    request = StopRequest()
+    _stoppable.append(request)
+    try:
+        yield request
+    finally:
+        _stoppable.remove(request)
+
+
+def request_stop() -> bool:
+    """Ask the running stage to wind down; False when none can (or it was already asked): interrupt it."""
+    if not _stoppable or _stoppable[-1].requested:
+        return False
+    _stoppable[-1].requested = True
+    return True

@@ -263,6 +263,14 @@ def test_ledger_skips_final_rows_and_copies_identical_images(tmp_path):
     assert len(df) == 3 and df.set_index(["uri", "sample"]).loc[("a.png", 1), "label"] == "X2"
 
 
+def test_a_stopping_ledger_plans_no_new_requests(tmp_path):
+    ledger = LabelLedger(str(tmp_path / "labels"), Storage(), "v1", "m")
+    assert ledger.plan([("a.png", "d", "A")], samples=2) == [[0, 1]]
+    ledger.stop_asking()  # `ray job stop`: what was planned is still answered, nothing more is asked
+    assert ledger.plan([("b.png", "d", "B"), ("c.png", "d", "C")], samples=2) == [[], []]
+    assert ledger.get_counts()["samples_asked"] == 2
+
+
 def test_chat_client_retries_then_reports_the_uri(bench, tmp_path):
     import asyncio
 

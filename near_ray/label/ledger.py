@@ -45,6 +45,7 @@ class LabelLedger:
         self._aliases: list[dict[str, Any]] = []
         self._bad_rows: list[dict[str, Any]] = []
         self.counts = LedgerCounts()
+        self._stopped = False
         table = read_labels_table(labels_uri, storage)
         if table is not None:
             cols = table.select(["uri", "image_id", "sample", "status", "prompt_version", "model"]).to_pydict()
@@ -55,6 +56,8 @@ class LabelLedger:
 
     def plan(self, items: list[tuple[str, str, str]], samples: int) -> list[list[int]]:
         """For each (uri, domain, image_id): the samples to ask about; records skips and copies."""
+        if self._stopped:  # the job is stopping: ask nothing new, the answers in flight still land
+            return [[] for _ in items]
         out = []
         for uri, domain, iid in items:
             self.counts.images_seen += 1
@@ -73,6 +76,9 @@ class LabelLedger:
             self.counts.samples_copied += samples - skipped - len(ask)
             out.append(ask)
         return out
+
+    def stop_asking(self) -> None:
+        self._stopped = True
 
     def add_bad(self, rows: list[dict[str, Any]]) -> None:
         self._bad_rows.extend(rows)

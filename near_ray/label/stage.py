@@ -89,7 +89,7 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
     """Label every image of every domain; resumable, see the module docstring. Returns the run summary."""
     import ray
 
-    from near_ray.runtime import ensure_ray
+    from near_ray.runtime import ensure_ray, stoppable
 
     storage = storage_for(cfg)
     check_domains(cfg, storage)  # before starting anything
@@ -100,18 +100,27 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
     ledger = ray.remote(LabelLedger).options(num_cpus=0).remote(out_uri, storage, cfg.label.prompt_version, model)
     writer = LabelWriter(out_uri, storage, cfg.label.part_rows, cfg.label.flush_interval_s)
     stats = LabelStats(cfg.label.log_every_batches)
+    stopping = False  # a stop was requested (`ray job stop`): the answers in flight land, nothing new is asked
     try:
-        for chunk in listing_chunks(cfg, storage):
-            answers = label_dataset(request_dataset(chunk, cfg, ledger, storage), cfg.label)
-            bar = Progress("label", len(chunk) * cfg.label.samples, "answers")
-            for batch in answers.iter_batches(batch_format="pyarrow", batch_size=None):
-                rows = label_rows(batch, cfg.label.prompt_version, model)
-                stats.add_calls(rows, batch)
-                writer.add(rows)
-                bar.update(len(rows), f"{stats.calls} MLLM calls, {writer.rows_written} rows written")
-                if stats.due():
+        with stoppable() as stop:
+            for chunk in listing_chunks(cfg, storage):
+                answers = label_dataset(request_dataset(chunk, cfg, ledger, storage), cfg.label)
+                bar = Progress("label", len(chunk) * cfg.label.samples, "answers")
+                for batch in answers.iter_batches(batch_format="pyarrow", batch_size=None):
+                    if stop.requested and not stopping:
+                        ray.get(ledger.stop_asking.remote())
+                        stopping = True
+                        log.info("label: stopping: no new requests; writing the answers to those already built")
+                    rows = label_rows(batch, cfg.label.prompt_version, model)
+                    stats.add_calls(rows, batch)
+                    writer.add(rows)
+                    bar.update(len(rows), f"{stats.calls} MLLM calls, {writer.rows_written} rows written")
+                    if stats.due():
+                        writer.add(ray.get(ledger.drain_bad.remote()))
+                bar.close()
+                if stop.requested:
                     writer.add(ray.get(ledger.drain_bad.remote()))
-            bar.close()
+                    raise KeyboardInterrupt("label: stopped; every answer received is on storage")
         writer.add(ray.get(ledger.drain_bad.remote()))
         writer.flush()
         writer.add(copy_identical(ray.get(ledger.aliases.remote()), out_uri, storage, cfg.label.prompt_version, model))

@@ -76,7 +76,8 @@ def scaling_config(cfg: RunConfig) -> Any:
     if cfg.train.use_gpu:
         resources["GPU"] = 1
     return ray.train.ScalingConfig(
-        num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
+        accelerator_type=cfg.train.accelerator_type if cfg.train.use_gpu else None,
     )
 
 
@@ -97,9 +98,11 @@ def post_epoch(feed: Any, metrics: dict[str, Any]) -> None:
         pass
 
 
-def fit(trainer: Any, what: str, feed: Any = None, epochs: int | None = None, label: str | None = None) -> Any:
+def fit(trainer: Any, what: str, feed: Any = None, epochs: int | None = None, label: str | None = None,
+        tracker: Any = None) -> Any:
     """``trainer.fit()`` with a user-facing error naming ``what`` when the run fails for good; with
-    ``feed`` (``epoch_feed``), a progress line ``label`` per epoch while it runs."""
+    ``feed`` (``epoch_feed``), a progress line ``label`` per epoch while it runs, and each epoch's
+    metrics to ``tracker`` (``tracking.open_tracker``: TensorBoard or MLflow) when there is one."""
     import threading
 
     outcome: dict[str, Any] = {}
@@ -119,9 +122,13 @@ def fit(trainer: Any, what: str, feed: Any = None, epochs: int | None = None, la
             m = feed.get_nowait()
             loss = f"loss {m['loss']:.4f}" if isinstance(m.get("loss"), float) else ""
             bar.update(done=int(m.get("epoch", -1)) + 1, extra=loss)
+            if tracker is not None:
+                tracker.log(m)
     if bar is not None:
         bar.close()
         _shutdown(feed)
+    if tracker is not None:
+        tracker.close()
     if "error" in outcome:
         e = outcome["error"]
         raise TrainError(f"{what}: training failed after retries: {type(e).__name__}: {e}") from e

@@ -104,6 +104,7 @@ def _fit_ray_train(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage, name:
     from near_ray.train.data import train_data_config
     from near_ray.train.loop import train_loop
     from near_ray.train.runner import epoch_feed
+    from near_ray.train.tracking import open_tracker
 
     method = job.method
     job.feed = epoch_feed()
@@ -116,7 +117,8 @@ def _fit_ray_train(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage, name:
         dataset_config=train_data_config(),
     )
     where = f"train {method} ({cfg.artifact(f'train/{name}')})"
-    return fit(trainer, where, job.feed, cfg.train.epochs, label=f"train {method}").checkpoint
+    return fit(trainer, where, job.feed, cfg.train.epochs, label=f"train {method}",
+               tracker=open_tracker(cfg, method)).checkpoint
 
 
 def _fit_in_process(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage, name: str) -> Any:

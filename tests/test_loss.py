@@ -21,7 +21,11 @@ def test_mislabeled_sample_whose_neighbours_agree_is_corrected():
     preds = _probs([[0.7, 0.25, 0.05]] + [[0.1, 0.85, 0.05]] * 4)
     neighbours = torch.tensor([[1, 2, 3, 4]] + [[0, -1, -1, -1]] * 4)
     candidates = torch.tensor([[True, True, False]] * 5)
-    nb = L.neighbour_mean(preds, neighbours)
+    # The neighbours' predictions summed on each sample's candidate set ({0, 1}), as training gathers them.
+    valid = neighbours >= 0
+    sums = (preds[neighbours.clamp_min(0)] * valid.unsqueeze(-1)).sum(1)[:, :2]
+    nb_on_set = L.neighbour_mean(sums, valid.sum(1).float(), preds[:, :2])
+    nb = torch.cat([nb_on_set, torch.zeros(5, 1)], dim=1)  # outside S_i nothing counts
     target = L.refined_targets(preds[:1], nb[:1], candidates[:1], alpha=0.3)
     assert target[0].argmax() == 1  # corrected by its neighbours
     # Without the neighbour term (the no-kNN ablation) the wrong label stays.

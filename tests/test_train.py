@@ -352,11 +352,11 @@ def test_image_prototypes_fix_a_classifier_whose_name_embeddings_are_poor():
     test, truth = images(50)
     text = np.array([[0.9, 0.3, 0.3], [0.92, 0.2, 0.34], [0.0, 0.0, 1.0]])
     text /= np.linalg.norm(text, axis=1, keepdims=True)
-    confidences = np.zeros((len(train), 3))
-    confidences[np.arange(len(train)), labels] = 0.8  # soft labels: most mass on the right name
-    confidences[np.arange(len(train)), 1 - labels] = 0.2
-    acc = {w: float(((test @ class_embeddings(text, confidences, train, w)[:2].T).argmax(1) == truth).mean())
-           for w in (0.0, 0.5)}
+    cand_idx = np.tile([0, 1], (len(train), 1))  # every candidate set {0, 1}; name 2 is nobody's candidate
+    confidences = np.where(cand_idx == labels[:, None], 0.8, 0.2)  # soft labels: most mass on the right name
+    names = [0, 1, 2]
+    acc = {w: float(((test @ class_embeddings(text, cand_idx, confidences, train, w, names)[:2].T).argmax(1)
+                     == truth).mean()) for w in (0.0, 0.5)}
     assert acc[0.0] <= 0.6 and acc[0.5] >= 0.9, acc
-    mixed = class_embeddings(text, confidences, train, 0.5)
+    mixed = class_embeddings(text, cand_idx, confidences, train, 0.5, names)
     assert np.allclose(mixed[2], text[2]) and np.allclose(np.linalg.norm(mixed, axis=1), 1.0)

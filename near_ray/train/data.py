@@ -1,14 +1,14 @@
-"""What the trainer learns from: refine's artifacts as dense per-sample arrays, and the image stream.
+"""What the trainer learns from: refine's artifacts as per-sample arrays, and the image stream.
 
 ``load_training_set`` turns ``refine/vocabulary.json``, ``refine/candidates.parquet`` and
-``refine/neighbors.parquet`` into arrays indexed by sample (0..N-1) and vocabulary entry (0..V-1),
-shaped for one method (NeaR, an ablation or the naive baseline). ``image_dataset`` is the Ray Data
+``refine/neighbors.parquet`` into arrays indexed by sample (0..N-1), holding each sample's candidate
+set as vocabulary indices (0..V-1), shaped for one method (NeaR, an ablation or the naive baseline). ``image_dataset`` is the Ray Data
 stream the workers iterate: decoded once (materialized); the loops reshuffle it every epoch with a
 seeded local shuffle buffer (``train.shuffle_buffer``, ``near_ray.train.loop.shuffle_kwargs``) and
 augment each sample with crops seeded by (seed, epoch, sample), so a run is reproducible.
 
-Memory: the dense per-sample state is N*V*4 bytes per matrix on every worker (10k images x 1k
-names = 40 MB); beyond that, keep confidences sparse over each candidate set instead.
+Memory grows with N·|S| (candidate-set sizes are ~3-10), not N·V: 100k images in a 10k-name
+vocabulary are a few megabytes, not 4 GB per matrix.
 """
 
 from __future__ import annotations
@@ -36,6 +36,25 @@ class TrainDataError(NearRayError):
 
 
 @dataclass
+class CandidateArrays:
+    """The per-sample training state's inputs, sized by what they hold (N·|S|, not N·V).
+
+    Row i is sample i. Candidate sets are padded rows of vocabulary indices, ascending (-1 pads), with
+    the initial confidence of each; a sample's domain picks its vocabulary (``domain_mask``).
+    """
+
+    cand_idx: np.ndarray  # [N, S] int64 vocabulary indices of S_i, ascending, -1 = padding
+    cand_w0: np.ndarray  # [N, S] float32 initial confidences W0 (rows sum to 1, 0 at padding)
+    domain_of: np.ndarray  # [N] int64: the sample's domain (row of domain_mask)
+    domain_mask: np.ndarray  # [D, V] bool: the vocabulary entries of each domain
+    neighbours: np.ndarray  # [N, K] int64 sample indices, -1 = none
+
+    @property
+    def vocabulary_size(self) -> int:
+        return int(self.domain_mask.shape[1])
+
+
+@dataclass
 class TrainingSet:
     """Per-sample arrays for one method; row i of every array is sample i."""
 
@@ -43,14 +62,36 @@ class TrainingSet:
     uris: list[str]
     domains: list[str]
     vocabulary: list[dict[str, Any]]
-    candidates: np.ndarray  # [N, V] bool: S_i
-    confidences: np.ndarray  # [N, V] float32: initial W (rows sum to 1 on S_i)
-    neighbours: np.ndarray  # [N, K] int64 sample indices, -1 = none
-    allowed: np.ndarray  # [N, V] bool: vocabulary entries of the sample's domain
+    arrays: CandidateArrays
     dropped: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    @property
+    def neighbours(self) -> np.ndarray:
+        return self.arrays.neighbours
+
+    # Dense [N, V] views, for inspection and small sets only: training never builds them.
+    @property
+    def candidates(self) -> np.ndarray:
+        return densify(self.arrays.cand_idx, self.arrays.cand_idx >= 0, self.arrays.vocabulary_size).astype(bool)
+
+    @property
+    def confidences(self) -> np.ndarray:
+        return densify(self.arrays.cand_idx, self.arrays.cand_w0, self.arrays.vocabulary_size)
+
+    @property
+    def allowed(self) -> np.ndarray:
+        return self.arrays.domain_mask[self.arrays.domain_of]
+
+
+def densify(cand_idx: np.ndarray, values: np.ndarray, vocabulary_size: int) -> np.ndarray:
+    """[N, S] values at [N, S] vocabulary indices (-1 = none) -> [N, V]."""
+    out = np.zeros((len(cand_idx), vocabulary_size), dtype=np.asarray(values).dtype)
+    rows, cols = np.nonzero(cand_idx >= 0)
+    out[rows, cand_idx[rows, cols]] = np.asarray(values)[rows, cols]
+    return out
 
 
 def vocabulary_index(vocabulary: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
@@ -92,7 +133,7 @@ def _initial_confidences(row: dict, method: Method, index: dict[tuple[str, str],
 
 
 def load_training_set(cfg: RunConfig, name: str, storage: Storage) -> TrainingSet:
-    """Dense per-sample arrays for method ``name`` from refine's artifacts under ``cfg.storage.workdir``."""
+    """Per-sample arrays for method ``name`` from refine's artifacts under ``cfg.storage.workdir``."""
     method = METHODS.get(name)
     if method is None or not method.trained:
         raise TrainDataError(f"train.method: '{name}' is not a trained method")
@@ -109,23 +150,25 @@ def load_training_set(cfg: RunConfig, name: str, storage: Storage) -> TrainingSe
         weights.append(w)
     if not rows:
         raise TrainDataError(f"{cfg.artifact('refine/candidates.parquet')}: no trainable image for method '{name}'")
-    n, v = len(rows), len(vocabulary)
-    candidates = np.zeros((n, v), dtype=bool)
-    confidences = np.zeros((n, v), dtype=np.float32)
+    n, width = len(rows), max(len(w) for w in weights)
+    cand_idx = np.full((n, width), -1, dtype=np.int64)
+    cand_w0 = np.zeros((n, width), dtype=np.float32)
     for i, w in enumerate(weights):
-        idx = np.fromiter(w.keys(), dtype=np.int64)
-        candidates[i, idx] = True
-        confidences[i, idx] = np.fromiter(w.values(), dtype=np.float32)
-    confidences /= confidences.sum(axis=1, keepdims=True)
-    vocab_domains = np.array([x.get("domain") or "" for x in vocabulary])
+        order = sorted(w)  # ascending vocabulary index: ties of argmax go to the lower index, as dense would
+        cand_idx[i, : len(order)] = order
+        cand_w0[i, : len(order)] = [w[k] for k in order]
+    cand_w0 /= cand_w0.sum(axis=1, keepdims=True)
     domains = [r["domain"] or "" for r in rows]
-    allowed = vocab_domains[None, :] == np.array(domains)[:, None]
+    names = sorted(set(domains) | {x.get("domain") or "" for x in vocabulary})
+    vocab_domains = np.array([x.get("domain") or "" for x in vocabulary])
+    domain_mask = np.array([vocab_domains == d for d in names], dtype=bool).reshape(len(names), len(vocabulary))
+    domain_of = np.array([names.index(d) for d in domains], dtype=np.int64)
     image_ids = [r["image_id"] for r in rows]
     neighbours = _neighbour_matrix(image_ids, nb_table) if method.neighbour_refinement else np.full((n, 0), -1)
     if dropped:
         log.info("train %s: dropped %s", name, dict(dropped))
-    return TrainingSet(image_ids, [r["uri"] for r in rows], domains, vocabulary, candidates, confidences,
-                       neighbours, allowed, dict(dropped))
+    arrays = CandidateArrays(cand_idx, cand_w0, domain_of, domain_mask, neighbours)
+    return TrainingSet(image_ids, [r["uri"] for r in rows], domains, vocabulary, arrays, dict(dropped))
 
 
 def _neighbour_matrix(image_ids: list[str], table: list[dict]) -> np.ndarray:

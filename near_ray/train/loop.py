@@ -1,12 +1,12 @@
 """The Ray Train worker loop for NeaR fine-tuning (DDP over ``train.num_workers``).
 
-Per-sample state (confidences W [N, V], the epoch's predictions P [N, V], per-sample losses, clean
-flags) is global: every worker holds the dense tensors, updates the rows of the samples it saw, and
-an all-reduce after each epoch (sum of updates, divided by how often each sample was seen) gives
-every worker, and the GMM, the same state. Memory: 2 * N * V * 4 bytes per worker.
+Per-sample state (confidences W on each candidate set, the neighbours' mean prediction there, losses,
+clean flags; see ``NearState``) is global: every worker holds it, updates the rows of the samples it
+saw, and an all-reduce after each epoch (sum of updates, divided by how often each sample was seen)
+gives every worker, and the GMM, the same state. Memory grows with N·|S|, not N·V.
 
 One epoch:
-  1. neighbours' mean prediction from last epoch's global P (NeaR only);
+  1. the neighbours' mean prediction at each candidate set, from the last epoch (NeaR only);
   2. per batch: logits over the sample's domain vocabulary, the method's loss, the new confidences;
   3. all-reduce W, P and losses; GMM on the losses decides who is clean next epoch;
   4. metrics and a checkpoint (weights + state + optimizer) via ``ray.train.report``.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from near_ray.train import loss as L
 from near_ray.train.checkpoint import load_checkpoint, unwrap
-from near_ray.train.data import PixelSpec, to_pixels
+from near_ray.train.data import CandidateArrays, PixelSpec, to_pixels
 from near_ray.train.methods import get_method
 from near_ray.train.runner import RayTrainSession, post_epoch, report_epoch, set_threads, shuffle_kwargs
 
@@ -43,6 +43,12 @@ def freeze_towers(model: torch.nn.Module, towers: str) -> None:
         is_text = name.startswith(TEXT_PREFIXES)
         is_image = name.startswith("visual.")
         p.requires_grad = (is_text and towers in ("text", "both")) or (is_image and towers in ("image", "both"))
+
+
+def ray_get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)
 
 
 def _distributed() -> bool:
@@ -73,10 +79,7 @@ class FineTuneJob:
     train: TrainConfig
     storage: Storage
     prompts: list[str]  # the prompt of each vocabulary entry
-    candidates: np.ndarray  # [N, V] bool: S_i
-    confidences: np.ndarray  # [N, V] float32: initial W
-    neighbours: np.ndarray  # [N, K] sample indices, -1 = none
-    allowed: np.ndarray  # [N, V] bool: the sample's domain vocabulary
+    arrays: Any  # ObjectRef of the CandidateArrays (the object store carries them, not the job), or the arrays
     pixels: PixelSpec
     fault: FaultInjection | None = None
     feed: Any = None  # runner.epoch_feed(): rank 0 posts each epoch's metrics for the driver's progress line
@@ -111,27 +114,99 @@ def _maybe_fail(fault: FaultInjection | None, epoch: int) -> None:
 
 
 class NearState:
-    """The global per-sample state, kept identical on every worker."""
+    """The global per-sample state, kept identical on every worker, sized by the candidate sets.
 
-    def __init__(self, job: FineTuneJob, device: torch.device) -> None:
+    W (confidences) lives on each sample's candidate set S_i ([N, S]); so does ``nb``, the mean of its
+    neighbours' last predictions at S_i, which is all the refinement needs of them. Predictions are
+    never stored per sample: during an epoch each one is scattered at once to the candidate sets of the
+    samples that have it as a neighbour (``reverse`` lists), and summed over names for the balance
+    prior (``mean_pred`` [V]). Memory: O(N·(S + K) + V) per worker.
+    """
+
+    def __init__(self, arrays: CandidateArrays, device: torch.device) -> None:
         # torch.tensor copies: arrays from Ray's object store are read-only
-        self.candidates = torch.tensor(job.candidates, device=device)
-        self.allowed = torch.tensor(job.allowed, device=device)
-        self.neighbours = torch.tensor(job.neighbours, device=device)
-        self.W0 = torch.tensor(job.confidences, device=device).float()  # the sets' initial evidence
+        self.cand_idx = torch.tensor(arrays.cand_idx, device=device)
+        self.cand_mask = self.cand_idx >= 0
+        self.cand_safe = self.cand_idx.clamp_min(0)
+        self.domain_of = torch.tensor(arrays.domain_of, device=device)
+        self.domain_mask = torch.tensor(arrays.domain_mask, device=device)
+        self.neighbours = torch.tensor(arrays.neighbours, device=device)
+        self.vocabulary_size = arrays.vocabulary_size
+        self.W0 = torch.tensor(arrays.cand_w0, device=device).float()  # the sets' initial evidence
         self.W = self.W0.clone()
-        self.P = self.W.clone()  # before any epoch, neighbours "predict" their own label distribution
+        self.nb_count = (self.neighbours >= 0).sum(dim=1).float()
+        self.rev_ptr, self.rev_i = _reverse(self.neighbours, len(self.W))
+        # before any epoch, neighbours "predict" their own label distribution W0
+        self.nb = L.neighbour_mean(self._initial_neighbour_sums(), self.nb_count, self.W0)
+        self.mean_pred: torch.Tensor | None = None  # [V]: the mean prediction of the last epoch
         self.losses = torch.zeros(len(self.W), device=device)
         self.clean = torch.ones(len(self.W), dtype=torch.bool, device=device)
 
+    def dense(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """[B, S] values of samples ``idx`` on their candidate sets -> [B, V] (0 elsewhere)."""
+        out = torch.zeros(len(idx), self.vocabulary_size, dtype=values.dtype, device=values.device)
+        return out.scatter_add_(1, self.cand_safe[idx], values * self.cand_mask[idx])
+
+    def at_sets(self, dense: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[B, V] -> [B, S]: the values at the candidate sets of samples ``rows`` (0 at padding)."""
+        return torch.gather(dense, 1, self.cand_safe[rows]) * self.cand_mask[rows]
+
+    def _initial_neighbour_sums(self, chunk: int = 4096) -> torch.Tensor:
+        """Σ over valid neighbours j of W0_j at the candidates of i, in chunks of samples ([N, S])."""
+        out = torch.zeros_like(self.W0)
+        if self.neighbours.shape[1] == 0:
+            return out
+        for start in range(0, len(out), chunk):
+            nbr = self.neighbours[start : start + chunk]
+            valid = (nbr >= 0).unsqueeze(-1).unsqueeze(-1)
+            theirs = self.cand_idx[nbr.clamp_min(0)]  # [C, K, S_j]
+            mine = self.cand_idx[start : start + chunk]  # [C, S_i]
+            match = (theirs.unsqueeze(-1) == mine.unsqueeze(1).unsqueeze(2)) & (mine >= 0).unsqueeze(1).unsqueeze(2)
+            weights = self.W0[nbr.clamp_min(0)].unsqueeze(-1)  # [C, K, S_j, 1]
+            out[start : start + chunk] = (match * valid * weights).sum(dim=(1, 2))
+        return out
+
+    def scatter_to_neighbours(self, probs: torch.Tensor, idx: torch.Tensor, sums: torch.Tensor) -> None:
+        """Add each batch sample's prediction ``probs`` [B, V] to the neighbour sums of every sample that
+        has it as a neighbour, at that sample's candidate set."""
+        counts = self.rev_ptr[idx + 1] - self.rev_ptr[idx]
+        if int(counts.sum()) == 0:
+            return
+        row = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), counts)
+        first = torch.repeat_interleave(self.rev_ptr[idx], counts)
+        offset = torch.arange(len(row), device=idx.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        targets = self.rev_i[first + offset]
+        values = probs[row.unsqueeze(1), self.cand_safe[targets]] * self.cand_mask[targets]
+        sums.index_add_(0, targets, values)
+
+    def labels(self) -> torch.Tensor:
+        """Each sample's current label: the vocabulary index of its most confident candidate."""
+        return self.cand_idx.gather(1, self.W.argmax(dim=1, keepdim=True)).squeeze(1)
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"W": self.W, "P": self.P, "losses": self.losses, "clean": self.clean.to(torch.uint8)}
+        out = {"W": self.W, "nb": self.nb, "losses": self.losses, "clean": self.clean.to(torch.uint8)}
+        if self.mean_pred is not None:
+            out["mean_pred"] = self.mean_pred
+        return out
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:
         self.W.copy_(state["W"])
-        self.P.copy_(state["P"])
+        self.nb.copy_(state["nb"])
         self.losses.copy_(state["losses"])
         self.clean.copy_(state["clean"].bool())
+        self.mean_pred = state["mean_pred"].clone() if "mean_pred" in state else None
+
+
+def _reverse(neighbours: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR lists of who has each sample as a neighbour: samples rev_i[rev_ptr[j]:rev_ptr[j+1]] list j."""
+    valid = neighbours >= 0
+    owners = torch.arange(n, device=neighbours.device).unsqueeze(1).expand_as(neighbours)[valid]
+    listed = neighbours[valid]
+    order = torch.argsort(listed, stable=True)
+    counts = torch.bincount(listed, minlength=n)
+    ptr = torch.zeros(n + 1, dtype=torch.long, device=neighbours.device)
+    ptr[1:] = counts.cumsum(0)
+    return ptr, owners[order]
 
 
 def _text_features(model: torch.nn.Module, tokens: torch.Tensor, cached: torch.Tensor | None, x: torch.Tensor):
@@ -158,11 +233,11 @@ def run_epoch(model, optimizer, shard, state: NearState, job: FineTuneJob, epoch
     """One pass over this worker's shard; returns the epoch's metrics after the global state update."""
     tc, method, device = job.train, get_method(job.method), ctx.device
     phase = method.phase(epoch, tc.warmup_epochs)
-    nb_mean = L.neighbour_mean(state.P, state.neighbours) if method.neighbour_refinement else None
-    mean_pred = state.P.mean(dim=0, keepdim=True) if epoch > 0 else None
-    before = state.W.argmax(dim=1)
+    mean_pred = state.mean_pred.unsqueeze(0) if state.mean_pred is not None and epoch > 0 else None
+    before = state.labels()
     n = len(state.W)
-    W_new, P_new = torch.zeros_like(state.W), torch.zeros_like(state.P)
+    W_new, nb_sums, own = torch.zeros_like(state.W), torch.zeros_like(state.W), torch.zeros_like(state.W)
+    prob_sum = torch.zeros(state.vocabulary_size, device=device)
     loss_new, seen = torch.zeros(n, device=device), torch.zeros(n, device=device)
     local_bs = max(1, tc.batch_size // ctx.world_size)
     model.train()
@@ -176,35 +251,40 @@ def run_epoch(model, optimizer, shard, state: NearState, job: FineTuneJob, epoch
         all_reduce_(count)  # the global batch size, so that DDP's gradient mean is a mean over samples
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.amp):
             img, txt = _text_features(model, ctx.tokens, ctx.cached_text, x)
-        logits = L.clip_logits(img.float(), txt.float(), ctx.scale, state.allowed[idx])
+        logits = L.clip_logits(img.float(), txt.float(), ctx.scale, state.domain_mask[state.domain_of[idx]])
         logp = F.log_softmax(logits, dim=1)
-        w, cand = state.W[idx], state.candidates[idx]
-        prior = None if phase == "ce" else L.confidence_prior(state.W0[idx], mean_pred, tc.prior_power, tc.balance)
+        w, cand = state.dense(state.W[idx], idx), state.dense(state.cand_mask[idx].float(), idx) > 0
+        prior = None if phase == "ce" else L.confidence_prior(state.dense(state.W0[idx], idx), mean_pred,
+                                                               tc.prior_power, tc.balance)
         if phase == "ce":
             per, new_w = L.hard_cross_entropy(logp, w.argmax(dim=1)), w
         elif phase == "pll":
             per, new_w = L.partial_label_loss(logp, w), L.proden_update(logp.exp(), cand, prior)
         else:
-            nb = nb_mean[idx] if nb_mean is not None else None
+            nb = state.dense(state.nb[idx], idx) if method.neighbour_refinement else None
             per, new_w = L.near_batch_loss(logp, w, cand, state.clean[idx], nb, tc.refine_alpha, tc.lambda_noisy,
                                            prior, tc.clean_loss)
         optimizer.zero_grad(set_to_none=True)
         (per.sum() * ctx.world_size / count.clamp_min(1)).backward()
         optimizer.step()
-        W_new[idx] += new_w.detach()
-        P_new[idx] += logp.detach().exp()
+        probs = logp.detach().exp()
+        W_new[idx] += state.at_sets(new_w.detach(), idx)
+        own[idx] += state.at_sets(probs, idx)
+        state.scatter_to_neighbours(probs, idx, nb_sums)
+        prob_sum += probs.sum(dim=0)
         loss_new[idx] += L.partial_label_loss(logp.detach(), w)
         seen[idx] += 1
-    all_reduce_(W_new, P_new, loss_new, seen)
+    all_reduce_(W_new, nb_sums, own, prob_sum, loss_new, seen)
     upd = seen > 0
     state.W[upd] = W_new[upd] / seen[upd].unsqueeze(1)
-    state.P[upd] = P_new[upd] / seen[upd].unsqueeze(1)
+    state.nb = L.neighbour_mean(nb_sums, state.nb_count, own / seen.clamp_min(1).unsqueeze(1))
+    state.mean_pred = prob_sum / n
     state.losses[upd] = loss_new[upd] / seen[upd]
     clean_used = float(state.clean.float().mean()) if phase == "near" else 1.0
     if method.gmm and epoch + 1 >= tc.warmup_epochs:
         flags = L.fit_clean_split(state.losses.cpu().numpy(), tc.gmm_clean_threshold, seed=tc.seed)
         state.clean.copy_(torch.as_tensor(flags, device=device))
-    after = state.W.argmax(dim=1)
+    after = state.labels()
     return {
         "epoch": epoch,
         "phase": phase,
@@ -241,7 +321,8 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
     session = session or RayTrainSession()
     device = session.device
     clip, tokens, scale, optimizer = _setup(job, device)
-    state = NearState(job, device)
+    arrays = job.arrays if isinstance(job.arrays, CandidateArrays) else ray_get(job.arrays)
+    state = NearState(arrays, device)
     meta: dict[str, Any] = {"epoch": -1, "history": [], "starts": [], "logit_scale": scale}
     if (restored := session.checkpoint_dir()) is not None:
         with restored as folder:

@@ -99,16 +99,12 @@ def refined_targets(
     return proden_update(blend, candidates, prior)
 
 
-def neighbour_mean(predictions: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-    """Mean predicted distribution of each sample's neighbours; ``neighbours`` is [N, K] indices, -1 = none.
-
-    A sample without neighbours gets its own prediction (so the blend degrades to the own term).
-    """
-    valid = neighbours >= 0
-    gathered = predictions[neighbours.clamp_min(0)] * valid.unsqueeze(-1)  # [N, K, V]
-    count = valid.sum(dim=1, keepdim=True)
-    mean = gathered.sum(dim=1) / count.clamp_min(1)
-    return torch.where(count > 0, mean, predictions)
+def neighbour_mean(neighbour_sums: torch.Tensor, counts: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Mean of each sample's neighbours' predictions on its candidate set: ``neighbour_sums`` [N, S] are
+    their sums at S_i, ``counts`` [N] how many neighbours it has; a sample without neighbours gets its
+    own prediction ``own`` [N, S] (so the blend degrades to the own term)."""
+    has = counts.unsqueeze(1) > 0
+    return torch.where(has, neighbour_sums / counts.clamp_min(1).unsqueeze(1), own)
 
 
 def fit_clean_split(losses: np.ndarray, threshold: float, seed: int = 0) -> np.ndarray:

@@ -8,6 +8,7 @@ CLIP over the vocabulary as ``bundles/zero_shot``. Pretraining is ``near_ray.tra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     ``in_process`` runs the same loop as one worker in this process, without a Ray Train worker group
     (benchmarks: saves the group's start-up per run). ``fault`` kills a worker once, to exercise recovery.
     """
+    import ray
+
     from near_ray.model.clip import create_clip
     from near_ray.train.data import PixelSpec, image_dataset, load_training_set
 
@@ -52,10 +55,9 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         train=cfg.train,
         storage=st,
         prompts=[cfg.model.prompt_template.format(n) for n in names],
-        candidates=ts.candidates,
-        confidences=ts.confidences,
-        neighbours=ts.neighbours[:, : cfg.train.refine_k] if cfg.train.refine_k else ts.neighbours,
-        allowed=ts.allowed,
+        # through the object store, not the loop config: every worker gets one shared copy
+        arrays=ray.put(dataclasses.replace(ts.arrays, neighbours=ts.neighbours[:, : cfg.train.refine_k]))
+        if cfg.train.refine_k else ray.put(ts.arrays),
         pixels=PixelSpec.for_model(clip, cfg.train.augment),
         fault=fault,
     )
@@ -69,7 +71,8 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     elapsed = time.monotonic() - t0
     state, meta = load_trained_state(checkpoint, clip)
     history = meta["history"]
-    vocabulary, pruned = prune_vocabulary(ts.vocabulary, label_support(state["W"], len(names)),
+    cand_idx, weights = ts.arrays.cand_idx, state["W"].numpy()
+    vocabulary, pruned = prune_vocabulary(ts.vocabulary, label_support(cand_idx, weights, len(names)),
                                           cfg.train.min_label_support)
     kept = [i for i, v in enumerate(ts.vocabulary) if (v.get("domain"), v["name"]) in
             {(k.get("domain"), k["name"]) for k in vocabulary}]
@@ -91,7 +94,7 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     if cfg.train.prototype_weight > 0:
         text = encode_texts(clip, [v["name"] for v in vocabulary], cfg.model.prompt_template)
         images = training_image_embeddings(cfg, clip, ts, st)
-        classes = class_embeddings(text, state["W"].numpy()[:, kept], images, cfg.train.prototype_weight)
+        classes = class_embeddings(text, cand_idx, weights, images, cfg.train.prototype_weight, kept)
         metrics["class_embeddings"] = f"text + image prototypes (weight {cfg.train.prototype_weight})"
     export_bundle(cfg, clip, vocabulary, bundle_uri, meta["logit_scale"], metrics, st, classes)
     log.info("train %s: %d epochs in %.1f s, bundle %s", method, len(history), elapsed, bundle_uri)
@@ -137,9 +140,10 @@ def _fit_in_process(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage, name
     return ray.train.Checkpoint.from_directory(folder)
 
 
-def label_support(confidences: Any, vocabulary_size: int) -> np.ndarray:
-    """Per vocabulary entry: the training images whose final label (argmax of their confidences) it is."""
-    return np.bincount(confidences.argmax(dim=1).numpy(), minlength=vocabulary_size)
+def label_support(cand_idx: np.ndarray, confidences: np.ndarray, vocabulary_size: int) -> np.ndarray:
+    """Per vocabulary entry: the training images whose final label (their most confident candidate) it is."""
+    labels = np.take_along_axis(cand_idx, confidences.argmax(axis=1)[:, None], axis=1)[:, 0]
+    return np.bincount(labels, minlength=vocabulary_size)
 
 
 def prune_vocabulary(
@@ -164,11 +168,19 @@ def prune_vocabulary(
     return kept, pruned
 
 
-def class_embeddings(text: np.ndarray, confidences: np.ndarray, images: np.ndarray, weight: float) -> np.ndarray:
-    """The classifier's class vectors: each name's text embedding mixed with its image prototype, the
-    confidence-weighted mean of the training images' embeddings (FineR and FiNDR classify with such a
-    mix, 0.7 text). ``weight`` is the prototype's share; a name no image supports keeps its text."""
-    proto = confidences.T.astype(np.float64) @ images.astype(np.float64)  # [V, D]
+def class_embeddings(text: np.ndarray, cand_idx: np.ndarray, confidences: np.ndarray, images: np.ndarray,
+                     weight: float, names: list[int]) -> np.ndarray:
+    """The classifier's class vectors for vocabulary entries ``names`` (``text`` holds theirs): each
+    name's text embedding mixed with its image prototype, the confidence-weighted mean of the training
+    images' embeddings (FineR and FiNDR classify with such a mix, 0.7 text); confidences [N, S] sit at
+    the vocabulary indices ``cand_idx``. ``weight`` is the prototype's share; a name no image supports
+    keeps its text."""
+    rows, cols = np.nonzero(cand_idx >= 0)
+    full = np.zeros((int(cand_idx.max()) + 1 if cand_idx.size else 0, images.shape[1]))
+    np.add.at(full, cand_idx[rows, cols], confidences[rows, cols, None].astype(np.float64) * images[rows])
+    proto = np.zeros((len(names), images.shape[1]))
+    inside = [k for k, v in enumerate(names) if v < len(full)]
+    proto[inside] = full[[names[k] for k in inside]]
     norm = np.linalg.norm(proto, axis=1, keepdims=True)
     proto = np.divide(proto, norm, out=np.zeros_like(proto), where=norm > 0)
     mixed = np.where(norm > 0, (1 - weight) * text + weight * proto, text)

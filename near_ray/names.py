@@ -26,7 +26,6 @@ _EDGE_PUNCT = " \t\n\r.,;:!?\"'`*_-–—"
 _SINGULAR_S = ("ss", "us", "is", "os", "ys", "species", "series")
 
 
-
 def strip_parenthesized(text: str) -> str:
     """Drop "(Leiothlypis peregrina)", "[note]", "{x}": scientific names and asides."""
     return PARENTHESIZED.sub(" ", text)

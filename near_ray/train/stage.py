@@ -194,11 +194,13 @@ def training_image_embeddings(cfg: RunConfig, clip: Any, ts: Any, st: Storage) -
     from near_ray.model.clip import encode_images
     from near_ray.refine.embed import read_embeddings
 
-    if cfg.train.train_towers == "text":
-        emb = read_embeddings(cfg.artifact("refine/embeddings.parquet"), st)
+    uri = cfg.artifact("refine/embeddings.parquet")
+    if cfg.train.train_towers == "text" and st.exists(uri):
+        emb = read_embeddings(uri, st)
         row = {iid: i for i, iid in enumerate(emb.meta["image_id"])}
-        return emb.vectors[[row[i] for i in ts.image_ids]]
-    log.info("train: embedding %d training images with the fine-tuned image tower for the prototypes", len(ts))
+        if all(i in row for i in ts.image_ids):
+            return emb.vectors[[row[i] for i in ts.image_ids]]
+    log.info("train: embedding %d training images with the trained image tower for the prototypes", len(ts))
     return encode_images(clip, [decode_image(st.read_bytes(u), u) for u in ts.uris])
 
 

@@ -228,9 +228,10 @@ def test_two_ddp_workers_on_s3_match_one_worker_and_the_bundle_predicts_like_the
         rows = write_refine_artifacts(workdir, per_class=4)
         # The image tower: its gradients are far from zero, so Adam does not turn float32 reduction-order
         # noise into lr-sized steps (it does for the text tower's untouched token embeddings).
-        # min_label_support 0: the bundle keeps every name, as the checkpoint-side prediction below does.
+        # min_label_support 0 and prototype_weight 0: the bundle keeps every name and classifies with
+        # the text tower's embeddings, as the checkpoint-side prediction below does.
         cfg = _cfg(workdir, num_workers=workers, epochs=3, batch_size=len(rows), train_towers="image",
-                   min_label_support=0)
+                   min_label_support=0, prototype_weight=0.0)
         summary = run_train(cfg)
         runs[workers] = (cfg, summary, st_load(st.read_bytes(cfg.artifact("bundles/near/model.safetensors"))))
     (_, s1, w1), (cfg2, s2, w2) = runs[1], runs[2]

@@ -274,6 +274,29 @@ def write_results(args: argparse.Namespace, runs: list[dict], setup: dict, metho
     return result
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The results as markdown: per profile, every method's cACC and sACC (mean ± std over the runs)
+    and NeaR minus the method (mean paired difference, 95% interval)."""
+    from near_ray.train.methods import TITLES
+
+    titles = {**TITLES, "upper_bound_true_names": "ceiling: zero-shot over the true names",
+              "upper_bound_supervised": "ceiling: fine-tuned on the true labels"}
+    lines = []
+    for profile, table in result["profiles"].items():
+        n = len(result["paired"][profile].get("runs", []))
+        lines += [f"**{profile} profile** ({n} runs: {len(result['models'])} starting CLIPs x "
+                  f"{len(result['seeds'])} seeds, {result['setup'].get('test_images')} test images each)", "",
+                  "| method | cACC | sACC | NeaR − method (cACC, 95% CI) |", "|---|---|---|---|"]
+        for m, v in table.items():
+            d = result["paired"][profile].get(m)
+            ci = (f"{d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                  if d and d["ci95"][0] is not None else "–")
+            name = f"**{titles.get(m, m)}**" if m == "near" else titles.get(m, m)
+            lines.append(f"| {name} | {v['cacc_mean']:.3f} ± {v['cacc_std']:.3f} | {v['sacc_mean']:.3f} | {ci} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2,3,4")
@@ -287,7 +310,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config overrides for every run")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--markdown", action="store_true", help="print the tables of --out as markdown and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for name in ("ray", "ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -11,7 +11,7 @@ from near_ray.storage import Storage, join
 pytestmark = pytest.mark.slow
 
 TIMING_KEYS = {"latency_ms", "throughput_img_s", "created", "label_summary", "labeling", "files", "plots",
-               "labels", "bundle", "model_version"}
+               "labels", "bundle", "model_version", "latency_conditions"}
 
 
 def _weights(uri: str) -> dict:

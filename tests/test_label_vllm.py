@@ -21,8 +21,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tiny_vlm import CHAT_TEMPLATE as TINY_CHAT_TEMPLATE
+from tiny_vlm import LLAVA_HF_CHAT_TEMPLATE
 
-from near_ray.config import LabelConfig
+from near_ray.config import ConfigError, LabelConfig, load_config
+from near_ray.label.backends.chat_format import template_content_format
 from near_ray.label.backends.vllm import answer_row, placement_group_config, processor_options, request_row
 from near_ray.storage import Storage
 
@@ -62,24 +65,272 @@ def test_cpu_engine_gets_a_cpu_only_placement_group_and_a_fixed_pool() -> None:
     assert opts["placement_group_config"] == {"bundles": [{"CPU": 0.5}], "strategy": "PACK"}
     assert opts["concurrency"] == (2, 2)
     assert opts["engine_kwargs"]["max_model_len"] == 512
+    assert "gpu_memory_utilization" not in opts["engine_kwargs"]
     assert opts["prepare_multimodal_stage"]["enabled"] is True
     # The CPU stages around the engine must not ask for whole CPUs (deadlock on small nodes).
     assert all(opts[s]["num_cpus"] == cfg.actor_cpus for s in ("prepare_multimodal_stage", "chat_template_stage"))
 
 
-def test_gpu_engine_keeps_the_default_placement_unless_resources_are_uneven() -> None:
+def test_a_one_rank_gpu_engine_keeps_the_default_placement_unless_its_resources_differ() -> None:
     assert placement_group_config(_label_config()) is None
-    cfg = _label_config(tensor_parallel_size=2, gpus_per_replica=1, cpus_per_replica=2, accelerator_type="L4")
-    pg = placement_group_config(cfg)
-    assert pg == {"bundles": [{"CPU": 1.0, "GPU": 0.5}] * 2, "strategy": "PACK"}
-    opts = processor_options(cfg)
-    assert opts["accelerator_type"] == "L4" and opts["engine_kwargs"]["tensor_parallel_size"] == 2
+    shared = _label_config(gpus_per_replica=0.5, cpus_per_replica=2, accelerator_type="L4")
+    assert placement_group_config(shared) == {"bundles": [{"CPU": 2, "GPU": 0.5}], "strategy": "PACK"}
+    assert processor_options(shared)["accelerator_type"] == "L4"
+
+
+def test_a_parallel_engine_gets_one_whole_gpu_bundle_per_rank_with_room_for_the_engine_actor() -> None:
+    cfg = _label_config(tensor_parallel_size=2, gpus_per_replica=2, cpus_per_replica=8)
+    assert placement_group_config(cfg) == {"bundles": [{"GPU": 1.0, "CPU": 4.0}] * 2, "strategy": "PACK"}
+    assert processor_options(cfg)["engine_kwargs"]["tensor_parallel_size"] == 2
+    # The engine actor takes Ray Data's default 1 CPU inside the group; the ranks' workers take none.
+    few = _label_config(tensor_parallel_size=2, gpus_per_replica=2, cpus_per_replica=1)
+    assert placement_group_config(few)["bundles"] == [{"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0, "CPU": 0.5}]
+    pipeline = _label_config(tensor_parallel_size=2, gpus_per_replica=4, cpus_per_replica=4,
+                             engine_kwargs={"pipeline_parallel_size": 2})
+    assert placement_group_config(pipeline)["bundles"] == [{"GPU": 1.0, "CPU": 1.0}] * 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        (["label.vllm.tensor_parallel_size=2", "label.vllm.gpus_per_replica=1"], "tensor_parallel_size"),
+        (["label.vllm.engine_kwargs={tensor_parallel_size: 4}", "label.vllm.gpus_per_replica=2"], "(4)"),
+        (["label.vllm.engine_kwargs={pipeline_parallel_size: 2}", "label.vllm.gpus_per_replica=1.5"], "(2)"),
+        (["label.vllm.gpus_per_replica=2"], "tensor_parallel_size"),
+    ],
+)
+def test_an_engine_that_cannot_schedule_is_refused_naming_the_fields(overrides: list[str], why: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["label.backend=vllm", *overrides])
+    assert "label.vllm" in str(err.value) and "gpus_per_replica" in str(err.value) and why in str(err.value)
+
+
+# vLLM 0.29's ray executor (vllm/v1/executor/ray_executor.py `_init_workers_ray`, ray_utils.py
+# `initialize_ray_cluster`) refuses a bundle with more than one GPU, needs a GPU bundle per rank, and
+# starts each rank's worker with num_cpus=0, num_gpus=VLLM_RAY_PER_WORKER_GPUS (1.0) in the first
+# bundles that hold a GPU. The probe below asks for exactly that inside the engine actor, which
+# ray.data.llm's own stage code places (its ray_remote_args_fn) with Ray Data's default 1 CPU.
+_PLACEMENT_PROBE = """
+import json, sys, ray
+from ray.data.llm import vLLMEngineProcessorConfig
+from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStage
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+opts = json.loads(sys.argv[1])
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+c = vLLMEngineProcessorConfig(**opts)
+stage = vLLMEngineStage(
+    fn_constructor_kwargs=dict(batch_size=c.batch_size, max_concurrent_batches=c.max_concurrent_batches,
+                               model=c.model_source, engine_kwargs=c.engine_kwargs,
+                               placement_group_config=c.placement_group_config),
+    map_batches_kwargs=dict(max_concurrency=c.max_concurrent_batches))
+args = stage.map_batches_kwargs
+world = c.engine_kwargs["tensor_parallel_size"] * c.engine_kwargs.get("pipeline_parallel_size", 1)
+
+@ray.remote
+class Worker:
+    def gpus(self):
+        return ray.get_gpu_ids()
+
+@ray.remote
+class Engine:
+    def start_workers(self, world):
+        pg = ray.util.get_current_placement_group()
+        bundles = [i for i, b in enumerate(pg.bundle_specs) if b.get("GPU", 0)]
+        if any(b.get("GPU", 0) > 1 for b in pg.bundle_specs) or len(bundles) < world:
+            return "refused by vLLM"
+        try:
+            workers = [Worker.options(num_cpus=0, num_gpus=1.0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_capture_child_tasks=True, placement_group_bundle_index=i)).remote()
+                for i in bundles[:world]]
+        except ValueError:  # Ray refuses an actor that fits no bundle of its group
+            return "workers refused by Ray"
+        ready, _ = ray.wait([w.gpus.remote() for w in workers], num_returns=world, timeout=20)
+        return "started" if len(ready) == world else "pending"
+
+remote_args = {"num_cpus": args.get("num_cpus", 1), "num_gpus": args.get("num_gpus", 0)}
+remote_args.update(args["ray_remote_args_fn"]())
+try:
+    engine = Engine.options(**remote_args).remote()
+except ValueError:
+    print("RESULT engine refused by Ray")
+    sys.exit(0)
+ready, _ = ray.wait([ref := engine.start_workers.remote(world)], timeout=60)
+print("RESULT", ray.get(ref) if ready else "engine pending")
+"""
+
+
+def _probe_placement(opts: dict) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.setdefault("RAY_raylet_start_wait_time_s", "180")  # its own Ray cluster, patient with a busy machine
+    out = subprocess.run([sys.executable, "-c", _PLACEMENT_PROBE, json.dumps(opts)], capture_output=True, text=True,
+                         env=env, timeout=400)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stdout[-2000:] + out.stderr[-4000:]
+    return lines[-1].removeprefix("RESULT ")
+
+
+def test_a_tensor_parallel_engine_starts_its_workers_the_way_vllm_asks_for_them() -> None:
+    """On a Ray node that advertises 2 GPUs (no GPU is needed to schedule): the ranks' workers start."""
+    opts = processor_options(_label_config(tensor_parallel_size=2, gpus_per_replica=2, cpus_per_replica=1))
+    assert _probe_placement(opts) == "started"
+    # The half-GPU bundles this backend used to emit (TP 2, gpus_per_replica 1, cpus_per_replica 2) hold no
+    # rank's worker; with less than a CPU in every bundle the engine actor itself does not fit.
+    opts["placement_group_config"] = {"bundles": [{"CPU": 1.0, "GPU": 0.5}] * 2, "strategy": "PACK"}
+    assert _probe_placement(opts) == "workers refused by Ray"
+    opts["placement_group_config"] = {"bundles": [{"CPU": 0.5, "GPU": 1.0}] * 2, "strategy": "PACK"}
+    assert _probe_placement(opts) == "engine refused by Ray"
+
+
+def test_engines_sharing_a_gpu_each_ask_for_their_share_of_its_memory() -> None:
+    def share(**vllm: object) -> float | None:
+        return processor_options(_label_config(**vllm))["engine_kwargs"].get("gpu_memory_utilization")
+
+    assert share() is None  # a whole GPU: vLLM's own 0.9
+    assert share(gpus_per_replica=0.5) == pytest.approx(0.45)
+    assert share(gpus_per_replica=0.25) == pytest.approx(0.225)
+    assert share(gpus_per_replica=0.5, gpu_memory_utilization=0.3) == 0.3  # the user's choice stands
+    assert share(gpus_per_replica=0.5, engine_kwargs={"gpu_memory_utilization": 0.2}) == 0.2
+    assert share(tensor_parallel_size=2, gpus_per_replica=2) is None
+
+
+def test_the_engine_is_sized_for_labeling_prompts_and_the_stage_images() -> None:
+    kwargs = processor_options(_label_config())["engine_kwargs"]
+    assert kwargs["max_model_len"] == 4096  # not the model's 128k, whose KV cache does not fit a 24 GB GPU
+    assert kwargs["limit_mm_per_prompt"] == {"image": {"count": 1, "width": 448, "height": 448}}
+    assert kwargs["mm_processor_kwargs"] == {"max_pixels": 448 * 448}
+    small = LabelConfig.model_validate({"backend": "vllm", "image": {"max_side": 336}, "vllm": {"max_model_len": -1}})
+    kwargs = processor_options(small)["engine_kwargs"]
+    assert kwargs["max_model_len"] == -1  # vLLM 0.29 fits the context to the memory left
+    assert kwargs["limit_mm_per_prompt"]["image"] == {"count": 1, "width": 336, "height": 336}
+    assert kwargs["mm_processor_kwargs"]["max_pixels"] == 336 * 336
+    assert "max_model_len" not in processor_options(_label_config(max_model_len=None))["engine_kwargs"]
+    with pytest.raises(ConfigError, match="label.vllm.max_model_len"):
+        load_config(None, ["label.vllm.max_model_len=0"])
 
 
 def test_user_engine_kwargs_override_the_backend_defaults() -> None:
     cfg = _label_config(max_model_len=256, engine_kwargs={"max_model_len": 1024, "limit_mm_per_prompt": {"image": 2}})
     kwargs = processor_options(cfg)["engine_kwargs"]
     assert kwargs["max_model_len"] == 1024 and kwargs["limit_mm_per_prompt"] == {"image": 2}
+
+
+def test_in_flight_batches_per_engine_are_a_setting() -> None:
+    assert processor_options(_label_config())["max_concurrent_batches"] == 8
+    assert processor_options(_label_config(max_concurrent_batches=32))["max_concurrent_batches"] == 32
+
+
+# ------------------------------------------------------------------------------------------ chat templates
+QWEN_VL_STYLE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+)
+PHI_VISION_STYLE = (
+    "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+LOOP_MESSAGES_STYLE = (
+    "{% set loop_messages = messages[1:] %}{% for m in loop_messages %}{% for part in m.content %}"
+    "{{ part.text }}{% endfor %}{% endfor %}"
+)
+
+
+def test_the_content_format_follows_how_a_template_reads_message_content() -> None:
+    assert template_content_format(LLAVA_HF_CHAT_TEMPLATE) == "openai"
+    assert template_content_format(QWEN_VL_STYLE) == "openai"
+    assert template_content_format(LOOP_MESSAGES_STYLE) == "openai"
+    assert template_content_format(TINY_CHAT_TEMPLATE) == "openai"
+    assert template_content_format(PHI_VISION_STYLE) == "string"
+
+
+def test_the_content_format_of_a_model_is_read_from_its_folder_or_its_family(tmp_path: Path) -> None:
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    (llava / "chat_template.jinja").write_text(LLAVA_HF_CHAT_TEMPLATE)
+    phi = tmp_path / "phi"
+    phi.mkdir()
+    (phi / "tokenizer_config.json").write_text(json.dumps({"chat_template": PHI_VISION_STYLE}))
+
+    def fmt(source: str, **vllm: object) -> str:
+        return processor_options(_label_config(model_source=source, **vllm))["prepare_multimodal_stage"][
+            "chat_template_content_format"]
+
+    assert fmt(str(llava)) == "openai"  # Ray's default, "string", makes this template drop the image
+    assert fmt(str(phi)) == "string"
+    assert fmt("llava-hf/llava-1.5-7b-hf") == "openai"
+    assert fmt("Qwen/Qwen2.5-VL-7B-Instruct") == "openai"
+    assert fmt("s3://models/Qwen2.5-VL-72B-Instruct/") == "openai"
+    assert fmt("microsoft/Phi-3.5-vision-instruct") == "string"
+    assert fmt("OpenGVLab/InternVL2_5-8B") == "string" and fmt("OpenGVLab/InternVL3-8B-hf") == "openai"
+    assert fmt(str(llava), chat_template_content_format="string") == "string"  # an explicit setting wins
+
+
+_RENDER = """
+import asyncio, json, sys
+from near_ray.config import LabelConfig
+from near_ray.label.backends.vllm import processor_options, request_row
+from near_ray.label.backends.chat_format import template_content_format
+from ray.llm._internal.batch.stages.chat_template_stage import ChatTemplateUDF
+from ray.llm._internal.batch.stages.prepare_multimodal_stage import PrepareMultimodalUDF
+from vllm.renderers.hf import _detect_content_format
+
+model = sys.argv[1]
+request = json.loads(sys.argv[2])
+request["image"] = bytes.fromhex(request["image"])
+row = request_row(request, max_tokens=8, guided_decoding=False)
+
+async def render(fmt):
+    prepare = PrepareMultimodalUDF("__data", ["messages"], {"model": model}, fmt)
+    chat = ChatTemplateUDF("__data", ["messages"], model)
+    rows = [o async for o in prepare({"__data": [dict(row)]})][0]["__data"]
+    return [o async for o in chat({"__data": rows})][0]["__data"][0]["prompt"]
+
+auto = processor_options(LabelConfig.model_validate({"backend": "vllm", "vllm": {"model_source": model}}))
+template = open(model + "/chat_template.jinja").read()
+print("RESULT " + json.dumps({
+    "string": asyncio.run(render("string")), "openai": asyncio.run(render("openai")),
+    "auto": auto["prepare_multimodal_stage"]["chat_template_content_format"],
+    "vllm_detects": _detect_content_format(template, default="string"),
+    "near_ray_detects": template_content_format(template)}))
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not VLLM_PYTHON, reason="NEAR_RAY_VLLM_PYTHON is unset: run `make test` (builds .venv-vllm)")
+def test_rendered_prompts_keep_the_image_and_question_in_the_chosen_content_format(tmp_path: Path) -> None:
+    """Ray's own multimodal and chat-template stages render the tiny model's prompts, in both formats."""
+    env = _vllm_env()
+
+    def render(*template_flag: str) -> dict:
+        model = tmp_path / ("llava-hf" if template_flag else "tiny")
+        subprocess.run([VLLM_PYTHON, str(REPO / "tests" / "tiny_vlm.py"), str(model), *template_flag], check=True,
+                       env=env, timeout=180, capture_output=True)
+        request = _request()
+        request["image"] = request["image"].hex()
+        out = subprocess.run([VLLM_PYTHON, "-c", _RENDER, str(model), json.dumps(request)], env=env, timeout=300,
+                             capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        assert lines, out.stdout[-2000:] + out.stderr[-4000:]
+        return json.loads(lines[-1].removeprefix("RESULT "))
+
+    llava = render("--llava-hf-template")
+    assert llava["string"].count("<image>") == 0 and "What is this bird?" not in llava["string"]  # Ray's default
+    assert llava["openai"].count("<image>") == 1 and "What is this bird?" in llava["openai"]
+    assert llava["auto"] == "openai" and llava["near_ray_detects"] == llava["vllm_detects"] == "openai"
+
+    tiny = render()  # a template that reads both formats renders the image either way
+    for fmt in ("string", "openai"):
+        assert tiny[fmt].count("<image>") == 1 and "What is this bird?" in tiny[fmt], tiny
+    assert tiny["near_ray_detects"] == tiny["vllm_detects"]
+
+
+# ------------------------------------------------------------------------------------------ seeds
+def test_requests_carry_their_seed_only_when_samples_differ_by_it() -> None:
+    assert request_row(_request(), 32, True, seeded=True)["sampling_params"]["seed"] == 1234
+    assert request_row(_request(), 32, True, seeded=False)["sampling_params"]["seed"] is None  # S = 1
+    assert request_row(_request(temperature=0.0), 32, True, seeded=True)["sampling_params"]["seed"] is None  # greedy
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -179,7 +430,10 @@ def test_label_cli_with_a_real_vllm_engine_on_cpu(tmp_path: Path, bucket: str) -
     images = _write_images(tmp_path / "images")
     built = tmp_path / "tiny-llava"
     env = _vllm_env()  # carries the AWS_* variables of the S3 server on 127.0.0.1
-    subprocess.run([VLLM_PYTHON, str(REPO / "tests" / "tiny_vlm.py"), str(built)], check=True, env=env, timeout=180)
+    # The llava-hf-shaped template renders no image from string content: the run only answers if the
+    # stage asks vLLM for the format the model needs ("openai", from the family name "llava").
+    subprocess.run([VLLM_PYTHON, str(REPO / "tests" / "tiny_vlm.py"), str(built), "--llava-hf-template"], check=True,
+                   env=env, timeout=180)
     # The engine loads the model from object storage, as production does from s3://: ray.data.llm
     # downloads it on the node before vLLM starts.
     model = f"{bucket}/models/tiny-llava"

@@ -6,7 +6,8 @@ vision tower (hidden 64, 2 layers, 32 px images, 8 px patches) + a Llama (hidden
 byte-level BPE trained here with `tokenizers`. Its answers are random text: tests assert plumbing
 (rows, statuses, token counts), never names.
 
-Runs in the vLLM environment (it needs transformers):  python tests/tiny_vlm.py OUT_DIR
+Runs in the vLLM environment (it needs transformers):  python tests/tiny_vlm.py OUT_DIR [--llava-hf-template]
+(the second template has the shape of llava-hf's, which needs list-of-parts message content).
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+# The shape of llava-hf's published templates (llava-1.5-*-hf): images first, then text, each picked out
+# of a list of parts with `selectattr`. Given string content it renders neither: vLLM must be asked for
+# the "openai" content format.
+LLAVA_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '" + IMAGE_TOKEN + "\\n' }}"
+    "{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
 _CORPUS = """
 What is the most specific name of this bird? Answer with a JSON object {"name": "..."}.
 Tennessee Warbler, Orange-crowned Warbler, Blue Jay, Northern Cardinal, American Robin, House Sparrow,
@@ -45,7 +58,7 @@ abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'"()[]{}-
 """
 
 
-def build_tokenizer(out: Path):  # -> transformers.PreTrainedTokenizerFast
+def build_tokenizer(out: Path, chat_template: str = CHAT_TEMPLATE):  # -> transformers.PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -67,7 +80,7 @@ def build_tokenizer(out: Path):  # -> transformers.PreTrainedTokenizerFast
         pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 
@@ -120,7 +133,7 @@ def _rename_vision_keys(out: Path) -> None:
         save_file(renamed, str(shard), metadata={"format": "pt"})
 
 
-def build_tiny_vlm(out: str | Path, seed: int = 0) -> Path:
+def build_tiny_vlm(out: str | Path, seed: int = 0, chat_template: str = CHAT_TEMPLATE) -> Path:
     """Write a loadable tiny LLaVA (weights, config, tokenizer, processor, chat template) to ``out``."""
     import torch
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
@@ -128,7 +141,7 @@ def build_tiny_vlm(out: str | Path, seed: int = 0) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(out)
+    tokenizer = build_tokenizer(out, chat_template)
     config = build_config(tokenizer)
     model = LlavaForConditionalGeneration(config).eval()
     model.save_pretrained(out, safe_serialization=True)
@@ -144,7 +157,7 @@ def build_tiny_vlm(out: str | Path, seed: int = 0) -> Path:
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -153,6 +166,8 @@ def build_tiny_vlm(out: str | Path, seed: int = 0) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/tiny_vlm.py OUT_DIR")
-    print(build_tiny_vlm(sys.argv[1]))
+    args = [a for a in sys.argv[1:] if a != "--llava-hf-template"]
+    if len(args) != 1:
+        sys.exit("usage: python tests/tiny_vlm.py OUT_DIR [--llava-hf-template]")
+    template = LLAVA_HF_CHAT_TEMPLATE if "--llava-hf-template" in sys.argv else CHAT_TEMPLATE
+    print(build_tiny_vlm(args[0], chat_template=template))

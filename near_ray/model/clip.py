@@ -57,8 +57,12 @@ def builtin_configs() -> list[str]:
     return sorted(p.name[:-5] for p in _CONFIGS.iterdir() if p.name.endswith(".json"))
 
 
-def resolve_model_config(arch: str, storage: Storage | None = None) -> dict:
-    """The open_clip config dict for ``arch`` (a builtin name, an open_clip name, or a JSON URI)."""
+def resolve_model_config(arch: str, storage: Storage | None = None, pretrained: str | None = None) -> dict:
+    """The open_clip config dict for ``arch`` (a builtin name, an open_clip name, or a JSON URI).
+
+    With an open_clip pretrained tag, the config is the one the tag's weights were trained with: see
+    ``resolve_architecture``.
+    """
     import open_clip
 
     if arch in builtin_configs():
@@ -70,12 +74,15 @@ def resolve_model_config(arch: str, storage: Storage | None = None) -> dict:
             return (storage or _Storage()).read_json(arch)
         except NearRayError as e:
             raise ModelError(f"model.arch: cannot read model config {arch}: {e}") from e
-    cfg = open_clip.get_model_config(arch)
+    name = resolve_architecture(arch, pretrained)
+    cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise ModelError(
             f"model.arch: unknown architecture '{arch}': not an open_clip model "
             f"(open_clip.list_models()), not one of near_ray's ({', '.join(builtin_configs())}), not a .json URI"
         )
+    if name == arch and _tag_wants_quick_gelu(arch, pretrained):
+        cfg = dict(cfg, quick_gelu=True)  # no "-quickgelu" twin: open_clip's force_quick_gelu does the same
     return cfg
 
 
@@ -86,6 +93,31 @@ def shipped_weights(arch: str, tag: str | None) -> str | None:
         return None
     path = resources.files("near_ray.model") / "pretrained" / f"{arch}.{tag}.safetensors"
     return str(path) if path.is_file() else None
+
+
+def _tag_wants_quick_gelu(arch: str, pretrained: str | None) -> bool:
+    from open_clip.pretrained import get_pretrained_cfg
+
+    return bool(pretrained and get_pretrained_cfg(arch, pretrained).get("quick_gelu"))
+
+
+def resolve_architecture(arch: str, pretrained: str | None) -> str:
+    """The open_clip model name whose activation matches a pretrained tag's weights.
+
+    OpenAI's CLIP weights (and a few others: laion400m ViT-B-32, metaclip, dfn) were trained with
+    QuickGELU, but ``ViT-B-16`` builds nn.GELU; open_clip only warns, and every embedding, zero-shot
+    score and fine-tuned model is then quietly worse. open_clip's registry records the activation per
+    tag (``quick_gelu``), so the tag picks the ``-quickgelu`` twin where there is one.
+    """
+    import open_clip
+
+    if not _tag_wants_quick_gelu(arch, pretrained):
+        return arch
+    twin = f"{arch}-quickgelu"
+    cfg = open_clip.get_model_config(arch) or {}
+    if cfg.get("quick_gelu") or twin not in open_clip.list_models():
+        return arch
+    return twin
 
 
 def _is_weights_uri(pretrained: str) -> bool:
@@ -102,7 +134,6 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
     """Build the model a run config names: an open_clip name + pretrained tag, or a config + safetensors weights."""
     import open_clip
 
-    cfg = resolve_model_config(model_cfg.arch, storage)
     pretrained = shipped_weights(model_cfg.arch, model_cfg.pretrained) or model_cfg.pretrained
     if pretrained and not _is_weights_uri(pretrained) and model_cfg.arch in builtin_configs():
         folder = resources.files("near_ray.model") / "pretrained"
@@ -110,11 +141,17 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
                          if p.name.startswith(f"{model_cfg.arch}.") and p.name.endswith(".safetensors"))
         raise ModelError(f"model.pretrained: '{pretrained}' is not a tag of {model_cfg.arch} (shipped weights: "
                          f"{', '.join(shipped) or 'none'}), nor a weights URI")
-    if pretrained and not _is_weights_uri(pretrained):
-        # An open_clip pretrained tag: production path, open_clip fetches the weights.
+    tag = pretrained if pretrained and not _is_weights_uri(pretrained) else None
+    cfg = resolve_model_config(model_cfg.arch, storage, pretrained=tag)
+    if tag:
+        # An open_clip pretrained tag: production path, open_clip fetches the weights. The config (and so
+        # the bundle's) carries the tag's activation, and the model is built with it.
         preprocess_cfg = cfg.get("preprocess_cfg", {}) or {}
-        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(model_cfg.arch, pretrained=pretrained)
-        tokenizer = open_clip.get_tokenizer(model_cfg.arch)
+        name = resolve_architecture(model_cfg.arch, tag)
+        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu"))
+        )
+        tokenizer = open_clip.get_tokenizer(name)
         mean = tuple(getattr(model.visual, "image_mean", None) or preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
         std = tuple(getattr(model.visual, "image_std", None) or preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
         return Clip(model, preprocess_train, preprocess, tokenizer, {k: v for k, v in cfg.items() if k != "preprocess_cfg"},

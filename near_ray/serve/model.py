@@ -136,6 +136,7 @@ class Classifier:
 
         return {
             "replica": os.getpid(),
+            "device": self._device,
             "requests": self._served,
             "batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
             "batcher": self._batcher_kind,

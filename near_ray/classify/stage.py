@@ -185,12 +185,14 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
     versions = {d: tg.model_version for d, tg in targets.items()}
     ledger = ray.remote(ClassifyLedger).options(num_cpus=0).remote(out, st, versions)
     writer = PredictionWriter(out, st, cc.part_rows, cc.flush_interval_s)
+    first_row: float | None = None  # start-up (workers, actors, the model) ends here
     try:
         for chunk in listing_chunks(lcfg, st):
             bar = Progress("classify", len(chunk), "images")
             for batch in tower_dataset(chunk, cfg, targets, st, temperatures=temperatures, ledger=ledger).iter_batches(
                 batch_format="pyarrow", batch_size=None
             ):
+                first_row = first_row or time.monotonic()
                 writer.add(batch)
                 bar.update(batch.num_rows, f"{writer.rows_written} rows written")
             bar.update(done=len(chunk))  # images already in the table were skipped without a row
@@ -204,6 +206,7 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
         writer.flush()  # on any failure too: answers already computed are kept
         ray.kill(ledger)
     timings["classify_s"] = round(time.monotonic() - t, 3)
+    timings["first_row_s"] = round(first_row - t, 3) if first_row else None
     stale = drop_stale_versions(out, st, versions) if cc.max_images is None else 0
 
     t = time.monotonic()

@@ -113,27 +113,25 @@ def candidates(cfg: RunConfig, targets: dict[str, Target], pred_uri: str, st: St
     cols = ["uri", "domain", "confidence", "status", "source", "model_version", "mllm_cost_usd"]
     per_domain: dict[str, list[Candidate]] = defaultdict(list)
     state = {"routed": 0, "spent_usd": 0.0, "max_image_cost_usd": 0.0}
+    answered: set[tuple[str, str]] = set()  # the MLLM named them: never asked again
     for domain, pid, f, table in iter_parts(pred_uri, st, cols, domains=set(targets)):
         for r in table.to_pylist():
             if r["model_version"] != targets[domain].model_version or r["status"] == "bad_image":
                 continue
+            if r["source"] == "mllm":
+                answered.add((domain, r["uri"]))
             cost = float(r["mllm_cost_usd"] or 0.0)
             state["routed"] += r["status"] == "routed"
             state["spent_usd"] += cost
             state["max_image_cost_usd"] = max(state["max_image_cost_usd"], cost)
-            if r["confidence"] is None:
-                continue
+            if r["confidence"] is None or (cc.route_below is not None and r["confidence"] >= cc.route_below):
+                continue  # kept only what can be picked: a threshold needs no sort of the whole table
             per_domain[domain].append(Candidate(float(r["confidence"]), domain, r["uri"], f, pid,
                                                 r["status"] == "routed", cost))  # fmt: skip
     picked: list[Candidate] = []
     for rows in per_domain.values():
         rows.sort(key=lambda c: (c.confidence, c.uri))
-        if cc.route_below is not None:
-            chosen = [c for c in rows if c.confidence < cc.route_below]
-        else:
-            chosen = rows[: math.floor((cc.route_fraction or 0.0) * len(rows) + 0.5)]
-        picked.extend(chosen)
-    answered = _answered_by_mllm(pred_uri, st, targets)
+        picked.extend(rows if cc.route_below is not None else rows[: math.floor(cc.route_fraction * len(rows) + 0.5)])
     retry = _failed_requests(cfg, st) if any(c.routed for c in picked) else set()
     todo = sorted((c for c in picked if (c.domain, c.uri) not in answered and (not c.routed or c.uri in retry)),
                   key=lambda c: (c.confidence, c.domain, c.uri))  # fmt: skip
@@ -151,15 +149,6 @@ def _failed_requests(cfg: RunConfig, st: Storage) -> set[str]:
         return set()
     final = latest_rows(table.select(["uri", "sample", "prompt_version", "model", "status", "domain"]).to_pandas())
     return set(final.loc[final["status"] == "mllm_error", "uri"])
-
-
-def _answered_by_mllm(pred_uri: str, st: Storage, targets: dict[str, Target]) -> set[tuple[str, str]]:
-    out = set()
-    for domain, _, _, t in iter_parts(pred_uri, st, ["uri", "source", "model_version"], domains=set(targets)):
-        for uri, source, version in zip(*t.to_pydict().values(), strict=True):
-            if source == "mllm" and version == targets[domain].model_version:
-                out.add((domain, uri))
-    return out
 
 
 # ------------------------------------------------------------------------------------------ the cascade

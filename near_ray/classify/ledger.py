@@ -39,14 +39,17 @@ class ClassifyLedger:
         self._claimed: dict[tuple[str, str], str] = {}  # (domain, image_id) -> the URI computing it in this run
         self._aliases: list[dict[str, str]] = []
         self.counts = LedgerCounts()
+        self._stale: list[str] = []  # part files of older bundle versions (every part holds one version)
         columns = ["uri", "domain", "image_id", "model_version"]
-        for domain, _, _, table in iter_parts(predictions_uri, storage, columns, domains=set(versions)):
+        for domain, _, f, table in iter_parts(predictions_uri, storage, columns, domains=set(versions)):
             current = versions[domain]
             for uri, iid, version in zip(*table.select(["uri", "image_id", "model_version"]).to_pydict().values(),
                                          strict=True):
                 if version == current:
                     self._done.add((domain, uri, iid))
                     self._answered.add((domain, iid))
+            if table.num_rows and table["model_version"][0].as_py() != current:
+                self._stale.append(f)
 
     def plan(self, items: list[tuple[str, str, str]]) -> list[str]:
         """For each (uri, domain, image_id): skip, copy or compute; records the copies."""
@@ -69,6 +72,9 @@ class ClassifyLedger:
 
     def aliases(self) -> list[dict[str, str]]:
         return list(self._aliases)
+
+    def stale_parts(self) -> list[str]:
+        return list(self._stale)
 
     def get_counts(self) -> dict[str, int]:
         return asdict(self.counts)

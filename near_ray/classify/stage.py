@@ -22,7 +22,7 @@ from typing import Any
 from near_ray.classify.calibration import calibration_report, fit_temperature
 from near_ray.classify.cascade import routing_enabled, run_cascade
 from near_ray.classify.ledger import ClassifyLedger, copy_identical
-from near_ray.classify.table import PredictionWriter, part_files, predictions_uri, read_part, read_predictions, repair
+from near_ray.classify.table import PredictionWriter, predictions_uri, read_predictions, repair
 from near_ray.classify.tower import Target, tower_dataset
 from near_ray.config import DomainConfig, RunConfig
 from near_ray.console import Progress
@@ -202,12 +202,16 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
         writer.add(copies)
         writer.flush()
         counts = ray.get(ledger.get_counts.remote())
+        stale_parts = ray.get(ledger.stale_parts.remote())
     finally:
         writer.flush()  # on any failure too: answers already computed are kept
         ray.kill(ledger)
     timings["classify_s"] = round(time.monotonic() - t, 3)
     timings["first_row_s"] = round(first_row - t, 3) if first_row else None
-    stale = drop_stale_versions(out, st, versions) if cc.max_images is None else 0
+    if cc.max_images is None:  # every listed image has a row of the current version: older parts go
+        for f in stale_parts:
+            st.delete(f)
+    stale = len(stale_parts) if cc.max_images is None else 0
 
     t = time.monotonic()
     domains = {d.name: d for d in lcfg.data.domains}
@@ -221,22 +225,6 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
     for d, s in summary["domains"].items():
         log.info("classify %s: %d images, by status %s, by source %s", d, s["images"], s["by_status"], s["by_source"])
     return summary
-
-
-def drop_stale_versions(out: str, st: Storage, versions: dict[str, str]) -> int:
-    """Delete the parts of older bundle versions once every listed image has a row of the current one."""
-    removed = 0
-    for domain, parts in part_files(out, st).items():
-        if domain not in versions:
-            continue
-        for _, f in parts:
-            found = read_part(f, st, ["model_version"])["model_version"]
-            if len(found) and found[0].as_py() != versions[domain]:
-                st.delete(f)
-                removed += 1
-    if removed:
-        log.info("classify: removed %d part(s) of older bundle versions", removed)
-    return removed
 
 
 def _summary(cfg: RunConfig, out: str, st: Storage, targets: dict[str, Target], counts: dict[str, int],

@@ -213,13 +213,16 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
             st.delete(f)
     stale = len(stale_parts) if cc.max_images is None else 0
 
+    written = {"rows_written": writer.rows_written, "parts_written": writer.parts_written}
     t = time.monotonic()
     domains = {d.name: d for d in lcfg.data.domains}
     cascade = run_cascade(cfg, targets, vocabularies, domains, out, writer, st) if routing_enabled(cfg) else None
+    if cascade is not None:
+        cascade["parts_rewritten"] = writer.parts_written - written["parts_written"]
     timings["cascade_s"] = round(time.monotonic() - t, 3)
     timings["total_s"] = round(time.monotonic() - t0, 3)
 
-    summary = _summary(cfg, out, st, targets, counts, writer, calibration, cascade, timings)
+    summary = _summary(out, st, targets, {**counts, **written}, calibration, cascade, timings)
     summary.update(repaired_parts=repaired, stale_parts_removed=stale, uncopied_aliases=len(uncopied))
     st.write_json(join(out, "_summary.json"), summary)
     for d, s in summary["domains"].items():
@@ -227,8 +230,8 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
-def _summary(cfg: RunConfig, out: str, st: Storage, targets: dict[str, Target], counts: dict[str, int],
-             writer: PredictionWriter, calibration: dict[str, dict[str, Any]], cascade: dict[str, Any] | None,
+def _summary(out: str, st: Storage, targets: dict[str, Target], counts: dict[str, int],
+             calibration: dict[str, dict[str, Any]], cascade: dict[str, Any] | None,
              timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     table = read_predictions(out, st, ["domain", "status", "source", "model_version"])
     domains = {}
@@ -247,8 +250,6 @@ def _summary(cfg: RunConfig, out: str, st: Storage, targets: dict[str, Target], 
         "predictions": out,
         "domains": domains,
         **counts,
-        "rows_written": writer.rows_written,
-        "parts_written": writer.parts_written,
         "images_per_s": round(computed / timings["classify_s"], 3) if timings["classify_s"] > 0 else 0.0,
         "calibration": calibration,
         "cascade": cascade,

@@ -112,6 +112,15 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def cmd_classify(args: argparse.Namespace) -> dict[str, Any]:
+    from near_ray.classify.stage import run_classify
+
+    cfg = _config(args)
+    if args.bundle:
+        cfg.classify.bundle = args.bundle
+    return run_classify(cfg)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.eval.stage import run_evaluate
 
@@ -184,9 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", default=[], choices=list(METHODS),
                    help="train these methods one after the other (repeatable; default train.method)")  # fmt: skip
     p.add_argument("--pretrain-captions", default=None, help="captions.parquet: contrastive pretraining of the initial CLIP first")
+    p = add("classify", cmd_classify, "name a whole collection with a bundle (Ray Data), the CLIP -> MLLM cascade")
+    p.add_argument("--bundle", default=None, help="bundle URI (default classify.bundle, else {workdir}/bundles/<train.method>)")
     p = add("evaluate", cmd_evaluate, "cACC / sACC / NMI / ARI with baselines; report.json, report.md, plots")
     p.add_argument("--out", default=None, help="report folder (default {workdir}/report)")
-    p = add("run", cmd_run, "the whole pipeline: label → refine → train → evaluate")
+    p = add("run", cmd_run, "the whole pipeline: label → refine → train → evaluate (→ classify)")
     p.add_argument("--serve", action="store_true", help="start the Serve app at the end")
     p = add("demo", cmd_demo, "the offline end-to-end demo on the synthetic benchmark")
     p.add_argument("--out", default="demo_out", help="output folder")

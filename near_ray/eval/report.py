@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from near_ray.eval.cascade import render_cascade
 from near_ray.storage import Storage, join
 from near_ray.train.methods import EVALUATED, TITLES
 
@@ -63,6 +64,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 for d in report["domains"]
             ]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += render_cascade(report)
     lines += [
         "",
         "## Domains",

@@ -28,6 +28,7 @@ import pandas as pd
 
 from near_ray.config import DomainConfig, RunConfig
 from near_ray.errors import NearRayError
+from near_ray.eval.cascade import evaluate_cascade, uri_key
 from near_ray.eval.metrics import SemanticAccuracy, by_domain, prediction_spread
 from near_ray.eval.plots import write_plots
 from near_ray.eval.report import write_report
@@ -115,11 +116,15 @@ def image_batches(cfg: RunConfig, uris: list[str], storage: Storage) -> Iterator
 
 # ------------------------------------------------------------------------------------------ CLIP methods
 def bundle_predictions(
-    cfg: RunConfig, bundles: dict[str, Bundle], test: pd.DataFrame, storage: Storage
+    cfg: RunConfig, bundles: dict[str, Bundle], test: pd.DataFrame, storage: Storage,
+    probs: dict[str, list[Any]] | None = None,
 ) -> tuple[dict[str, list[str | None]], dict[str, float], list[dict[str, str]]]:
     """Every bundle's predicted name per test image (one pass over the images), seconds spent per
-    bundle, and the images that could not be read (predicted as no name by every method)."""
+    bundle, and the images that could not be read (predicted as no name by every method). ``probs``:
+    for the methods it names, each test image's probability row is kept in it (None: no prediction)."""
     preds: dict[str, list[str | None]] = {m: [None] * len(test) for m in bundles}
+    for m in probs or {}:
+        probs[m] = [None] * len(test)  # type: ignore[index]
     seconds = dict.fromkeys(bundles, 0.0)
     bad: list[dict[str, str]] = []
     domains = test["domain"].tolist()
@@ -138,9 +143,11 @@ def bundle_predictions(
                 rows = [j for j, i in enumerate(ok) if domains[start + i] == d]
                 if d not in bundle.domains:
                     continue  # this bundle has no vocabulary for the domain: no name, counted wrong
-                top = bundle.probabilities(emb[rows], domain=d).argmax(axis=1)
-                for j, k in zip(rows, top, strict=True):
+                p = bundle.probabilities(emb[rows], domain=d)
+                for j, k, row in zip(rows, p.argmax(axis=1), p, strict=True):
                     preds[method][start + ok[j]] = bundle.names[k]
+                    if probs is not None and method in probs:
+                        probs[method][start + ok[j]] = row
             seconds[method] += time.perf_counter() - t0
     return preds, seconds, bad
 
@@ -174,10 +181,6 @@ def _common_prefix(uris: list[str]) -> str:
     return prefix
 
 
-def _uri_key(uri: str) -> str:
-    return uri if is_s3(uri) else str(Path(uri).resolve())
-
-
 def direct_mllm(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[list[str | None], dict[str, Any]]:
     """The MLLM names every test image through the label stage; prediction = majority over its samples."""
     import pyarrow as pa
@@ -201,11 +204,11 @@ def direct_mllm(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[l
     label_cfg.data.domains = domains
     summary = run_label(label_cfg)
     labels = storage.read_parquet(label_cfg.artifact("labels")).to_pandas()
-    labels["key"] = labels["uri"].map(_uri_key)
-    labels = labels[labels["key"].isin({_uri_key(u) for u in test["uri"]})]
+    labels["key"] = labels["uri"].map(uri_key)
+    labels = labels[labels["key"].isin({uri_key(u) for u in test["uri"]})]
     ok = labels[labels["status"] == "ok"]
     by_uri = ok.groupby("key")["label"].apply(list).to_dict()
-    preds = [majority_label(by_uri.get(_uri_key(u), [])) for u in test["uri"]]
+    preds = [majority_label(by_uri.get(uri_key(u), [])) for u in test["uri"]]
     usd = cfg.label.prices.mllm_usd(float(labels["input_tokens"].fillna(0).sum()),
                                     float(labels["output_tokens"].fillna(0).sum()), len(labels))
     stats = {
@@ -275,7 +278,8 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
     test = load_test_sets(cfg, st)
     log.info("evaluate: %d test images in %d domain(s)", len(test), test["domain"].nunique())
     bundles, skipped = _load_bundles(cfg, st)
-    preds, seconds, bad = bundle_predictions(cfg, bundles, test, st) if bundles else ({}, {}, [])
+    probs: dict[str, list[Any]] = {cfg.train.method: []} if cfg.train.method in bundles else {}
+    preds, seconds, bad = bundle_predictions(cfg, bundles, test, st, probs) if bundles else ({}, {}, [])
     extra = _clip_costs(cfg, bundles, test, st, seconds, len(test) - len(bad))
     if DIRECT_MLLM in cfg.eval.methods:
         preds[DIRECT_MLLM], extra[DIRECT_MLLM] = direct_mllm(cfg, test, st)
@@ -289,6 +293,10 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
                            "spread": prediction_spread(domains, truth, preds[method])}
         log.info("evaluate %s: cACC %.3f sACC %.3f", method, methods[method]["cacc"], methods[method]["sacc"])
     report = _report(cfg, st, test, methods, bundles, skipped, bad, sacc, preds)
+    if DIRECT_MLLM in methods and probs:  # the cascade: the CLIP's least confident images to the MLLM
+        cascade = evaluate_cascade(cfg, st, test, bundles[cfg.train.method], probs[cfg.train.method],
+                                   {**extra[DIRECT_MLLM], **methods[DIRECT_MLLM]}, sacc, out if cfg.eval.plots else None)
+        report.update({k: v for k, v in cascade.items() if k != "cascade_plot"})
     _write_predictions(out, st, test, preds)
     if cfg.eval.plots:
         near = (truth, preds["near"]) if "near" in preds else None
@@ -301,6 +309,8 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
             near,
             cfg.eval.confusion_classes,
         )
+        if DIRECT_MLLM in methods and probs:
+            report["plots"]["cascade"] = cascade["cascade_plot"]
     report["files"] = write_report(report, out, st)
     return report
 

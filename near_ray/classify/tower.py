@@ -1,0 +1,232 @@
+"""The image tower as a Ray Data job: read + decode in tasks, the bundle's CLIP in an actor pool.
+
+    from_items(URIs) -> read_images (tasks: read, hash, ask the ledger, decode, resize/crop to the
+    bundle's input size, uint8 pixels) -> ImageTower (actors: normalize, encode, rank) -> rows
+
+The tasks ship uint8 pixels at the model's input size (4x fewer bytes than float tensors); the split
+of the bundle's eval transform is the one serving uses, so the pixels and the answers are those of
+``Bundle.classify`` on the same file. Failures never stop the job: an image that cannot be read or
+decoded becomes a ``bad_image`` row naming the file.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from near_ray.classify.calibration import temperature_scale
+from near_ray.classify.ledger import COMPUTE
+from near_ray.classify.table import SCHEMA, as_table
+from near_ray.errors import NearRayError
+from near_ray.images import decode_image, image_id
+from near_ray.storage import Storage
+
+if TYPE_CHECKING:
+    import ray.actor
+    import ray.data
+
+    from near_ray.config import RunConfig
+
+READ_THREADS = 16  # concurrent object reads inside one task: storage latency, not CPU, bounds reading
+
+PIXELS_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("uri", pa.string()), ("domain", pa.string()), ("pixels", pa.binary()),
+     ("error", pa.string())]
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one domain's images go: a bundle (by URI), the vocabulary domain inside it, its preprocessing."""
+
+    bundle: str
+    inner: str | None  # the bundle's domain to rank over (None: its whole vocabulary)
+    model_version: str
+    spec: dict[str, Any]  # image_size, mean, std (the serve Preprocessor's spec)
+
+
+# ------------------------------------------------------------------------------------------ read tasks
+_PREPROCESSORS: dict[str, Any] = {}
+
+
+def _geometry(spec: dict[str, Any]) -> Any:
+    from near_ray.serve.images import Preprocessor
+
+    key = f"{spec['image_size']}|{spec['mean']}|{spec['std']}"
+    if key not in _PREPROCESSORS:
+        _PREPROCESSORS[key] = Preprocessor(spec)
+    return _PREPROCESSORS[key]
+
+
+def read_images(
+    batch: pa.Table,
+    *,
+    storage: Storage,
+    targets: dict[str, Target],
+    ledger: ray.actor.ActorHandle | None,
+    max_pixels: int,
+    min_side: int,
+) -> pa.Table:
+    """Read, hash, plan, decode: pixel rows for what is still to do (error rows for bad files)."""
+    import ray
+
+    items = batch.select(["uri", "domain"]).to_pylist()
+    with ThreadPoolExecutor(min(READ_THREADS, len(items) or 1)) as pool:
+        blobs = list(pool.map(lambda it: _read(storage, it["uri"]), items))
+    ids = [image_id(b) if isinstance(b, bytes) else image_id(f"unreadable:{it['uri']}".encode())
+           for it, b in zip(items, blobs, strict=True)]  # fmt: skip
+    plans = (
+        ray.get(ledger.plan.remote([(it["uri"], it["domain"], i) for it, i in zip(items, ids, strict=True)]))
+        if ledger is not None
+        else [COMPUTE] * len(items)
+    )
+    rows = []
+    for it, blob, iid, plan in zip(items, blobs, ids, plans, strict=True):
+        if plan != COMPUTE:
+            continue
+        row = {"image_id": iid, "uri": it["uri"], "domain": it["domain"], "pixels": b"", "error": None}
+        if not isinstance(blob, bytes):
+            row["error"] = f"{it['uri']}: {blob}"
+        else:
+            try:
+                im = decode_image(blob, it["uri"], max_pixels, min_side, setting="label.image")
+                row["pixels"] = _geometry(targets[it["domain"]].spec).pixels(im).tobytes()
+            except NearRayError as e:
+                row["error"] = str(e)
+            except Exception as e:  # a transform failing on an odd image must not stop the job
+                row["error"] = f"{it['uri']}: cannot prepare the image: {type(e).__name__}: {e}"
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=PIXELS_SCHEMA)
+
+
+def _read(storage: Storage, uri: str) -> bytes | str:
+    try:
+        return storage.read_bytes(uri)
+    except NearRayError as e:
+        return f"cannot read: {e}"
+
+
+# ------------------------------------------------------------------------------------------ the actor
+class ImageTower:
+    """Ray Data callable class: pixel rows -> prediction rows (and, for calibration, probability rows)."""
+
+    def __init__(self, targets: dict[str, Target], storage: Storage, top_k: int, abstain_threshold: float | None,
+                 temperatures: dict[str, float], threads: int, with_probs: bool = False) -> None:  # fmt: skip
+        import torch
+
+        from near_ray.model.bundle import load_bundle
+        from near_ray.runtime import torch_device
+
+        torch.set_num_threads(max(1, threads))  # fractional-CPU actors must not spawn one thread per core
+        self.device = torch_device()
+        self.bundles = {uri: load_bundle(uri, storage, device=self.device) for uri in {t.bundle for t in targets.values()}}
+        self.targets, self.top_k, self.threshold = targets, top_k, abstain_threshold
+        self.temperatures, self.with_probs = temperatures, with_probs
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from near_ray.serve.images import normalize
+
+        rows = batch.to_pylist()
+        out: list[dict[str, Any] | None] = [None] * len(rows)
+        probs_out: list[list[float] | None] = [None] * len(rows)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            target = self.targets[r["domain"]]
+            if r["error"]:
+                out[i] = {**_base(r, target), "status": "bad_image", "source": "none", "error": r["error"]}
+            else:
+                groups.setdefault(target.bundle, []).append(i)
+        for uri, idx in groups.items():
+            bundle, spec = self.bundles[uri], self.targets[rows[idx[0]]["domain"]].spec
+            size = int(spec["image_size"])
+            pixels = [np.frombuffer(rows[i]["pixels"], dtype=np.uint8).reshape(size, size, 3) for i in idx]
+            x = normalize(pixels, spec).to(self.device)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=self.device == "cuda"):
+                emb = torch.nn.functional.normalize(bundle.clip.model.encode_image(x).float(), dim=-1).cpu().numpy()
+            by_domain: dict[str, list[int]] = {}
+            for j, i in enumerate(idx):
+                by_domain.setdefault(rows[i]["domain"], []).append(j)
+            for domain, js in by_domain.items():
+                target = self.targets[domain]
+                probs = bundle.probabilities(emb[js], target.inner)
+                conf = temperature_scale(probs, self.temperatures.get(target.bundle, 1.0)).max(axis=1)
+                mask = bundle.domain_mask(target.inner)
+                for j, p, c in zip(js, probs, conf, strict=True):
+                    out[idx[j]] = self._row(rows[idx[j]], target, bundle, p, float(c))
+                    if self.with_probs:
+                        probs_out[idx[j]] = p[mask].astype(np.float32).tolist()
+        table = as_table([r for r in out if r is not None])  # every row got one: a prediction or bad_image
+        if self.with_probs:
+            table = table.append_column("probs", pa.array(probs_out, pa.list_(pa.float32())))
+        return table
+
+    def _row(self, row: dict[str, Any], target: Target, bundle: Any, probs: np.ndarray, confidence: float) -> dict:
+        pred = bundle.rank(probs, target.inner, self.top_k, self.threshold)
+        return {
+            **_base(row, target),
+            "name": None if pred.abstained else pred.names[0],
+            "score": pred.scores[0],
+            "confidence": confidence,
+            "top_k_names": pred.names,
+            "top_k_scores": pred.scores,
+            "abstained": pred.abstained,
+            "source": "none" if pred.abstained else "clip",
+            "status": "abstained" if pred.abstained else "ok",
+        }
+
+
+def _base(row: dict[str, Any], target: Target) -> dict[str, Any]:
+    return {"image_id": row["image_id"], "uri": row["uri"], "domain": row["domain"], "abstained": False,
+            "new_name": False, "model_version": target.model_version, "error": None, "mllm_cost_usd": 0.0}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ the dataset
+def tower_dataset(
+    items: list[dict[str, str]],
+    cfg: RunConfig,
+    targets: dict[str, Target],
+    storage: Storage,
+    *,
+    temperatures: dict[str, float] | None = None,
+    ledger: ray.actor.ActorHandle | None = None,
+    with_probs: bool = False,
+) -> ray.data.Dataset:
+    """``items`` ({"uri", "domain"}) -> a dataset of prediction rows (SCHEMA, plus ``probs`` when asked)."""
+    import ray.data
+
+    cc = cfg.classify
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cc.batch_size)))
+    ds = ds.map_batches(
+        read_images,
+        fn_kwargs={"storage": storage, "targets": targets, "ledger": ledger,
+                   "max_pixels": cfg.label.image.max_pixels, "min_side": cfg.label.image.min_side},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=cc.read_cpus,
+        # Decoding may hold a max_pixels canvas; asking for that memory also keeps the reads a task
+        # operator of their own (not fused into the actors), so decoding scales with the cluster.
+        memory=min(4 * cfg.label.image.max_pixels, 2**30),
+    )  # fmt: skip
+    threads = cc.torch_threads or max(1, math.ceil(cc.actor_cpus))
+    return ds.map_batches(
+        ImageTower,
+        fn_constructor_kwargs={"targets": targets, "storage": storage, "top_k": cc.top_k,
+                               "abstain_threshold": cc.abstain_threshold, "temperatures": temperatures or {},
+                               "threads": threads, "with_probs": with_probs},
+        batch_size=cc.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cc.pool_size),
+        num_cpus=cc.actor_cpus,
+        num_gpus=cc.gpus_per_actor,
+    )  # fmt: skip
+
+
+def prediction_schema(with_probs: bool = False) -> pa.Schema:
+    return SCHEMA.append(pa.field("probs", pa.list_(pa.float32()))) if with_probs else SCHEMA

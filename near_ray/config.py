@@ -156,7 +156,9 @@ class RefineConfig(Section):
     min_neighbour_votes: float = Field(1.0, ge=0)
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     exact_max_n: int = Field(200_000, ge=1)  # auto: exact search up to this many images
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    use_gpu: Literal["auto", "yes", "no"] = "auto"  # kNN on a GPU; only one the kNN task reserved (knn_gpus)
+    knn_gpus: float = Field(0.0, ge=0)  # > 0: the kNN runs as a Ray task reserving this GPU share; 0: on the driver's CPU
+    knn_cpus: float = Field(1.0, gt=0)  # CPUs that task reserves
     embed_batch_size: int = Field(64, ge=1)
     embed_actors: int = Field(1, ge=1)
     embed_actor_cpus: float = Field(0.5, gt=0)

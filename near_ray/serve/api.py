@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from near_ray.config import ServeConfig
 from near_ray.errors import NearRayError
 from near_ray.serve.images import ApiError, Preprocessor, decode_upload
+from near_ray.serve.metrics import IngressMetrics
 from near_ray.serve.requests import Upload, batch_uploads, single_upload
 from near_ray.serve.routing import RouteError, Routes
 
@@ -81,22 +82,73 @@ app = FastAPI(
 )
 
 
-@app.exception_handler(ApiError)
-async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-    headers = {"www-authenticate": "Bearer"} if e.status == 401 else None
+def _error(request: Request, e: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    request.state.error_code = e.code  # for the request metrics
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    return _error(request, e, {"www-authenticate": "Bearer"} if e.status == 401 else None)
+
+
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
     where = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-    return JSONResponse(ApiError(422, "bad_request", where).body(), status_code=422)
+    return _error(request, ApiError(422, "bad_request", where))
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-    return JSONResponse(ApiError(e.status_code, code, str(e.detail)).body(), status_code=e.status_code)
+    return _error(request, ApiError(e.status_code, code, str(e.detail)))
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    # A bug, not bad input: still a JSON body a client can parse, never Starlette's plain-text 500.
+    return _error(request, ApiError(500, "internal", f"internal error ({type(e).__name__}); the server keeps serving"))
+
+
+_ENDPOINTS = ("/v1/classify/batch", "/v1/classify", "/v1/vocabulary", "/v1/stats", "/healthz", "/readyz", "/metrics")
+
+
+_metrics: list[IngressMetrics] = []
+
+
+def ingress_metrics() -> IngressMetrics:
+    """This replica's metrics, created on first use in the process that records them."""
+    if not _metrics:
+        _metrics.append(IngressMetrics())
+    return _metrics[0]
+
+
+class _Observe:
+    """ASGI middleware: every HTTP request's endpoint, status, error code and latency -> the metrics."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def observed(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, observed)
+        finally:
+            path = scope.get("path", "")
+            endpoint = next((e for e in _ENDPOINTS if path.endswith(e)), "other")  # bounded tag values
+            code = (scope.get("state") or {}).get("error_code", "") if status[0] >= 400 else ""
+            ingress_metrics().request(endpoint, status[0], code, time.perf_counter() - t0)
+
+
+app.add_middleware(_Observe)
 
 
 @serve.deployment(name="Ingress")
@@ -202,7 +254,7 @@ class Ingress:
         self._authorize(request)
         self._counts["requests"] += 1
         try:
-            upload = await single_upload(request, self.settings.max_body_bytes)
+            upload = await single_upload(request, self.settings.max_body_bytes, self.settings.request_timeout_s)
             result = await self._with_timeout(self._classify(upload, top_k, domain))
         except ApiError:
             self._counts["errors"] += 1
@@ -221,7 +273,9 @@ class Ingress:
         """Name several images (multipart `file`/`files` parts, or JSON `[...]` / `{"images": [...]}`); errors per item."""
         self._authorize(request)
         self._counts["requests"] += 1
-        uploads = await batch_uploads(request, self.settings.max_body_bytes, self.settings.max_images_per_request)
+        uploads = await batch_uploads(
+            request, self.settings.max_body_bytes, self.settings.max_images_per_request, self.settings.request_timeout_s
+        )
         outcomes = await self._with_timeout(
             asyncio.gather(*(self._classify(u, top_k, domain) for u in uploads), return_exceptions=True)
         )
@@ -236,6 +290,7 @@ class Ingress:
                 results.append({"index": i, **out})
         self._counts["images"] += sum("error" not in r for r in results)
         self._counts["errors"] += sum("error" in r for r in results)
+        ingress_metrics().item_errors(results)
         return JSONResponse({"results": results})
 
     @app.get("/v1/vocabulary", responses=_ERRORS)

@@ -79,11 +79,15 @@ def bucket(s3_endpoint):
     return f"s3://{name}"
 
 
+RAY_METRICS_PORT = free_port()  # the session cluster's Prometheus export (127.0.0.1:PORT/metrics)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
     """One local Ray cluster for the whole test session, bound to 127.0.0.1.
 
-    Started after the S3 server so that its workers inherit the AWS_* variables pointing at it.
+    Started after the S3 server so that its workers inherit the AWS_* variables pointing at it. Its
+    metrics agent exports Prometheus text on 127.0.0.1:RAY_METRICS_PORT (see ``ray_metrics_url``).
     """
     import ray
 
@@ -92,6 +96,7 @@ def ray_cluster(s3_endpoint):
             num_cpus=4,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
+            _metrics_export_port=RAY_METRICS_PORT,
             log_to_driver=False,
         )
     yield ray
@@ -102,6 +107,11 @@ def ray_cluster(s3_endpoint):
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_url(ray_cluster) -> str:
+    return f"http://127.0.0.1:{RAY_METRICS_PORT}/metrics"
 
 
 @pytest.fixture(scope="session")

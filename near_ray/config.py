@@ -290,11 +290,19 @@ class RunConfig(Section):
 
 # --------------------------------------------------------------------------------------------- loading
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
+    """One line (the CLI prints it as is): the file, then each bad field with what is wrong."""
+    fields = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"{source}: field '{path}': {e['msg']}")
-    return "\n".join(lines)
+        fields.append(f"field '{path}': {e['msg']}")
+    return f"{source}: " + "; ".join(fields)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(e, "problem", None) or e).split())
 
 
 def _parse_value(text: str) -> Any:
@@ -334,12 +342,14 @@ def load_config(
     data: dict[str, Any] = {}
     if path:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{source}: is a folder, not a config file")
         if not p.is_file():
             raise ConfigError(f"{source}: config file not found")
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from e
+            raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(e)}") from e
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{source}: cannot read: {e}") from e
         if loaded is None:

@@ -128,6 +128,7 @@ async def closed_loop(url: str, body: bytes, concurrency: int, max_requests: int
     import httpx
 
     latencies: list[float] = []
+    hops: list[dict[str, float]] = []  # the Serve app's server-timing header, per answered request
     errors = 0
     sent = 0
     deadline = 0.0
@@ -144,6 +145,8 @@ async def closed_loop(url: str, body: bytes, concurrency: int, max_requests: int
                 ok = False
             if ok:
                 latencies.append(time.perf_counter() - t0)
+                if "server-timing" in r.headers:
+                    hops.append(server_timing(r.headers["server-timing"]) | {"client": latencies[-1] * 1000})
             else:
                 errors += 1
 
@@ -156,13 +159,43 @@ async def closed_loop(url: str, body: bytes, concurrency: int, max_requests: int
         await asyncio.gather(*(client(c) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {
+    out = {
         "rps": round(len(latencies) / elapsed, 2),
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p95_ms": round(float(np.percentile(ms, 95)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
         "errors": errors,
         "requests": len(latencies) + errors,
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+    }
+    if hops:
+        out["hops_p50_ms"] = hop_breakdown(hops)
+    return out
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``read;dur=0.1, decode;dur=2.0, …`` -> {"read": 0.1, "decode": 2.0, …} (ms)."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
+
+
+def hop_breakdown(hops: list[dict[str, float]]) -> dict[str, float]:
+    """Median ms per hop: client <-> proxy (incl. the HTTP client itself), proxy -> ingress -> response,
+    inside the ingress (body read, decode), ingress -> model replica and back (RPC, queue, batching),
+    and the model's forward pass."""
+    med = {k: float(np.median([h[k] for h in hops if k in h])) for k in hops[0]}
+    return {
+        "client_total": round(med["client"], 2),
+        "client_and_proxy": round(med["client"] - med["ingress"], 2),
+        "ingress_read": round(med.get("read", 0.0), 2),
+        "ingress_decode": round(med.get("decode", 0.0), 2),
+        "ingress_other": round(med["ingress"] - med.get("read", 0.0) - med.get("decode", 0.0) - med["model"], 2),
+        "ingress_to_model_rpc": round(med["model"] - med["forward"], 2),
+        "model_forward": round(med["forward"], 2),
     }
 
 
@@ -216,11 +249,15 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_table(report: dict) -> None:
     print(f"{report['model']['arch']} ({report['model']['image_size']} px), {report['serve']['cpus_per_replica']} CPU per model replica")
-    print(f"{'conc':>5} {'server':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    print(f"{'conc':>5} {'server':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'load':>5}")
     for c, row in report["concurrency"].items():
         for name in ("plain", "serve"):
             r = row[name]
-            print(f"{c:>5} {name:>6} {r['rps']:>8} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['p99_ms']:>8} {r['errors']:>6}")
+            print(f"{c:>5} {name:>6} {r['rps']:>8} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['p99_ms']:>8} {r['errors']:>6} {r['load_avg_1m']:>5}")
+        if "hops_p50_ms" in row["serve"]:
+            print(f"{'':>5} serve hops p50 ms: {row['serve']['hops_p50_ms']}")
+        row["serve_overhead_p50_ms"] = round(row["serve"]["p50_ms"] - row["plain"]["p50_ms"], 2)
+    print(f"p50 overhead of Serve at concurrency 1: {report['concurrency'].get('1', {}).get('serve_overhead_p50_ms')} ms (target < 10)")
 
 
 def main() -> None:

@@ -95,3 +95,49 @@ def test_gpu_required_without_gpu_is_a_clear_error():
         pytest.skip("this machine has a GPU")
     with pytest.raises(KnnError, match="no GPU"):
         knn(_unit(10, 8), 3, use_gpu="yes")
+
+
+# ------------------------------------------------------------------------------------------ GPU, as far as a CPU can tell
+def test_gpu_search_limits_fall_back_to_the_cpu_with_a_log_line(caplog):
+    import logging
+
+    from near_ray.refine.knn import GPU_MAX_K, _approximate, gpu_refusal
+
+    assert gpu_refusal("ivf", 10, 64) is None and gpu_refusal("flat", 10) is None
+    assert "selection limit" in gpu_refusal("ivf", GPU_MAX_K, 8)
+    assert "nprobe=4096" in gpu_refusal("ivf", 10, 4096)
+    assert "HNSW" in gpu_refusal("hnsw", 10)
+    x = _unit(2200, 8, seed=4)
+    with caplog.at_level(logging.INFO, logger="near_ray.refine.knn"):
+        _, _, on_gpu = _approximate(x, GPU_MAX_K, "ivf", gpu=True, seed=0)  # asked for the GPU, k too large
+    assert on_gpu is False
+    assert any("selection limit" in r.message and "on the CPU" in r.message for r in caplog.records)
+
+
+def test_the_driver_never_takes_a_gpu_and_yes_names_the_setting(ray_cluster):
+    from near_ray.refine.knn import assigned_gpu, wants_gpu
+
+    assert not assigned_gpu()  # Ray assigned the driver no GPU, whatever the machine has
+    assert wants_gpu("auto") is False
+    with pytest.raises(KnnError, match="refine.knn_gpus"):
+        wants_gpu("yes")
+
+
+def test_knn_with_knn_gpus_is_a_ray_task_that_reserves_one_gpu(ray_cluster):
+    import ray
+
+    from near_ray.config import RefineConfig
+    from near_ray.refine.knn import knn_for_config, knn_task_options, resolve
+
+    x = _unit(300, 16, seed=5)
+    assert knn_task_options(RefineConfig()) is None  # default: no GPU, searched where the stage runs
+    local = knn_for_config(x, RefineConfig(k=5))
+    assert isinstance(local, tuple)
+    np.testing.assert_array_equal(resolve(local)[0], knn(x, 5, use_gpu="no")[0])
+    options = knn_task_options(RefineConfig(knn_gpus=1, knn_cpus=2))
+    assert (options["num_gpus"], options["num_cpus"]) == (1, 2)
+    ref = knn_for_config(x, RefineConfig(k=5, knn_gpus=1))
+    assert isinstance(ref, ray.ObjectRef)
+    ready, _ = ray.wait([ref], timeout=3)
+    assert not ready, "this cluster has no GPU: a task that reserves one cannot have run"
+    ray.cancel(ref, force=True)

@@ -140,17 +140,22 @@ def _to_gpu(idx: Any) -> Any:
     return gpu_idx
 
 
+def gpu_refusal(kind: str, kk: int, probe: int | None = None) -> str | None:
+    """Why FAISS cannot run this search on a GPU (then it runs on the CPU), or None when it can."""
+    if kind == "hnsw":
+        return "FAISS has no GPU HNSW"
+    if kk + 1 > GPU_MAX_K:  # k + 1: the query finds itself first
+        return f"k={kk} exceeds FAISS's GPU selection limit ({GPU_MAX_K - 1} neighbours)"
+    if kind == "ivf" and probe is not None and probe > GPU_MAX_K:
+        return f"nprobe={probe} exceeds FAISS's GPU limit ({GPU_MAX_K})"
+    return None
+
+
 def _approximate(x: np.ndarray, kk: int, kind: str, gpu: bool, seed: int) -> tuple[Any, float, bool]:
     idx = _build(x, kind, seed)
-    if gpu and kind == "hnsw":
-        log.info("knn: FAISS has no GPU HNSW; searching on the CPU")
-        gpu = False
-    if gpu and kk + 1 > GPU_MAX_K:
-        log.info("knn: k=%d exceeds FAISS's GPU selection limit (%d); searching on the CPU", kk, GPU_MAX_K - 1)
-        gpu = False
     recall, value = _tune(idx, x, kk, kind, seed)
-    if gpu and kind == "ivf" and value > GPU_MAX_K:
-        log.info("knn: nprobe=%d exceeds FAISS's GPU limit (%d); searching on the CPU", value, GPU_MAX_K)
+    if gpu and (reason := gpu_refusal(kind, kk, value)):
+        log.info("knn: %s; searching on the CPU", reason)
         gpu = False
     if gpu:
         idx = _to_gpu(idx)

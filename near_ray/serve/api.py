@@ -219,7 +219,9 @@ class Ingress:
         spec = self._spec_for(described, domain)
         loop = asyncio.get_running_loop()
         # Decode and resize in one thread hop: it is most of a small request's latency budget.
+        t0 = time.perf_counter()
         image, pixels = await loop.run_in_executor(self._pool, self._prepare, upload, spec)
+        decoded = time.perf_counter()
         for attempt in range(3):
             try:
                 result = await self.model.classify.remote({"pixels": pixels, "domain": domain, "top_k": top_k, "key": spec["key"]})
@@ -227,7 +229,8 @@ class Ingress:
                 await asyncio.sleep(0.25 * (attempt + 1))
                 continue
             if "error" not in result:
-                return dict(result, domain=domain or result["domain"])
+                timing = {"decode": decoded - t0, "model": time.perf_counter() - decoded, "forward": result.pop("batch_s", 0.0)}
+                return dict(result, domain=domain or result["domain"], timing=timing)
             code = result["error"]["code"]
             if code != "stale_preprocessing":
                 status = {"unknown_domain": 404, "domain_required": 422}.get(code, 500)
@@ -253,14 +256,23 @@ class Ingress:
         """Name one image: multipart field `file`, a raw image body, or JSON `{"image_base64", "domain", "top_k"}`."""
         self._authorize(request)
         self._counts["requests"] += 1
+        t0 = time.perf_counter()
         try:
             upload = await single_upload(request, self.settings.max_body_bytes, self.settings.request_timeout_s)
+            read = time.perf_counter() - t0
             result = await self._with_timeout(self._classify(upload, top_k, domain))
         except ApiError:
             self._counts["errors"] += 1
             raise
         self._counts["images"] += 1
-        headers = {"x-near-ray-batch-size": str(result.pop("batch_size")), "x-near-ray-model-version": result["model_version"]}
+        timing = {"read": read, **result.pop("timing"), "ingress": time.perf_counter() - t0}
+        headers = {
+            "x-near-ray-batch-size": str(result.pop("batch_size")),
+            "x-near-ray-model-version": result["model_version"],
+            # Where the time went, per hop (ms): body read, decode+resize, the model call (RPC + queue +
+            # batch), the batch's forward pass, the whole ingress. The serve benchmark reads it.
+            "server-timing": ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in timing.items()),
+        }
         return JSONResponse(result, headers=headers)
 
     @app.post("/v1/classify/batch", responses=_ERRORS)
@@ -287,6 +299,7 @@ class Ingress:
                 results.append({"index": i, "image": upload.what, "error": {"code": "internal", "message": repr(out)}, "status": 500})
             else:
                 out.pop("batch_size", None)
+                out.pop("timing", None)
                 results.append({"index": i, **out})
         self._counts["images"] += sum("error" not in r for r in results)
         self._counts["errors"] += sum("error" in r for r in results)

@@ -167,9 +167,11 @@ class Classifier:
         self._batch_sizes[len(items)] += 1
         self._served += len(items)
         self._metrics.batch(len(items))
+        t0 = time.perf_counter()
         results = self._classify_batch(loaded, items)
+        seconds = time.perf_counter() - t0
         self._metrics.answered(results)
-        return results
+        return [dict(r, batch_s=seconds) if "error" not in r else r for r in results]
 
     def _classify_batch(self, loaded: Loaded, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import torch

@@ -242,6 +242,9 @@ class ServeConfig(Section):
     ingress_cpus: float = Field(0.25, gt=0)
     ingress_max_ongoing_requests: int = Field(256, ge=1)
     decode_threads: int = Field(4, ge=1)  # image decoding/resizing threads per ingress replica
+    # true: the model runs inside the ingress replica (one hop less); the ingress then takes the model's
+    # resources, autoscaling and user_config. false: separate Ingress and Classifier deployments
+    colocate: bool = False
     runtime_env: dict[str, Any] = Field(default_factory=dict)  # written into the `serve deploy` config
 
 

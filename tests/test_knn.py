@@ -101,17 +101,22 @@ def test_gpu_required_without_gpu_is_a_clear_error():
 def test_gpu_search_limits_fall_back_to_the_cpu_with_a_log_line(caplog):
     import logging
 
+    import faiss
+
     from near_ray.refine.knn import GPU_MAX_K, _approximate, gpu_refusal
 
-    assert gpu_refusal("ivf", 10, 64) is None and gpu_refusal("flat", 10) is None
-    assert "selection limit" in gpu_refusal("ivf", GPU_MAX_K, 8)
-    assert "nprobe=4096" in gpu_refusal("ivf", 10, 4096)
-    assert "HNSW" in gpu_refusal("hnsw", 10)
     x = _unit(2200, 8, seed=4)
     with caplog.at_level(logging.INFO, logger="near_ray.refine.knn"):
-        _, _, on_gpu = _approximate(x, GPU_MAX_K, "ivf", gpu=True, seed=0)  # asked for the GPU, k too large
-    assert on_gpu is False
-    assert any("selection limit" in r.message and "on the CPU" in r.message for r in caplog.records)
+        _, _, on_gpu = _approximate(x, 10, "ivf", gpu=True, seed=0)  # asked for the GPU
+    assert on_gpu is (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
+    if not hasattr(faiss, "StandardGpuResources"):
+        assert any("no GPU support" in r.message and "on the CPU" in r.message for r in caplog.records)
+    # The limits, as a GPU build of FAISS checks them:
+    assert gpu_refusal("ivf", 10, 64, gpu_build=True) is None and gpu_refusal("flat", 10, gpu_build=True) is None
+    assert "selection limit" in gpu_refusal("ivf", GPU_MAX_K, 8, gpu_build=True)
+    assert gpu_refusal("ivf", GPU_MAX_K - 1, 8, gpu_build=True) is None  # k + 1 = 2048 still fits
+    assert "nprobe=4096" in gpu_refusal("ivf", 10, 4096, gpu_build=True)
+    assert "HNSW" in gpu_refusal("hnsw", 10, gpu_build=True)
 
 
 def test_the_driver_never_takes_a_gpu_and_yes_names_the_setting(ray_cluster):

@@ -214,3 +214,41 @@ def test_prometheus_metrics_show_requests_errors_latency_batches_and_model_versi
               if labels.get("application") == "near_input"]
     assert loaded and all(v == 1 and labels["model_version"] == version for labels, v in loaded)
     assert np.isfinite([v for _, v in latency]).all()
+
+
+# ------------------------------------------------------------------------------------------ one hop less
+def test_colocated_model_answers_like_the_bundle_and_swaps_bundles_in_place(ray_cluster, bundle, tmp_path):
+    from ray import serve
+
+    from near_ray.config import RunConfig
+    from near_ray.model.bundle import load_bundle
+    from near_ray.serve.app import application, deploy_config, update_bundle
+
+    port = serve_http_port()
+    colocated = settings(bundle=bundle, colocate=True, app_name="near_colo", route_prefix="/near_colo")
+    assert [d["name"] for d in deploy_config(RunConfig(serve=colocated))["applications"][0]["deployments"]] == ["Ingress"]
+    serve.run(application(colocated), name="near_colo", route_prefix="/near_colo", blocking=False)
+    other = make_bundle(str(tmp_path / "other"), 6, VOCAB)
+    images = [png(200 + i) for i in range(3)]
+    try:
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/near_colo", timeout=60) as c:
+            while time.monotonic() < deadline and c.get("/readyz").status_code != 200:
+                time.sleep(0.5)
+            for image, want in zip(images, expected(bundle, images), strict=True):
+                r = c.post("/v1/classify", content=image, headers={"content-type": "image/png"})
+                assert r.status_code == 200, r.text
+                assert_same(r.json(), want)
+                assert "model;dur=" in r.headers["server-timing"]
+            assert c.get("/v1/stats").json()["model"]["requests"] >= 3
+            update_bundle(colocated, other)
+            new = load_bundle(other).model_version
+            while time.monotonic() < deadline:
+                r = c.post("/v1/classify", content=images[0], headers={"content-type": "image/png"})
+                if r.status_code == 200 and r.json()["model_version"] == new:
+                    break
+                time.sleep(0.5)
+            assert r.json()["model_version"] == new
+            assert_same(r.json(), expected(other, images[:1])[0])
+    finally:
+        serve.delete("near_colo")

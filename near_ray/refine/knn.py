@@ -140,8 +140,15 @@ def _to_gpu(idx: Any) -> Any:
     return gpu_idx
 
 
-def gpu_refusal(kind: str, kk: int, probe: int | None = None) -> str | None:
-    """Why FAISS cannot run this search on a GPU (then it runs on the CPU), or None when it can."""
+def gpu_refusal(kind: str, kk: int, probe: int | None = None, gpu_build: bool | None = None) -> str | None:
+    """Why FAISS cannot run this search on a GPU (then it runs on the CPU), or None when it can.
+    ``gpu_build``: whether the installed FAISS has GPU support (None: ask it)."""
+    if gpu_build is None:
+        import faiss
+
+        gpu_build = hasattr(faiss, "StandardGpuResources")
+    if not gpu_build:
+        return "this FAISS build has no GPU support (faiss-cpu)"
     if kind == "hnsw":
         return "FAISS has no GPU HNSW"
     if kk + 1 > GPU_MAX_K:  # k + 1: the query finds itself first

@@ -7,9 +7,11 @@ fixed-size uint8 pixels to the model deployment, so nothing slow is serialized i
 # No `from __future__ import annotations` here: FastAPI must see the handlers' real `Request` annotations.
 import asyncio
 import hmac
+import inspect
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import ray
@@ -20,7 +22,7 @@ from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from near_ray.config import ServeConfig
+from near_ray.config import ServeConfig, StorageConfig
 from near_ray.errors import NearRayError
 from near_ray.serve.images import ApiError, Preprocessor, decode_upload
 from near_ray.serve.metrics import IngressMetrics
@@ -151,11 +153,36 @@ class _Observe:
 app.add_middleware(_Observe)
 
 
+class InProcessModel:
+    """The Classifier inside the ingress replica (``serve.colocate``), called like its deployment handle:
+    ``await model.classify.remote(item)``. One hop less: no RPC, no serialization of the pixels."""
+
+    def __init__(self, classifier: Any) -> None:
+        self.classifier = classifier
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.classifier, name)
+
+        async def call(*args: Any) -> Any:
+            out = method(*args)
+            return await out if inspect.isawaitable(out) else out
+
+        return SimpleNamespace(remote=call)
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, model: Any, settings: ServeConfig) -> None:
+    def __init__(self, model: Any, settings: ServeConfig, storage: StorageConfig | None = None) -> None:
+        """``model``: the Classifier deployment's handle, or None to hold the model here (``serve.colocate``;
+        the bundles then come with this deployment's user_config)."""
         self.settings = settings
+        self._local = None
+        if model is None:
+            from near_ray.serve.model import Classifier
+
+            self._local = Classifier.func_or_class(storage)
+            model = InProcessModel(self._local)
         self.model = model
         self._token = self._read_token()
         self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
@@ -180,6 +207,12 @@ class Ingress:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token.encode()):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``serve.colocate``: the model's user_config (bundles, batching) arrives here."""
+        if self._local is not None:
+            await self._local.reconfigure(user_config)
+            self._described = None
 
     # ------------------------------------------------------------------------------- model state
     async def _describe(self, max_age_s: float = float("inf")) -> dict[str, Any]:

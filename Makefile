@@ -49,7 +49,7 @@ test-faults: $(STAMP)
 bench: $(STAMP)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) benchmarks/knn_scaling.py
 	$(PY) benchmarks/embed_throughput.py
-	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/serve_load.py --colocate
 	$(PY) benchmarks/label_throughput.py
 	$(PY) benchmarks/e2e_stages.py
 
@@ -59,7 +59,7 @@ bench-smoke: $(STAMP)
 	mkdir -p $(BENCH_SMOKE)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) benchmarks/knn_scaling.py --exact 2000 --approx 5000 --out $(BENCH_SMOKE)/knn.json
 	$(PY) benchmarks/embed_throughput.py --images 128 --arch near-tiny --out $(BENCH_SMOKE)/embed.json
-	$(PY) benchmarks/serve_load.py --models near-tiny:1 --levels 1,4 --seconds 3 --out $(BENCH_SMOKE)/serve.json
+	$(PY) benchmarks/serve_load.py --models near-tiny:1 --levels 1,4 --seconds 3 --colocate --out $(BENCH_SMOKE)/serve.json
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)

@@ -88,8 +88,8 @@ class FaultConfig(BaseModel):
             raise AnnotatorError("faults: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
                                                         for x in e.errors())) from None
         if sum(rate for _, rate in cfg.rates()) > 1:
-            raise AnnotatorError("faults: the rates (rate_429, rate_500, rate_hang, rate_malformed, rate_wrong_shape, "
-                                 "rate_truncated) must add up to ≤ 1")
+            raise AnnotatorError("faults: rate_429 + rate_500 + rate_hang + rate_malformed + rate_wrong_shape + "
+                                 "rate_truncated must be ≤ 1")
         return cfg
 
     def rates(self) -> list[tuple[str, float]]:

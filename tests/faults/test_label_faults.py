@@ -102,7 +102,8 @@ def test_killed_label_driver_resubmitted_labels_every_image_once(ray_cluster, be
         finally:
             proc.kill()  # SIGKILL: no clean-up, no flush
             proc.wait(timeout=30)
-        first_run_requests = _quiet(ann)  # the dead driver's labeler actors stop asynchronously
+        _quiet(ann)  # the dead driver's labeler actors stop asynchronously
+        paid_before = ann.stats()["answers_paid"]
         kept = read_labels_table(cfg.artifact("labels"), Storage())
         assert kept is not None and 0 < kept.num_rows < total, "the driver was killed half-way, some parts written"
 
@@ -112,8 +113,9 @@ def test_killed_label_driver_resubmitted_labels_every_image_once(ray_cluster, be
     extra_rows = _exactly_once(df, uris)
     assert extra_rows == 0
     assert summary["mllm_calls"] == total - kept.num_rows, "the resumed run asks only for what is not on storage"
-    lost = first_run_requests - kept.num_rows  # answered for the killed run, never written
+    lost = paid_before - kept.num_rows  # paid for the killed run, never written: asked (and paid) again
     duplicates = stats["duplicate_answers"]
+    assert duplicates == lost, (duplicates, lost, stats)
     fault_figures.record(
         "label_driver_killed",
         f"SIGKILL after {kept.num_rows}/{total} rows on storage; resumed run asked {summary['mllm_calls']}; "

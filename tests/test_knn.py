@@ -146,3 +146,21 @@ def test_knn_with_knn_gpus_is_a_ray_task_that_reserves_one_gpu(ray_cluster):
     ready, _ = ray.wait([ref], timeout=3)
     assert not ready, "this cluster has no GPU: a task that reserves one cannot have run"
     ray.cancel(ref, force=True)
+
+
+def test_exact_search_over_several_database_tiles_equals_brute_force(monkeypatch):
+    """N = 1M never holds N² similarities: the exact path tiles the database. Force small tiles and
+    blocks (a partial last tile and block included) and compare with numpy."""
+    from near_ray.refine import knn as knn_mod
+
+    monkeypatch.setattr(knn_mod, "_QUERY_BLOCK", 256)
+    monkeypatch.setattr(knn_mod, "_TILE_FLOATS", 256 * 300)  # 300 database columns per product
+    base = _unit(1000, 24, seed=6)
+    x = np.concatenate([base, base[:3]])  # twins across tiles: rows i and 1000+i
+    ids, sims = knn_mod.knn(x, 9, index="flat", use_gpu="no")
+    ref_ids, ref_sims = brute_force_knn(x, 9)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    assert (ids == ref_ids).mean() > 0.999
+    assert not (ids == np.arange(len(x))[:, None]).any()
+    for i in range(3):
+        assert ids[i, 0] == 1000 + i and ids[1000 + i, 0] == i

@@ -94,8 +94,10 @@ def exact_knn(x: np.ndarray, kk: int, device: str = "cpu") -> tuple[np.ndarray, 
         for c0 in range(0, n, tile):
             c1 = min(n, c0 + tile)
             sims = torch.mm(q, xt[c0:c1].T, out=buf[: len(q), : c1 - c0])
-            rows = torch.arange(max(q0, c0), min(q0 + len(q), c1), device=device)
-            sims[rows - q0, rows - c0] = -math.inf  # self, by index
+            lo, hi = max(q0, c0), min(q0 + len(q), c1)
+            if lo < hi:  # this tile holds some of the block's own rows: never their own neighbour
+                rows = torch.arange(lo, hi, device=device)
+                sims[rows - q0, rows - c0] = -math.inf
             s, i = torch.topk(sims, min(kk, c1 - c0), dim=1)
             i += c0
             if best_s is not None:  # merge with the columns seen so far

@@ -47,7 +47,7 @@ def s3_endpoint():
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_port(port)
+        wait_for_port(port, timeout=120)  # importing moto takes long on a loaded machine
         endpoint = f"http://127.0.0.1:{port}"
         env = {
             "AWS_ACCESS_KEY_ID": "testing",

@@ -19,6 +19,9 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The raylet waits this long for its dashboard agent's ports; on a loaded 2-core machine the agent's
+# imports alone took 40 s, past the default, and the node never came up.
+os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
 
 
 def free_port() -> int:

@@ -27,6 +27,8 @@ from near_ray.sim.annotator import AnnotatorServer
 from near_ray.sim.synth import generate
 from near_ray.storage import Storage
 
+pytestmark = pytest.mark.slow  # real runs of a stage each, with a fault
+
 SAMPLES = 2
 OUTAGE_S = 4.0
 

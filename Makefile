@@ -16,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast lint setup setup-vllm gpu-check clean
+.PHONY: demo test test-fast test-faults bench bench-smoke lint setup setup-vllm gpu-check clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,34 @@ demo: $(STAMP)
 # The vLLM-on-CPU tests (marker `vllm`) run the label stage in .venv-vllm, found through NEAR_RAY_VLLM_PYTHON.
 test: $(STAMP) $(STAMP_VLLM)
 	NEAR_RAY_VLLM_PYTHON=$(abspath $(VENV_VLLM))/bin/python $(PY) -m pytest $(PYTEST_ARGS)
+
+# The fault-injection suite alone (it is also part of `make test`); figures in benchmarks/results/faults.json.
+test-faults: $(STAMP)
+	$(PY) -m pytest tests/faults -m faults $(PYTEST_ARGS)
+
+# Each benchmark beside its baseline, in one run; JSON under benchmarks/results/ (see docs/benchmarks.md).
+# OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE, set on some machines for old OpenBLAS builds, slow numpy's sgemm:
+# unset for the kNN benchmark's own command only.
+bench: $(STAMP)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) benchmarks/knn_scaling.py
+	$(PY) benchmarks/embed_throughput.py
+	$(PY) benchmarks/serve_load.py --colocate
+	$(PY) benchmarks/label_throughput.py
+	$(PY) benchmarks/e2e_stages.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/train_state_scaling.py
+	$(PY) benchmarks/classify_throughput.py
+
+# The same scripts at toy sizes, written to a scratch folder: checks that they run, measures nothing.
+BENCH_SMOKE ?= /tmp/near_ray_bench_smoke
+bench-smoke: $(STAMP)
+	mkdir -p $(BENCH_SMOKE)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) benchmarks/knn_scaling.py --exact 2000 --approx 5000 --out $(BENCH_SMOKE)/knn.json
+	$(PY) benchmarks/embed_throughput.py --images 128 --arch near-tiny --out $(BENCH_SMOKE)/embed.json
+	$(PY) benchmarks/serve_load.py --models near-tiny:1 --levels 1,4 --seconds 3 --colocate --out $(BENCH_SMOKE)/serve.json
+	$(PY) benchmarks/train_throughput.py --species 4 --images-per-species 8 --epochs 1 --out $(BENCH_SMOKE)/train.json
+	$(PY) benchmarks/train_state_scaling.py --sizes 2000x200 --out $(BENCH_SMOKE)/train_state.json
+	$(PY) benchmarks/classify_throughput.py --images 64 --arch near-tiny --image-size 64 --out $(BENCH_SMOKE)/classify.json
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)

@@ -8,7 +8,7 @@ ViT-B-32 at 224 px, a production-class CLIP; near-tiny (64 px, the demo's model)
 a model so small that per-request HTTP and RPC work, not the forward pass, is the cost. Prints a
 table and writes benchmarks/results/serve_load.json.
 
-    python benchmarks/serve_load.py [--models ViT-B-32:2,near-tiny:1] [--levels 1,8,32] [--seconds 20]
+    python benchmarks/serve_load.py [--models ViT-B-32:2,near-tiny:1] [--levels 1,8,32] [--seconds 20] [--colocate]
 """
 
 import argparse
@@ -91,7 +91,7 @@ def start_plain(bundle: str) -> tuple[subprocess.Popen, str]:
 
 
 # ------------------------------------------------------------------------------------------ serve
-def start_serve(bundle: str, args: argparse.Namespace, cpus_per_replica: float) -> str:
+def start_serve(bundle: str, args: argparse.Namespace, cpus_per_replica: float, colocate: bool = False) -> str:
     from near_ray.runtime import ensure_ray
 
     ensure_ray(num_cpus=4)  # a local cluster on 127.0.0.1, before anything imports ray
@@ -114,6 +114,7 @@ def start_serve(bundle: str, args: argparse.Namespace, cpus_per_replica: float) 
         ingress_cpus=0.5,
         max_batch_size=args.max_batch_size,
         decode_threads=4,
+        colocate=colocate,
     )
     if args.batch_wait is not None:
         settings.batch_wait_timeout_s = args.batch_wait
@@ -128,6 +129,7 @@ async def closed_loop(url: str, body: bytes, concurrency: int, max_requests: int
     import httpx
 
     latencies: list[float] = []
+    hops: list[dict[str, float]] = []  # the Serve app's server-timing header, per answered request
     errors = 0
     sent = 0
     deadline = 0.0
@@ -144,6 +146,8 @@ async def closed_loop(url: str, body: bytes, concurrency: int, max_requests: int
                 ok = False
             if ok:
                 latencies.append(time.perf_counter() - t0)
+                if "server-timing" in r.headers:
+                    hops.append(server_timing(r.headers["server-timing"]) | {"client": latencies[-1] * 1000})
             else:
                 errors += 1
 
@@ -156,13 +160,43 @@ async def closed_loop(url: str, body: bytes, concurrency: int, max_requests: int
         await asyncio.gather(*(client(c) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {
+    out = {
         "rps": round(len(latencies) / elapsed, 2),
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p95_ms": round(float(np.percentile(ms, 95)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
         "errors": errors,
         "requests": len(latencies) + errors,
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+    }
+    if hops:
+        out["hops_p50_ms"] = hop_breakdown(hops)
+    return out
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``read;dur=0.1, decode;dur=2.0, …`` -> {"read": 0.1, "decode": 2.0, …} (ms)."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
+
+
+def hop_breakdown(hops: list[dict[str, float]]) -> dict[str, float]:
+    """Median ms per hop: client <-> proxy (incl. the HTTP client itself), proxy -> ingress -> response,
+    inside the ingress (body read, decode), ingress -> model replica and back (RPC, queue, batching),
+    and the model's forward pass."""
+    med = {k: float(np.median([h[k] for h in hops if k in h])) for k in hops[0]}
+    return {
+        "client_total": round(med["client"], 2),
+        "client_and_proxy": round(med["client"] - med["ingress"], 2),
+        "ingress_read": round(med.get("read", 0.0), 2),
+        "ingress_decode": round(med.get("decode", 0.0), 2),
+        "ingress_other": round(med["ingress"] - med.get("read", 0.0) - med.get("decode", 0.0) - med["model"], 2),
+        "ingress_to_model_rpc": round(med["model"] - med["forward"], 2),
+        "model_forward": round(med["forward"], 2),
     }
 
 
@@ -183,6 +217,10 @@ def measure(arch: str, cpus_per_replica: float, args: argparse.Namespace, tmp: s
     serve_url = start_serve(bundle, args, cpus_per_replica)
     for c in levels:
         results[str(c)]["serve"] = asyncio.run(closed_loop(serve_url, body, c, args.max_requests, args.seconds))
+    if args.colocate:  # serve.colocate: the model inside the ingress replica, one hop less
+        serve_url = start_serve(bundle, args, cpus_per_replica, colocate=True)
+        for c in levels:
+            results[str(c)]["serve_colocated"] = asyncio.run(closed_loop(serve_url, body, c, args.max_requests, args.seconds))
     from near_ray.model.clip import resolve_model_config
 
     size = resolve_model_config(arch)["vision_cfg"]["image_size"]
@@ -216,11 +254,18 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_table(report: dict) -> None:
     print(f"{report['model']['arch']} ({report['model']['image_size']} px), {report['serve']['cpus_per_replica']} CPU per model replica")
-    print(f"{'conc':>5} {'server':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    print(f"{'conc':>5} {'server':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'load':>5}")
     for c, row in report["concurrency"].items():
-        for name in ("plain", "serve"):
+        for name in [n for n in ("plain", "serve", "serve_colocated") if n in row]:
             r = row[name]
-            print(f"{c:>5} {name:>6} {r['rps']:>8} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['p99_ms']:>8} {r['errors']:>6}")
+            print(f"{c:>5} {name:>6} {r['rps']:>8} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['p99_ms']:>8} {r['errors']:>6} {r['load_avg_1m']:>5}")
+        for name in [n for n in ("serve", "serve_colocated") if n in row]:
+            if "hops_p50_ms" in row[name]:
+                print(f"{'':>5} {name} hops p50 ms: {row[name]['hops_p50_ms']}")
+            row[f"{name}_overhead_p50_ms"] = round(row[name]["p50_ms"] - row["plain"]["p50_ms"], 2)
+    one = report["concurrency"].get("1", {})
+    print(f"p50 overhead at concurrency 1 (target < 10 ms): Serve {one.get('serve_overhead_p50_ms')} ms, "
+          f"colocated {one.get('serve_colocated_overhead_p50_ms')} ms")
 
 
 def main() -> None:
@@ -234,6 +279,7 @@ def main() -> None:
     # (2 oversubscribes the cores the proxy and ingress need); a large one wants the cores for its forward pass.
     p.add_argument("--models", default="ViT-B-32:2,near-tiny:1")
     p.add_argument("--batch-wait", type=float, default=None, help="default: serve.batch_wait_timeout_s")
+    p.add_argument("--colocate", action="store_true", help="also measure serve.colocate (the model inside the ingress)")
     p.add_argument("--plain-server", metavar="BUNDLE", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(RESULTS))

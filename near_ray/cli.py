@@ -32,6 +32,47 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, args.set)
 
 
+# Commands that touch the run's storage, and those that call the labeling endpoint.
+_STORAGE_COMMANDS = ("label", "refine", "pretrain", "train", "evaluate", "run", "serve")
+_ENDPOINT_TIMEOUT_S = 3.0
+
+
+def _unreachable(url: str) -> str | None:
+    """Why nothing answers at ``url``'s host and port (a TCP connect), or None when something does."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return "not a URL with a host"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=_ENDPOINT_TIMEOUT_S):
+            return None
+    except ValueError as e:  # a port that is not a number
+        return str(e)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
+def check_endpoints(cfg: RunConfig, command: str, source: str) -> None:
+    """Before any work: the endpoints this command needs answer, else one line naming the field."""
+    checks = []
+    if command in _STORAGE_COMMANDS and cfg.storage.endpoint_url:
+        checks.append(("storage.endpoint_url", cfg.storage.endpoint_url))
+    if command == "label" and cfg.label.backend == "openai":
+        checks.append(("label.openai.base_url", cfg.label.openai.base_url))
+    for field, url in checks:
+        reason = _unreachable(url)
+        if reason:
+            raise NearRayError(f"{source}: field '{field}': cannot reach {url} ({reason})")
+
+
+def _source(args: argparse.Namespace) -> str:
+    source = args.config or "<defaults>"
+    return f"{source} with --set {' '.join(args.set)}" if args.set else source
+
+
 def _print(obj: object) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -210,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(command: str, e: Exception) -> None:
+    """The one line a user sees for an error: its message, whatever newlines it carried."""
+    message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"near-ray {command}: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None, job: bool = False) -> int:
     """``near-ray …``; with ``job`` (the entry points in jobs/), the run's metadata is logged around it."""
     from near_ray.runtime import prefer_loopback
@@ -217,9 +264,11 @@ def main(argv: list[str] | None = None, job: bool = False) -> int:
     prefer_loopback()  # before any stage imports ray
     args = build_parser().parse_args(argv)
     try:
-        cfg = _config(args)  # validate the config before any stage code is imported
+        # Validate the config, and reach what it points at, before any stage code runs or writes.
+        cfg = _config(args)
+        check_endpoints(cfg, args.command, _source(args))
     except NearRayError as e:
-        print(f"near-ray {args.command}: error: {e}", file=sys.stderr)
+        _error(args.command, e)
         return 2
     from near_ray.console import setup_console
 
@@ -232,7 +281,7 @@ def main(argv: list[str] | None = None, job: bool = False) -> int:
             record = JobRecord.start(args.command, args.config, cfg)
         result = args.fn(args)
     except NearRayError as e:
-        print(f"near-ray {args.command}: error: {e}", file=sys.stderr)
+        _error(args.command, e)
         if record:
             record.finish("FAILED", error=str(e))
         return 2

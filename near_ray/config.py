@@ -197,7 +197,9 @@ class RefineConfig(Section):
     min_neighbour_votes: float = Field(1.0, ge=0)
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     exact_max_n: int = Field(200_000, ge=1)  # auto: exact search up to this many images
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    use_gpu: Literal["auto", "yes", "no"] = "auto"  # kNN on a GPU; only one the kNN task reserved (knn_gpus)
+    knn_gpus: float = Field(0.0, ge=0)  # > 0: the kNN runs as a Ray task reserving this GPU share; 0: on the driver's CPU
+    knn_cpus: float = Field(1.0, gt=0)  # CPUs that task reserves
     embed_batch_size: int = Field(64, ge=1)
     embed_actors: int = Field(1, ge=1)
     embed_actor_cpus: float = Field(0.5, gt=0)
@@ -300,6 +302,9 @@ class ServeConfig(Section):
     ingress_cpus: float = Field(0.25, gt=0)
     ingress_max_ongoing_requests: int = Field(256, ge=1)
     decode_threads: int = Field(4, ge=1)  # image decoding/resizing threads per ingress replica
+    # true: the model runs inside the ingress replica (one hop less); the ingress then takes the model's
+    # resources, autoscaling and user_config. false: separate Ingress and Classifier deployments
+    colocate: bool = False
     runtime_env: dict[str, Any] = Field(default_factory=dict)  # written into the `serve deploy` config
 
 
@@ -387,11 +392,19 @@ class RunConfig(Section):
 
 # --------------------------------------------------------------------------------------------- loading
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
+    """One line (the CLI prints it as is): the file, then each bad field with what is wrong."""
+    fields = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"{source}: field '{path}': {e['msg']}")
-    return "\n".join(lines)
+        fields.append(f"field '{path}': {e['msg']}")
+    return f"{source}: " + "; ".join(fields)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(e, "problem", None) or e).split())
 
 
 def _parse_value(text: str) -> Any:
@@ -436,6 +449,8 @@ def _read_config_text(path: str) -> str:
         except NearRayError as e:  # the storage message names the URI and what to check
             raise ConfigError(f"config file {e}") from None
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -458,7 +473,7 @@ def load_config(
         try:
             loaded = yaml.safe_load(_read_config_text(str(path)))
         except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from e
+            raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(e)}") from e
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

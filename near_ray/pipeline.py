@@ -8,6 +8,7 @@ second run of the same config only does what is missing.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from near_ray.config import RunConfig
@@ -20,9 +21,14 @@ log = logging.getLogger(__name__)
 
 
 
-def _timed(name: str, fn, *args: Any, **kwargs: Any) -> Any:
+def _timed(name: str, fn, *args: Any, wall: dict[str, float] | None = None, **kwargs: Any) -> Any:
+    """Run one stage between its console lines; its wall time (s) goes into ``wall[name]``."""
+    t0 = time.monotonic()
     with stage(name):
-        return fn(*args, **kwargs)
+        out = fn(*args, **kwargs)
+    if wall is not None:
+        wall[name] = round(time.monotonic() - t0, 2)
+    return out
 
 
 def methods_to_train(cfg: RunConfig) -> list[str]:
@@ -37,9 +43,10 @@ def run_pipeline(cfg: RunConfig, serve: bool = False) -> dict[str, Any]:
 
     ensure_ray()
     st = storage_for(cfg)
-    summary: dict[str, Any] = {"workdir": cfg.storage.workdir}
-    summary["label"] = _timed("label", run_label, cfg)
-    summary["refine"] = _timed("refine", run_refine, cfg)
+    wall: dict[str, float] = {}  # seconds per stage, in order
+    summary: dict[str, Any] = {"workdir": cfg.storage.workdir, "wall_s": wall}
+    summary["label"] = _timed("label", run_label, cfg, wall=wall)
+    summary["refine"] = _timed("refine", run_refine, cfg, wall=wall)
     summary["train"] = {}
     for method in methods_to_train(cfg):
         if st.exists(cfg.artifact(f"bundles/{method}/config.json")):
@@ -48,13 +55,13 @@ def run_pipeline(cfg: RunConfig, serve: bool = False) -> dict[str, Any]:
             continue
         method_cfg = cfg.model_copy(deep=True)
         method_cfg.train.method = method  # type: ignore[assignment]
-        summary["train"][method] = _timed(f"train {method}", run_train, method_cfg)
+        summary["train"][method] = _timed(f"train {method}", run_train, method_cfg, wall=wall)
     if "zero_shot" in cfg.eval.methods:
-        summary["train"]["zero_shot"] = {"bundle": _timed("zero-shot bundle", export_zero_shot, cfg)}
+        summary["train"]["zero_shot"] = {"bundle": _timed("zero-shot bundle", export_zero_shot, cfg, wall=wall)}
     if any(d.truth for d in cfg.data.domains):
         from near_ray.eval.stage import run_evaluate
 
-        summary["evaluate"] = _timed("evaluate", run_evaluate, cfg, None)
+        summary["evaluate"] = _timed("evaluate", run_evaluate, cfg, None, wall=wall)
     else:
         log.info("evaluate: no ground truth configured (data.domains[].truth), skipped")
     if cfg.classify.enabled or cfg.classify.domains:  # last: names the whole collection with the bundle

@@ -19,6 +19,9 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The raylet waits this long for its dashboard agent's ports; on a loaded 2-core machine the agent's
+# imports alone took 40 s, past the default, and the node never came up.
+os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
 
 
 def free_port() -> int:
@@ -47,7 +50,7 @@ def s3_endpoint():
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_port(port)
+        wait_for_port(port, timeout=120)  # importing moto takes long on a loaded machine
         endpoint = f"http://127.0.0.1:{port}"
         env = {
             "AWS_ACCESS_KEY_ID": "testing",
@@ -79,11 +82,15 @@ def bucket(s3_endpoint):
     return f"s3://{name}"
 
 
+RAY_METRICS_PORT = free_port()  # the session cluster's Prometheus export (127.0.0.1:PORT/metrics)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
     """One local Ray cluster for the whole test session, bound to 127.0.0.1.
 
-    Started after the S3 server so that its workers inherit the AWS_* variables pointing at it.
+    Started after the S3 server so that its workers inherit the AWS_* variables pointing at it. Its
+    metrics agent exports Prometheus text on 127.0.0.1:RAY_METRICS_PORT (see ``ray_metrics_url``).
     """
     import ray
 
@@ -92,6 +99,7 @@ def ray_cluster(s3_endpoint):
             num_cpus=4,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
+            _metrics_export_port=RAY_METRICS_PORT,
             log_to_driver=False,
         )
     yield ray
@@ -102,6 +110,11 @@ def ray_cluster(s3_endpoint):
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_url(ray_cluster) -> str:
+    return f"http://127.0.0.1:{RAY_METRICS_PORT}/metrics"
 
 
 @pytest.fixture(scope="session")

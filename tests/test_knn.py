@@ -95,3 +95,72 @@ def test_gpu_required_without_gpu_is_a_clear_error():
         pytest.skip("this machine has a GPU")
     with pytest.raises(KnnError, match="no GPU"):
         knn(_unit(10, 8), 3, use_gpu="yes")
+
+
+# ------------------------------------------------------------------------------------------ GPU, as far as a CPU can tell
+def test_gpu_search_limits_fall_back_to_the_cpu_with_a_log_line(caplog):
+    import logging
+
+    import faiss
+
+    from near_ray.refine.knn import GPU_MAX_K, _approximate, gpu_refusal
+
+    x = _unit(2200, 8, seed=4)
+    with caplog.at_level(logging.INFO, logger="near_ray.refine.knn"):
+        _, _, on_gpu = _approximate(x, 10, "ivf", gpu=True, seed=0)  # asked for the GPU
+    assert on_gpu is (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
+    if not hasattr(faiss, "StandardGpuResources"):
+        assert any("no GPU support" in r.message and "on the CPU" in r.message for r in caplog.records)
+    # The limits, as a GPU build of FAISS checks them:
+    assert gpu_refusal("ivf", 10, 64, gpu_build=True) is None and gpu_refusal("flat", 10, gpu_build=True) is None
+    assert "selection limit" in gpu_refusal("ivf", GPU_MAX_K, 8, gpu_build=True)
+    assert gpu_refusal("ivf", GPU_MAX_K - 1, 8, gpu_build=True) is None  # k + 1 = 2048 still fits
+    assert "nprobe=4096" in gpu_refusal("ivf", 10, 4096, gpu_build=True)
+    assert "HNSW" in gpu_refusal("hnsw", 10, gpu_build=True)
+
+
+def test_the_driver_never_takes_a_gpu_and_yes_names_the_setting(ray_cluster):
+    from near_ray.refine.knn import assigned_gpu, wants_gpu
+
+    assert not assigned_gpu()  # Ray assigned the driver no GPU, whatever the machine has
+    assert wants_gpu("auto") is False
+    with pytest.raises(KnnError, match="refine.knn_gpus"):
+        wants_gpu("yes")
+
+
+def test_knn_with_knn_gpus_is_a_ray_task_that_reserves_one_gpu(ray_cluster):
+    import ray
+
+    from near_ray.config import RefineConfig
+    from near_ray.refine.knn import knn_for_config, knn_task_options, resolve
+
+    x = _unit(300, 16, seed=5)
+    assert knn_task_options(RefineConfig()) is None  # default: no GPU, searched where the stage runs
+    local = knn_for_config(x, RefineConfig(k=5))
+    assert isinstance(local, tuple)
+    np.testing.assert_array_equal(resolve(local)[0], knn(x, 5, use_gpu="no")[0])
+    options = knn_task_options(RefineConfig(knn_gpus=1, knn_cpus=2))
+    assert (options["num_gpus"], options["num_cpus"]) == (1, 2)
+    ref = knn_for_config(x, RefineConfig(k=5, knn_gpus=1))
+    assert isinstance(ref, ray.ObjectRef)
+    ready, _ = ray.wait([ref], timeout=3)
+    assert not ready, "this cluster has no GPU: a task that reserves one cannot have run"
+    ray.cancel(ref, force=True)
+
+
+def test_exact_search_over_several_database_tiles_equals_brute_force(monkeypatch):
+    """N = 1M never holds N² similarities: the exact path tiles the database. Force small tiles and
+    blocks (a partial last tile and block included) and compare with numpy."""
+    from near_ray.refine import knn as knn_mod
+
+    monkeypatch.setattr(knn_mod, "_QUERY_BLOCK", 256)
+    monkeypatch.setattr(knn_mod, "_TILE_FLOATS", 256 * 300)  # 300 database columns per product
+    base = _unit(1000, 24, seed=6)
+    x = np.concatenate([base, base[:3]])  # twins across tiles: rows i and 1000+i
+    ids, sims = knn_mod.knn(x, 9, index="flat", use_gpu="no")
+    ref_ids, ref_sims = brute_force_knn(x, 9)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    assert (ids == ref_ids).mean() > 0.999
+    assert not (ids == np.arange(len(x))[:, None]).any()
+    for i in range(3):
+        assert ids[i, 0] == 1000 + i and ids[1000 + i, 0] == i

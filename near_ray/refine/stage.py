@@ -20,7 +20,7 @@ from near_ray.errors import NearRayError
 from near_ray.names import majority_label
 from near_ray.refine.candidates import candidate_sets
 from near_ray.refine.embed import Embeddings, embed_images, embeddings_table, read_embeddings, unique_images
-from near_ray.refine.knn import choose_index, knn
+from near_ray.refine.knn import choose_index, knn_for_config, resolve
 from near_ray.refine.vocabulary import Vocabulary, build_vocabulary, text_encoder
 from near_ray.storage import Storage, storage_for
 
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("vocabulary.json", "merges.json", "embeddings.parquet", "neighbors.parquet", "candidates.parquet")
-_EMBED_RESOURCES = {"embed_batch_size", "embed_actors", "embed_actor_cpus", "embed_gpus", "use_gpu"}
+# Where and with what the work runs, not what it computes: kept out of the outputs' fingerprint.
+_EMBED_RESOURCES = {"embed_batch_size", "embed_actors", "embed_actor_cpus", "embed_gpus", "use_gpu", "knn_gpus", "knn_cpus"}
 _MAX_LISTED_FAILURES = 100
 
 
@@ -124,9 +125,11 @@ def _neighbours(cfg: RunConfig, emb: Embeddings) -> tuple[pa.Table, Graph]:
     domains = emb.meta["domain"].to_numpy()
     graph: Graph = {}
     rows: dict[str, list] = {"image_id": [], "domain": [], "neighbors": [], "similarities": []}
-    for domain in sorted(set(domains.tolist())):
-        pos = np.nonzero(domains == domain)[0]
-        local_i, sims = knn(emb.vectors[pos], rc.k, rc.index, rc.exact_max_n, rc.use_gpu)
+    positions = {d: np.nonzero(domains == d)[0] for d in sorted(set(domains.tolist()))}
+    # Every domain's search is submitted before any is awaited: with knn_gpus they run side by side.
+    pending = {d: knn_for_config(emb.vectors[pos], rc) for d, pos in positions.items()}
+    for domain, pos in positions.items():
+        local_i, sims = resolve(pending[domain])
         nbr = np.where(local_i >= 0, pos[np.clip(local_i, 0, None)], -1)
         graph[domain] = (pos, local_i, sims)
         for r, p in enumerate(pos):

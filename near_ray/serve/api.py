@@ -7,9 +7,11 @@ fixed-size uint8 pixels to the model deployment, so nothing slow is serialized i
 # No `from __future__ import annotations` here: FastAPI must see the handlers' real `Request` annotations.
 import asyncio
 import hmac
+import inspect
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import ray
@@ -20,9 +22,10 @@ from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from near_ray.config import ServeConfig
+from near_ray.config import ServeConfig, StorageConfig
 from near_ray.errors import NearRayError
 from near_ray.serve.images import ApiError, Preprocessor, decode_upload
+from near_ray.serve.metrics import IngressMetrics
 from near_ray.serve.requests import Upload, batch_uploads, single_upload
 from near_ray.serve.routing import RouteError, Routes
 
@@ -81,29 +84,105 @@ app = FastAPI(
 )
 
 
-@app.exception_handler(ApiError)
-async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-    headers = {"www-authenticate": "Bearer"} if e.status == 401 else None
+def _error(request: Request, e: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    request.state.error_code = e.code  # for the request metrics
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    return _error(request, e, {"www-authenticate": "Bearer"} if e.status == 401 else None)
+
+
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
     where = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-    return JSONResponse(ApiError(422, "bad_request", where).body(), status_code=422)
+    return _error(request, ApiError(422, "bad_request", where))
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-    return JSONResponse(ApiError(e.status_code, code, str(e.detail)).body(), status_code=e.status_code)
+    return _error(request, ApiError(e.status_code, code, str(e.detail)))
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    # A bug, not bad input: still a JSON body a client can parse, never Starlette's plain-text 500.
+    return _error(request, ApiError(500, "internal", f"internal error ({type(e).__name__}); the server keeps serving"))
+
+
+_ENDPOINTS = ("/v1/classify/batch", "/v1/classify", "/v1/vocabulary", "/v1/stats", "/healthz", "/readyz", "/metrics")
+
+
+_metrics: list[IngressMetrics] = []
+
+
+def ingress_metrics() -> IngressMetrics:
+    """This replica's metrics, created on first use in the process that records them."""
+    if not _metrics:
+        _metrics.append(IngressMetrics())
+    return _metrics[0]
+
+
+class _Observe:
+    """ASGI middleware: every HTTP request's endpoint, status, error code and latency -> the metrics."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def observed(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, observed)
+        finally:
+            path = scope.get("path", "")
+            endpoint = next((e for e in _ENDPOINTS if path.endswith(e)), "other")  # bounded tag values
+            code = (scope.get("state") or {}).get("error_code", "") if status[0] >= 400 else ""
+            ingress_metrics().request(endpoint, status[0], code, time.perf_counter() - t0)
+
+
+app.add_middleware(_Observe)
+
+
+class InProcessModel:
+    """The Classifier inside the ingress replica (``serve.colocate``), called like its deployment handle:
+    ``await model.classify.remote(item)``. One hop less: no RPC, no serialization of the pixels."""
+
+    def __init__(self, classifier: Any) -> None:
+        self.classifier = classifier
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.classifier, name)
+
+        async def call(*args: Any) -> Any:
+            out = method(*args)
+            return await out if inspect.isawaitable(out) else out
+
+        return SimpleNamespace(remote=call)
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, model: Any, settings: ServeConfig) -> None:
+    def __init__(self, model: Any, settings: ServeConfig, storage: StorageConfig | None = None) -> None:
+        """``model``: the Classifier deployment's handle, or None to hold the model here (``serve.colocate``;
+        the bundles then come with this deployment's user_config)."""
         self.settings = settings
+        self._local = None
+        if model is None:
+            from near_ray.serve.model import Classifier
+
+            self._local = Classifier.func_or_class(storage)
+            model = InProcessModel(self._local)
         self.model = model
         self._token = self._read_token()
         self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
@@ -128,6 +207,12 @@ class Ingress:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token.encode()):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``serve.colocate``: the model's user_config (bundles, batching) arrives here."""
+        if self._local is not None:
+            await self._local.reconfigure(user_config)
+            self._described = None
 
     # ------------------------------------------------------------------------------- model state
     async def _describe(self, max_age_s: float = float("inf")) -> dict[str, Any]:
@@ -167,7 +252,9 @@ class Ingress:
         spec = self._spec_for(described, domain)
         loop = asyncio.get_running_loop()
         # Decode and resize in one thread hop: it is most of a small request's latency budget.
+        t0 = time.perf_counter()
         image, pixels = await loop.run_in_executor(self._pool, self._prepare, upload, spec)
+        decoded = time.perf_counter()
         for attempt in range(3):
             try:
                 result = await self.model.classify.remote({"pixels": pixels, "domain": domain, "top_k": top_k, "key": spec["key"]})
@@ -175,7 +262,8 @@ class Ingress:
                 await asyncio.sleep(0.25 * (attempt + 1))
                 continue
             if "error" not in result:
-                return dict(result, domain=domain or result["domain"])
+                timing = {"decode": decoded - t0, "model": time.perf_counter() - decoded, "forward": result.pop("batch_s", 0.0)}
+                return dict(result, domain=domain or result["domain"], timing=timing)
             code = result["error"]["code"]
             if code != "stale_preprocessing":
                 status = {"unknown_domain": 404, "domain_required": 422}.get(code, 500)
@@ -201,14 +289,23 @@ class Ingress:
         """Name one image: multipart field `file`, a raw image body, or JSON `{"image_base64", "domain", "top_k"}`."""
         self._authorize(request)
         self._counts["requests"] += 1
+        t0 = time.perf_counter()
         try:
-            upload = await single_upload(request, self.settings.max_body_bytes)
+            upload = await single_upload(request, self.settings.max_body_bytes, self.settings.request_timeout_s)
+            read = time.perf_counter() - t0
             result = await self._with_timeout(self._classify(upload, top_k, domain))
         except ApiError:
             self._counts["errors"] += 1
             raise
         self._counts["images"] += 1
-        headers = {"x-near-ray-batch-size": str(result.pop("batch_size")), "x-near-ray-model-version": result["model_version"]}
+        timing = {"read": read, **result.pop("timing"), "ingress": time.perf_counter() - t0}
+        headers = {
+            "x-near-ray-batch-size": str(result.pop("batch_size")),
+            "x-near-ray-model-version": result["model_version"],
+            # Where the time went, per hop (ms): body read, decode+resize, the model call (RPC + queue +
+            # batch), the batch's forward pass, the whole ingress. The serve benchmark reads it.
+            "server-timing": ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in timing.items()),
+        }
         return JSONResponse(result, headers=headers)
 
     @app.post("/v1/classify/batch", responses=_ERRORS)
@@ -221,7 +318,9 @@ class Ingress:
         """Name several images (multipart `file`/`files` parts, or JSON `[...]` / `{"images": [...]}`); errors per item."""
         self._authorize(request)
         self._counts["requests"] += 1
-        uploads = await batch_uploads(request, self.settings.max_body_bytes, self.settings.max_images_per_request)
+        uploads = await batch_uploads(
+            request, self.settings.max_body_bytes, self.settings.max_images_per_request, self.settings.request_timeout_s
+        )
         outcomes = await self._with_timeout(
             asyncio.gather(*(self._classify(u, top_k, domain) for u in uploads), return_exceptions=True)
         )
@@ -233,9 +332,11 @@ class Ingress:
                 results.append({"index": i, "image": upload.what, "error": {"code": "internal", "message": repr(out)}, "status": 500})
             else:
                 out.pop("batch_size", None)
+                out.pop("timing", None)
                 results.append({"index": i, **out})
         self._counts["images"] += sum("error" not in r for r in results)
         self._counts["errors"] += sum("error" in r for r in results)
+        ingress_metrics().item_errors(results)
         return JSONResponse({"results": results})
 
     @app.get("/v1/vocabulary", responses=_ERRORS)

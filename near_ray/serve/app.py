@@ -54,6 +54,8 @@ def classifier_options(settings: ServeConfig) -> dict[str, Any]:
 
 
 def ingress_options(settings: ServeConfig) -> dict[str, Any]:
+    if settings.colocate:  # the model lives in the ingress: its resources, autoscaling and user_config
+        return {**classifier_options(settings), "max_ongoing_requests": settings.ingress_max_ongoing_requests}
     return {
         "num_replicas": settings.ingress_replicas,
         "ray_actor_options": {"num_cpus": settings.ingress_cpus},
@@ -66,15 +68,22 @@ def application(settings: ServeConfig, storage: StorageConfig | None = None, sec
     from near_ray.serve.api import Ingress
     from near_ray.serve.model import Classifier
 
-    model = Classifier.options(**classifier_options(settings)).bind(storage or StorageConfig())
     options = ingress_options(settings)
+    if settings.colocate:
+        if secret_env:
+            options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(secret_env)}
+        return Ingress.options(**options).bind(None, _ingress_settings(settings), storage or StorageConfig())
+    model = Classifier.options(**classifier_options(settings)).bind(storage or StorageConfig())
     if secret_env:
         options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(secret_env)}
+    return Ingress.options(**options).bind(model, _ingress_settings(settings))
+
+
+def _ingress_settings(settings: ServeConfig) -> ServeConfig:
     # The model's fields stay out of the ingress's init args: a bundle update then changes only the
-    # Classifier's user_config, and the ingress keeps running.
-    ingress_settings = settings.model_copy(update={f: ServeConfig.model_fields[f].get_default(call_default_factory=True)
-                                                   for f in _MODEL_FIELDS})
-    return Ingress.options(**options).bind(model, ingress_settings)
+    # model's user_config, and the ingress keeps running.
+    return settings.model_copy(update={f: ServeConfig.model_fields[f].get_default(call_default_factory=True)
+                                       for f in _MODEL_FIELDS})
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -100,7 +109,8 @@ def deploy_config(cfg: RunConfig) -> dict[str, Any]:
         "route_prefix": settings.route_prefix,
         "import_path": IMPORT_PATH,
         "args": {**settings.model_dump(mode="json"), "storage": cfg.storage.model_dump(mode="json")},
-        "deployments": [{"name": "Classifier", **classifier_options(settings)}, {"name": "Ingress", **ingress_options(settings)}],
+        "deployments": ([] if settings.colocate else [{"name": "Classifier", **classifier_options(settings)}])
+        + [{"name": "Ingress", **ingress_options(settings)}],
     }
     if settings.runtime_env:
         app["runtime_env"] = settings.runtime_env

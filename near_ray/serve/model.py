@@ -23,6 +23,7 @@ from near_ray.errors import NearRayError
 from near_ray.runtime import torch_device
 from near_ray.serve.batching import AdaptiveBatcher
 from near_ray.serve.images import normalize, preprocess_spec
+from near_ray.serve.metrics import ModelMetrics
 from near_ray.serve.routing import RouteError, Routes
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Classifier:
         self._batcher_kind = "adaptive"
         # Placeholders: reconfigure() sets the real values from serve.max_batch_size / batch_wait_timeout_s.
         self._batcher = AdaptiveBatcher(self._run_batch, max_batch_size=16)
+        self._metrics = ModelMetrics()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the configured bundles, then swap them in; batches already running keep the old ones."""
@@ -113,6 +115,7 @@ class Classifier:
         if sources != self._sources or self._loaded is None:
             loaded = await asyncio.to_thread(load_bundles, sources, self._storage, self._device)
             self._loaded, self._sources = loaded, sources
+            self._metrics.serving([b.model_version for b in loaded.bundles])
             log.info("serving %s", [(a, u, b.model_version) for (a, u), b in zip(sources, loaded.bundles, strict=True)])
 
     def describe(self) -> dict[str, Any]:
@@ -164,7 +167,12 @@ class Classifier:
         loaded = self._require()  # one snapshot for the whole batch, even if a swap lands meanwhile
         self._batch_sizes[len(items)] += 1
         self._served += len(items)
-        return self._classify_batch(loaded, items)
+        self._metrics.batch(len(items))
+        t0 = time.perf_counter()
+        results = self._classify_batch(loaded, items)
+        seconds = time.perf_counter() - t0
+        self._metrics.answered(results)
+        return [dict(r, batch_s=seconds) if "error" not in r else r for r in results]
 
     def _classify_batch(self, loaded: Loaded, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import torch

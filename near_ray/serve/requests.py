@@ -6,6 +6,7 @@ status and a message naming the field or image.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -30,8 +31,18 @@ class Upload:
     error: ApiError | None = None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing more than ``limit`` bytes: from Content-Length, and again while reading."""
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes (from Content-Length, and again while reading)
+    and a body still incomplete after ``timeout_s``: a client trickling bytes holds no worker for long."""
+    if timeout_s is None:
+        return await _read_body(request, limit)
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within serve.request_timeout_s={timeout_s}s") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -63,17 +74,37 @@ def parse_top_k(value: Any, what: str) -> int | None:
         return None
     try:
         k = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's 1e999 is float infinity
         raise ApiError(422, "bad_top_k", f"{what}: top_k must be an integer, got {value!r}") from None
     if isinstance(value, bool) or not 1 <= k <= 1000 or (isinstance(value, float) and k != value):
         raise ApiError(422, "bad_top_k", f"{what}: top_k must be an integer between 1 and 1000, got {value!r}")
     return k
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def parse_json(body: bytes) -> Any:
+    """The JSON document, or a 400 naming what is wrong; never a 500, whatever the body holds."""
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise ApiError(400, "malformed_json", f"request body has the key '{e}' twice: which one is meant is ambiguous") from None
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "request body is nested too deeply to be a request") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {e}") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (int_max_str_digits)
         raise ApiError(400, "malformed_json", f"request body is not valid JSON: {e}") from None
 
 
@@ -93,8 +124,12 @@ def image_from_json(item: Any, what: str) -> Upload:
     encoded = item.get("image_base64")
     if not isinstance(encoded, str) or not encoded:
         raise ApiError(400, "missing_image", f"{what}: field 'image_base64' (a base64 string) is required")
+    if encoded.startswith("data:"):
+        if "," not in encoded:
+            raise ApiError(400, "malformed_base64", f"{what}: field 'image_base64' is a data URL without data")
+        encoded = encoded.split(",", 1)[1]
     try:
-        data = base64.b64decode(encoded.split(",", 1)[1] if encoded.startswith("data:") else encoded, validate=True)
+        data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ApiError(400, "malformed_base64", f"{what}: field 'image_base64' is not valid base64 ({e})") from None
     domain = item.get("domain")
@@ -126,9 +161,9 @@ async def _form(request: Request, body: bytes, max_files: int) -> Any:
         raise ApiError(400, "malformed_multipart", f"cannot parse the multipart body: {getattr(e, 'detail', e)}") from None
 
 
-async def single_upload(request: Request, max_body: int) -> Upload:
+async def single_upload(request: Request, max_body: int, timeout_s: float | None = None) -> Upload:
     """POST /v1/classify: multipart field 'file', a raw image body, or JSON {"image_base64", ...}."""
-    body = await read_body(request, max_body)
+    body = await read_body(request, max_body, timeout_s)
     kind = media_type(request)
     if not body:
         raise ApiError(400, "empty_body", "request body is empty: send an image (multipart 'file', raw bytes or JSON)")
@@ -138,7 +173,12 @@ async def single_upload(request: Request, max_body: int) -> Upload:
         if file is None or isinstance(file, str):
             raise ApiError(400, "missing_file", "multipart body has no file field 'file'")
         what = f"file '{file.filename or 'file'}'"
-        return Upload(what=what, data=await file.read(), domain=form.get("domain") or None, top_k=parse_top_k(form.get("top_k"), what))
+        domain, top_k = form.get("domain") or None, form.get("top_k")
+        if domain is not None and not isinstance(domain, str):
+            raise ApiError(422, "bad_domain", f"{what}: the multipart field 'domain' must be text, not a file")
+        if top_k is not None and not isinstance(top_k, str):
+            raise ApiError(422, "bad_top_k", f"{what}: the multipart field 'top_k' must be text, not a file")
+        return Upload(what=what, data=await file.read(), domain=domain, top_k=parse_top_k(top_k, what))
     if kind == "application/json":
         return image_from_json(parse_json(body), "body")
     if kind.startswith("image/") or kind in RAW_TYPES:
@@ -146,9 +186,9 @@ async def single_upload(request: Request, max_body: int) -> Upload:
     raise ApiError(415, "unsupported_media", f"content-type '{kind or 'none'}' is not accepted: use multipart/form-data, image/* or application/json")
 
 
-async def batch_uploads(request: Request, max_body: int, max_images: int) -> list[Upload]:
+async def batch_uploads(request: Request, max_body: int, max_images: int, timeout_s: float | None = None) -> list[Upload]:
     """POST /v1/classify/batch: multipart files ('file' or 'files'), or JSON [...] / {"images": [...]}."""
-    body = await read_body(request, max_body)
+    body = await read_body(request, max_body, timeout_s)
     kind = media_type(request)
     if not body:
         raise ApiError(400, "empty_body", "request body is empty: send images as multipart files or a JSON list")

@@ -3,8 +3,11 @@
 It knows the true class of every image of a synthetic benchmark (truth.parquet + taxonomy.json),
 recognises an image sent as a data URL by its content (robust to re-encoding and resizing), and
 answers with structured noise from a profile (see noise.py and profiles/*.yaml). Faults —
-latency, HTTP 429/500, hangs, malformed bodies — are injected deterministically per (image, seed,
-attempt), so a retry of the same request can succeed. Everything it says is simulated, and /stats
+latency, HTTP 429/500, hangs, malformed bodies, bodies that are JSON but no completion, responses cut
+off mid-body — are injected deterministically per (image, seed, attempt), so a retry of the same
+request can succeed. Like vLLM's server, a request whose client disconnects is aborted before it is
+answered (it is not paid). /stats counts the answers paid per (image, seed, temperature) and the
+duplicates among them (the same question paid twice). Everything it says is simulated, and /stats
 says so.
 
 Endpoints: POST /v1/chat/completions, GET /v1/models, GET /healthz, GET /stats, POST /stats/reset.
@@ -44,7 +47,7 @@ from near_ray.storage import Storage
 
 log = logging.getLogger(__name__)
 
-FAULT_OUTCOMES = ("http_429", "http_500", "hang", "malformed")
+FAULT_OUTCOMES = ("http_429", "http_500", "hang", "malformed", "wrong_shape", "truncated")
 TOKENS_PER_IMAGE = 85
 
 
@@ -61,6 +64,8 @@ class FaultConfig(BaseModel):
     rate_hang: float = Field(0.0, ge=0, le=1)
     hang_s: float = Field(30.0, ge=0)  # a hang sleeps this long, then closes the connection without a response
     rate_malformed: float = Field(0.0, ge=0, le=1)  # HTTP 200 with a body that is not valid JSON
+    rate_wrong_shape: float = Field(0.0, ge=0, le=1)  # HTTP 200, valid JSON, but not a chat completion
+    rate_truncated: float = Field(0.0, ge=0, le=1)  # the connection closes half-way through the JSON body
 
     @classmethod
     def parse(cls, value: FaultConfig | dict[str, Any] | str | None) -> FaultConfig:
@@ -82,9 +87,16 @@ class FaultConfig(BaseModel):
         except ValidationError as e:
             raise AnnotatorError("faults: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
                                                         for x in e.errors())) from None
-        if cfg.rate_429 + cfg.rate_500 + cfg.rate_hang + cfg.rate_malformed > 1:
-            raise AnnotatorError("faults: rate_429 + rate_500 + rate_hang + rate_malformed must be ≤ 1")
+        if sum(rate for _, rate in cfg.rates()) > 1:
+            raise AnnotatorError("faults: rate_429 + rate_500 + rate_hang + rate_malformed + rate_wrong_shape + "
+                                 "rate_truncated must be ≤ 1")
         return cfg
+
+    def rates(self) -> list[tuple[str, float]]:
+        """(outcome, rate) of each fault, in the order a draw checks them."""
+        return [("http_429", self.rate_429), ("http_500", self.rate_500), ("hang", self.rate_hang),
+                ("malformed", self.rate_malformed), ("wrong_shape", self.rate_wrong_shape),
+                ("truncated", self.rate_truncated)]
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -113,6 +125,7 @@ class Annotator:
             self.outcomes: Counter[str] = Counter({k: 0 for k in (*OUTCOMES, *FAULT_OUTCOMES, "unknown_image",
                                                                   "bad_request")})
             self.by_image: Counter[str] = Counter()
+            self.paid: Counter[tuple[Any, ...]] = Counter()  # answered (image, seed, temperature, choice)
 
     def count(self, outcome: str, path: str | None = None) -> None:
         with self._lock:
@@ -123,7 +136,9 @@ class Annotator:
     def stats(self, by_image: bool = False) -> dict[str, Any]:
         with self._lock:
             out: dict[str, Any] = {"simulated": True, "profile": self.profile.name, "seed": self.seed,
-                                   "requests": self.requests, "outcomes": dict(self.outcomes)}
+                                   "requests": self.requests, "outcomes": dict(self.outcomes),
+                                   "answers_paid": sum(self.paid.values()),
+                                   "duplicate_answers": sum(n - 1 for n in self.paid.values() if n > 1)}
             if by_image:
                 out["by_image"] = dict(self.by_image)
         return out
@@ -139,8 +154,7 @@ class Annotator:
         rng = rng_for(self.seed, "fault", -1 if image is None else image, req_seed, float(temperature), attempt)
         u = rng.random()
         fault = None
-        for name, rate in (("http_429", f.rate_429), ("http_500", f.rate_500), ("hang", f.rate_hang),
-                           ("malformed", f.rate_malformed)):
+        for name, rate in f.rates():
             if u < rate:
                 fault = name
                 break
@@ -164,6 +178,8 @@ class Annotator:
             else:
                 d: Draw = self.model.answer(image, req_seed, temperature, c)
                 self.count(d.outcome, self.known[image].path)
+                with self._lock:
+                    self.paid[(image, req_seed, float(temperature), c)] += 1
                 meta = self.meta.get(self.known[image].domain, "object")
                 content = json.dumps({key: format_value(d)}) if key else format_answer(d, meta)
             choices.append({"index": c, "message": {"role": "assistant", "content": content},
@@ -231,7 +247,24 @@ class Annotator:
             self.count("malformed")
             return web.Response(status=200, content_type="application/json",
                                 text='{"id": "chatcmpl-sim", "object": "chat.completion", "choices": [{"message": {"con')
+        if fault == "wrong_shape":  # e.g. a gateway's own JSON in place of the completion
+            self.count("wrong_shape")
+            return web.json_response({"object": "error", "message": "upstream unavailable (simulated)", "choices": []})
+        if fault == "truncated":
+            self.count("truncated")
+            return await self._truncated(request)
         return web.json_response(self.completion(body, images, prompt, image, req_seed, temperature))
+
+    async def _truncated(self, request: web.Request) -> web.StreamResponse:
+        """Headers promise a whole body; half of it is sent, then the connection closes."""
+        text = b'{"id": "chatcmpl-sim", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "as'
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
+                                                       "Content-Length": str(2 * len(text))})
+        await resp.prepare(request)
+        await resp.write(text)
+        if request.transport is not None:
+            request.transport.close()
+        return resp
 
     # -------------------------------------------------------------------- other routes
     async def get_stats(self, request: web.Request) -> web.Response:
@@ -310,7 +343,9 @@ class AnnotatorServer:
         return self.base_url
 
     async def _start_site(self) -> None:
-        self._runner = web.AppRunner(self.annotator.app(), access_log=None, shutdown_timeout=1.0)
+        # handler_cancellation: a client that disconnects aborts its request, as vLLM's server does.
+        self._runner = web.AppRunner(self.annotator.app(), access_log=None, shutdown_timeout=1.0,
+                                     handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -352,4 +387,4 @@ def serve_annotator(truth: str, profile: str, host: str, port: int, seed: int, f
     annotator = Annotator(truth, profile, seed, faults, storage)
     print(f"simulated MLLM annotator (profile {annotator.profile.name}, {len(annotator.known)} images) "
           f"at http://{host}:{port}/v1 — every answer is simulated", flush=True)
-    web.run_app(annotator.app(), host=host, port=port, access_log=None, print=None)
+    web.run_app(annotator.app(), host=host, port=port, access_log=None, print=None, handler_cancellation=True)

@@ -1,0 +1,69 @@
+"""CLI error paths: a bad config or an endpoint that does not answer gives one line naming the file and
+field, exit status 2, and nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+from near_ray.cli import main
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
+    """(what, argv, what the one line must name)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    (tmp / "folder.yaml").mkdir()
+    (tmp / "latin1.yaml").write_bytes(b"label: {prompt_version: caf\xe9}\n")
+    (tmp / "syntax.yaml").write_text("label:\n  samples: [1,\n  temperature: 0.5\n")
+    (tmp / "unknown.yaml").write_text("label: {sample: 3}\n")
+    (tmp / "wrong_type.yaml").write_text("train: {epochs: many, lr: -1}\n")
+    (tmp / "s3.yaml").write_text(f"storage: {{workdir: s3://bucket/run, endpoint_url: '{dead}'}}\n")
+    (tmp / "mllm.yaml").write_text(f"label: {{openai: {{base_url: '{dead}/v1'}}}}\n")
+    return [
+        ("missing file", ["refine", "-c", str(tmp / "nope.yaml")], ["nope.yaml", "not found"]),
+        ("a folder", ["refine", "-c", str(tmp / "folder.yaml")], ["folder.yaml", "folder"]),
+        ("not UTF-8", ["refine", "-c", str(tmp / "latin1.yaml")], ["latin1.yaml", "cannot read"]),
+        ("YAML syntax", ["refine", "-c", str(tmp / "syntax.yaml")], ["syntax.yaml", "not valid YAML", "line 4, column 1"]),
+        ("unknown field", ["train", "-c", str(tmp / "unknown.yaml")], ["unknown.yaml", "label.sample'"]),
+        ("wrong types", ["train", "-c", str(tmp / "wrong_type.yaml")], ["wrong_type.yaml", "train.epochs", "train.lr"]),
+        ("unknown field in --set", ["refine", "--set", "refine.kk=3"], ["--set refine.kk=3", "refine.kk"]),
+        ("S3 endpoint down", ["refine", "-c", str(tmp / "s3.yaml")], ["s3.yaml", "storage.endpoint_url", dead]),
+        ("MLLM endpoint down", ["label", "-c", str(tmp / "mllm.yaml")], ["mllm.yaml", "label.openai.base_url", dead]),
+    ]
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_each_bad_config_is_one_line_naming_file_and_field_exit_2_nothing_written(index, tmp_path, monkeypatch, capsys):
+    what, argv, named = _cases(tmp_path)[index]
+    monkeypatch.chdir(tmp_path)  # the default workdir (near_ray_run) would land here
+    before = _files(tmp_path)
+    assert main(argv) == 2, what
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, (what, err)
+    assert lines[0].startswith(f"near-ray {argv[0]}: error: ")
+    for word in named:
+        assert word in lines[0], (what, word, lines[0])
+    assert out == ""
+    assert _files(tmp_path) == before, "nothing written"
+
+
+def test_the_installed_command_exits_2_with_one_line(tmp_path, repo_root):
+    config = tmp_path / "run.yaml"
+    config.write_text("refine: {k: [3]}\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "near_ray.cli", "refine", "-c", str(config)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+    assert "run.yaml" in proc.stderr and "refine.k" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]

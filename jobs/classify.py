@@ -12,4 +12,4 @@ import sys
 from near_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["classify", *sys.argv[1:]]))
+    sys.exit(main(["classify", *sys.argv[1:]], job=True))

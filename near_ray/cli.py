@@ -33,7 +33,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 # Commands that touch the run's storage, and those that call the labeling endpoint.
-_STORAGE_COMMANDS = ("label", "refine", "pretrain", "train", "evaluate", "run", "serve")
+_STORAGE_COMMANDS = ("label", "refine", "pretrain", "train", "evaluate", "classify", "run", "serve")
 _ENDPOINT_TIMEOUT_S = 3.0
 
 
@@ -60,7 +60,10 @@ def check_endpoints(cfg: RunConfig, command: str, source: str) -> None:
     checks = []
     if command in _STORAGE_COMMANDS and cfg.storage.endpoint_url:
         checks.append(("storage.endpoint_url", cfg.storage.endpoint_url))
-    if command == "label" and cfg.label.backend == "openai":
+    # classify calls the labeling endpoint only for the cascade (an image below classify.route_below or
+    # in the least confident classify.route_fraction goes to the MLLM)
+    routes = cfg.classify.route_below is not None or cfg.classify.route_fraction is not None
+    if (command == "label" or (command == "classify" and routes)) and cfg.label.backend == "openai":
         checks.append(("label.openai.base_url", cfg.label.openai.base_url))
     for field, url in checks:
         reason = _unreachable(url)
@@ -78,7 +81,7 @@ def _print(obj: object) -> None:
 
 
 # ------------------------------------------------------------------------------------------ commands
-def cmd_synth(args: argparse.Namespace) -> None:
+def cmd_synth(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.sim.synth import generate
     from near_ray.storage import storage_for
 
@@ -94,7 +97,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
         test_fraction=s.test_fraction if args.test_fraction is None else args.test_fraction,
         storage=storage_for(cfg),
     )
-    _print(summary)
+    return summary
 
 
 def cmd_annotator(args: argparse.Namespace) -> None:

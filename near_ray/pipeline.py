@@ -67,7 +67,7 @@ def run_pipeline(cfg: RunConfig, serve: bool = False) -> dict[str, Any]:
     if cfg.classify.enabled or cfg.classify.domains:  # last: names the whole collection with the bundle
         from near_ray.classify.stage import run_classify
 
-        summary["classify"] = _timed("classify", run_classify, cfg)
+        summary["classify"] = _timed("classify", run_classify, cfg, wall=wall)
     if serve:
         from near_ray.serve.app import run_serve
 

@@ -186,23 +186,30 @@ def _sync(plan: Plan) -> None:
 
 
 def check_faiss(plan: Plan) -> str:
+    """The refine stage's kNN as it runs on a cluster: a Ray task reserving a GPU (refine.knn_gpus),
+    exact (blocked torch matmul + top-k on CUDA) and IVF (FAISS on the GPU); a driver holds no GPU."""
     import faiss
     import numpy as np
 
-    from near_ray.refine.knn import knn
+    from near_ray.config import RefineConfig
+    from near_ray.refine.knn import knn_for_config, resolve
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((plan.knn_n, 512), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    use_gpu = "yes" if plan.gpu else "no"
-    knn(x[:2000], k=10, index="flat", use_gpu=use_gpu)  # GPU resources' start, not timed
-    t0 = time.monotonic()
-    ids, _ = knn(x, k=10, index="flat", use_gpu=use_gpu)
-    seconds = time.monotonic() - t0
-    if ids.shape != (plan.knn_n, 10) or (ids < 0).any():
-        raise RuntimeError(f"neighbours shape {ids.shape}, missing {(ids < 0).sum()}")
-    where = f"{faiss.get_num_gpus()} GPU(s)" if plan.gpu else "CPU"
-    return f"exact kNN {plan.knn_n:,} × 512, k 10 on {where}: {seconds:.2f} s (faiss {faiss.__version__})"
+    gpu = {"knn_gpus": 1.0, "use_gpu": "yes"} if plan.gpu else {"use_gpu": "no"}
+    lines = []
+    for kind in ("flat", "ivf"):
+        rc = RefineConfig(k=10, index=kind, **gpu)
+        resolve(knn_for_config(x[:2000], rc))  # the task's start and GPU resources, not timed
+        t0 = time.monotonic()
+        ids, _ = resolve(knn_for_config(x, rc))
+        seconds = time.monotonic() - t0
+        if ids.shape != (plan.knn_n, 10) or (kind == "flat" and (ids < 0).any()):
+            raise RuntimeError(f"{kind}: neighbours shape {ids.shape}, missing {(ids < 0).sum()}")
+        lines.append(f"{kind} {seconds:.2f} s")
+    where = f"a Ray task with 1 GPU ({faiss.get_num_gpus()} visible here)" if plan.gpu else "CPU"
+    return f"kNN {plan.knn_n:,} × 512, k 10 on {where}: {', '.join(lines)} (faiss {faiss.__version__})"
 
 
 def _refine_artifacts(workdir: Path, n: int, classes: int) -> None:
@@ -328,13 +335,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if path == "vllm":
                     text = check_vllm(work, plan)
-                elif path == "faiss":
-                    text = check_faiss(plan)
                 else:
                     from near_ray.runtime import ensure_ray
 
                     ensure_ray()
-                    if path == "device":
+                    if path == "faiss":  # as a Ray task: the GPU must be one Ray reserved for it
+                        text = check_faiss(plan)
+                    elif path == "device":
                         text = check_device(plan)
                     elif path == "clip":
                         text = check_clip(work, plan)

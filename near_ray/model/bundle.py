@@ -14,6 +14,7 @@ Serving imports this module, never the trainer.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -57,11 +58,9 @@ def save_bundle(
     if len(vocabulary) != len(text_embeddings):
         raise BundleError(f"{uri}: {len(vocabulary)} vocabulary entries but {len(text_embeddings)} text embeddings")
     weights = save_weights(clip.model)
+    classifier = np_save({"text_embeddings": np.ascontiguousarray(text_embeddings, dtype=np.float32)})
     st.write_bytes(join(uri, "model.safetensors"), weights)
-    st.write_bytes(
-        join(uri, "text_embeddings.safetensors"),
-        np_save({"text_embeddings": np.ascontiguousarray(text_embeddings, dtype=np.float32)}),
-    )
+    st.write_bytes(join(uri, "text_embeddings.safetensors"), classifier)
     st.write_json(join(uri, "vocabulary.json"), vocabulary)
     st.write_json(join(uri, "metrics.json"), metrics or {})
     config = {
@@ -73,12 +72,21 @@ def save_bundle(
         "logit_scale": float(logit_scale),
         "abstain_threshold": float(abstain_threshold),
         "domains": sorted({v.get("domain") or "" for v in vocabulary}),
-        "model_version": hashlib.sha256(weights).hexdigest()[:12],
+        # What the bundle answers: its weights, class embeddings and names (two bundles of one
+        # checkpoint with other class embeddings, e.g. text-only and text+image prototypes, differ).
+        "model_version": _version(weights, classifier, vocabulary),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra_config or {}),
     }
     st.write_json(join(uri, "config.json"), config)
     return config
+
+
+def _version(weights: bytes, classifier: bytes, vocabulary: list[dict[str, Any]]) -> str:
+    digest = hashlib.sha256(weights)
+    digest.update(classifier)
+    digest.update(json.dumps(vocabulary, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:12]
 
 
 @dataclass

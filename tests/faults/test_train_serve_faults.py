@@ -14,10 +14,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
-from test_serve import VOCAB, deploy, make_bundle, png, serve_http_port, settings, wait_healthy
+from test_serve import VOCAB, _load, deploy, make_bundle, serve_http_port, settings, wait_healthy
 from test_train import _cfg, _predict_from_checkpoint, write_refine_artifacts
 
 from near_ray.storage import Storage
@@ -90,22 +89,6 @@ def test_train_worker_killed_mid_epoch_resumes_and_the_bundle_predicts_like_the_
 
 
 # ------------------------------------------------------------------------------------------ serve
-def _load(url: str, n: int, started: threading.Event, workers: int = 4) -> list[httpx.Response | Exception]:
-    body = png(9)
-
-    def one(i: int) -> httpx.Response | Exception:
-        if i == 8:
-            started.set()
-        try:
-            with httpx.Client(timeout=60) as c:
-                return c.post(url, content=body, headers={"content-type": "image/png"})
-        except httpx.HTTPError as e:
-            return e
-
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, range(n)))
-
-
 def test_serve_replica_killed_under_bounded_load(ray_cluster, tmp_path, fault_figures):
     import ray
     from ray import serve

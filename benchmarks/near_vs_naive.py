@@ -317,7 +317,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=24, help="test images per species")
     parser.add_argument("--methods", default=",".join(TRAINED), help="trained methods (near_ray.train.methods)")
     parser.add_argument("--ablation-seeds", default=None,
-                        help="seeds on which the NeaR ablations (near_no_knn, near_no_gmm) also run (default: all)")
+                        help="seeds on which the NeaR ablations (near_no_knn, near_no_gmm) and the candidates under "
+                             "measurement (near_refreshed_knn) also run (default: all)")
     parser.add_argument("--set", action="append", default=[], help="config overrides for every run")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS))
@@ -376,7 +377,7 @@ def main() -> None:
                 direct = labels_for(root, label_work, base, profile, seed, scorer)
                 cfg = base_config(join(work, _label(model), f"{profile}_s{seed}"), root, taxonomy, model, args)
                 cfg.label.seed, cfg.train.seed = seed, seed
-                ablations = {"near_no_knn", "near_no_gmm"}
+                ablations = {"near_no_knn", "near_no_gmm", *(m for m in methods if not METHODS[m].by_default)}
                 cell_methods = [m for m in methods if ablation_seeds is None or seed in ablation_seeds
                                 or m not in ablations]
                 cell = one_cell(cfg, label_work, cache, scorer, cell_methods)

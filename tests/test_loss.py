@@ -120,3 +120,51 @@ def test_clean_samples_train_on_their_label_or_on_their_confidences():
     soft, _ = L.near_batch_loss(logp, conf, cand, clean, None, 0.5, 1.0, clean_loss="soft")
     assert float(hard) == pytest.approx(float(-logp[0, 0]))
     assert float(soft) == pytest.approx(float(-(0.6 * logp[0, 0] + 0.4 * logp[0, 1])))
+
+
+def _purity(neighbours: torch.Tensor, labels: torch.Tensor) -> float:
+    valid = neighbours >= 0
+    return float((labels[neighbours.clamp_min(0)] == labels[:, None])[valid].float().mean())
+
+
+def test_neighbours_in_the_fine_tuned_logit_space_are_purer_than_in_the_embedding():
+    """Images whose embeddings are dominated by a nuisance (background) direction: their raw cosine
+    neighbours are mostly of other classes. Once the name embeddings point along the class directions
+    (what fine-tuning the text tower does), neighbours in the logit space are (nearly) all of the same class;
+    they never cross domains and a sample is never its own neighbour."""
+    g = torch.Generator().manual_seed(0)
+    n_per, classes, dim = 20, 8, 24
+    labels = torch.arange(classes).repeat_interleave(n_per)
+    signal = F.one_hot(labels, dim).float()
+    nuisance = torch.zeros(len(labels), dim)
+    nuisance[:, classes:] = 3.0 * torch.randn(len(labels), dim - classes, generator=g)
+    feats = signal + nuisance
+    domain_of = (labels >= 4).long()  # classes 0-3 in domain 0, 4-7 in domain 1
+    text = F.one_hot(torch.arange(classes), dim).float() + 0.02 * torch.randn(classes, dim, generator=g)
+    domain_mask = torch.stack([torch.arange(classes) < 4, torch.arange(classes) >= 4])
+    raw = F.normalize(feats, dim=-1) @ F.normalize(feats, dim=-1).T
+    raw.fill_diagonal_(float("-inf"))
+    raw = raw.masked_fill(domain_of[:, None] != domain_of[None, :], float("-inf"))
+    before = raw.topk(5, dim=1).indices
+    after = L.logit_space_neighbours(feats, text, domain_of, domain_mask, k=5)
+    assert _purity(before, labels) < 0.5 and _purity(after, labels) > 0.95, (_purity(before, labels), _purity(after, labels))
+    assert bool((domain_of[after] == domain_of[:, None]).all())
+    assert not bool((after == torch.arange(len(labels))[:, None]).any())
+
+
+def test_logit_space_neighbours_with_more_names_than_dimensions_match_the_explicit_logits():
+    """V > D: the neighbours come from the D x D factor of the centred name matrix; they are the
+    neighbours of the explicit centred logit vectors. A domain smaller than k pads with -1."""
+    g = torch.Generator().manual_seed(1)
+    feats, text = torch.randn(60, 6, generator=g), torch.randn(14, 6, generator=g)
+    domain_of = torch.cat([torch.zeros(57, dtype=torch.long), torch.ones(3, dtype=torch.long)])
+    domain_mask = torch.zeros(2, 14, dtype=torch.bool)
+    domain_mask[0, :12], domain_mask[1, 12:] = True, True
+    got = L.logit_space_neighbours(feats, text, domain_of, domain_mask, k=4)
+    names = F.normalize(text[:12], dim=-1)
+    z = F.normalize(feats[:57], dim=-1) @ (names - names.mean(0)).T
+    z = F.normalize(z, dim=-1)
+    sim = z @ z.T
+    sim.fill_diagonal_(float("-inf"))
+    assert torch.equal(got[:57], sim.topk(4, dim=1).indices)
+    assert bool((got[57:, 2:] == -1).all()) and bool((got[57:, :2] >= 57).all())

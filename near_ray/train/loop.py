@@ -130,17 +130,21 @@ class NearState:
         self.cand_safe = self.cand_idx.clamp_min(0)
         self.domain_of = torch.tensor(arrays.domain_of, device=device)
         self.domain_mask = torch.tensor(arrays.domain_mask, device=device)
-        self.neighbours = torch.tensor(arrays.neighbours, device=device)
         self.vocabulary_size = arrays.vocabulary_size
         self.W0 = torch.tensor(arrays.cand_w0, device=device).float()  # the sets' initial evidence
         self.W = self.W0.clone()
-        self.nb_count = (self.neighbours >= 0).sum(dim=1).float()
-        self.rev_ptr, self.rev_i = _reverse(self.neighbours, len(self.W))
+        self.set_neighbours(torch.tensor(arrays.neighbours, device=device))
         # before any epoch, neighbours "predict" their own label distribution W0
         self.nb = L.neighbour_mean(self._initial_neighbour_sums(), self.nb_count, self.W0)
         self.mean_pred: torch.Tensor | None = None  # [V]: the mean prediction of the last epoch
         self.losses = torch.zeros(len(self.W), device=device)
         self.clean = torch.ones(len(self.W), dtype=torch.bool, device=device)
+
+    def set_neighbours(self, neighbours: torch.Tensor) -> None:
+        """[N, K] sample indices (-1 = none): the neighbours whose predictions refine each target."""
+        self.neighbours = neighbours
+        self.nb_count = (neighbours >= 0).sum(dim=1).float()
+        self.rev_ptr, self.rev_i = _reverse(neighbours, len(self.W))
 
     def dense(self, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """[B, S] values of samples ``idx`` on their candidate sets -> [B, V] (0 elsewhere)."""
@@ -184,7 +188,8 @@ class NearState:
         return self.cand_idx.gather(1, self.W.argmax(dim=1, keepdim=True)).squeeze(1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"W": self.W, "nb": self.nb, "losses": self.losses, "clean": self.clean.to(torch.uint8)}
+        out = {"W": self.W, "nb": self.nb, "losses": self.losses, "clean": self.clean.to(torch.uint8),
+               "neighbours": self.neighbours}
         if self.mean_pred is not None:
             out["mean_pred"] = self.mean_pred
         return out
@@ -195,6 +200,8 @@ class NearState:
         self.losses.copy_(state["losses"])
         self.clean.copy_(state["clean"].bool())
         self.mean_pred = state["mean_pred"].clone() if "mean_pred" in state else None
+        if "neighbours" in state:  # found again during training (train.neighbour_space: fine_tuned)
+            self.set_neighbours(state["neighbours"].clone())
 
 
 def _reverse(neighbours: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,6 +245,8 @@ def run_epoch(model, optimizer, shard, state: NearState, job: FineTuneJob, epoch
     n = len(state.W)
     W_new, nb_sums, own = torch.zeros_like(state.W), torch.zeros_like(state.W), torch.zeros_like(state.W)
     prob_sum = torch.zeros(state.vocabulary_size, device=device)
+    refresh = method.neighbour_refinement and tc.neighbour_space == "fine_tuned" and epoch + 1 >= tc.warmup_epochs
+    feats, text = None, None  # each sample's image embedding this epoch, the vocabulary's (refresh only)
     loss_new, seen = torch.zeros(n, device=device), torch.zeros(n, device=device)
     local_bs = max(1, tc.batch_size // ctx.world_size)
     model.train()
@@ -274,12 +283,21 @@ def run_epoch(model, optimizer, shard, state: NearState, job: FineTuneJob, epoch
         prob_sum += probs.sum(dim=0)
         loss_new[idx] += L.partial_label_loss(logp.detach(), w)
         seen[idx] += 1
+        if refresh:
+            feats = torch.zeros(n, img.shape[1], device=device) if feats is None else feats
+            feats[idx] += F.normalize(img.detach().float(), dim=-1)
+            text = txt.detach().float()
     all_reduce_(W_new, nb_sums, own, prob_sum, loss_new, seen)
     upd = seen > 0
     state.W[upd] = W_new[upd] / seen[upd].unsqueeze(1)
     state.nb = L.neighbour_mean(nb_sums, state.nb_count, own / seen.clamp_min(1).unsqueeze(1))
     state.mean_pred = prob_sum / n
     state.losses[upd] = loss_new[upd] / seen[upd]
+    if refresh and feats is not None:  # next epoch's neighbours, from the model this epoch ended with
+        all_reduce_(feats, text)  # the workers' text embeddings are the same model's: their mean is it
+        text = text / ctx.world_size
+        state.set_neighbours(L.logit_space_neighbours(feats / seen.clamp_min(1).unsqueeze(1), text, state.domain_of,
+                                                      state.domain_mask, state.neighbours.shape[1]))
     clean_used = float(state.clean.float().mean()) if phase == "near" else 1.0
     if method.gmm and epoch + 1 >= tc.warmup_epochs:
         flags = L.fit_clean_split(state.losses.cpu().numpy(), tc.gmm_clean_threshold, seed=tc.seed)

@@ -11,6 +11,8 @@ candidate label set S_i; ``confidences`` (W) a [B, V] row-stochastic matrix supp
 - noisy samples        soft cross-entropy on a refined target: the PRODEN update (with the prior) of
                        alpha * own prediction + (1 - alpha) * mean of the K neighbours' predictions
 - total                L = L_clean + lambda * L_noisy  (per-sample sums; the caller normalizes)
+- neighbours           refine's kNN over the pretrained embeddings, or (``logit_space_neighbours``) found
+                       again each epoch in the fine-tuned classifier's view of the images
 """
 
 from __future__ import annotations
@@ -151,3 +153,40 @@ def near_batch_loss(
     loss = torch.where(clean, clean_part, lambda_noisy * soft_cross_entropy(log_probs, target))
     new_conf = torch.where(clean.unsqueeze(1), proden_update(probs, candidates, prior), target)
     return loss, new_conf
+
+
+def logit_space_neighbours(
+    features: torch.Tensor, text: torch.Tensor, domain_of: torch.Tensor, domain_mask: torch.Tensor, k: int,
+) -> torch.Tensor:
+    """[N, k] each sample's nearest samples of its own domain (-1 pads) in the classifier's view of them.
+
+    A sample is represented by its logits over its domain's vocabulary, centred over the names (what
+    every name shares drops out) and compared by cosine. As the text tower learns which directions of
+    the image embedding tell the discovered names apart, this metric weights them, where the
+    pretrained embedding's cosine weights every direction alike. With more names than dimensions the
+    same inner products come from the D x D factor R of the centred name matrix (T = QR), so the cost
+    is that of a kNN over the image embeddings, O(N_d² · D) per domain, in blocks of queries.
+    """
+    n = len(features)
+    out = torch.full((n, k), -1, dtype=torch.long, device=features.device)
+    if k == 0:
+        return out
+    f = F.normalize(features.float(), dim=-1)
+    t = F.normalize(text.float(), dim=-1)
+    for d in range(domain_mask.shape[0]):
+        rows = torch.nonzero(domain_of == d).squeeze(1)
+        kd = min(k, len(rows) - 1)
+        if kd < 1:
+            continue
+        names = t[domain_mask[d]]
+        names = names - names.mean(dim=0, keepdim=True)
+        if names.shape[0] > names.shape[1]:
+            names = torch.linalg.qr(names, mode="r").R
+        g = F.normalize(f[rows] @ names.T, dim=-1)
+        block = max(64, (1 << 24) // len(rows))  # queries per block: block x N_d similarities (64 MiB)
+        for s in range(0, len(rows), block):
+            sim = g[s : s + block] @ g.T
+            q = torch.arange(len(sim), device=sim.device)
+            sim[q, q + s] = float("-inf")  # not its own neighbour
+            out[rows[s : s + block], :kd] = rows[sim.topk(kd, dim=1).indices]
+    return out

@@ -26,6 +26,9 @@ class Method:
     neighbour_refinement: bool = False  # noisy samples' targets blend in their neighbours' predictions
     # train.* settings this method fixes whatever the run config says (an ablation of one option)
     overrides: tuple[tuple[str, Any], ...] = ()
+    # a candidate under measurement: trained and reported when eval.methods names it (the method
+    # benchmark does), not part of every pipeline run
+    by_default: bool = True
 
     @property
     def trained(self) -> bool:
@@ -51,11 +54,15 @@ METHODS: dict[str, Method] = {
         Method("near_text_only", "NeaR classifying with text embeddings only (no image prototypes)",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
                overrides=(("prototype_weight", 0.0),)),
+        Method("near_refreshed_knn", "NeaR with neighbours re-found in the fine-tuned model's logit space",
+               targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
+               overrides=(("neighbour_space", "fine_tuned"),), by_default=False),
     )
 }
 TRAINED = tuple(name for name, m in METHODS.items() if m.trained)
 DIRECT_MLLM = "direct_mllm"  # not a bundle: the MLLM asked about every test image (evaluation only)
 EVALUATED = (DIRECT_MLLM, *METHODS)  # what eval.methods may name
+DEFAULT_EVALUATED = (DIRECT_MLLM, *(name for name, m in METHODS.items() if m.by_default))  # eval.methods' default
 TITLES = {DIRECT_MLLM: "direct MLLM (per test image)", **{name: m.title for name, m in METHODS.items()}}
 
 

@@ -129,3 +129,28 @@ def test_run_refine_end_to_end(bucket, ray_cluster):
 def test_missing_labels_table_is_a_clear_error(bucket):
     with pytest.raises(NearRayError, match="no labels table"):
         run_refine(_cfg(bucket))
+
+
+@pytest.mark.timeout(240)
+def test_embedding_actors_holding_nearly_every_cpu_still_finish(ray_cluster, tmp_path):
+    """One embedding actor sized to all but half a CPU of what the cluster has free (a whole node per
+    actor, as on a GPU machine): nothing else the stage runs may need a CPU of its own, or it waits
+    for ever. Every image comes back, in the stage's order."""
+    import pandas as pd
+
+    from near_ray.refine.embed import embed_images
+
+    st = Storage()
+    uris = []
+    for i in range(10):
+        uri = str(tmp_path / f"img{i}.png")
+        st.write_bytes(uri, _png((30 * i, 100, 200 - 15 * i), i))
+        uris.append(uri)
+    free = ray_cluster.available_resources().get("CPU", 0.0)
+    if free < 1.0:
+        pytest.skip(f"the session cluster has {free} CPUs free")
+    cfg = _cfg(str(tmp_path), f"refine.embed_actor_cpus={free - 0.5}", "refine.embed_batch_size=2")
+    df = pd.DataFrame({"image_id": [f"{i:02d}" for i in range(10)], "uri": uris, "domain": "birds"})
+    emb = embed_images(df, cfg, st)
+    assert list(emb.meta["image_id"]) == [f"{i:02d}" for i in range(10)] and not emb.failures
+    assert emb.vectors.shape[0] == 10 and np.allclose(np.linalg.norm(emb.vectors, axis=1), 1.0, atol=1e-4)

@@ -99,7 +99,10 @@ def embed_images(images: pd.DataFrame, cfg: RunConfig, storage: Storage) -> Embe
         return Embeddings(images.iloc[:0][["image_id", "uri", "domain"]], np.zeros((0, 0), np.float32), [])
     # Enough blocks that every actor gets work, few enough that blocks stay a handful of batches each.
     blocks = max(1, min(len(images), max(2 * rc.embed_actors, math.ceil(len(images) / (4 * rc.embed_batch_size)))))
-    ds = ray.data.from_pandas(images[["image_id", "uri", "domain"]]).repartition(blocks)
+    # Blocks cut here, not by Dataset.repartition: that is a shuffle of 1-CPU tasks, which starve
+    # (the job hangs) when the embedding actors hold all but a fraction of a CPU of the cluster.
+    rows = images[["image_id", "uri", "domain"]].reset_index(drop=True)
+    ds = ray.data.from_pandas([rows.iloc[part] for part in np.array_split(np.arange(len(rows)), blocks)])
     ds = ds.map_batches(
         ImageEmbedder,
         fn_constructor_kwargs={"model_cfg": cfg.model, "storage": storage, "max_pixels": cfg.label.image.max_pixels,

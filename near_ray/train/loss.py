@@ -165,8 +165,10 @@ def logit_space_neighbours(
     the image embedding tell the discovered names apart, this metric weights them, where the
     pretrained embedding's cosine weights every direction alike. With more names than dimensions the
     same inner products come from the D x D factor R of the centred name matrix (T = QR), so the cost
-    is that of a kNN over the image embeddings, O(N_d² · D) per domain, in blocks of queries.
+    is that of a kNN over the image embeddings, O(N_d² · D) per domain (refine's exact search).
     """
+    from near_ray.refine.knn import exact_knn
+
     n = len(features)
     out = torch.full((n, k), -1, dtype=torch.long, device=features.device)
     if k == 0:
@@ -183,10 +185,6 @@ def logit_space_neighbours(
         if names.shape[0] > names.shape[1]:
             names = torch.linalg.qr(names, mode="r").R
         g = F.normalize(f[rows] @ names.T, dim=-1)
-        block = max(64, (1 << 24) // len(rows))  # queries per block: block x N_d similarities (64 MiB)
-        for s in range(0, len(rows), block):
-            sim = g[s : s + block] @ g.T
-            q = torch.arange(len(sim), device=sim.device)
-            sim[q, q + s] = float("-inf")  # not its own neighbour
-            out[rows[s : s + block], :kd] = rows[sim.topk(kd, dim=1).indices]
+        ids, _ = exact_knn(g.cpu().numpy(), kd, features.device.type)  # refine's blocked exact search
+        out[rows, :kd] = rows[torch.from_numpy(ids).to(rows.device)]
     return out

@@ -28,7 +28,7 @@ from near_ray.train import loss as L
 from near_ray.train.checkpoint import load_checkpoint, unwrap
 from near_ray.train.data import CandidateArrays, PixelSpec, to_pixels
 from near_ray.train.methods import get_method
-from near_ray.train.runner import RayTrainSession, post_epoch, report_epoch, set_threads, shuffle_kwargs
+from near_ray.train.runner import RayTrainSession, epoch_batches, post_epoch, report_epoch, set_threads
 
 if TYPE_CHECKING:
     from near_ray.config import ModelConfig, TrainConfig
@@ -251,8 +251,7 @@ def run_epoch(model, optimizer, shard, state: NearState, job: FineTuneJob, epoch
     local_bs = max(1, tc.batch_size // ctx.world_size)
     model.train()
     freeze_batchnorm(model)
-    batches = shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False,
-                                       **shuffle_kwargs(tc, epoch, ctx.rank))
+    batches = epoch_batches(shard, local_bs, device, tc, epoch, ctx.rank)
     for batch in batches:
         idx = batch["idx"].long()
         x = to_pixels(batch["image"], idx, ctx.pixels, tc.seed, epoch)

@@ -104,7 +104,7 @@ def restore_pretraining(job: PretrainJob, device: torch.device, restored: Any) -
 def pretrain_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop: symmetric InfoNCE, a checkpoint per epoch, resumable."""
     from near_ray.train.data import to_pixels
-    from near_ray.train.runner import RayTrainSession, post_epoch, report_epoch, set_threads, shuffle_kwargs
+    from near_ray.train.runner import RayTrainSession, epoch_batches, post_epoch, report_epoch, set_threads
 
     job: PretrainJob = config["job"]
     tc = job.train
@@ -125,8 +125,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
             group["lr"] = pretrain_lr(tc.pretrain_lr, epoch, tc.pretrain_epochs)
         t0, total, count = time.monotonic(), 0.0, 0
         model.train()
-        batches = shard.iter_torch_batches(batch_size=local_bs, device=device, drop_last=False,
-                                           **shuffle_kwargs(tc, epoch, session.rank))
+        batches = epoch_batches(shard, local_bs, device, tc, epoch, session.rank)
         for batch in batches:
             idx = batch["idx"].long().cpu()
             x = to_pixels(batch["image"], idx, job.pixels, tc.seed, epoch)

@@ -41,17 +41,20 @@ def plain_loop(uris: list[str], arch: str, batch: int, threads: int) -> dict:
     from near_ray.config import ModelConfig
     from near_ray.images import decode_image
     from near_ray.model.clip import create_clip
+    from near_ray.serve.images import Preprocessor, normalize
     from near_ray.storage import Storage
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
     clip = create_clip(ModelConfig(arch=arch))
     clip.model.eval()
+    spec = {"image_size": clip.image_size, "mean": list(clip.image_mean), "std": list(clip.image_std)}
+    geometry = Preprocessor(spec)
     st, pool = Storage(), ThreadPoolExecutor(8)
     out = []
     for start in range(0, len(uris), batch):
         chunk = uris[start : start + batch]
-        x = torch.stack(list(pool.map(lambda u: clip.preprocess(decode_image(st.read_bytes(u), u)), chunk)))
+        x = normalize(list(pool.map(lambda u: geometry.pixels(decode_image(st.read_bytes(u), u)), chunk)), spec)
         with torch.no_grad():
             out.append(torch.nn.functional.normalize(clip.model.encode_image(x).float(), dim=-1).numpy())
     end = time.perf_counter()

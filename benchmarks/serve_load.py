@@ -53,16 +53,20 @@ def test_image() -> bytes:
 
 # ------------------------------------------------------------------------------------------ plain server
 def plain_server(bundle: str, port: int) -> None:
-    """The baseline: one uvicorn process, each request decoded and classified alone."""
+    """The baseline: one uvicorn process, each request decoded and classified alone, on one worker
+    thread that also built the model (one OpenMP team, as near_ray's replicas keep: see
+    ``near_ray.runtime.compute_thread``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
 
     from near_ray.model.bundle import load_bundle
     from near_ray.serve.images import ApiError, decode_upload
 
-    model = load_bundle(bundle)
+    compute = ThreadPoolExecutor(max_workers=1)
+    model = compute.submit(load_bundle, bundle).result()
     app = FastAPI()
 
     def work(body: bytes) -> JSONResponse:
@@ -75,7 +79,7 @@ def plain_server(bundle: str, port: int) -> None:
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> JSONResponse:
-        return await run_in_threadpool(work, await request.body())
+        return await asyncio.get_running_loop().run_in_executor(compute, work, await request.body())
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 

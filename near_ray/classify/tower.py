@@ -117,6 +117,13 @@ class ImageTower:
 
     def __init__(self, targets: dict[str, Target], storage: Storage, top_k: int, abstain_threshold: float | None,
                  temperatures: dict[str, float], threads: int, with_probs: bool = False) -> None:  # fmt: skip
+        from near_ray.runtime import on_compute_thread
+
+        on_compute_thread(self._load, {t.bundle for t in targets.values()}, storage, threads)
+        self.targets, self.top_k, self.threshold = targets, top_k, abstain_threshold
+        self.temperatures, self.with_probs = temperatures, with_probs
+
+    def _load(self, uris: set[str], storage: Storage, threads: int) -> None:
         import torch
 
         from near_ray.model.bundle import load_bundle
@@ -124,11 +131,15 @@ class ImageTower:
 
         torch.set_num_threads(max(1, threads))  # fractional-CPU actors must not spawn one thread per core
         self.device = torch_device()
-        self.bundles = {uri: load_bundle(uri, storage, device=self.device) for uri in {t.bundle for t in targets.values()}}
-        self.targets, self.top_k, self.threshold = targets, top_k, abstain_threshold
-        self.temperatures, self.with_probs = temperatures, with_probs
+        self.bundles = {uri: load_bundle(uri, storage, device=self.device) for uri in uris}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """On the process's compute thread (``near_ray.runtime.compute_thread``), like the model's load."""
+        from near_ray.runtime import on_compute_thread
+
+        return on_compute_thread(self._classify, batch)
+
+    def _classify(self, batch: pa.Table) -> pa.Table:
         import torch
 
         from near_ray.serve.images import normalize

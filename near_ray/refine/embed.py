@@ -1,8 +1,11 @@
 """CLIP image embeddings as a Ray Data actor-pool stage.
 
 Each actor builds the CLIP model once, reads its batch's images from storage with a few threads
-(object-store reads are I/O bound), decodes them with the same guard as the label stage, applies the
-model's eval transform and encodes the batch (cuda + half precision when it holds a GPU). An image
+(object-store reads are I/O bound), decodes them with the same guard as the label stage and brings
+them to the model's input size (PIL, in those threads), then normalizes and encodes the batch in the
+actor's own thread (cuda + half precision when it holds a GPU). No torch op runs in the read threads:
+a thread that runs one gets an OpenMP team of its own, and teams competing for the same cores slow
+every parallel op of the forward pass. An image
 that cannot be read or decoded becomes a failure row naming its URI; the run goes on without it.
 """
 
@@ -18,7 +21,7 @@ import numpy as np
 
 from near_ray.console import Progress
 from near_ray.errors import NearRayError
-from near_ray.runtime import torch_device
+from near_ray.runtime import on_compute_thread, torch_device
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,44 +52,55 @@ class ImageEmbedder:
     """Ray Data callable class: a batch of (image_id, uri, domain) -> embeddings and per-row errors."""
 
     def __init__(self, model_cfg: ModelConfig, storage: Storage, max_pixels: int, threads: int = 1) -> None:
+        from near_ray.serve.images import Preprocessor
+
+        self.storage = storage
+        self.max_pixels = max_pixels
+        on_compute_thread(self._build, model_cfg, threads)
+        self.geometry = Preprocessor(self.spec)  # the eval transform's resize and crop; normalization per batch
+        self.pool = ThreadPoolExecutor(max_workers=8)
+
+    def _build(self, model_cfg: ModelConfig, threads: int) -> None:
         import torch
 
         from near_ray.model.clip import create_clip
 
         torch.set_num_threads(max(1, threads))  # fractional-CPU actors must not spawn one thread per core
-        self.storage = storage
-        self.max_pixels = max_pixels
-        self.clip = create_clip(model_cfg, storage)
+        self.clip = create_clip(model_cfg, self.storage)
         self.device = torch_device()
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.clip.model.to(self.device, self.dtype).eval()
-        self.pool = ThreadPoolExecutor(max_workers=8)
+        self.spec = {"image_size": self.clip.image_size, "mean": list(self.clip.image_mean), "std": list(self.clip.image_std)}
 
     def _load(self, uri: str) -> Any:
         from near_ray.images import decode_image
 
         try:
-            return self.clip.preprocess(decode_image(self.storage.read_bytes(uri), uri, self.max_pixels))
+            return self.geometry.pixels(decode_image(self.storage.read_bytes(uri), uri, self.max_pixels))
         except NearRayError as e:
             return str(e)
         except Exception as e:  # a transform failing on an odd image must not take the actor down
             return f"{uri}: {type(e).__name__}: {e}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         loaded = list(self.pool.map(self._load, batch["uri"].tolist()))
         good = [i for i, x in enumerate(loaded) if not isinstance(x, str)]
         dim = int(self.clip.model_config["embed_dim"])
         vectors = np.zeros((len(loaded), dim), dtype=np.float32)
         if good:
-            x = torch.stack([loaded[i] for i in good]).to(self.device, self.dtype)
-            with torch.no_grad():
-                emb = torch.nn.functional.normalize(self.clip.model.encode_image(x).float(), dim=-1)
-            vectors[good] = emb.cpu().numpy()
+            vectors[good] = on_compute_thread(self._encode, [loaded[i] for i in good])
         errors = np.array([x if isinstance(x, str) else "" for x in loaded], dtype=object)
         return {"image_id": batch["image_id"], "uri": batch["uri"], "domain": batch["domain"],
                 "embedding": vectors, "error": errors}
+
+    def _encode(self, pixels: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        from near_ray.serve.images import normalize
+
+        x = normalize(pixels, self.spec).to(self.device, self.dtype)
+        with torch.no_grad():
+            return torch.nn.functional.normalize(self.clip.model.encode_image(x).float(), dim=-1).cpu().numpy()
 
 
 def embed_images(images: pd.DataFrame, cfg: RunConfig, storage: Storage) -> Embeddings:

@@ -20,7 +20,7 @@ from ray import serve
 
 from near_ray.config import StorageConfig
 from near_ray.errors import NearRayError
-from near_ray.runtime import torch_device
+from near_ray.runtime import compute_thread, torch_device
 from near_ray.serve.batching import AdaptiveBatcher
 from near_ray.serve.images import normalize, preprocess_spec
 from near_ray.serve.metrics import ModelMetrics
@@ -113,7 +113,8 @@ class Classifier:
             self._abstain_threshold = None if value is None else float(value)
         sources = bundle_sources(user_config)
         if sources != self._sources or self._loaded is None:
-            loaded = await asyncio.to_thread(load_bundles, sources, self._storage, self._device)
+            loaded = await asyncio.get_running_loop().run_in_executor(  # where the batches will run them
+                compute_thread(), load_bundles, sources, self._storage, self._device)
             self._loaded, self._sources = loaded, sources
             self._metrics.serving([b.model_version for b in loaded.bundles])
             log.info("serving %s", [(a, u, b.model_version) for (a, u), b in zip(sources, loaded.bundles, strict=True)])
@@ -161,7 +162,7 @@ class Classifier:
     # serve.batcher: serve. Placeholders: reconfigure() sets the values from the serve config.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _classify_serve_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._run_batch, items)
+        return await asyncio.get_running_loop().run_in_executor(compute_thread(), self._run_batch, items)
 
     def _run_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         loaded = self._require()  # one snapshot for the whole batch, even if a swap lands meanwhile

@@ -231,7 +231,7 @@ def set_threads(tc: TrainConfig) -> None:
 
 
 def shuffle_kwargs(tc: TrainConfig, epoch: int, rank: int) -> dict[str, Any]:
-    """``iter_torch_batches`` arguments for a different, reproducible order every epoch on every worker."""
+    """``iter_batches`` arguments for a different, reproducible order every epoch on every worker."""
     if not tc.shuffle_buffer:
         return {}
     return {"local_shuffle_buffer_size": tc.shuffle_buffer, "local_shuffle_seed": tc.seed * 100_003 + epoch * 1_009 + rank}

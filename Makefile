@@ -63,7 +63,7 @@ bench-smoke: $(STAMP)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) benchmarks/knn_scaling.py --exact 2000 --approx 5000 --out $(BENCH_SMOKE)/knn.json
 	$(PY) benchmarks/embed_throughput.py --images 128 --arch near-tiny --out $(BENCH_SMOKE)/embed.json
 	$(PY) benchmarks/serve_load.py --models near-tiny:1 --levels 1,4 --seconds 3 --colocate --out $(BENCH_SMOKE)/serve.json
-	$(PY) benchmarks/train_throughput.py --species 4 --images-per-species 8 --epochs 2 --out $(BENCH_SMOKE)/train.json
+	$(PY) benchmarks/train_throughput.py --species 4 --images-per-species 8 --epochs 2 --repeats 1 --out $(BENCH_SMOKE)/train.json
 	$(PY) benchmarks/train_state_scaling.py --sizes 2000x200 --out $(BENCH_SMOKE)/train_state.json
 	$(PY) benchmarks/classify_throughput.py --images 64 --arch near-tiny --image-size 64 --out $(BENCH_SMOKE)/classify.json
 

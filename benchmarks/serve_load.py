@@ -1,7 +1,8 @@
 """Closed-loop HTTP load on loopback: the Ray Serve application vs a plain FastAPI + uvicorn server.
 
 Both serve the same bundle (random init: weights do not change speed) and the same PNG; the plain
-server is one process that classifies each request on its own (no batching). Each model in
+server is one process that classifies each request on its own (no batching), with as many torch
+threads as the model replica has CPUs. Each model in
 ``--models`` (``ARCH:CPUS_PER_REPLICA``) is measured in turn; the first is the headline
 (``concurrency`` in the JSON), the others go under ``other_models``. The default headline is
 ViT-B-32 at 224 px, a production-class CLIP; near-tiny (64 px, the demo's model) shows the other end:
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -52,12 +54,13 @@ def test_image() -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ plain server
-def plain_server(bundle: str, port: int) -> None:
+def plain_server(bundle: str, port: int, threads: int) -> None:
     """The baseline: one uvicorn process, each request decoded and classified alone, on one worker
     thread that also built the model (one OpenMP team, as near_ray's replicas keep: see
     ``near_ray.runtime.compute_thread``)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import torch
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -65,6 +68,7 @@ def plain_server(bundle: str, port: int) -> None:
     from near_ray.model.bundle import load_bundle
     from near_ray.serve.images import ApiError, decode_upload
 
+    torch.set_num_threads(threads)  # the model replica's: serve.cpus_per_replica
     compute = ThreadPoolExecutor(max_workers=1)
     model = compute.submit(load_bundle, bundle).result()
     app = FastAPI()
@@ -84,12 +88,13 @@ def plain_server(bundle: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def start_plain(bundle: str) -> tuple[subprocess.Popen, str]:
+def start_plain(bundle: str, threads: int) -> tuple[subprocess.Popen, str]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import free_port, wait_for_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--plain-server", bundle, "--port", str(port)])
+    proc = subprocess.Popen([sys.executable, __file__, "--plain-server", bundle, "--port", str(port),
+                             "--plain-threads", str(threads)])
     wait_for_port(port, timeout=120)
     return proc, f"http://127.0.0.1:{port}/v1/classify"
 
@@ -211,7 +216,7 @@ def measure(arch: str, cpus_per_replica: float, args: argparse.Namespace, tmp: s
     results: dict = {str(c): {} for c in levels}
     bundle = make_bundle(os.path.join(tmp, f"bundle-{arch}"), arch)
     # One server at a time: on a small machine they would otherwise compete for the same cores.
-    proc, plain_url = start_plain(bundle)
+    proc, plain_url = start_plain(bundle, max(1, math.ceil(cpus_per_replica)))
     try:
         for c in levels:
             results[str(c)]["plain"] = asyncio.run(closed_loop(plain_url, body, c, args.max_requests, args.seconds))
@@ -286,10 +291,11 @@ def main() -> None:
     p.add_argument("--colocate", action="store_true", help="also measure serve.colocate (the model inside the ingress)")
     p.add_argument("--plain-server", metavar="BUNDLE", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--plain-threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     if args.plain_server:
-        plain_server(args.plain_server, args.port)
+        plain_server(args.plain_server, args.port, args.plain_threads)
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     report = run(args)

@@ -1,7 +1,7 @@
 """Training throughput: the Ray Train loop on 1 worker against a plain single-process torch loop on the
 same model, batch, data and threads, and 2 workers against 1.
 
-    .venv/bin/python benchmarks/train_throughput.py [--images-per-species 24] [--epochs 4] [--batch 32]
+    .venv/bin/python benchmarks/train_throughput.py [--images-per-species 24] [--epochs 6] [--batch 32] [--repeats 2]
 
 Data: a synthetic benchmark's images with their true labels as refine's artifacts (one candidate per
 image, so every method's state is the same size); model near-tiny from random init, the text tower
@@ -109,9 +109,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--species", type=int, default=16)
     parser.add_argument("--images-per-species", type=int, default=24, help="half of them train")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=2, help="Ray / plain pairs, alternating")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -128,23 +129,35 @@ def main() -> None:
                                               "cpus_per_worker": 0.5, "augment": True}})
     uris = write_artifacts(root, cfg.storage.workdir, st)
     ensure_ray()
-    one = ray_train(cfg, 1, args.threads)
-    plain = plain_loop(cfg, uris, st, args.threads)
-    cfg2 = cfg.model_copy(deep=True)
-    cfg2.storage.workdir = join(work, "run2")
-    write_artifacts(root, cfg2.storage.workdir, st)
-    two = ray_train(cfg2, 2, max(1, args.threads // 2))
+
+    def fresh(name: str):  # a run of its own: a second run in the same workdir would resume the first
+        run = cfg.model_copy(deep=True)
+        run.storage.workdir = join(work, name)
+        write_artifacts(root, run.storage.workdir, st)
+        return run
+
+    # Ray and plain alternate, --repeats times: the machine's speed drifts over minutes, and each side
+    # gets the same share of it. The figures are medians over every repeat's epochs after the first.
+    repeats = []
+    for r in range(args.repeats):
+        repeats.append({"ray_train_1": ray_train(fresh(f"run1-{r}"), 1, args.threads),
+                        "plain": plain_loop(cfg, uris, st, args.threads)})
+    steady = {k: [x for rep in repeats for x in rep[k]["epoch_images_per_s"][1:]] for k in ("ray_train_1", "plain")}
+    one = {**repeats[0]["ray_train_1"], "images_per_s": statistics.median(steady["ray_train_1"])}
+    plain = {**repeats[0]["plain"], "images_per_s": statistics.median(steady["plain"])}
+    two = ray_train(fresh("run2"), 2, max(1, args.threads // 2))
     result = {"ray_train_1_images_per_s": round(one["images_per_s"], 2), "plain_images_per_s": round(plain["images_per_s"], 2),
               "ratio": round(one["images_per_s"] / plain["images_per_s"], 3),
               "ray_train_2_images_per_s": round(two["images_per_s"], 2),
               "scaling_2_vs_1": round(two["images_per_s"] / one["images_per_s"], 3),
               "runs": {"ray_train_1": one, "plain": plain, "ray_train_2": two},
+              "repeats": repeats,
               "images": len(uris), "model": "near-tiny", "batch": args.batch, "threads": args.threads,
               "load_average_1m": round(os.getloadavg()[0], 2),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "repeats")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -90,10 +90,13 @@ def test_label_refine_train_and_serve_see_identical_pixels(case, tmp_path):
     batch = _decode_batch({"idx": np.array([0]), "uri": np.array([uri])}, Storage(), 64)
     expected = np.asarray(Image.fromarray(reference).resize((64, 64), Image.BICUBIC))
     assert np.array_equal(batch["image"][0], expected)
-    # refine: the embedder's input is the model's preprocess of the same decoded image
+    # refine: the embedder's input (its read threads' pixels, normalized per batch) is the model's
+    # preprocess of the same decoded image
+    from near_ray.serve.images import normalize
+
     embedder = ImageEmbedder(ModelConfig(arch="near-tiny"), Storage(), max_pixels=10_000_000)
     clip = create_clip(ModelConfig(arch="near-tiny"))
-    assert torch.equal(embedder._load(uri), clip.preprocess(Image.fromarray(reference)))
+    assert torch.equal(normalize([embedder._load(uri)], embedder.spec)[0], clip.preprocess(Image.fromarray(reference)))
 
 
 def test_modes_become_rgb_the_same_way():

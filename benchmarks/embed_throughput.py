@@ -41,14 +41,14 @@ def plain_loop(uris: list[str], arch: str, batch: int, threads: int) -> dict:
     from near_ray.config import ModelConfig
     from near_ray.images import decode_image
     from near_ray.model.clip import create_clip
-    from near_ray.serve.images import Preprocessor, normalize
+    from near_ray.serve.images import Preprocessor, normalize, pixel_spec
     from near_ray.storage import Storage
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
     clip = create_clip(ModelConfig(arch=arch))
     clip.model.eval()
-    spec = {"image_size": clip.image_size, "mean": list(clip.image_mean), "std": list(clip.image_std)}
+    spec = pixel_spec(clip)
     geometry = Preprocessor(spec)
     st, pool = Storage(), ThreadPoolExecutor(8)
     out = []

@@ -24,6 +24,7 @@ from near_ray.classify.ledger import COMPUTE
 from near_ray.classify.table import SCHEMA, as_table
 from near_ray.errors import NearRayError
 from near_ray.images import decode_image, image_id
+from near_ray.runtime import on_compute_thread
 from near_ray.storage import Storage
 
 if TYPE_CHECKING:
@@ -117,8 +118,6 @@ class ImageTower:
 
     def __init__(self, targets: dict[str, Target], storage: Storage, top_k: int, abstain_threshold: float | None,
                  temperatures: dict[str, float], threads: int, with_probs: bool = False) -> None:  # fmt: skip
-        from near_ray.runtime import on_compute_thread
-
         on_compute_thread(self._load, {t.bundle for t in targets.values()}, storage, threads)
         self.targets, self.top_k, self.threshold = targets, top_k, abstain_threshold
         self.temperatures, self.with_probs = temperatures, with_probs
@@ -135,8 +134,6 @@ class ImageTower:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """On the process's compute thread (``near_ray.runtime.compute_thread``), like the model's load."""
-        from near_ray.runtime import on_compute_thread
-
         return on_compute_thread(self._classify, batch)
 
     def _classify(self, batch: pa.Table) -> pa.Table:

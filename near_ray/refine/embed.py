@@ -64,13 +64,14 @@ class ImageEmbedder:
         import torch
 
         from near_ray.model.clip import create_clip
+        from near_ray.serve.images import pixel_spec
 
         torch.set_num_threads(max(1, threads))  # fractional-CPU actors must not spawn one thread per core
         self.clip = create_clip(model_cfg, self.storage)
         self.device = torch_device()
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.clip.model.to(self.device, self.dtype).eval()
-        self.spec = {"image_size": self.clip.image_size, "mean": list(self.clip.image_mean), "std": list(self.clip.image_std)}
+        self.spec = pixel_spec(self.clip)
 
     def _load(self, uri: str) -> Any:
         from near_ray.images import decode_image

@@ -15,7 +15,6 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import Any
 
 from near_ray.runtime import compute_thread
@@ -24,13 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class AdaptiveBatcher:
-    """``await submit(item)`` -> ``fn([...items])[i]``; ``fn`` runs on ``executor`` (default: the process's
-    compute thread, ``near_ray.runtime.compute_thread``), one batch at a time."""
+    """``await submit(item)`` -> ``fn([...items])[i]``; ``fn`` runs on the process's compute thread
+    (``near_ray.runtime.compute_thread``), one batch at a time."""
 
-    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch_size: int, batch_wait_timeout_s: float = 0.0,
-                 executor: Executor | None = None) -> None:  # fmt: skip
+    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch_size: int, batch_wait_timeout_s: float = 0.0):
         self.fn = fn
-        self.executor = executor
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self._queue: collections.deque[tuple[Any, asyncio.Future]] = collections.deque()
@@ -77,8 +74,8 @@ class AdaptiveBatcher:
             if not batch:
                 continue
             try:
-                pool = self.executor or compute_thread()
-                results = await asyncio.get_running_loop().run_in_executor(pool, self.fn, [item for item, _ in batch])
+                results = await asyncio.get_running_loop().run_in_executor(
+                    compute_thread(), self.fn, [item for item, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
             except Exception as e:  # the batch's requests fail; the batcher keeps serving

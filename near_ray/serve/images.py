@@ -70,9 +70,14 @@ class Preprocessor:
         return np.asarray(self.geometry(image), dtype=np.uint8)
 
 
+def pixel_spec(clip: Any) -> dict[str, Any]:
+    """A CLIP model's input size and normalization: what ``Preprocessor`` and ``normalize`` need."""
+    return {"image_size": clip.image_size, "mean": list(clip.image_mean), "std": list(clip.image_std)}
+
+
 def preprocess_spec(bundle: Any) -> dict[str, Any]:
     """What the ingress needs to prepare pixels for a bundle; ``key`` detects a mismatch after a swap."""
-    spec = {"image_size": bundle.clip.image_size, "mean": list(bundle.clip.image_mean), "std": list(bundle.clip.image_std)}
+    spec = pixel_spec(bundle.clip)
     spec["key"] = f"{spec['image_size']}|{','.join(f'{m:.6f}' for m in spec['mean'])}|{','.join(f'{s:.6f}' for s in spec['std'])}"
     return spec
 

@@ -49,7 +49,7 @@ test-faults: $(STAMP)
 bench: $(STAMP)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) benchmarks/knn_scaling.py
 	$(PY) benchmarks/embed_throughput.py
-	$(PY) benchmarks/serve_load.py --colocate
+	$(PY) benchmarks/serve_load.py --colocate --direct-ingress
 	$(PY) benchmarks/label_throughput.py
 	$(PY) benchmarks/e2e_stages.py
 	$(PY) benchmarks/train_throughput.py
@@ -62,7 +62,7 @@ bench-smoke: $(STAMP)
 	mkdir -p $(BENCH_SMOKE)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) benchmarks/knn_scaling.py --exact 2000 --approx 5000 --out $(BENCH_SMOKE)/knn.json
 	$(PY) benchmarks/embed_throughput.py --images 128 --arch near-tiny --out $(BENCH_SMOKE)/embed.json
-	$(PY) benchmarks/serve_load.py --models near-tiny:1 --levels 1,4 --seconds 3 --colocate --out $(BENCH_SMOKE)/serve.json
+	$(PY) benchmarks/serve_load.py --models near-tiny:1 --levels 1,4 --seconds 3 --colocate --direct-ingress --out $(BENCH_SMOKE)/serve.json
 	$(PY) benchmarks/train_throughput.py --species 4 --images-per-species 8 --epochs 2 --repeats 1 --out $(BENCH_SMOKE)/train.json
 	$(PY) benchmarks/train_state_scaling.py --sizes 2000x200 --out $(BENCH_SMOKE)/train_state.json
 	$(PY) benchmarks/classify_throughput.py --images 64 --arch near-tiny --image-size 64 --out $(BENCH_SMOKE)/classify.json

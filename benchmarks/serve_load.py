@@ -9,7 +9,7 @@ ViT-B-32 at 224 px, a production-class CLIP; near-tiny (64 px, the demo's model)
 a model so small that per-request HTTP and RPC work, not the forward pass, is the cost. Prints a
 table and writes benchmarks/results/serve_load.json.
 
-    python benchmarks/serve_load.py [--models ViT-B-32:2,near-tiny:1] [--levels 1,8,32] [--seconds 20] [--colocate]
+    python benchmarks/serve_load.py [--models ViT-B-32:2,near-tiny:1] [--levels 1,8,32] [--seconds 20] [--colocate] [--direct-ingress]
 """
 
 import argparse
@@ -100,9 +100,24 @@ def start_plain(bundle: str, threads: int) -> tuple[subprocess.Popen, str]:
 
 
 # ------------------------------------------------------------------------------------------ serve
-def start_serve(bundle: str, args: argparse.Namespace, cpus_per_replica: float, colocate: bool = False) -> str:
-    from near_ray.runtime import ensure_ray
+def start_serve(bundle: str, args: argparse.Namespace, cpus_per_replica: float, colocate: bool = False,
+                direct: bool = False) -> str:
+    """Deploy and return the classify URL: Serve's proxy, or with ``direct`` the ingress replica's own
+    port (serve.direct_ingress, on a cluster of its own started with Serve's direct-ingress switch)."""
+    import ray
 
+    from near_ray.runtime import ensure_ray
+    from near_ray.serve.app import DIRECT_INGRESS_ENV, direct_urls
+
+    if ray.is_initialized() and (os.environ.get(DIRECT_INGRESS_ENV) == "1") != direct:
+        from ray import serve as _serve
+
+        _serve.shutdown()
+        ray.shutdown()  # Serve reads the switch when its controller starts: a new local cluster
+    if direct:
+        os.environ[DIRECT_INGRESS_ENV] = "1"
+    else:
+        os.environ.pop(DIRECT_INGRESS_ENV, None)
     ensure_ray(num_cpus=4)  # a local cluster on 127.0.0.1, before anything imports ray
     from ray import serve
 
@@ -124,11 +139,15 @@ def start_serve(bundle: str, args: argparse.Namespace, cpus_per_replica: float, 
         max_batch_size=args.max_batch_size,
         decode_threads=4,
         colocate=colocate,
+        direct_ingress=direct,
     )
     if args.batch_wait is not None:
         settings.batch_wait_timeout_s = args.batch_wait
     args.batch_wait = settings.batch_wait_timeout_s
     serve.run(application(settings), name="bench", route_prefix="/bench", blocking=False)
+    if direct:
+        settings.app_name, settings.route_prefix = "bench", "/bench"
+        return direct_urls(settings)[0] + "/v1/classify"
     return f"http://127.0.0.1:{port}/bench/v1/classify"
 
 
@@ -230,6 +249,10 @@ def measure(arch: str, cpus_per_replica: float, args: argparse.Namespace, tmp: s
         serve_url = start_serve(bundle, args, cpus_per_replica, colocate=True)
         for c in levels:
             results[str(c)]["serve_colocated"] = asyncio.run(closed_loop(serve_url, body, c, args.max_requests, args.seconds))
+    if args.direct_ingress:  # colocated, and the client talks to the ingress replica's own HTTP server
+        serve_url = start_serve(bundle, args, cpus_per_replica, colocate=True, direct=True)
+        for c in levels:
+            results[str(c)]["serve_direct"] = asyncio.run(closed_loop(serve_url, body, c, args.max_requests, args.seconds))
     from near_ray.model.clip import resolve_model_config
 
     size = resolve_model_config(arch)["vision_cfg"]["image_size"]
@@ -261,20 +284,23 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+LAYOUTS = ("serve", "serve_colocated", "serve_direct")  # two deployments; serve.colocate; + serve.direct_ingress
+
+
 def print_table(report: dict) -> None:
     print(f"{report['model']['arch']} ({report['model']['image_size']} px), {report['serve']['cpus_per_replica']} CPU per model replica")
-    print(f"{'conc':>5} {'server':>6} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'load':>5}")
+    print(f"{'conc':>5} {'server':>15} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'load':>5}")
     for c, row in report["concurrency"].items():
-        for name in [n for n in ("plain", "serve", "serve_colocated") if n in row]:
+        for name in [n for n in ("plain", *LAYOUTS) if n in row]:
             r = row[name]
-            print(f"{c:>5} {name:>6} {r['rps']:>8} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['p99_ms']:>8} {r['errors']:>6} {r['load_avg_1m']:>5}")
-        for name in [n for n in ("serve", "serve_colocated") if n in row]:
+            print(f"{c:>5} {name:>15} {r['rps']:>8} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['p99_ms']:>8} {r['errors']:>6} {r['load_avg_1m']:>5}")
+        for name in [n for n in LAYOUTS if n in row]:
             if "hops_p50_ms" in row[name]:
                 print(f"{'':>5} {name} hops p50 ms: {row[name]['hops_p50_ms']}")
             row[f"{name}_overhead_p50_ms"] = round(row[name]["p50_ms"] - row["plain"]["p50_ms"], 2)
     one = report["concurrency"].get("1", {})
     print(f"p50 overhead at concurrency 1 (target < 10 ms): Serve {one.get('serve_overhead_p50_ms')} ms, "
-          f"colocated {one.get('serve_colocated_overhead_p50_ms')} ms")
+          f"colocated {one.get('serve_colocated_overhead_p50_ms')} ms, direct ingress {one.get('serve_direct_overhead_p50_ms')} ms")
 
 
 def main() -> None:
@@ -289,6 +315,8 @@ def main() -> None:
     p.add_argument("--models", default="ViT-B-32:2,near-tiny:1")
     p.add_argument("--batch-wait", type=float, default=None, help="default: serve.batch_wait_timeout_s")
     p.add_argument("--colocate", action="store_true", help="also measure serve.colocate (the model inside the ingress)")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="also measure serve.colocate + serve.direct_ingress (no proxy hop)")
     p.add_argument("--plain-server", metavar="BUNDLE", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--plain-threads", type=int, default=1, help=argparse.SUPPRESS)

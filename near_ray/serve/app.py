@@ -165,20 +165,92 @@ def run_serve(cfg: RunConfig, write_config: str | None = None, block: bool = Tru
 
     settings = resolved_settings(cfg)
     check_bundles(cfg, settings)
+    if settings.direct_ingress and not ray_is_running():
+        # Read by Serve's controller and replicas when they start: a cluster started here inherits it.
+        os.environ[DIRECT_INGRESS_ENV] = "1"
     ensure_ray()
+    if settings.direct_ingress:
+        check_direct_ingress(settings)  # before anything is deployed
     http = {"host": settings.host, "port": settings.port, "request_timeout_s": _proxy_timeout(settings)}
     serve.start(http_options=http)
     app = application(settings, cfg.storage, _secret_env(settings))
     serve.run(app, name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
     url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
     log.info("serving %s at %s (docs at %s/docs)", settings.bundles or settings.bundle, url, url)
+    out: dict[str, Any] = {"url": url, "app": settings.app_name}
+    if settings.direct_ingress:
+        out["direct_urls"] = direct_urls(settings)
+        log.info("ingress replicas answering directly: %s", ", ".join(out["direct_urls"]))
     if block:
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             serve.delete(settings.app_name)
-    return {"url": url, "app": settings.app_name}
+    return out
+
+
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+
+
+def ray_is_running() -> bool:
+    """Whether this process already has a Ray session or will join one (RAY_ADDRESS) rather than start it."""
+    import ray
+
+    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+
+
+def check_direct_ingress(settings: ServeConfig) -> None:
+    """Refuse serve.direct_ingress on a cluster whose head node (where Serve's controller runs) lacks
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=1: Serve would quietly route through its proxies only."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]), None)
+    strategy = NodeAffinitySchedulingStrategy(head, soft=True) if head else "DEFAULT"
+    probe = ray.remote(num_cpus=0)(lambda: os.environ.get(DIRECT_INGRESS_ENV, ""))
+    value = ray.get(probe.options(scheduling_strategy=strategy).remote(), timeout=120)
+    if value != "1":
+        raise NearRayError(
+            f"serve.direct_ingress: the Ray cluster's head node runs without {DIRECT_INGRESS_ENV}=1 (it has "
+            f"{value!r}), so Serve would answer only through its proxies; start the cluster (`ray start`, or the "
+            "head and worker containers) with it, or set serve.direct_ingress: false"
+        )
+
+
+def direct_urls(settings: ServeConfig, timeout_s: float = 60.0) -> list[str]:
+    """The base URLs at which the application's ingress replicas answer HTTP themselves.
+
+    Read from Serve's controller, which lists each ingress replica's own port once direct ingress is
+    on (and the proxies' port otherwise). A replica binds ``serve.host``, so a loopback host gives
+    loopback URLs whatever the node's address. The list is of this moment: replicas that autoscaling
+    adds or replaces get ports of their own (a load balancer in front reads the controller's target
+    groups, as Serve's HAProxy mode does).
+    """
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    started = time.monotonic()
+    while True:
+        groups = [g for g in ray.get(controller.get_target_groups.remote(settings.app_name)) if g.protocol == "HTTP"]
+        # The app's group lists its ingress replicas (SERVE_REPLICA::app#Ingress#id), or the proxies
+        # while it has none running.
+        own = [t for g in groups if g.app_name == settings.app_name for t in g.targets if t.name.startswith("SERVE_REPLICA")]
+        if own:
+            host = settings.host if settings.host not in ("0.0.0.0", "::") else None
+            prefix = settings.route_prefix.rstrip("/")
+            return [f"http://{host or t.ip}:{t.port}{prefix}" for t in own]
+        waited = time.monotonic() - started
+        if groups and all(not g.app_name for g in groups) and waited > min(10.0, timeout_s):
+            # Only the proxies' group (app_name ""): this cluster's Serve runs without direct ingress.
+            raise NearRayError(
+                f"serve.direct_ingress: the Ray cluster serving '{settings.app_name}' does not run Serve's direct "
+                f"ingress; start the cluster (`ray start`, or the head and worker containers) with {DIRECT_INGRESS_ENV}=1"
+            )
+        if waited > timeout_s:
+            raise NearRayError(f"serve.direct_ingress: no ingress replica of '{settings.app_name}' listed a port within {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def update_bundle(settings: ServeConfig, bundle: str, storage: StorageConfig | None = None) -> None:

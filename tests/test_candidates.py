@@ -88,3 +88,38 @@ def test_a_name_needs_a_neighbours_worth_of_votes_to_join_the_set():
     own[0] = []
     alone = candidate_sets(own, ids, sims, neighbour_weight=0.5, min_neighbour_votes=2.0)[0]
     assert set(alone.candidates) == {"A", "B", "C", "D"}
+
+
+def test_agreement_votes_drop_close_neighbours_whose_answers_share_nothing_with_the_image():
+    # image 0: its own answers split between the true name A and a stray B. Neighbour 1 (an image of
+    # the same class) answers A; neighbours 2 and 3, closer in embedding space, are of another class
+    # and answer C.
+    own = [["A", "A", "B"], ["A", "A", "D"], ["C", "C", "C"], ["C", "C", "E"]]
+    ids = np.array([[2, 3, 1], [0, 2, 3], [3, 0, 1], [2, 0, 1]])
+    sims = np.array([[0.9, 0.9, 0.6], [0.6, 0.5, 0.5], [0.9, 0.9, 0.5], [0.9, 0.9, 0.5]], dtype=np.float32)
+    by_sim = candidate_sets(own, ids, sims, 0.5, 1.0)[0]
+    by_agreement = candidate_sets(own, ids, sims, 0.5, 1.0, neighbour_votes="agreement")[0]
+    assert "C" in by_sim.candidates  # two close neighbours of another class bring their name in
+    assert "C" not in by_agreement.candidates and by_agreement.candidates[0] == "A"
+    conf = dict(zip(by_agreement.candidates, by_agreement.confidences, strict=True))
+    # the corroborating neighbour's votes go to A (and its own stray D stays out: under one neighbour's worth)
+    assert set(by_agreement.candidates) == {"A", "B"} and conf["A"] > 2 / 3
+
+
+def test_agreement_votes_keep_similarity_weights_for_an_image_without_own_answers():
+    own = [[], ["A", "A", "A"], ["A", "B", "A"]]
+    ids = np.array([[1, 2], [0, 2], [0, 1]])
+    sims = np.array([[0.8, 0.7], [0.8, 0.6], [0.7, 0.6]], dtype=np.float32)
+    s = candidate_sets(own, ids, sims, 0.5, 1.0, neighbour_votes="agreement")[0]
+    assert s.candidates[0] == "A" and s == candidate_sets(own, ids, sims, 0.5, 1.0)[0]
+
+
+def test_agreement_votes_equal_similarity_votes_when_every_neighbour_answers_alike():
+    x, cls = _clustered([6, 6])
+    own = [[f"name {c}"] * 3 for c in cls]
+    ids, sims = knn(x, 4)
+    a = candidate_sets(own, ids, sims, 0.5, 1.0, neighbour_votes="agreement")
+    b = candidate_sets(own, ids, sims, 0.5, 1.0)
+    assert [s.candidates for s in a] == [s.candidates for s in b]
+    for sa, sb in zip(a, b, strict=True):
+        assert np.allclose(sa.confidences, sb.confidences)

@@ -44,14 +44,17 @@ def candidate_sets(
     similarities: np.ndarray,
     neighbour_weight: float,
     min_neighbour_votes: float,
+    neighbour_votes: str = "similarity",
 ) -> list[CandidateSet]:
     """One candidate set per image. ``neighbors``/``similarities`` as returned by ``knn`` (-1 = no neighbour);
-    the two weights are ``refine.neighbour_weight`` and ``refine.min_neighbour_votes``."""
+    the two weights are ``refine.neighbour_weight`` and ``refine.min_neighbour_votes``; ``neighbour_votes``
+    is ``refine.neighbour_votes`` ("similarity" or "agreement", see ``_neighbour_votes``)."""
     owns = [own_distribution(o) for o in own_labels]
     out = []
     for i, own in enumerate(owns):
         scores = dict(own)
-        votes, voters = _neighbour_votes(owns, neighbors[i], similarities[i]) if neighbors.shape[1] else ({}, 0)
+        votes, voters = (_neighbour_votes(owns, neighbors[i], similarities[i], own if neighbour_votes == "agreement" else None)
+                         if neighbors.shape[1] else ({}, 0))
         # Without own names the neighbours are all there is: then every name they gave stays.
         floor = min_neighbour_votes / voters if own and voters else 0.0
         votes = {n: v for n, v in votes.items() if n in own or v >= floor - 1e-9}
@@ -64,9 +67,18 @@ def candidate_sets(
     return out
 
 
-def _neighbour_votes(owns: list[dict[str, float]], ids: np.ndarray, sims: np.ndarray) -> tuple[dict[str, float], int]:
+def _neighbour_votes(owns: list[dict[str, float]], ids: np.ndarray, sims: np.ndarray,
+                     agree_with: dict[str, float] | None = None) -> tuple[dict[str, float], int]:
     """Similarity-weighted average of the neighbours' own label distributions (sums to 1, or empty), and
-    the number of neighbours that voted."""
+    the number of neighbours that voted.
+
+    With ``agree_with`` (the image's own distribution: ``refine.neighbour_votes: agreement``) each
+    neighbour's weight is also multiplied by how much its answers corroborate the image's own,
+    ``Σ_c own_i(c)·own_j(c)``, the chance that one answer about each names the same thing. A neighbour
+    of another class shares no name with the image and drops out, however close its embedding; with
+    an annotator whose answers scatter, few neighbours corroborate and the set stays near the image's
+    own names. An image without own names keeps plain similarity weights.
+    """
     votes: dict[str, float] = {}
     total, voters = 0.0, 0
     for j, s in zip(ids.tolist(), sims.tolist(), strict=True):
@@ -74,6 +86,10 @@ def _neighbour_votes(owns: list[dict[str, float]], ids: np.ndarray, sims: np.nda
             continue
         w = max(float(s), 0.0) if np.isfinite(s) else 0.0
         w = w or 1e-6  # an orthogonal neighbour still votes, barely: its names stay in the set
+        if agree_with:
+            w *= sum(p * owns[j].get(name, 0.0) for name, p in agree_with.items())
+            if w <= 0:
+                continue
         total += w
         voters += 1
         for name, p in owns[j].items():

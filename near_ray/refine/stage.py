@@ -170,7 +170,8 @@ def _candidates(cfg: RunConfig, emb: Embeddings, own: dict[str, list[str]], voca
     stats: dict[str, dict[str, Any]] = {}
     for domain, (pos, local_i, sims) in graph.items():
         owns = [own.get(image_id, []) for image_id in meta["image_id"].to_numpy()[pos]]
-        sets = candidate_sets(owns, local_i, sims, cfg.refine.neighbour_weight, cfg.refine.min_neighbour_votes)
+        sets = candidate_sets(owns, local_i, sims, cfg.refine.neighbour_weight, cfg.refine.min_neighbour_votes,
+                              cfg.refine.neighbour_votes)
         domain_support = {name: n for (d, name), n in support.items() if d == domain}
         kept = 0
         for r, (p, cs) in enumerate(zip(pos, sets, strict=True)):

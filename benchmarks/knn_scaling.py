@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,7 @@ def faiss_flat(x: np.ndarray, k: int) -> None:
         idx.search(x[start : start + 65_536], k + 1)
 
 
-def exact_rows(sizes: list[int], d: int, k: int, peak: float) -> list[dict]:
-    rows = []
+def exact_rows(sizes: list[int], d: int, k: int, peak: float, rows: list[dict], done: Callable[[], None]) -> None:
     for n in sizes:
         x = clustered(n, d)
         flops = 2.0 * n * n * d
@@ -86,11 +86,10 @@ def exact_rows(sizes: list[int], d: int, k: int, peak: float) -> list[dict]:
             rows.append({"n": n, "dim": d, "k": k, "method": name, "seconds": round(seconds, 3),
                          "gflops": round(gflops, 1), "of_peak": round(gflops / peak, 3)})
             print(f"exact {n:>8} {name:>10} {seconds:8.2f} s {gflops:7.1f} GFLOP/s ({gflops / peak:.2f} of peak)")
-    return rows
+            done()
 
 
-def approx_rows(sizes: list[int], d: int, k: int) -> list[dict]:
-    rows = []
+def approx_rows(sizes: list[int], d: int, k: int, rows: list[dict], done: Callable[[], None]) -> None:
     for n in sizes:
         x = clustered(n, d)
         for kind in ("ivf", "hnsw"):
@@ -115,7 +114,16 @@ def approx_rows(sizes: list[int], d: int, k: int) -> list[dict]:
                          "recall_at_k": round(r, 4)})
             print(f"approx {n:>8} {kind:>5} build {build:7.1f} s tune {tune:6.1f} s search {search:7.1f} s "
                   f"recall {r:.3f} ({rows[-1]['setting']} {value})")
-    return rows
+            done()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), which platform.processor() leaves empty: BLAS speed depends on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def machine() -> dict:
@@ -124,7 +132,7 @@ def machine() -> dict:
 
     blas = [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
             for i in threadpool_info() if i.get("user_api") == "blas"]
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+    return {"platform": platform.platform(), "processor": platform.processor() or cpu_model(), "cpus": os.cpu_count(),
             "faiss": faiss.__version__, "faiss_omp_threads": faiss.omp_get_max_threads(), "blas": blas,
             "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "load_average_1m": round(os.getloadavg()[0], 2)}
 
@@ -141,11 +149,17 @@ def main() -> None:
     load_before = round(os.getloadavg()[0], 2)
     peak = sgemm_peak(args.dim)
     print(f"sgemm peak: numpy {peak['numpy']} GFLOP/s, torch {peak['torch']} GFLOP/s")
-    out = {"sgemm_peak_gflops": peak, "exact": exact_rows(sizes(args.exact), args.dim, args.k, peak["numpy"]),
-           "approximate": approx_rows(sizes(args.approx), args.dim, args.k),
-           "machine": {**machine(), "load_average_1m_before": load_before}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    out: dict = {"sgemm_peak_gflops": peak, "exact": [], "approximate": [], "complete": False}
+
+    def write() -> None:  # after every row: a run stopped early (N = 1M takes long) keeps what it measured
+        out["machine"] = {**machine(), "load_average_1m_before": load_before}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+    exact_rows(sizes(args.exact), args.dim, args.k, peak["numpy"], out["exact"], write)
+    approx_rows(sizes(args.approx), args.dim, args.k, out["approximate"], write)
+    out["complete"] = True
+    write()
     print(f"wrote {args.out}")
 
 

@@ -209,10 +209,8 @@ class ServeConfig(Section):
     # true: the model runs inside the ingress replica (one hop less); the ingress then takes the model's
     # resources, autoscaling and user_config. false: separate Ingress and Classifier deployments
     colocate: bool = False
-    # true: every ingress replica also answers HTTP itself, on serve.host and a port of Ray Serve's
-    # direct-ingress range (RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT, 30000-31000), one hop less than
-    # through Serve's proxy (which keeps serving serve.port). Ray Serve's RAY_SERVE_ENABLE_DIRECT_INGRESS=1
-    # must be in the cluster's environment: `near-ray serve` sets it for a cluster it starts itself
+    # true: each ingress replica also answers HTTP itself on serve.host (no proxy hop; Serve's direct ingress:
+    # the cluster needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1, see docs/serve.md)
     direct_ingress: bool = False
     runtime_env: dict[str, Any] = Field(default_factory=dict)  # written into the `serve deploy` config
 

@@ -140,13 +140,14 @@ def start_serve(bundle: str, args: argparse.Namespace, cpus_per_replica: float, 
         decode_threads=4,
         colocate=colocate,
         direct_ingress=direct,
+        app_name="bench",
+        route_prefix="/bench",
     )
     if args.batch_wait is not None:
         settings.batch_wait_timeout_s = args.batch_wait
     args.batch_wait = settings.batch_wait_timeout_s
-    serve.run(application(settings), name="bench", route_prefix="/bench", blocking=False)
+    serve.run(application(settings), name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
     if direct:
-        settings.app_name, settings.route_prefix = "bench", "/bench"
         return direct_urls(settings)[0] + "/v1/classify"
     return f"http://127.0.0.1:{port}/bench/v1/classify"
 

@@ -25,6 +25,13 @@ def prefer_loopback() -> None:
             os.environ.setdefault(key, value)
 
 
+def joins_a_cluster() -> bool:
+    """Whether ``ensure_ray`` would use a running Ray session or RAY_ADDRESS rather than start a local one."""
+    import ray
+
+    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Use the running Ray session, else join RAY_ADDRESS (`ray job submit`), else start a local one.
 

@@ -161,11 +161,11 @@ def run_serve(cfg: RunConfig, write_config: str | None = None, block: bool = Tru
         return {"serve_config": write_config}
     from ray import serve
 
-    from near_ray.runtime import ensure_ray
+    from near_ray.runtime import ensure_ray, joins_a_cluster
 
     settings = resolved_settings(cfg)
     check_bundles(cfg, settings)
-    if settings.direct_ingress and not ray_is_running():
+    if settings.direct_ingress and not joins_a_cluster():
         # Read by Serve's controller and replicas when they start: a cluster started here inherits it.
         os.environ[DIRECT_INGRESS_ENV] = "1"
     ensure_ray()
@@ -191,13 +191,6 @@ def run_serve(cfg: RunConfig, write_config: str | None = None, block: bool = Tru
 
 
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
-
-
-def ray_is_running() -> bool:
-    """Whether this process already has a Ray session or will join one (RAY_ADDRESS) rather than start it."""
-    import ray
-
-    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
 def check_direct_ingress(settings: ServeConfig) -> None:

@@ -20,6 +20,19 @@ one in-process worker). Every method is scored on the same test images:
 Reported per profile over all (model, seed) runs: mean, std and, for NeaR minus every other method, the
 mean paired difference with its 95% interval. Per-model tables too. Written after every run, so an
 interrupted benchmark keeps its numbers. Every MLLM answer here is simulated.
+
+A candidate option is screened against a finished benchmark by training NeaR alone:
+
+    .venv/bin/python benchmarks/near_vs_naive.py --methods near --set refine.neighbour_votes=agreement \
+        --work DIR --against benchmarks/results/near_vs_naive.json --out candidate.json
+
+trains NeaR under the overrides on the same (model, profile, seed) runs and pairs it, run by run,
+with the reference's NeaR, naive and direct MLLM. That relies on the benchmark being deterministic,
+and it is checked: a run is paired only where the figures the overrides do not touch (the teacher,
+the ceilings) equal the reference's, sACC to 1e-6 and the rest to the last digit. Runs made under
+`--set` live in a folder of the work directory named after the overrides, so a cached default run
+is never taken for an overridden one; labels and ceilings are shared unless a `label.`/`synth.` or
+`train.`/`model.` override changes them.
 """
 
 from __future__ import annotations
@@ -42,6 +55,9 @@ from near_ray.storage import Storage, join
 from near_ray.train.methods import METHODS, TRAINED
 
 RESULTS = Path(__file__).resolve().parent / "results" / "near_vs_naive.json"
+# what --against pairs a candidate with, and the figures that must match the reference's exactly
+AGAINST = ("near", "naive", "direct_mllm")
+UNTOUCHED = ("direct_mllm", "upper_bound_true_names", "upper_bound_supervised")
 CEILINGS = ("upper_bound_true_names", "upper_bound_supervised")
 log = logging.getLogger("near_vs_naive")
 
@@ -237,6 +253,58 @@ def ceilings(cfg: DemoConfig, frame: Any, cache: str, scorer: Scorer, seed: int)
     return out
 
 
+def overrides_folder(work: str, sets: list[str], touches: tuple[str, ...] | None = None) -> str:
+    """Where results made under ``--set`` live: ``work`` itself without overrides (or when none of them
+    starts with one of ``touches``, for what they cannot change), else a folder named after them."""
+    import hashlib
+
+    relevant = sorted(s for s in sets if touches is None or s.split("=", 1)[0].startswith(touches))
+    if not relevant:
+        return work
+    folder = join(work, "set-" + hashlib.sha1("\n".join(relevant).encode()).hexdigest()[:10])
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(folder, "overrides.json").write_text(json.dumps(relevant, indent=1) + "\n")
+    return folder
+
+
+def _same_scores(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The same predictions: cACC, NMI and ARI to the last digit; sACC, a mean of Sentence-BERT
+    cosines, to 1e-6 (its last digits move between CPUs with the BLAS kernels, the predictions do not)."""
+    return all(a[k] == b[k] for k in ("cacc", "nmi", "ari")) and abs(a["sacc"] - b["sacc"]) < 1e-6
+
+
+def against(runs: list[dict[str, Any]], reference: dict[str, Any]) -> dict[str, Any]:
+    """This run's NeaR (a candidate's overrides) minus the reference benchmark's NeaR, naive and direct
+    MLLM, paired run by run, on the runs whose untouched figures (``UNTOUCHED``) equal the reference's."""
+    from near_ray.eval.stats import paired_difference
+
+    ref = {(r["model"], r["profile"], r["seed"]): r["metrics"] for r in reference["runs"]}
+    out: dict[str, Any] = {"profiles": {}, "unmatched": []}
+    paired: dict[str, list[tuple[dict, dict]]] = {}
+    for r in runs:
+        key = (r["model"], r["profile"], r["seed"])
+        theirs = ref.get(key)
+        same = theirs is not None and all(m in theirs and _same_scores(r["metrics"][m], theirs[m])
+                                          for m in UNTOUCHED if m in r["metrics"])
+        if not same or "near" not in r["metrics"]:
+            out["unmatched"].append({"model": key[0], "profile": key[1], "seed": key[2],
+                                     "why": "not in the reference" if theirs is None else "baselines differ"})
+            continue
+        paired.setdefault(r["profile"], []).append((r, theirs))
+    for profile, pairs in paired.items():
+        table: dict[str, Any] = {"runs": [{"model": r["model"], "seed": r["seed"]} for r, _ in pairs]}
+        for key in ("cacc", "sacc"):
+            table[f"candidate_{key}_mean"] = float(np.mean([r["metrics"]["near"][key] for r, _ in pairs]))
+        for m in AGAINST:
+            have = [(r, t) for r, t in pairs if m in t]
+            table[m] = {**paired_difference([r["metrics"]["near"]["cacc"] for r, _ in have],
+                                            [t[m]["cacc"] for _, t in have]),
+                        "sacc": paired_difference([r["metrics"]["near"]["sacc"] for r, _ in have],
+                                                  [t[m]["sacc"] for _, t in have])}
+        out["profiles"][profile] = table
+    return out
+
+
 # ------------------------------------------------------------------------------------------ summary
 def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     from near_ray.eval.stats import mean_std, paired_difference
@@ -272,6 +340,8 @@ def write_results(args: argparse.Namespace, runs: list[dict], setup: dict, metho
                            if any(r["model"] == m for r in runs)},
               "complete": len(runs) == len(args.seeds.split(",")) * len(args.profiles.split(",")) * len(args.models.split(",")),
               "runs": runs,
+              **({"against": {"reference": args.against, "overrides": args.set,
+                              **against(runs, json.loads(Path(args.against).read_text()))}} if args.against else {}),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "total_s": round(time.monotonic() - t_start, 1)}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -306,6 +376,24 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def against_text(result: dict[str, Any]) -> str:
+    """A candidate screened with --against, as markdown: candidate minus each reference method."""
+    lines = [f"candidate: `{' '.join(result['overrides'])}` against {result['reference']}", "",
+             "| profile | runs | candidate cACC | − NeaR [95% CI] | − naive [95% CI] | − direct MLLM [95% CI] |",
+             "|---|---|---|---|---|---|"]
+
+    def cell(d: dict[str, Any]) -> str:
+        return "–" if d["ci95"][0] is None else f"{d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+    for profile, t in result["profiles"].items():
+        lines.append(f"| {profile} | {len(t['runs'])} | {t['candidate_cacc_mean']:.3f} | "
+                     + " | ".join(cell(t[m]) for m in AGAINST) + " |")
+    if result["unmatched"]:
+        lines += ["", "not paired: " + ", ".join(f"{u['model']}/{u['profile']}/s{u['seed']} ({u['why']})"
+                                                 for u in result["unmatched"])]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2,3,4")
@@ -322,10 +410,13 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config overrides for every run")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--against", default=None,
+                        help="a finished benchmark's JSON: pair this run's NeaR (the --set candidate) with its runs")
     parser.add_argument("--markdown", action="store_true", help="print the tables of --out as markdown and exit")
     args = parser.parse_args()
     if args.markdown:
-        print(markdown(json.loads(Path(args.out).read_text())))
+        result = json.loads(Path(args.out).read_text())
+        print(against_text(result["against"]) if "against" in result else markdown(result))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for name in ("ray", "ray.data", "ray.train"):
@@ -367,15 +458,18 @@ def main() -> None:
                  "ablation_seeds": args.ablation_seeds or "all"}
     ablation_seeds = None if args.ablation_seeds is None else {int(x) for x in args.ablation_seeds.split(",")}
     # Seed-major: a run stopped early holds every starting model and profile for the seeds it finished.
+    # Under --set: cells in a folder of their own; labels and ceilings shared unless the overrides reach them.
+    cells_at, labels_at = overrides_folder(work, args.set), overrides_folder(work, args.set, ("label.", "synth."))
+    ceilings_at = overrides_folder(work, args.set, ("train.", "model."))
     for seed in [int(s) for s in args.seeds.split(",")]:
         for model, (base, scorer, cache) in models.items():
-            ceiling = ceilings(base_config(join(work, _label(model), f"ceiling_s{seed}"), root, taxonomy, model, args),
-                               frame, cache, scorer, seed)
+            ceiling = ceilings(base_config(join(ceilings_at, _label(model), f"ceiling_s{seed}"), root, taxonomy, model,
+                                           args), frame, cache, scorer, seed)
             for profile in args.profiles.split(","):
                 t0 = time.monotonic()
-                label_work = join(work, "labels", f"{profile}_s{seed}")
+                label_work = join(labels_at, "labels", f"{profile}_s{seed}")
                 direct = labels_for(root, label_work, base, profile, seed, scorer)
-                cfg = base_config(join(work, _label(model), f"{profile}_s{seed}"), root, taxonomy, model, args)
+                cfg = base_config(join(cells_at, _label(model), f"{profile}_s{seed}"), root, taxonomy, model, args)
                 cfg.label.seed, cfg.train.seed = seed, seed
                 ablations = {"near_no_knn", "near_no_gmm", *(m for m in methods if not METHODS[m].by_default)}
                 cell_methods = [m for m in methods if ablation_seeds is None or seed in ablation_seeds
@@ -388,6 +482,8 @@ def main() -> None:
                          {m: round(v["cacc"], 3) for m, v in cell["metrics"].items()})
                 write_results(args, runs, setup, ["direct_mllm", "zero_shot", *methods, *CEILINGS], t_start)
     result = write_results(args, runs, setup, ["direct_mllm", "zero_shot", *methods, *CEILINGS], t_start)
+    if args.against:
+        print(against_text(result["against"]))
     print(f"{'profile':8} {'method':24} {'cACC':>15} {'sACC':>7}   NeaR - method (95% CI)")
     for profile, table in result["profiles"].items():
         for m, v in table.items():

@@ -24,3 +24,57 @@ def test_identical_methods_differ_by_nothing_and_one_pair_has_no_interval():
     with pytest.raises(ValueError, match="same runs"):
         paired_difference([0.1, 0.2], [0.1])
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "near_vs_naive.py"
+    spec = importlib.util.spec_from_file_location("near_vs_naive", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(model, seed, **cacc):
+    return {"model": model, "profile": "weak", "seed": seed,
+            "metrics": {m: {"cacc": v, "sacc": v + 0.2, "nmi": v / 2, "ari": v / 3} for m, v in cacc.items()}}
+
+
+def test_a_screened_candidate_is_paired_only_where_the_reference_is_reproduced():
+    """`near_vs_naive.py --against`: a candidate's NeaR against a finished benchmark's runs, paired run by
+    run; a run whose untouched figures (the teacher, the ceilings) differ from the reference's is not
+    paired, because then the two runs did not see the same labels."""
+    bench = _benchmark()
+    reference = {"runs": [_run("a", 0, direct_mllm=0.30, naive=0.40, near=0.42, upper_bound_supervised=0.7),
+                          _run("a", 1, direct_mllm=0.31, naive=0.45, near=0.44, upper_bound_supervised=0.7),
+                          _run("b", 0, direct_mllm=0.30, naive=0.38, near=0.40, upper_bound_supervised=0.6)]}
+    candidate = [_run("a", 0, direct_mllm=0.30, near=0.45, upper_bound_supervised=0.7),
+                 _run("a", 1, direct_mllm=0.31, near=0.47, upper_bound_supervised=0.7),
+                 _run("b", 0, direct_mllm=0.30, near=0.49, upper_bound_supervised=0.61),  # a ceiling moved
+                 _run("b", 1, direct_mllm=0.30, near=0.49, upper_bound_supervised=0.6)]  # not in the reference
+    candidate[1]["metrics"]["direct_mllm"]["sacc"] += 3e-8  # sACC's last digits move between CPUs
+    out = bench.against(candidate, reference)
+    weak = out["profiles"]["weak"]
+    assert weak["runs"] == [{"model": "a", "seed": 0}, {"model": "a", "seed": 1}]
+    assert weak["near"]["mean_diff"] == pytest.approx(0.03) and weak["near"]["n"] == 2
+    assert weak["naive"]["mean_diff"] == pytest.approx(0.035)
+    assert weak["direct_mllm"]["mean_diff"] == pytest.approx(0.155)
+    assert weak["candidate_cacc_mean"] == pytest.approx(0.46)
+    assert [(u["model"], u["seed"], u["why"]) for u in out["unmatched"]] == [
+        ("b", 0, "baselines differ"), ("b", 1, "not in the reference")]
+    text = bench.against_text({"reference": "ref.json", "overrides": ["refine.x=y"], **out})
+    assert "| weak | 2 | 0.460 | +0.030 [" in text and "b/weak/s1 (not in the reference)" in text
+
+
+def test_runs_under_overrides_never_share_a_folder_with_default_runs(tmp_path):
+    bench = _benchmark()
+    work = str(tmp_path)
+    assert bench.overrides_folder(work, []) == work
+    a = bench.overrides_folder(work, ["refine.neighbour_votes=agreement"])
+    assert a != work and a == bench.overrides_folder(work, ["refine.neighbour_votes=agreement"])
+    assert bench.overrides_folder(work, ["refine.neighbour_votes=similarity"]) != a
+    # labels are shared with the default run unless an override reaches the label stage
+    assert bench.overrides_folder(work, ["refine.neighbour_votes=agreement"], ("label.", "synth.")) == work
+    assert bench.overrides_folder(work, ["label.samples=5"], ("label.", "synth.")) != work

@@ -287,8 +287,9 @@ def against(runs: list[dict[str, Any]], reference: dict[str, Any]) -> dict[str, 
         same = theirs is not None and all(m in theirs and _same_scores(r["metrics"][m], theirs[m])
                                           for m in UNTOUCHED if m in r["metrics"])
         if not same or "near" not in r["metrics"]:
-            out["unmatched"].append({"model": key[0], "profile": key[1], "seed": key[2],
-                                     "why": "not in the reference" if theirs is None else "baselines differ"})
+            why = ("not in the reference" if theirs is None else "baselines differ" if not same
+                   else "NeaR not trained in this run")
+            out["unmatched"].append({"model": key[0], "profile": key[1], "seed": key[2], "why": why})
             continue
         paired.setdefault(r["profile"], []).append((r, theirs))
     for profile, pairs in paired.items():

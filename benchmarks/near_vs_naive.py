@@ -342,7 +342,7 @@ def write_results(args: argparse.Namespace, runs: list[dict], setup: dict, metho
               "complete": len(runs) == len(args.seeds.split(",")) * len(args.profiles.split(",")) * len(args.models.split(",")),
               "runs": runs,
               **({"against": {"reference": args.against, "overrides": args.set,
-                              **against(runs, json.loads(Path(args.against).read_text()))}} if args.against else {}),
+                              **against(runs, args.reference)}} if args.against else {}),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "total_s": round(time.monotonic() - t_start, 1)}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -415,6 +415,7 @@ def main() -> None:
                         help="a finished benchmark's JSON: pair this run's NeaR (the --set candidate) with its runs")
     parser.add_argument("--markdown", action="store_true", help="print the tables of --out as markdown and exit")
     args = parser.parse_args()
+    args.reference = json.loads(Path(args.against).read_text()) if args.against else None  # read once, paired every run
     if args.markdown:
         result = json.loads(Path(args.out).read_text())
         print(against_text(result["against"]) if "against" in result else markdown(result))

@@ -190,6 +190,35 @@ def test_each_epoch_sees_a_new_reproducible_order(ray_cluster):
     assert shuffle_kwargs(tc.model_copy(update={"shuffle_buffer": 0}), 0, 0) == {}
 
 
+def test_batches_are_prefetched_where_it_overlaps_and_not_where_it_preempts_the_step(ray_cluster):
+    """A CPU worker whose step runs a team of threads takes its batches without Ray Data's prefetch
+    thread (it would preempt the team at every batch); a one-thread worker and a GPU keep one batch
+    ahead; `train.prefetch_batches` overrides both. Either way the epoch's batches are the same."""
+    import ray.data
+    import torch
+
+    from near_ray.config import TrainConfig
+    from near_ray.train.runner import epoch_batches, prefetch_batches
+
+    tc = TrainConfig(shuffle_buffer=4096, seed=0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert prefetch_batches(tc, "cpu") == 0 and prefetch_batches(tc, torch.device("cuda")) == 1
+        assert prefetch_batches(tc.model_copy(update={"prefetch_batches": 3}), "cpu") == 3
+        torch.set_num_threads(1)
+        assert prefetch_batches(tc, "cpu") == 1
+    finally:
+        torch.set_num_threads(before)
+    ds = ray.data.range(100, override_num_blocks=4).materialize()
+
+    def ids(prefetch: int) -> list[int]:
+        run = tc.model_copy(update={"prefetch_batches": prefetch})
+        return [int(i) for b in epoch_batches(ds.iterator(), 16, "cpu", run, epoch=1, rank=0) for i in b["id"]]
+
+    assert ids(0) == ids(1) and sorted(ids(0)) == list(range(100))
+
+
 @pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(ray_cluster, tmp_path):
     from near_ray.train.loop import FaultInjection

@@ -161,12 +161,12 @@ class TrainConfig(Section):
     seed: int = 0
     max_failures: int = Field(2, ge=0)
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads per worker; None = Ray's (the worker's CPUs)
+    prefetch_batches: int | None = Field(None, ge=0)  # Ray Data's batches ahead; None: runner.prefetch_batches
     checkpoint_keep: int = Field(2, ge=1)
     pretrain_epochs: int = Field(12, ge=1)  # contrastive pretraining (`near-ray pretrain`)
     pretrain_lr: float = Field(2e-3, gt=0)  # peak of a warm-up + cosine schedule
     pretrain_batch_size: int = Field(128, ge=2)  # global; InfoNCE negatives are per worker
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-
 
     @field_validator("method")
     @classmethod

@@ -90,6 +90,8 @@ def test_run_refine_end_to_end(bucket, ray_cluster):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     assert uris["broken"] not in emb.column("uri").to_pylist()
     assert summary["bad_image_count"] == 1 and summary["bad_images"][0]["uri"] == uris["broken"]
+    # the actor pool's start-up is reported, and it is part of the embedding time
+    assert 0 < summary["embed_first_batch_s"] <= summary["timings_s"]["embeddings_s"]
 
     nb = st.read_parquet(cfg.artifact("refine/neighbors.parquet")).to_pylist()
     domain_of = dict(zip(emb.column("image_id").to_pylist(), emb.column("domain").to_pylist(), strict=True))
@@ -121,6 +123,7 @@ def test_run_refine_end_to_end(bucket, ray_cluster):
     cfg2 = _cfg(bucket, "refine.k=1")
     third = run_refine(cfg2)
     assert third["skipped"] is False and third["embeddings_reused"] is True
+    assert third["embed_first_batch_s"] is None  # nothing was embedded
     assert third["bad_image_count"] == 1
     nb = st.read_parquet(cfg.artifact("refine/neighbors.parquet")).to_pylist()
     assert {len(r["neighbors"]) for r in nb} == {1}
@@ -153,4 +156,5 @@ def test_embedding_actors_holding_nearly_every_cpu_still_finish(ray_cluster, tmp
     df = pd.DataFrame({"image_id": [f"{i:02d}" for i in range(10)], "uri": uris, "domain": "birds"})
     emb = embed_images(df, cfg, st)
     assert list(emb.meta["image_id"]) == [f"{i:02d}" for i in range(10)] and not emb.failures
+    assert emb.first_batch_s > 0 and 1 <= emb.first_batch_images <= 10
     assert emb.vectors.shape[0] == 10 and np.allclose(np.linalg.norm(emb.vectors, axis=1), 1.0, atol=1e-4)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,10 @@ class Embeddings:
     meta: pd.DataFrame  # image_id, uri, domain
     vectors: np.ndarray  # [N, D] float32, L2-normalized, row i belongs to meta row i
     failures: list[dict[str, str]]  # {"image_id", "uri", "domain", "error"}
+    # seconds from the start of embed_images to its first batch of embeddings (the actor pool's start-up:
+    # worker processes, imports, the model) and how many images that batch held; None without a batch
+    first_batch_s: float | None = None
+    first_batch_images: int = 0
 
 
 def unique_images(labels: pd.DataFrame) -> pd.DataFrame:
@@ -109,6 +114,7 @@ def embed_images(images: pd.DataFrame, cfg: RunConfig, storage: Storage) -> Embe
     import pandas as pd
     import ray
 
+    t0 = time.monotonic()
     rc = cfg.refine
     if images.empty:
         return Embeddings(images.iloc[:0][["image_id", "uri", "domain"]], np.zeros((0, 0), np.float32), [])
@@ -129,8 +135,10 @@ def embed_images(images: pd.DataFrame, cfg: RunConfig, storage: Storage) -> Embe
         num_gpus=rc.embed_gpus,
     )
     metas, vecs, failures = [], [], []
+    first: tuple[float, int] | None = None
     bar = Progress("embed", len(images), "images")
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+        first = first or (round(time.monotonic() - t0, 3), len(b["uri"]))
         bar.update(len(b["uri"]))
         err = b["error"].astype(str)
         ok = err == ""
@@ -141,12 +149,14 @@ def embed_images(images: pd.DataFrame, cfg: RunConfig, storage: Storage) -> Embe
         metas.append(pd.DataFrame({k: b[k][ok].astype(str) for k in ("image_id", "uri", "domain")}))
         vecs.append(np.asarray(b["embedding"][ok], dtype=np.float32))
     bar.close()
+    startup = {"first_batch_s": first[0], "first_batch_images": first[1]} if first else {}
     if not metas:
-        return Embeddings(images.iloc[:0][["image_id", "uri", "domain"]], np.zeros((0, 0), np.float32), failures)
+        return Embeddings(images.iloc[:0][["image_id", "uri", "domain"]], np.zeros((0, 0), np.float32), failures,
+                          **startup)
     meta = pd.concat(metas, ignore_index=True)
     vectors = np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)
     order = np.lexsort((meta["image_id"].to_numpy(), meta["domain"].to_numpy()))  # deterministic row order
-    return Embeddings(meta.iloc[order].reset_index(drop=True), vectors[order], failures)
+    return Embeddings(meta.iloc[order].reset_index(drop=True), vectors[order], failures, **startup)
 
 
 # ------------------------------------------------------------------------------------------ parquet

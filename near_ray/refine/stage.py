@@ -264,6 +264,8 @@ def _summary(cfg: RunConfig, labels: pd.DataFrame, vocab: Vocabulary, emb: Embed
         "embedded": int(len(emb.meta)),
         "embeddings_reused": reused,
         "embed_images_per_s": None if reused or not embed_s else round(len(emb.meta) / embed_s, 2),
+        # the actor pool's start-up (processes, imports, model) until its first batch; None when reused
+        "embed_first_batch_s": None if reused else emb.first_batch_s,
         "bad_image_count": len(emb.failures),
         "bad_images": emb.failures[:_MAX_LISTED_FAILURES],
         "vocabulary_size": len(vocab.entries),

@@ -14,8 +14,9 @@ the same number of torch threads:
   and model loading counted).
 
 ``ratio`` = stage / plain images/s over each one's whole run; ``steady_ratio`` the same after each
-one's first output (the stage's first row written, the loop's first batch), i.e. without start-up. Target on a 2-core machine: ratio >= 0.9. With ``--gpus 1`` both run
-on the GPU (half-precision autocast); record ViT-B-16 there. Prints a line and writes
+one's first output (the stage's first row written, the loop's first batch), i.e. without start-up.
+Target on a 2-core machine: ratio >= 0.9. With ``--gpus 1`` both run on the GPU (half-precision
+autocast); record ViT-B-16 there. Prints a line and writes
 benchmarks/results/classify_throughput.json.
 """
 

@@ -149,14 +149,14 @@ def embed_images(images: pd.DataFrame, cfg: RunConfig, storage: Storage) -> Embe
         metas.append(pd.DataFrame({k: b[k][ok].astype(str) for k in ("image_id", "uri", "domain")}))
         vecs.append(np.asarray(b["embedding"][ok], dtype=np.float32))
     bar.close()
-    startup = {"first_batch_s": first[0], "first_batch_images": first[1]} if first else {}
+    first_s, first_n = first or (None, 0)
     if not metas:
         return Embeddings(images.iloc[:0][["image_id", "uri", "domain"]], np.zeros((0, 0), np.float32), failures,
-                          **startup)
+                          first_s, first_n)
     meta = pd.concat(metas, ignore_index=True)
     vectors = np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)
     order = np.lexsort((meta["image_id"].to_numpy(), meta["domain"].to_numpy()))  # deterministic row order
-    return Embeddings(meta.iloc[order].reset_index(drop=True), vectors[order], failures, **startup)
+    return Embeddings(meta.iloc[order].reset_index(drop=True), vectors[order], failures, first_s, first_n)
 
 
 # ------------------------------------------------------------------------------------------ parquet

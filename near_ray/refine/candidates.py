@@ -15,6 +15,11 @@ of mixed species every stray name would otherwise enter: measured on the synthet
 pretrained near-tiny CLIP (neighbour purity 0.27 at K=10), S_i held 10.6 names on average; with a
 threshold of one neighbour it holds 3 besides the own names and still contains the species' usual
 name for 95% of images (98% without the threshold, 79% from the own samples alone).
+
+By default (``refine.neighbour_votes: above_chance``) the neighbour term of an image with own answers
+counts only what the neighbourhood says beyond chance: each name's vote minus its base rate in the
+domain, max(0, ·), not normalized again (``_above_chance``); the floor above then applies to that
+excess. The published formula above is ``similarity``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+VOTES = ("above_chance", "similarity", "agreement")  # refine.neighbour_votes
 
 
 @dataclass(frozen=True)
@@ -44,17 +51,24 @@ def candidate_sets(
     similarities: np.ndarray,
     neighbour_weight: float,
     min_neighbour_votes: float,
-    neighbour_votes: str = "similarity",
+    neighbour_votes: str = "above_chance",
 ) -> list[CandidateSet]:
     """One candidate set per image. ``neighbors``/``similarities`` as returned by ``knn`` (-1 = no neighbour);
     the two weights are ``refine.neighbour_weight`` and ``refine.min_neighbour_votes``; ``neighbour_votes``
-    is ``refine.neighbour_votes`` ("similarity" or "agreement", see ``_neighbour_votes``)."""
+    is ``refine.neighbour_votes`` ("above_chance", "similarity" or "agreement", see ``_neighbour_votes``
+    and ``_above_chance``). The images passed are one domain's: "above_chance" takes its base rates
+    over them."""
+    if neighbour_votes not in VOTES:
+        raise ValueError(f"refine.neighbour_votes: '{neighbour_votes}' is not one of {', '.join(VOTES)}")
     owns = [own_distribution(o) for o in own_labels]
+    base = _base_rates(owns) if neighbour_votes == "above_chance" else None
     out = []
     for i, own in enumerate(owns):
         scores = dict(own)
         votes, voters = (_neighbour_votes(owns, neighbors[i], similarities[i], own if neighbour_votes == "agreement" else None)
                          if neighbors.shape[1] else ({}, 0))
+        if base is not None and own:
+            votes = _above_chance(votes, base)
         # Without own names the neighbours are all there is: then every name they gave stays.
         floor = min_neighbour_votes / voters if own and voters else 0.0
         votes = {n: v for n, v in votes.items() if n in own or v >= floor - 1e-9}
@@ -95,6 +109,29 @@ def _neighbour_votes(owns: list[dict[str, float]], ids: np.ndarray, sims: np.nda
         for name, p in owns[j].items():
             votes[name] = votes.get(name, 0.0) + w * p
     return ({n: v / total for n, v in votes.items()} if total else {}), voters
+
+
+def _base_rates(owns: list[dict[str, float]]) -> dict[str, float]:
+    """Each name's mean answer fraction over the images with answers: the vote a name gets from
+    neighbours drawn at random. An image's own answers count in it, though an image is never its own
+    neighbour: for a name the image did not give, chance reads low by a factor (N − 1)/N."""
+    rates: dict[str, float] = {}
+    answered = [o for o in owns if o]
+    for o in answered:
+        for name, p in o.items():
+            rates[name] = rates.get(name, 0.0) + p / len(answered)
+    return rates
+
+
+def _above_chance(votes: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """``refine.neighbour_votes: above_chance``: what the neighbourhood says beyond chance,
+    ``max(0, vote(c) − base(c))``. A name that the neighbours give no more often than images at random
+    do (a coarse name the annotator gives every image, the frequent answer of a mixed neighbourhood)
+    tells nothing about this image, and stays out. A pure neighbourhood keeps nearly its whole vote
+    (1 − base), a neighbourhood at chance none, so the neighbour term weighs as much as the
+    neighbourhood is informative: where features are poor, NeaR falls back towards its own samples.
+    Images without own answers keep the plain votes: the neighbours are all they have."""
+    return {n: v - base.get(n, 0.0) for n, v in votes.items() if v - base.get(n, 0.0) > 1e-12}
 
 
 def _normalized(scores: dict[str, float]) -> CandidateSet:

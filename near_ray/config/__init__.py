@@ -92,10 +92,8 @@ class RefineConfig(Section):
     neighbour_weight: float = Field(0.5, ge=0)  # weight of neighbour votes vs own samples
     # a name only neighbours gave joins a candidate set with at least this many neighbours' worth of votes
     min_neighbour_votes: float = Field(1.0, ge=0)
-    # above_chance: a neighbour's vote is weighted by its cosine and a name counts only with the part of its
-    # vote above the name's base rate in the domain; similarity: the whole cosine-weighted vote (the
-    # published method); agreement: also weighted by how much the neighbour's answers share with the
-    # image's (see docs/refine.md)
+    # cosine-weighted votes; above_chance: only a name's vote above its base rate in the domain; similarity:
+    # the whole vote (the published method); agreement: weighted by answers shared too (docs/refine.md)
     neighbour_votes: Literal["above_chance", "similarity", "agreement"] = "above_chance"
     index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     exact_max_n: int = Field(200_000, ge=1)  # auto: exact search up to this many images

@@ -285,19 +285,29 @@ def _same_scores(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a[k] == b[k] for k in ("cacc", "nmi", "ari")) and abs(a["sacc"] - b["sacc"]) < 1e-6
 
 
+def _by_run(runs: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """A benchmark JSON's runs as (model, profile, seed) -> metrics."""
+    return {(r["model"], r["profile"], r["seed"]): r["metrics"] for r in runs}
+
+
+def _same_run(ours: dict[str, Any], theirs: dict[str, Any] | None) -> bool:
+    """Whether a file's run was made from the same labels and starting model as this one: every
+    untouched figure (teacher, ceilings) this run has equals the file's."""
+    return theirs is not None and all(m in theirs and _same_scores(v, theirs[m]) for m, v in ours.items())
+
+
 def against(runs: list[dict[str, Any]], reference: dict[str, Any]) -> dict[str, Any]:
     """This run's NeaR (a candidate's overrides) minus the reference benchmark's NeaR, naive and direct
     MLLM, paired run by run, on the runs whose untouched figures (``UNTOUCHED``) equal the reference's."""
     from near_ray.eval.stats import paired_difference
 
-    ref = {(r["model"], r["profile"], r["seed"]): r["metrics"] for r in reference["runs"]}
+    ref = _by_run(reference["runs"])
     out: dict[str, Any] = {"profiles": {}, "unmatched": []}
     paired: dict[str, list[tuple[dict, dict]]] = {}
     for r in runs:
         key = (r["model"], r["profile"], r["seed"])
         theirs = ref.get(key)
-        same = theirs is not None and all(m in theirs and _same_scores(r["metrics"][m], theirs[m])
-                                          for m in UNTOUCHED if m in r["metrics"])
+        same = _same_run({m: r["metrics"][m] for m in UNTOUCHED if m in r["metrics"]}, theirs)
         if not same or "near" not in r["metrics"]:
             why = ("not in the reference" if theirs is None else "baselines differ" if not same
                    else "NeaR not trained in this run")
@@ -334,7 +344,7 @@ def parse_keep(specs: list[str]) -> list[tuple[str, dict[tuple, dict], list[str]
             runs, setup = data["runs"], data.get("setup", {})
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"--keep {spec}: cannot read the runs of {path}: {e}") from e
-        out.append((path, {(r["model"], r["profile"], r["seed"]): r["metrics"] for r in runs}, methods, setup))
+        out.append((path, _by_run(runs), methods, setup))
     return out
 
 
@@ -371,7 +381,7 @@ def carried(keep: list[tuple[str, dict[tuple, dict], list[str], dict]], key: tup
     out: dict[str, tuple[str, dict[str, Any]]] = {}
     for path, runs, methods, _ in keep:
         theirs = runs.get(key)
-        if theirs is None or not all(m in theirs and _same_scores(v, theirs[m]) for m, v in untouched.items()):
+        if not _same_run(untouched, theirs):
             continue
         for m in methods:
             if m in wanted and m in theirs and m not in out:

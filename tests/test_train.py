@@ -392,6 +392,55 @@ def test_image_prototypes_fix_a_classifier_whose_name_embeddings_are_poor():
     assert np.allclose(mixed[2], text[2]) and np.allclose(np.linalg.norm(mixed, axis=1), 1.0)
 
 
+def test_clustered_prototypes_recover_a_class_whose_labels_leak_into_its_neighbour():
+    """``train.prototype_clusters``: half of class 1's training images carry class 0's name, so the
+    label prototype of name 0 sits between the two clusters and takes class-1 test images. Moved to
+    the cluster it seeds (seeded k-means), name 0's prototype is nearer its class's centre and the
+    classifier names more test images right. Images join only their own domain's names (``allowed``),
+    a name without support keeps its text, and the same input gives the same classifier."""
+    from near_ray.train.stage import class_embeddings, cluster_prototypes
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0]])
+
+    def images(n):
+        x = np.repeat(centres, n, axis=0) + rng.normal(0, 0.2, (2 * n, 3))
+        return x / np.linalg.norm(x, axis=1, keepdims=True), np.repeat([0, 1], n)
+
+    train, labels = images(30)
+    test, truth = images(200)
+    named = labels.copy()
+    named[30:45] = 0  # the MLLM's consistent confusion: half of class 1 named as class 0
+    text = np.eye(3)  # uninformative text embeddings: the prototypes decide
+    cand_idx = np.tile([0, 1], (len(train), 1))  # name 2 is nobody's candidate
+    confidences = np.where(cand_idx == named[:, None], 1.0, 0.0)
+    allowed = np.ones((len(train), 3), dtype=bool)
+
+    def accuracy(classes):
+        return float(((test @ classes[:2].T).argmax(1) == truth).mean())
+
+    by_labels = class_embeddings(text, cand_idx, confidences, train, 1.0, [0, 1, 2])
+    clustered = class_embeddings(text, cand_idx, confidences, train, 1.0, [0, 1, 2], allowed)
+    unit = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    near_centre = {k: (c[:2] * unit).sum(1) for k, c in (("labels", by_labels), ("clustered", clustered))}
+    assert near_centre["clustered"][0] > near_centre["labels"][0] + 0.02, near_centre  # the leaky one
+    assert near_centre["clustered"].mean() > near_centre["labels"].mean(), near_centre
+    assert accuracy(clustered) >= accuracy(by_labels) + 0.015, (accuracy(clustered), accuracy(by_labels))
+    assert np.allclose(clustered[2], text[2])  # no support: its text, whatever the clustering
+    assert np.array_equal(clustered, class_embeddings(text, cand_idx, confidences, train, 1.0, [0, 1, 2], allowed))
+
+    # Two domains: the second domain's images lie on name 0's cluster but may join only name 1.
+    other = unit[[0]] + rng.normal(0, 0.05, (10, 3))
+    other /= np.linalg.norm(other, axis=1, keepdims=True)
+    seeds = np.vstack([unit[0], np.array([0.0, 1.0, 0.0])])
+    both = np.vstack([train[labels == 0], other])
+    allowed = np.array([[True, False]] * int((labels == 0).sum()) + [[False, True]] * 10)
+    moved = cluster_prototypes(seeds, both, allowed)
+    mean_other = other.mean(0) / np.linalg.norm(other.mean(0))
+    assert np.allclose(moved[1], mean_other)  # name 1: its own domain's images only
+    assert (moved[0] @ unit[0]) > 0.98  # name 0 took none of them away from its own images
+
+
 def test_neighbours_found_again_in_the_fine_tuned_model_replace_a_wrong_graph(ray_cluster, tmp_path):
     """``train.neighbour_space: fine_tuned`` (the near_refreshed_knn method): refine's graph is
     replaced here by one whose neighbours are all of other classes. Trained with it as published

@@ -143,8 +143,9 @@ class TrainConfig(Section):
     min_label_support: int = Field(1, ge=0)
     # the classifier: each name's text embedding mixed with this share of its image prototype (the
     # confidence-weighted mean embedding of its training images); 0 = text only. 0.3 is FineR's and
-    # FiNDR's mix (0.7 text), not tuned here: on the method benchmark 0.3-0.7 are within 0.01 of each other
+    # FiNDR's mix (0.7 text), not tuned here; 0.5 and 1 are measured candidates (docs/train.md)
     prototype_weight: float = Field(0.3, ge=0, le=1)
+    prototype_clusters: bool = False  # prototypes moved to the centres of the image clusters they seed
     # clean samples after warm-up: the PLL loss on their confidences W (soft), or CE on argmax W (hard)
     clean_loss: Literal["hard", "soft"] = "soft"
     # PRODEN updates: new confidence ∝ p * initial_confidence ** prior_power / mean_prediction ** balance

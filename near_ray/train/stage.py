@@ -94,8 +94,12 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     if cfg.train.prototype_weight > 0:
         text = encode_texts(clip, [v["name"] for v in vocabulary], cfg.model.prompt_template)
         images = training_image_embeddings(cfg, clip, ts, st)
-        classes = class_embeddings(text, cand_idx, weights, images, cfg.train.prototype_weight, kept)
-        metrics["class_embeddings"] = f"text + image prototypes (weight {cfg.train.prototype_weight})"
+        clusters = None
+        if cfg.train.prototype_clusters:  # each image may join the names of its own domain
+            clusters = ts.arrays.domain_mask[ts.arrays.domain_of][:, kept]
+        classes = class_embeddings(text, cand_idx, weights, images, cfg.train.prototype_weight, kept, clusters)
+        metrics["class_embeddings"] = (f"text + image prototypes (weight {cfg.train.prototype_weight}"
+                                       + (", clustered)" if clusters is not None else ")"))
     export_bundle(cfg, clip, vocabulary, bundle_uri, meta["logit_scale"], metrics, st, classes)
     log.info("train %s: %d epochs in %.1f s, bundle %s", method, len(history), elapsed, bundle_uri)
     return {**metrics, "bundle": bundle_uri, "checkpoint": checkpoint.path}
@@ -169,12 +173,13 @@ def prune_vocabulary(
 
 
 def class_embeddings(text: np.ndarray, cand_idx: np.ndarray, confidences: np.ndarray, images: np.ndarray,
-                     weight: float, names: list[int]) -> np.ndarray:
+                     weight: float, names: list[int], clusters: np.ndarray | None = None) -> np.ndarray:
     """The classifier's class vectors for vocabulary entries ``names`` (``text`` holds theirs): each
     name's text embedding mixed with its image prototype, the confidence-weighted mean of the training
     images' embeddings (FineR and FiNDR classify with such a mix, 0.7 text); confidences [N, S] sit at
     the vocabulary indices ``cand_idx``. ``weight`` is the prototype's share; a name no image supports
-    keeps its text."""
+    keeps its text. ``clusters`` ([N, len(names)] bool: the names image i may join, its domain's):
+    the prototypes are then moved to the clusters of the images they seed (``cluster_prototypes``)."""
     rows, cols = np.nonzero(cand_idx >= 0)
     full = np.zeros((int(cand_idx.max()) + 1 if cand_idx.size else 0, images.shape[1]))
     np.add.at(full, cand_idx[rows, cols], confidences[rows, cols, None].astype(np.float64) * images[rows])
@@ -183,8 +188,41 @@ def class_embeddings(text: np.ndarray, cand_idx: np.ndarray, confidences: np.nda
     proto[inside] = full[[names[k] for k in inside]]
     norm = np.linalg.norm(proto, axis=1, keepdims=True)
     proto = np.divide(proto, norm, out=np.zeros_like(proto), where=norm > 0)
+    if clusters is not None:
+        proto = cluster_prototypes(proto, images, clusters & (norm.T > 0))
     mixed = np.where(norm > 0, (1 - weight) * text + weight * proto, text)
     return (mixed / np.linalg.norm(mixed, axis=1, keepdims=True)).astype(np.float32)
+
+
+def cluster_prototypes(seeds: np.ndarray, images: np.ndarray, allowed: np.ndarray, max_iter: int = 50) -> np.ndarray:
+    """Seeded spherical k-means (Basu et al., 2002): the label prototypes ``seeds`` [K, D] (unit rows)
+    start it; each image [N, D] joins its most similar prototype among those ``allowed`` [N, K] to it,
+    each prototype becomes the normalized mean of its images, until no image changes cluster. A
+    prototype keeps its name, so the result is still a named classifier; one that no image joins keeps
+    its seed, and so does a row no image may join (a name without support, another domain's).
+
+    Why: the labels' prototypes are means over images whose names are partly wrong, so each carries a
+    share of its confusers. Where the image features group by class (the premise of the kNN candidate
+    sets), the groups' own centres are the cleaner prototypes, and the labels still decide which group
+    carries which name. Deterministic: no random restarts, ties to the lower index.
+    """
+    x = np.asarray(images, dtype=np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    proto = np.asarray(seeds, dtype=np.float64).copy()
+    members = allowed.any(axis=1)  # an image no name may take joins none
+    assign = None
+    for _ in range(max_iter):
+        sims = np.where(allowed, x @ proto.T, -np.inf)
+        new = sims.argmax(axis=1)
+        if assign is not None and np.array_equal(new, assign):
+            break
+        assign = new
+        sums = np.zeros_like(proto)
+        np.add.at(sums, assign[members], x[members])
+        norm = np.linalg.norm(sums, axis=1, keepdims=True)
+        moved = norm[:, 0] > 0  # a prototype no image joined keeps its place
+        proto[moved] = sums[moved] / norm[moved]
+    return proto
 
 
 def training_image_embeddings(cfg: RunConfig, clip: Any, ts: Any, st: Storage) -> np.ndarray:

@@ -94,6 +94,17 @@ def base_config(work: str, root: str, taxonomy: dict, model: str, args: argparse
     return cfg
 
 
+def classifier_only(name: str) -> bool:
+    """Whether a method trains exactly as NeaR and differs only in the bundle it exports (its overrides
+    are not learned): it shares NeaR's checkpoint, costs one export a run and so runs on every seed."""
+    from near_ray.train.runner import NOT_LEARNED
+
+    m, near = METHODS[name], METHODS["near"]
+    same = (m.targets, m.loss, m.gmm, m.neighbour_refinement) == (near.targets, near.loss, near.gmm,
+                                                                  near.neighbour_refinement)
+    return same and all(key in NOT_LEARNED for key, _ in m.overrides)
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 class Scorer:
     """Test-image embeddings of one starting CLIP, computed once: every bundle whose image tower is the
@@ -516,7 +527,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(TRAINED), help="trained methods (near_ray.train.methods)")
     parser.add_argument("--ablation-seeds", default=None,
                         help="seeds on which the NeaR ablations (near_no_knn, near_no_gmm) and the candidates under "
-                             "measurement (near_refreshed_knn) also run (default: all)")
+                             "measurement that train (near_refreshed_knn) also run (default: all); those that only "
+                             "change NeaR's classifier run on every seed")
     parser.add_argument("--set", action="append", default=[], help="config overrides for every run")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS))
@@ -587,7 +599,8 @@ def main() -> None:
                 direct = labels_for(root, label_work, base, profile, seed, scorer)
                 cfg = base_config(join(cells_at, _label(model), f"{profile}_s{seed}"), root, taxonomy, model, args)
                 cfg.label.seed, cfg.train.seed = seed, seed
-                ablations = {"near_no_knn", "near_no_gmm", *(m for m in methods if not METHODS[m].by_default)}
+                ablations = {"near_no_knn", "near_no_gmm",
+                             *(m for m in methods if not METHODS[m].by_default and not classifier_only(m))}
                 cell_methods = [m for m in methods if ablation_seeds is None or seed in ablation_seeds
                                 or m not in ablations]
                 untouched = {m: v for m, v in {"direct_mllm": direct["metrics"], **ceiling}.items() if m in UNTOUCHED}

@@ -57,14 +57,14 @@ METHODS: dict[str, Method] = {
         Method("near_refreshed_knn", "NeaR with neighbours re-found in the fine-tuned model's logit space",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
                overrides=(("neighbour_space", "fine_tuned"),), by_default=False),
-        # the classifier's text/image mix (train.prototype_weight, 0.3 by default): image prototypes
-        # only, and the two in equal shares; then the prototypes moved to the clusters they seed
+        # the classifier's text/image mix (train.prototype_weight, 0.5 by default): image prototypes
+        # only, FineR's mix (0.3), and the prototypes moved to the clusters they seed
         Method("near_image_only", "NeaR classifying with image prototypes only (no text embeddings)",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
                overrides=(("prototype_weight", 1.0),), by_default=False),
-        Method("near_even_mix", "NeaR classifying with text embeddings and image prototypes in equal shares",
+        Method("near_finer_mix", "NeaR classifying with FineR's mix (0.7 text, 0.3 image prototypes)",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
-               overrides=(("prototype_weight", 0.5),), by_default=False),
+               overrides=(("prototype_weight", 0.3),), by_default=False),
         Method("near_clustered_prototypes", "NeaR with its image prototypes moved to the clusters they seed",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
                overrides=(("prototype_clusters", True),), by_default=False),

@@ -34,7 +34,7 @@ class TrainError(NearRayError):
 # The layout of the per-sample state in a checkpoint: part of a run's name, so a checkpoint written by
 # another layout is never resumed (it would not fit).
 STATE_FORMAT = 2
-_NOT_LEARNED = {"method", "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures",
+NOT_LEARNED = {"method", "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures",
                 "checkpoint_keep", "accelerator_type", "tracking", "prototype_weight", "min_label_support",
                 "prototype_clusters"}
 
@@ -50,7 +50,7 @@ def run_name(kind: str, cfg: RunConfig, *inputs: Any) -> str:
     import hashlib
     import json
 
-    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NOT_LEARNED}
+    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in NOT_LEARNED}
     blob = json.dumps([kind, STATE_FORMAT, cfg.model.model_dump(mode="json"), train, *inputs], sort_keys=True,
                       default=str)
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"

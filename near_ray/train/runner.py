@@ -35,8 +35,8 @@ class TrainError(NearRayError):
 # another layout is never resumed (it would not fit).
 STATE_FORMAT = 2
 NOT_LEARNED = {"method", "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures",
-                "checkpoint_keep", "accelerator_type", "tracking", "prototype_weight", "min_label_support",
-                "prototype_clusters"}
+               "checkpoint_keep", "accelerator_type", "tracking", "prototype_weight", "min_label_support",
+               "prototype_clusters"}
 
 
 def run_name(kind: str, cfg: RunConfig, *inputs: Any) -> str:

@@ -364,6 +364,12 @@ def test_pretrain_learns_image_caption_alignment_and_writes_reproducible_weights
         k: retrieval[k] for k in ("caption_top1", "chance", "rank_percentile", "images", "captions")}
 
 
+def _two_clusters(rng: np.random.Generator, centres: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n unit vectors around each of two centres (noise 0.2) and their class (0 or 1)."""
+    x = np.repeat(centres, n, axis=0) + rng.normal(0, 0.2, (2 * n, 3))
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.repeat([0, 1], n)
+
+
 def test_image_prototypes_fix_a_classifier_whose_name_embeddings_are_poor():
     """Two classes whose images cluster apart, named by text embeddings that both point at the first
     cluster: text alone names every image class 0; mixing in each name's image prototype (the
@@ -373,13 +379,8 @@ def test_image_prototypes_fix_a_classifier_whose_name_embeddings_are_poor():
 
     rng = np.random.default_rng(0)
     centres = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-
-    def images(n):
-        x = np.repeat(centres, n, axis=0) + rng.normal(0, 0.2, (2 * n, 3))
-        return x / np.linalg.norm(x, axis=1, keepdims=True), np.repeat([0, 1], n)
-
-    train, labels = images(20)
-    test, truth = images(50)
+    train, labels = _two_clusters(rng, centres, 20)
+    test, truth = _two_clusters(rng, centres, 50)
     text = np.array([[0.9, 0.3, 0.3], [0.92, 0.2, 0.34], [0.0, 0.0, 1.0]])
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     cand_idx = np.tile([0, 1], (len(train), 1))  # every candidate set {0, 1}; name 2 is nobody's candidate
@@ -402,13 +403,8 @@ def test_clustered_prototypes_recover_a_class_whose_labels_leak_into_its_neighbo
 
     rng = np.random.default_rng(0)
     centres = np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0]])
-
-    def images(n):
-        x = np.repeat(centres, n, axis=0) + rng.normal(0, 0.2, (2 * n, 3))
-        return x / np.linalg.norm(x, axis=1, keepdims=True), np.repeat([0, 1], n)
-
-    train, labels = images(30)
-    test, truth = images(200)
+    train, labels = _two_clusters(rng, centres, 30)
+    test, truth = _two_clusters(rng, centres, 200)
     named = labels.copy()
     named[30:45] = 0  # the MLLM's consistent confusion: half of class 1 named as class 0
     text = np.eye(3)  # uninformative text embeddings: the prototypes decide

@@ -437,6 +437,59 @@ def test_clustered_prototypes_recover_a_class_whose_labels_leak_into_its_neighbo
     assert (moved[0] @ unit[0]) > 0.98  # name 0 took none of them away from its own images
 
 
+def test_neighbour_votes_keep_the_mllms_errors_out_of_the_prototypes_they_name():
+    """``train.prototype_vote: neighbours``: six classes whose images cluster apart; the MLLM names a
+    third of the training images with another class's name, in full confidence, scattered through the
+    clusters. By confidence alone each wrong name pulls its prototype towards the image's class; counted
+    by the share of the image's neighbours that carry the name, the errors count little, the prototypes
+    sit nearer their classes and the classifier names more test images right. Where every
+    neighbourhood agrees with its labels the votes change nothing; an image without neighbours (or a
+    method without a graph) keeps its confidences."""
+    from near_ray.train.stage import class_embeddings, neighbour_votes
+
+    rng = np.random.default_rng(0)
+    k, dim, n = 6, 8, 20
+    centres = rng.normal(0, 1, (k, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+
+    def images(per_class):
+        x = np.repeat(centres, per_class, axis=0) + rng.normal(0, 0.35, (k * per_class, dim))
+        return x / np.linalg.norm(x, axis=1, keepdims=True), np.repeat(np.arange(k), per_class)
+
+    train, labels = images(n)
+    test, truth = images(100)
+    named = labels.copy()
+    wrong = rng.random(len(named)) < 0.35
+    named[wrong] = (labels[wrong] + rng.integers(1, k, wrong.sum())) % k
+    cand_idx = np.tile(np.arange(k), (len(train), 1))
+    confidences = np.where(cand_idx == named[:, None], 1.0, 0.0)
+    sims = train @ train.T
+    np.fill_diagonal(sims, -np.inf)
+    neighbours = np.argsort(-sims, axis=1)[:, :10]
+    text = np.eye(dim)[:k]  # uninformative text embeddings: the prototypes decide
+
+    def classes(votes):
+        return class_embeddings(text, cand_idx, votes, train, 1.0, list(range(k)))
+
+    def accuracy(votes):
+        return float(((test @ classes(votes).T).argmax(1) == truth).mean())
+
+    votes = neighbour_votes(cand_idx, confidences, neighbours)
+    mine = votes[np.arange(len(named)), named]
+    assert mine[wrong].mean() < 0.5 * mine[~wrong].mean(), (mine[wrong].mean(), mine[~wrong].mean())
+    on_class = {"votes": float((classes(votes) * centres).sum(1).mean()),
+                "confidences": float((classes(confidences) * centres).sum(1).mean())}  # cosine to own centre
+    assert on_class["votes"] > on_class["confidences"] + 0.01, on_class
+    assert accuracy(votes) >= accuracy(confidences) + 0.02, (accuracy(votes), accuracy(confidences))
+
+    clean = np.where(cand_idx == labels[:, None], 1.0, 0.0)
+    same_class = np.stack([np.nonzero(labels == c)[0][:10] for c in labels])
+    assert np.allclose(neighbour_votes(cand_idx, clean, same_class), clean)  # neighbourhoods agree: no change
+    lonely = np.full_like(neighbours, -1)
+    assert np.array_equal(neighbour_votes(cand_idx, confidences, lonely), confidences)
+    assert np.array_equal(neighbour_votes(cand_idx, confidences, neighbours[:, :0]), confidences)
+
+
 def test_neighbours_found_again_in_the_fine_tuned_model_replace_a_wrong_graph(ray_cluster, tmp_path):
     """``train.neighbour_space: fine_tuned`` (the near_refreshed_knn method): refine's graph is
     replaced here by one whose neighbours are all of other classes. Trained with it as published

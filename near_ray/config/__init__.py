@@ -141,10 +141,10 @@ class TrainConfig(Section):
     gmm_clean_threshold: float = Field(0.5, ge=0, le=1)
     # the bundle keeps the names at least this many training images are finally labelled with (0 = all)
     min_label_support: int = Field(1, ge=0)
-    # the classifier: each name's text embedding mixed with this share of its image prototype (the
-    # confidence-weighted mean embedding of its training images); 0 = text only. 0.5: neither tower
-    # preferred (FineR and FiNDR use 0.3); measured against 0.3 and 1 on the method benchmark (docs/train.md)
-    prototype_weight: float = Field(0.5, ge=0, le=1)
+    # the classifier: each name's text mixed with this share of its image prototype, the mean of its training
+    # images weighted by confidence, times (neighbours) their neighbours' share in the name. docs/train.md
+    prototype_weight: float = Field(1.0, ge=0, le=1)
+    prototype_vote: Literal["confidence", "neighbours"] = "neighbours"
     prototype_clusters: bool = False  # prototypes moved to the centres of the image clusters they seed
     # clean samples after warm-up: the PLL loss on their confidences W (soft), or CE on argmax W (hard)
     clean_loss: Literal["hard", "soft"] = "soft"

@@ -57,17 +57,23 @@ METHODS: dict[str, Method] = {
         Method("near_refreshed_knn", "NeaR with neighbours re-found in the fine-tuned model's logit space",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
                overrides=(("neighbour_space", "fine_tuned"),), by_default=False),
-        # the classifier's text/image mix (train.prototype_weight, 0.5 by default): image prototypes
-        # only, FineR's mix (0.3), and the prototypes moved to the clusters they seed
-        Method("near_image_only", "NeaR classifying with image prototypes only (no text embeddings)",
+        # the classifier (train.prototype_weight 1 and prototype_vote "neighbours" by default): its image
+        # prototypes without the neighbours' votes, and the mixes measured before (all confidence votes):
+        # equal text/image shares (the default until neighbour votes), FineR's mix (0.3), and the
+        # prototypes moved to the clusters they seed
+        Method("near_confidence_prototypes", "NeaR with image prototypes of confidence votes (no neighbour votes)",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
-               overrides=(("prototype_weight", 1.0),), by_default=False),
+               overrides=(("prototype_weight", 1.0), ("prototype_vote", "confidence"))),
+        Method("near_equal_mix", "NeaR classifying with equal text and image shares (confidence votes)",
+               targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
+               overrides=(("prototype_weight", 0.5), ("prototype_vote", "confidence")), by_default=False),
         Method("near_finer_mix", "NeaR classifying with FineR's mix (0.7 text, 0.3 image prototypes)",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
-               overrides=(("prototype_weight", 0.3),), by_default=False),
-        Method("near_clustered_prototypes", "NeaR with its image prototypes moved to the clusters they seed",
+               overrides=(("prototype_weight", 0.3), ("prototype_vote", "confidence")), by_default=False),
+        Method("near_clustered_prototypes", "NeaR with equal shares, its prototypes moved to the clusters they seed",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
-               overrides=(("prototype_clusters", True),), by_default=False),
+               overrides=(("prototype_clusters", True), ("prototype_weight", 0.5), ("prototype_vote", "confidence")),
+               by_default=False),
     )
 }
 TRAINED = tuple(name for name, m in METHODS.items() if m.trained)

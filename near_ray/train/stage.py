@@ -97,9 +97,12 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         clusters = None
         if cfg.train.prototype_clusters:  # each image may join the names of its own domain
             clusters = ts.arrays.domain_mask[ts.arrays.domain_of][:, kept]
-        classes = class_embeddings(text, cand_idx, weights, images, cfg.train.prototype_weight, kept, clusters)
-        metrics["class_embeddings"] = (f"text + image prototypes (weight {cfg.train.prototype_weight}"
-                                       + (", clustered)" if clusters is not None else ")"))
+        votes = weights
+        if cfg.train.prototype_vote == "neighbours":  # the graph the training used (none: confidences alone)
+            votes = neighbour_votes(cand_idx, weights, ts.neighbours[:, : cfg.train.refine_k or None])
+        classes = class_embeddings(text, cand_idx, votes, images, cfg.train.prototype_weight, kept, clusters)
+        metrics["class_embeddings"] = (f"text + image prototypes (weight {cfg.train.prototype_weight}, "
+                                       f"{cfg.train.prototype_vote} votes" + (", clustered)" if clusters is not None else ")"))
     export_bundle(cfg, clip, vocabulary, bundle_uri, meta["logit_scale"], metrics, st, classes)
     log.info("train %s: %d epochs in %.1f s, bundle %s", method, len(history), elapsed, bundle_uri)
     return {**metrics, "bundle": bundle_uri, "checkpoint": checkpoint.path}
@@ -170,6 +173,26 @@ def prune_vocabulary(
         else:
             pruned.append({"name": v["name"], "domain": v.get("domain"), "train_support": int(support[i])})
     return kept, pruned
+
+
+def neighbour_votes(cand_idx: np.ndarray, confidences: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """[N, S] each training image's vote for each of its candidates (vocabulary indices ``cand_idx``,
+    -1 pads) in the image prototypes: its confidence in the name times the share of its neighbours
+    ([N, K] sample indices, -1 = none) whose final label (most confident candidate) is that name.
+
+    Why: a prototype is a mean over images whose names are partly wrong. A name that an image's
+    neighbourhood shares is the name the kNN premise of the candidate sets supports; a name its
+    neighbours do not carry is more likely the MLLM's error on that image, so it counts less in that
+    name's prototype. An image without neighbours (or a graph with none) keeps its confidences."""
+    if neighbours.shape[1] == 0:
+        return confidences
+    labels = np.take_along_axis(cand_idx, confidences.argmax(axis=1)[:, None], axis=1)[:, 0]
+    valid = neighbours >= 0
+    theirs = np.where(valid, labels[np.clip(neighbours, 0, None)], -1)  # [N, K] the neighbours' labels
+    same = ((theirs[:, None, :] == cand_idx[:, :, None]) & (cand_idx >= 0)[:, :, None]).sum(axis=2)
+    count = valid.sum(axis=1, keepdims=True)
+    share = np.where(count > 0, same / np.maximum(count, 1), 1.0)
+    return confidences * share
 
 
 def class_embeddings(text: np.ndarray, cand_idx: np.ndarray, confidences: np.ndarray, images: np.ndarray,

@@ -102,7 +102,8 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
             votes = neighbour_votes(cand_idx, weights, ts.neighbours[:, : cfg.train.refine_k or None])
         classes = class_embeddings(text, cand_idx, votes, images, cfg.train.prototype_weight, kept, clusters)
         shape = f"weight {cfg.train.prototype_weight}, {cfg.train.prototype_vote} votes"
-        metrics["class_embeddings"] = f"text + image prototypes ({shape}{', clustered' if clusters is not None else ''})"
+        shape += ", clustered" if clusters is not None else ""
+        metrics["class_embeddings"] = f"text + image prototypes ({shape})"
     export_bundle(cfg, clip, vocabulary, bundle_uri, meta["logit_scale"], metrics, st, classes)
     log.info("train %s: %d epochs in %.1f s, bundle %s", method, len(history), elapsed, bundle_uri)
     return {**metrics, "bundle": bundle_uri, "checkpoint": checkpoint.path}

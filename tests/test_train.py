@@ -327,6 +327,8 @@ def test_train_cli_makes_one_bundle_per_method(ray_cluster, tmp_path, capsys):
     # The fine-tuned bundle drops the name no training image ended up labelled with.
     assert sorted(load_bundle(f"{workdir}/bundles/naive").names) == names
     assert out["naive"]["pruned_names"] == [{"name": "grey tit", "domain": "birds", "train_support": 0}]
+    # naive uses no kNN anywhere: its image prototypes are weighted by confidence, not by neighbour votes
+    assert out["naive"]["class_embeddings"] == "text + image prototypes (weight 1.0, confidence votes)"
     assert not list((tmp_path / "train").glob("near-*"))  # only the methods asked for
 
 
@@ -512,6 +514,7 @@ def test_neighbours_found_again_in_the_fine_tuned_model_replace_a_wrong_graph(ra
     for method in ("near", "near_refreshed_knn"):
         cfg = _cfg(str(tmp_path), method=method, epochs=6, warmup_epochs=2, batch_size=12, lr=2e-3)
         summary = run_train(cfg, in_process=True)
+        assert summary["class_embeddings"] == "text + image prototypes (weight 1.0, neighbour votes)"
         ids = load_training_set(cfg, method, st).image_ids
         with Checkpoint(summary["checkpoint"]).as_directory() as folder:
             graph = load_checkpoint(folder)[0]["neighbours"].numpy()

@@ -171,6 +171,12 @@ def load_training_set(cfg: RunConfig, name: str, storage: Storage) -> TrainingSe
     return TrainingSet(image_ids, [r["uri"] for r in rows], domains, vocabulary, arrays, dict(dropped))
 
 
+def neighbour_graph(cfg: RunConfig, image_ids: list[str], storage: Storage) -> np.ndarray:
+    """[N, K] refine's kNN graph over these training samples, for any method (sample indices, -1 pads;
+    K = 0 when refine wrote none)."""
+    return _neighbour_matrix(image_ids, _read_refine(cfg, storage)[2])
+
+
 def _neighbour_matrix(image_ids: list[str], table: list[dict]) -> np.ndarray:
     """[N, K] sample indices of each sample's neighbours that are themselves trainable; -1 pads."""
     pos = {iid: i for i, iid in enumerate(image_ids)}

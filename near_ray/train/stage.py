@@ -38,7 +38,7 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     import ray
 
     from near_ray.model.clip import create_clip
-    from near_ray.train.data import PixelSpec, image_dataset, load_training_set
+    from near_ray.train.data import PixelSpec, image_dataset, load_training_set, neighbour_graph
 
     ensure_ray()
     st = storage_for(cfg)
@@ -97,11 +97,18 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         clusters = None
         if cfg.train.prototype_clusters:  # each image may join the names of its own domain
             clusters = ts.arrays.domain_mask[ts.arrays.domain_of][:, kept]
-        votes = weights
-        if cfg.train.prototype_vote == "neighbours":  # the graph the training used (none: confidences alone)
-            votes = neighbour_votes(cand_idx, weights, ts.neighbours[:, : cfg.train.refine_k or None])
+        votes, voting = weights, "confidence"
+        # refine's graph (the one the candidate sets came from) for the methods that use kNN; naive and
+        # no-kNN use none anywhere, so their prototypes stay confidence-weighted
+        if cfg.train.prototype_vote == "neighbours" and (learns.targets == "candidates" or learns.neighbour_refinement):
+            graph = neighbour_graph(cfg, ts.image_ids, st)[:, : cfg.train.refine_k or None]
+            if graph.shape[1]:
+                votes, voting = neighbour_votes(cand_idx, weights, graph), "neighbour"
+                # a name its images' neighbourhoods never carry keeps its text vector (rarely nearest, at w = 1)
+                metrics["names_without_votes"] = int(((vote_mass(cand_idx, weights, len(names))[kept] > 0)
+                                                      & (vote_mass(cand_idx, votes, len(names))[kept] == 0)).sum())
         classes = class_embeddings(text, cand_idx, votes, images, cfg.train.prototype_weight, kept, clusters)
-        shape = f"weight {cfg.train.prototype_weight}, {cfg.train.prototype_vote} votes"
+        shape = f"weight {cfg.train.prototype_weight}, {voting} votes"
         shape += ", clustered" if clusters is not None else ""
         metrics["class_embeddings"] = f"text + image prototypes ({shape})"
     export_bundle(cfg, clip, vocabulary, bundle_uri, meta["logit_scale"], metrics, st, classes)
@@ -194,6 +201,12 @@ def neighbour_votes(cand_idx: np.ndarray, confidences: np.ndarray, neighbours: n
     count = valid.sum(axis=1, keepdims=True)
     share = np.where(count > 0, same / np.maximum(count, 1), 1.0)
     return confidences * share
+
+
+def vote_mass(cand_idx: np.ndarray, votes: np.ndarray, vocabulary_size: int) -> np.ndarray:
+    """Per vocabulary entry: the sum of the training images' votes for it (``votes`` [N, S] at ``cand_idx``)."""
+    inside = cand_idx >= 0
+    return np.bincount(cand_idx[inside], weights=votes[inside], minlength=vocabulary_size)
 
 
 def class_embeddings(text: np.ndarray, cand_idx: np.ndarray, confidences: np.ndarray, images: np.ndarray,

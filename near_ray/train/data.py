@@ -111,9 +111,13 @@ def _read_refine(cfg: RunConfig, storage: Storage) -> tuple[list[dict], list[dic
     need = {"image_id", "uri", "domain", "own_labels", "majority_label", "candidates", "confidences"}
     if missing := sorted(need - set(table.column_names)):
         raise TrainDataError(f"{cand_uri}: missing columns {missing}")
+    return vocabulary, table.select(sorted(need)).to_pylist(), _read_neighbours(cfg, storage)
+
+
+def _read_neighbours(cfg: RunConfig, storage: Storage) -> list[dict]:
+    """Refine's kNN graph as rows of {image_id, neighbors}; none when refine wrote no graph."""
     nb_uri = cfg.artifact("refine/neighbors.parquet")
-    neighbours = storage.read_parquet(nb_uri).select(["image_id", "neighbors"]).to_pylist() if storage.exists(nb_uri) else []
-    return vocabulary, table.select(sorted(need)).to_pylist(), neighbours
+    return storage.read_parquet(nb_uri).select(["image_id", "neighbors"]).to_pylist() if storage.exists(nb_uri) else []
 
 
 def _initial_confidences(row: dict, method: Method, index: dict[tuple[str, str], int]) -> dict[int, float]:
@@ -174,7 +178,7 @@ def load_training_set(cfg: RunConfig, name: str, storage: Storage) -> TrainingSe
 def neighbour_graph(cfg: RunConfig, image_ids: list[str], storage: Storage) -> np.ndarray:
     """[N, K] refine's kNN graph over these training samples, for any method (sample indices, -1 pads;
     K = 0 when refine wrote none)."""
-    return _neighbour_matrix(image_ids, _read_refine(cfg, storage)[2])
+    return _neighbour_matrix(image_ids, _read_neighbours(cfg, storage))
 
 
 def _neighbour_matrix(image_ids: list[str], table: list[dict]) -> np.ndarray:

@@ -157,8 +157,12 @@ def _fit_in_process(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage, name
 
 def label_support(cand_idx: np.ndarray, confidences: np.ndarray, vocabulary_size: int) -> np.ndarray:
     """Per vocabulary entry: the training images whose final label (their most confident candidate) it is."""
-    labels = np.take_along_axis(cand_idx, confidences.argmax(axis=1)[:, None], axis=1)[:, 0]
-    return np.bincount(labels, minlength=vocabulary_size)
+    return np.bincount(final_labels(cand_idx, confidences), minlength=vocabulary_size)
+
+
+def final_labels(cand_idx: np.ndarray, confidences: np.ndarray) -> np.ndarray:
+    """[N] each training image's final label: the vocabulary index of its most confident candidate."""
+    return np.take_along_axis(cand_idx, confidences.argmax(axis=1)[:, None], axis=1)[:, 0]
 
 
 def prune_vocabulary(
@@ -194,7 +198,7 @@ def neighbour_votes(cand_idx: np.ndarray, confidences: np.ndarray, neighbours: n
     name's prototype. An image without neighbours (or a graph with none) keeps its confidences."""
     if neighbours.shape[1] == 0:
         return confidences
-    labels = np.take_along_axis(cand_idx, confidences.argmax(axis=1)[:, None], axis=1)[:, 0]
+    labels = final_labels(cand_idx, confidences)
     valid = neighbours >= 0
     theirs = np.where(valid, labels[np.clip(neighbours, 0, None)], -1)  # [N, K] the neighbours' labels
     same = ((theirs[:, None, :] == cand_idx[:, :, None]) & (cand_idx >= 0)[:, :, None]).sum(axis=2)

@@ -156,12 +156,20 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _one_bundle(section: Any, name: str, bundle: str) -> None:
+    """``--bundle``: this bundle for every domain, in place of the config's ``bundle`` and ``bundles``."""
+    if section.bundles:
+        log.info("--bundle %s replaces %s.bundles (%s)", bundle, name, ", ".join(sorted(section.bundles)))
+        section.bundles = {}
+    section.bundle = bundle
+
+
 def cmd_classify(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.classify.stage import run_classify
 
     cfg = _config(args)
     if args.bundle:
-        cfg.classify.bundle = args.bundle
+        _one_bundle(cfg.classify, "classify", args.bundle)
     return run_classify(cfg)
 
 
@@ -188,7 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any] | None:
 
     cfg = _config(args)
     if args.bundle:
-        cfg.serve.bundle = args.bundle
+        _one_bundle(cfg.serve, "serve", args.bundle)
     if args.detach and not args.write_config:
         from near_ray.job import wait_until_ready
 
@@ -238,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train these methods one after the other (repeatable; default train.method)")  # fmt: skip
     p.add_argument("--pretrain-captions", default=None, help="captions.parquet: contrastive pretraining of the initial CLIP first")
     p = add("classify", cmd_classify, "name a whole collection with a bundle (Ray Data), the CLIP -> MLLM cascade")
-    p.add_argument("--bundle", default=None, help="bundle URI (default classify.bundle, else {workdir}/bundles/<train.method>)")
+    p.add_argument("--bundle", default=None, help="one bundle URI for every domain, in place of classify.bundle and classify.bundles "
+                   "(default: those, else {workdir}/bundles/<train.method>)")
     p = add("evaluate", cmd_evaluate, "cACC / sACC / NMI / ARI with baselines; report.json, report.md, plots")
     p.add_argument("--out", default=None, help="report folder (default {workdir}/report)")
     p = add("run", cmd_run, "the whole pipeline: label → refine → train → evaluate (→ classify)")
@@ -246,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the offline end-to-end demo on the synthetic benchmark")
     p.add_argument("--out", default="demo_out", help="output folder")
     p = add("serve", cmd_serve, "serve a model bundle with Ray Serve")
-    p.add_argument("--bundle", default=None, help="bundle URI (default serve.bundle, else {workdir}/bundles/<train.method>)")
+    p.add_argument("--bundle", default=None, help="one bundle URI for every domain, in place of serve.bundle and serve.bundles "
+                   "(default: those, else {workdir}/bundles/<train.method>)")
     p.add_argument("--write-config", default=None, help="write a `serve deploy` config file here and exit")
     p.add_argument("--detach", action="store_true",
                    help="deploy, wait until the app answers /readyz, exit and leave it running (jobs/serve.py)")

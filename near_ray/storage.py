@@ -118,16 +118,16 @@ class Storage:
     def list(self, uri: str, suffixes: list[str] | tuple[str, ...] | None = None) -> Iterator[ObjectInfo]:
         """Every object under the prefix ``uri``, streamed page by page (never all in memory).
 
-        Hidden names (starting with '.' or '_') are skipped. Order: lexicographic by key on S3,
-        sorted per folder locally, so listings are deterministic.
+        Hidden names (starting with '.' or '_'), and everything in a hidden folder below the prefix,
+        are skipped on S3 as locally. Order: lexicographic by key on S3, sorted per folder locally, so
+        listings are deterministic.
         """
         sfx = tuple(s.lower() for s in suffixes) if suffixes else None
 
         def keep(name: str) -> bool:
-            base = name.rsplit("/", 1)[-1]
-            if base.startswith((".", "_")):
+            if any(piece.startswith((".", "_")) for piece in name.split("/")):
                 return False
-            return sfx is None or base.lower().endswith(sfx)
+            return sfx is None or name.lower().endswith(sfx)
 
         if is_s3(uri):
             bucket, prefix = split_s3(uri)
@@ -137,7 +137,7 @@ class Storage:
                 pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
                 for page in pages:
                     for obj in page.get("Contents", []):
-                        if keep(obj["Key"]) and not obj["Key"].endswith("/"):
+                        if keep(obj["Key"][len(prefix):]) and not obj["Key"].endswith("/"):
                             yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"], obj["ETag"].strip('"'))
             except StorageError:
                 raise

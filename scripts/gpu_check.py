@@ -198,6 +198,19 @@ def check_faiss(plan: Plan) -> str:
     x = rng.standard_normal((plan.knn_n, 512), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     gpu = {"knn_gpus": 1.0, "use_gpu": "yes"} if plan.gpu else {"use_gpu": "no"}
+    if plan.gpu:  # knn() falls back to the CPU for IVF where FAISS cannot search on a GPU: make sure it can
+        import ray
+
+        @ray.remote(num_gpus=1)
+        def faiss_on_gpu() -> tuple[bool, int]:
+            import faiss
+
+            return hasattr(faiss, "StandardGpuResources"), faiss.get_num_gpus()
+
+        build, gpus = ray.get(faiss_on_gpu.remote())
+        if not build or gpus < 1:
+            raise RuntimeError(f"FAISS in a 1-GPU Ray task: GPU build {build}, {gpus} GPU(s) visible "
+                               "(install near_ray[gpu]: faiss-gpu, not faiss-cpu)")
     lines = []
     for kind in ("flat", "ivf"):
         rc = RefineConfig(k=10, index=kind, **gpu)

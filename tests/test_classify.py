@@ -346,6 +346,128 @@ def test_mllm_answers_map_synonyms_onto_the_vocabulary_and_keep_new_names():
     assert a.cost_usd == pytest.approx(prices.mllm_usd(200, 20, 2)) and c.cost_usd == pytest.approx(prices.mllm_usd(100, 10, 2))
 
 
+def test_only_the_configured_mllm_votes():
+    """After a change of model, the answers the old model gave are history: they cost, they do not vote."""
+    vocabulary = [{"name": "Song Sparrow", "domain": "birds", "support": 3},
+                  {"name": "Lincoln's Sparrow", "domain": "birds", "support": 3}]  # fmt: skip
+    base = {"domain": "birds", "uri": "a", "prompt_version": "v1", "input_tokens": 100, "output_tokens": 10,
+            "latency_s": 0.1, "image_id": "x", "status": "ok"}  # fmt: skip
+    rows = [{**base, "model": "old", "sample": s, "label": "Song Sparrow"} for s in range(3)]
+    rows += [{**base, "model": "new", "sample": s, "label": "Lincoln's Sparrow"} for s in range(2)]
+    prices = LabelConfig().prices
+    a = mllm_answers(pd.DataFrame(rows), vocabulary, "birds", prices, current=("v1", "new"))["a"]
+    assert (a.name, a.share) == ("Lincoln's Sparrow", 1.0)
+    assert a.cost_usd == pytest.approx(prices.mllm_usd(500, 50, 5)), "every request made for it is counted"
+
+
+def test_an_unknown_cost_per_image_grows_the_rounds(monkeypatch, tmp_path):
+    """With a budget and no cost known yet (free answers, or no discovery summary), the cascade asks
+    1, 2, 4, … images a round: a handful of label-stage runs, not one per image."""
+    import near_ray.classify.cascade as cascade
+
+    todo = [cascade.Candidate(0.1 + i / 100, "birds", f"s3://b/{i:02d}.png", "part", "p", False, 0.0) for i in range(40)]
+    rounds: list[int] = []
+    monkeypatch.setattr(cascade, "candidates", lambda *a: (list(todo), {"picked": 40, "already_answered": 0,
+                                                                         "routed": 0, "spent_usd": 0.0,
+                                                                         "max_image_cost_usd": 0.0}))  # fmt: skip
+
+    def ask(cfg, batch, *a):
+        rounds.append(len(batch))
+        free = cascade.Answer(name="Song Sparrow", share=1.0, new=False, cost_usd=0.0, statuses={"ok": 2})
+        return {"mllm_calls": 2 * len(batch)}, {(c.domain, c.uri): free for c in batch}
+
+    monkeypatch.setattr(cascade, "ask_mllm", ask)
+    monkeypatch.setattr(cascade, "apply_answers", lambda *a: None)
+    cfg = RunConfig.model_validate({"storage": {"workdir": str(tmp_path)},
+                                    "classify": {"route_below": 0.9, "mllm_budget_usd": 5.0}})  # fmt: skip
+    out = cascade.run_cascade(cfg, {}, {}, {}, str(tmp_path / "predictions"), None, Storage())
+    assert rounds == [1, 2, 4, 8, 16, 9] and out["routed_this_run"] == 40 and out["rounds"] == 6
+
+
+def test_a_relative_domain_folder_gets_its_answers(monkeypatch, tmp_path):
+    """The cascade's manifests name images the way the label stage reads them back: with a local domain
+    folder given as a relative path, every answer lands on the row it was asked for."""
+    import near_ray.classify.cascade as cascade
+    import near_ray.label.stage as label_stage
+    from near_ray.classify.tower import Target
+    from near_ray.config import DomainConfig
+    from near_ray.label.backends import model_name
+    from near_ray.label.table import LabelWriter
+
+    monkeypatch.chdir(tmp_path)
+    st = Storage()
+    for i in range(3):
+        st.write_bytes(f"data/birds/{i}.png", b"x")
+    domain = DomainConfig(name="birds", uri="data/birds", meta_class="bird")
+    cfg = RunConfig.model_validate({"storage": {"workdir": "run"}, "data": {"domains": [domain.model_dump()]}})
+    listed = [o.uri for o in st.list("data/birds")]
+    assert sorted(listed) == [f"data/birds/{i}.png" for i in range(3)]  # relative, as the folder was given
+
+    def label(label_cfg):  # the label stage, below the seam: the URIs it would read, each answered
+        w = LabelWriter(label_cfg.artifact("labels"), st, part_rows=100, flush_interval_s=60)
+        for d in label_cfg.data.domains:
+            w.add([{"uri": u, "domain": d.name, "image_id": u, "sample": 0, "status": "ok", "label": "Song Sparrow",
+                    "prompt_version": label_cfg.label.prompt_version, "model": model_name(label_cfg.label),
+                    "input_tokens": 10, "output_tokens": 1, "latency_s": 0.1}
+                   for u in label_stage.domain_uris(d, label_cfg, st)])  # fmt: skip
+        w.flush()
+        return {"mllm_calls": 3}
+
+    monkeypatch.setattr(label_stage, "run_label", label)
+    batch = [cascade.Candidate(0.1, "birds", u, "part", "p", False, 0.0) for u in listed]
+    targets = {"birds": Target(bundle="b", inner="birds", model_version="v", spec={})}
+    vocab = {"b": [{"name": "Song Sparrow", "domain": "birds", "support": 3}]}
+    _, answers = cascade.ask_mllm(cfg, batch, {"birds": domain}, targets, vocab, 0, st)
+    assert sorted(answers) == [("birds", u) for u in sorted(listed)]
+    assert {a.name for a in answers.values()} == {"Song Sparrow"}
+
+
+def test_a_storage_error_on_the_predictions_table_is_raised_not_read_as_empty(tmp_path):
+    """A listing error (S3 throttling, an endpoint blip) must not look like "nothing classified yet":
+    the run would classify, and the cascade pay for, every image again."""
+    from near_ray.classify.ledger import ClassifyLedger
+    from near_ray.classify.table import PredictionWriter
+    from near_ray.storage import StorageError
+
+    uri = str(tmp_path / "predictions")
+    writer = PredictionWriter(uri, Storage(), part_rows=10, flush_interval_s=60)
+    writer.add([{"uri": "s3://b/a.jpg", "domain": "birds", "image_id": "A", "model_version": "v2", "status": "ok"}])
+    writer.flush()
+    assert ClassifyLedger(uri, Storage(), {"birds": "v2"}).plan([("s3://b/a.jpg", "birds", "A")]) == ["skip"]
+
+    class Throttled(Storage):
+        def list(self, *a, **k):
+            raise StorageError(f"{uri}: SlowDown: please reduce your request rate")
+
+    with pytest.raises(StorageError, match="SlowDown"):
+        ClassifyLedger(uri, Throttled(), {"birds": "v2"})
+    with pytest.raises(StorageError, match="SlowDown"):
+        read_predictions(uri, Throttled())
+
+
+def test_a_failed_part_write_keeps_its_rows_for_the_next_flush(tmp_path):
+    from near_ray.classify.table import PredictionWriter
+    from near_ray.storage import StorageError
+
+    class Flaky(Storage):
+        failures = 1
+
+        def write_parquet(self, uri, table):
+            if self.failures:
+                self.failures -= 1
+                raise StorageError(f"{uri}: cannot reach the S3 endpoint")
+            return super().write_parquet(uri, table)
+
+    uri = str(tmp_path / "predictions")
+    writer = PredictionWriter(uri, Flaky(), part_rows=10, flush_interval_s=60)
+    writer.add([{"uri": f"s3://b/{i}.jpg", "domain": "birds", "image_id": str(i), "model_version": "v",
+                 "status": "ok"} for i in range(3)])  # fmt: skip
+    with pytest.raises(StorageError):
+        writer.flush()
+    writer.flush()  # the stage's final flush
+    assert sorted(read_predictions(uri, Storage())["uri"]) == [f"s3://b/{i}.jpg" for i in range(3)]
+
+
 def test_temperature_scaling_recovers_a_known_overconfidence():
     rng = np.random.default_rng(0)
     logits = 2.0 * rng.normal(size=(4000, 8))

@@ -67,3 +67,16 @@ def test_the_installed_command_exits_2_with_one_line(tmp_path, repo_root):
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
     assert "run.yaml" in proc.stderr and "refine.k" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_bundle_flag_serves_one_bundle_for_every_domain(tmp_path, monkeypatch):
+    """`--bundle URI` wins over a config's per-domain `bundles` (it was silently ignored)."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "serve.yaml"
+    argv = ["serve", "--write-config", str(out), "--bundle", "s3://b/bundles/v2",
+            "--set", 'serve.bundles={"birds": "s3://b/bundles/v1"}']  # fmt: skip
+    assert main(argv) == 0
+    args = yaml.safe_load(out.read_text())["applications"][0]["args"]
+    assert args["bundle"] == "s3://b/bundles/v2" and not args["bundles"]

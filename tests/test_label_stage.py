@@ -19,7 +19,7 @@ from PIL import Image
 
 from near_ray.config import load_config
 from near_ray.label.backends.openai import ChatClient
-from near_ray.label.ledger import LabelLedger
+from near_ray.label.ledger import LabelLedger, copy_identical
 from near_ray.label.parse import parse_answer
 from near_ray.label.stage import EmptyDomainError, run_label
 from near_ray.label.table import LabelWriter, read_labels, read_labels_table
@@ -263,6 +263,27 @@ def test_ledger_skips_final_rows_and_copies_identical_images(tmp_path):
     assert len(df) == 3 and df.set_index(["uri", "sample"]).loc[("a.png", 1), "label"] == "X2"
 
 
+def test_ledger_keeps_domains_apart(tmp_path):
+    """One image listed by two domains (overlapping prefixes) is asked under each domain's prompt, a
+    re-run skips both, and identical bytes are copied only within a domain."""
+    uri, storage = str(tmp_path / "labels"), Storage()
+    ledger = LabelLedger(uri, storage, "v1", "m")
+    assert ledger.plan([("a.png", "birds", "A"), ("a.png", "warblers", "A"), ("b.png", "warblers", "A")], 1) == [
+        [0], [0], []]  # fmt: skip
+    assert [(x["domain"], x["uri"]) for x in ledger.aliases()] == [("warblers", "b.png")]
+    writer = LabelWriter(uri, storage, part_rows=100, flush_interval_s=60)
+    base = {"model": "m", "prompt_version": "v1", "input_tokens": 1, "output_tokens": 1, "latency_s": 0.1,
+            "uri": "a.png", "image_id": "A", "sample": 0, "status": "ok"}  # fmt: skip
+    writer.add([{**base, "domain": "birds", "label": "Warbler"}, {**base, "domain": "warblers", "label": "Tennessee"}])
+    writer.flush()
+    copied = copy_identical(ledger.aliases(), uri, storage, "v1", "m")
+    assert [(r["uri"], r["domain"], r["label"]) for r in copied] == [("b.png", "warblers", "Tennessee")]
+    again = LabelLedger(uri, storage, "v1", "m")
+    assert again.plan([("a.png", "birds", "A"), ("a.png", "warblers", "A")], 1) == [[], []]
+    labels = read_labels(uri, storage)
+    assert sorted(zip(labels["domain"], labels["label"], strict=True)) == [("birds", "Warbler"), ("warblers", "Tennessee")]
+
+
 def test_a_stopping_ledger_plans_no_new_requests(tmp_path):
     ledger = LabelLedger(str(tmp_path / "labels"), Storage(), "v1", "m")
     assert ledger.plan([("a.png", "d", "A")], samples=2) == [[0, 1]]
@@ -308,13 +329,15 @@ def test_listing_streams_in_chunks_honours_manifests_and_max_images(tmp_path):
         (tmp_path / d / "_hidden.png").write_bytes(b"x")
         (tmp_path / d / "notes.txt").write_text("x")
     manifest = tmp_path / "b.parquet"
-    Storage().write_parquet(str(manifest), pa.table({"uri": ["1.png", str(tmp_path / "b" / "3.png")]}))
+    # 1.png twice (once relative, once absolute): one image, asked (and paid for) once
+    rows = ["1.png", str(tmp_path / "b" / "3.png"), str(tmp_path / "b" / "1.png"), "3.png"]
+    Storage().write_parquet(str(manifest), pa.table({"uri": rows}))
     domains = [{"name": "a", "uri": str(tmp_path / "a")}, {"name": "b", "uri": str(tmp_path / "b"), "manifest": str(manifest)}]
     cfg = _cfg(str(tmp_path / "run"), "http://127.0.0.1:9/v1", domains, "label.listing_chunk=3")
     chunks = list(listing_chunks(cfg, Storage()))
     assert [len(c) for c in chunks] == [3, 3, 1]
     uris = [(r["domain"], Path(r["uri"]).name) for c in chunks for r in c]
     assert sorted(uris[:5]) == [("a", f"{i}.png") for i in range(5)]  # no hidden names, no other extensions
-    assert uris[5:] == [("b", "1.png"), ("b", "3.png")]  # exactly the manifest, relative paths under the prefix
+    assert uris[5:] == [("b", "1.png"), ("b", "3.png")]  # the manifest's images, relative paths under the prefix
     cfg.data.max_images = 4
     assert sum(len(c) for c in listing_chunks(cfg, Storage())) == 4

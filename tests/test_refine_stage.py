@@ -158,3 +158,20 @@ def test_embedding_actors_holding_nearly_every_cpu_still_finish(ray_cluster, tmp
     assert list(emb.meta["image_id"]) == [f"{i:02d}" for i in range(10)] and not emb.failures
     assert emb.first_batch_s > 0 and 1 <= emb.first_batch_images <= 10
     assert emb.vectors.shape[0] == 10 and np.allclose(np.linalg.norm(emb.vectors, axis=1), 1.0, atol=1e-4)
+
+
+def test_gpu_embeddings_are_not_reused_as_cpu_ones():
+    """Embedders on GPUs encode in float16, on CPUs in float32: a workdir refined on one must not hand its
+    embeddings (and neighbours, candidates) to a config that computes the other. Resources alone that
+    do not change the numbers (actors, CPUs per actor) keep the fingerprint."""
+    import pandas as pd
+
+    from near_ray.refine.stage import fingerprints
+
+    labels = pd.DataFrame({"image_id": ["a", "b"], "uri": ["s3://x/a.png", "s3://x/b.png"], "domain": ["d", "d"],
+                           "sample": [0, 0], "label": ["Tennessee Warbler", "warbler"], "status": ["ok", "ok"]})  # fmt: skip
+    cpu = fingerprints(labels, load_config(None, []))
+    gpu = fingerprints(labels, load_config(None, ["refine.embed_gpus=1"]))
+    more = fingerprints(labels, load_config(None, ["refine.embed_actors=4", "refine.embed_actor_cpus=2"]))
+    assert gpu["embeddings"] != cpu["embeddings"] and gpu["all"] != cpu["all"]
+    assert more == cpu and gpu["labels"] == cpu["labels"]

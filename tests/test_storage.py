@@ -16,6 +16,8 @@ def test_roundtrip_list_exists(root):
     st.write_bytes(join(root, "a/1.png"), b"one")
     st.write_bytes(join(root, "a/b/2.jpg"), b"two!")
     st.write_bytes(join(root, "a/_hidden.png"), b"x")
+    st.write_bytes(join(root, "a/.thumbs/3.png"), b"x")  # hidden folders: skipped on S3 as locally
+    st.write_bytes(join(root, "_rejected/4.png"), b"x")
     st.write_text(join(root, "notes.txt"), "hello")
     assert st.read_bytes(join(root, "a/1.png")) == b"one"
     assert st.exists(join(root, "a/b/2.jpg"))

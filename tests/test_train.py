@@ -521,3 +521,47 @@ def test_neighbours_found_again_in_the_fine_tuned_model_replace_a_wrong_graph(ra
         same = [truth[ids[j]] == truth[ids[i]] for i, nbrs in enumerate(graph) for j in nbrs if j >= 0]
         purity[method] = float(np.mean(same))
     assert purity["near"] == 0.0 and purity["near_refreshed_knn"] >= 0.6, purity
+
+
+def test_text_checkpointing_keeps_the_gradients_and_drops_the_vocabularys_activations():
+    """Every step sends the whole vocabulary through the text tower with autograd: with checkpointing the
+    activations kept for the backward pass shrink several-fold and the gradients stay the same. The
+    auto rule turns it on for large vocabularies when the text tower trains, and a run name ignores it."""
+    import torch
+
+    from near_ray.config import ModelConfig
+    from near_ray.model.clip import create_clip
+    from near_ray.train.loop import CHECKPOINT_ABOVE, freeze_towers, text_checkpointing
+    from near_ray.train.runner import run_name
+
+    def step(checkpointing: bool) -> tuple[int, list[torch.Tensor]]:
+        clip = create_clip(ModelConfig(arch="near-tiny", init_seed=0))
+        freeze_towers(clip.model, "text")
+        assert text_checkpointing(clip.model, "text", 64, checkpointing) == checkpointing
+        tokens = clip.tokenizer([f"a photo of a species number {i}." for i in range(64)])
+        x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        saved = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        clip.model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            img, txt, _ = clip.model(x, tokens)[:3]
+            loss = (img @ txt.T).logsumexp(dim=1).sum()
+        loss.backward()
+        return sum(saved), [p.grad.clone() for p in clip.model.parameters() if p.requires_grad]
+
+    kept_plain, grads_plain = step(False)
+    kept_ckpt, grads_ckpt = step(True)
+    assert kept_ckpt * 3 < kept_plain, (kept_ckpt, kept_plain)
+    for a, b in zip(grads_plain, grads_ckpt, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+    clip = create_clip(ModelConfig(arch="near-tiny", init_seed=0))
+    assert not text_checkpointing(clip.model, "text", CHECKPOINT_ABOVE, None)
+    assert text_checkpointing(clip.model, "text", CHECKPOINT_ABOVE + 1, None)
+    assert not text_checkpointing(clip.model, "image", 10 * CHECKPOINT_ABOVE, None), "the text tower is frozen"
+    on = RunConfig.model_validate({"train": {"grad_checkpointing": True}})
+    assert run_name("near", on) == run_name("near", RunConfig()), "same gradients: the same run"

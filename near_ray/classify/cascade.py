@@ -74,9 +74,10 @@ def vocabulary_mapper(vocabulary: list[dict[str, Any]], inner: str | None) -> tu
 
 
 def mllm_answers(labels: pd.DataFrame, vocabulary: list[dict[str, Any]], inner: str | None,
-                 prices: Any) -> dict[str, Answer]:  # fmt: skip
+                 prices: Any, current: tuple[str, str] | None = None) -> dict[str, Answer]:  # fmt: skip
     """Per URI of ``labels`` (every label-table row ever written for it): the vocabulary name the majority
-    of its samples give, and the cost of every request made for it."""
+    of its samples give, and the cost of every request made for it. With ``current`` (prompt version,
+    model) only that MLLM's answers vote: after a change of model the old one's answers are history."""
     from near_ray.label.table import latest_rows
 
     vocab, domains, support = vocabulary_mapper(vocabulary, inner)
@@ -88,6 +89,8 @@ def mllm_answers(labels: pd.DataFrame, vocabulary: list[dict[str, Any]], inner: 
     cost = labels.assign(asked=asked).groupby("uri").agg(i=("input_tokens", "sum"), o=("output_tokens", "sum"),
                                                          n=("asked", "sum"))  # fmt: skip
     final = latest_rows(labels)
+    if current is not None:
+        final = final[(final["prompt_version"] == current[0]) & (final["model"] == current[1])]
     for uri, rows in final.groupby("uri"):
         names = []
         for label in rows.loc[(rows["status"] == "ok") & rows["label"].notna(), "label"]:
@@ -174,9 +177,9 @@ def run_cascade(cfg: RunConfig, targets: dict[str, Target], vocabularies: dict[s
     while todo:
         if cc.mllm_budget_usd is None:
             n = len(todo)
-        else:
+        else:  # an unknown cost per image (no answer with a cost yet): rounds of 1, 2, 4, … images
             left = cc.mllm_budget_usd - spent
-            n = 0 if left <= 0 else (1 if not estimate else int(left // estimate))
+            n = 0 if left <= 0 else (int(left // estimate) if estimate else 2**rounds)
         if n <= 0:
             break
         batch, todo = todo[:n], todo[n:]
@@ -222,8 +225,10 @@ def ask_mllm(cfg: RunConfig, batch: list[Candidate], domains: dict[str, DomainCo
     """One round: the batch's images through the label stage (a manifest per domain), and their answers."""
     import pyarrow.compute as pc
 
+    from near_ray.label.backends import model_name
     from near_ray.label.stage import run_label
     from near_ray.label.table import read_labels_table
+    from near_ray.uri import is_s3, relative
 
     label_cfg = cfg.model_copy(deep=True)
     label_cfg.storage.workdir = cfg.artifact("classify/mllm")
@@ -234,7 +239,10 @@ def ask_mllm(cfg: RunConfig, batch: list[Candidate], domains: dict[str, DomainCo
     label_cfg.data.domains = []
     for d, uris in sorted(by_domain.items()):
         manifest = label_cfg.artifact(f"manifests/{d}-{round_no:04d}.parquet")
-        st.write_parquet(manifest, pa.table({"uri": uris}))
+        # a local path that is not absolute was listed under the domain's folder: the label stage joins
+        # a manifest's relative paths onto that folder, so it gets the same URI back
+        local = [u if is_s3(u) or u.startswith("/") else relative(u, domains[d].uri) for u in uris]
+        st.write_parquet(manifest, pa.table({"uri": local}))
         label_cfg.data.domains.append(DomainConfig(name=d, uri=domains[d].uri, meta_class=domains[d].meta_class,
                                                    manifest=manifest))  # fmt: skip
     log.info("cascade round %d: %d image(s) to the MLLM", round_no + 1, len(batch))
@@ -244,7 +252,8 @@ def ask_mllm(cfg: RunConfig, batch: list[Candidate], domains: dict[str, DomainCo
     for d, uris in by_domain.items():
         mask = pc.and_(pc.equal(table["domain"], d), pc.is_in(table["uri"], value_set=pa.array(uris, pa.string())))
         vocabulary = vocabularies[targets[d].bundle]
-        found = mllm_answers(table.filter(mask).to_pandas(), vocabulary, targets[d].inner, cfg.label.prices)
+        found = mllm_answers(table.filter(mask).to_pandas(), vocabulary, targets[d].inner, cfg.label.prices,
+                             current=(cfg.label.prompt_version, model_name(cfg.label)))
         answers.update({(d, u): a for u, a in found.items()})
     return summary, answers
 

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter, defaultdict
 from typing import Any
+
+import pyarrow.compute as pc
 
 from near_ray.classify.calibration import calibration_report, fit_temperature
 from near_ray.classify.cascade import routing_enabled, run_cascade
 from near_ray.classify.ledger import ClassifyLedger, copy_identical
-from near_ray.classify.table import PredictionWriter, predictions_uri, read_predictions, repair
+from near_ray.classify.table import PredictionWriter, iter_parts, predictions_uri, read_predictions, repair
 from near_ray.classify.tower import Target, tower_dataset
 from near_ray.config import DomainConfig, RunConfig
 from near_ray.console import Progress
@@ -233,17 +236,25 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
 def _summary(out: str, st: Storage, targets: dict[str, Target], counts: dict[str, int],
              calibration: dict[str, dict[str, Any]], cascade: dict[str, Any] | None,
              timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
-    table = read_predictions(out, st, ["domain", "status", "source", "model_version"])
+    # Counted part by part (one part in memory at a time, whatever the collection's size): the ledger
+    # writes one row per image and version, and the stale versions' parts are gone by now.
+    status: dict[str, Counter[str]] = defaultdict(Counter)
+    source: dict[str, Counter[str]] = defaultdict(Counter)
+    other: Counter[str] = Counter()
+    for d, _, _, part in iter_parts(out, st, ["status", "source", "model_version"], domains=set(targets)):
+        for column, into in (("status", status[d]), ("source", source[d])):
+            into.update({str(v["values"]): int(v["counts"]) for v in part[column].value_counts().to_pylist()
+                         if v["values"] is not None})
+        other[d] += part.num_rows - int(pc.sum(pc.equal(part["model_version"], targets[d].model_version)).as_py() or 0)
     domains = {}
     for d, tg in sorted(targets.items()):
-        rows = table[table["domain"] == d]
         domains[d] = {
             "bundle": tg.bundle,
             "model_version": tg.model_version,
-            "images": int(len(rows)),
-            "by_status": {str(k): int(v) for k, v in rows["status"].value_counts().sort_index().items()},
-            "by_source": {str(k): int(v) for k, v in rows["source"].value_counts().sort_index().items()},
-            "other_versions": int((rows["model_version"] != tg.model_version).sum()),
+            "images": sum(status[d].values()),
+            "by_status": dict(sorted(status[d].items())),
+            "by_source": dict(sorted(source[d].items())),
+            "other_versions": other[d],
         }
     computed = counts.get("images_computed", 0)
     return {

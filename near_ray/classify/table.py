@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from near_ray.storage import Storage, StorageError, join
+from near_ray.storage import Storage, join
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,7 +102,10 @@ class PredictionWriter:
     def flush(self, only_full: bool = False) -> None:
         for domain in list(self._buffers):
             if self._sizes[domain] and (not only_full or self._sizes[domain] >= self.part_rows):
-                self.write(domain, pa.concat_tables(self._buffers.pop(domain)))
+                # the rows leave the buffer only once their part is on storage: a failed write keeps
+                # them for the next flush (the stage's final one)
+                self.write(domain, pa.concat_tables(self._buffers[domain]))
+                del self._buffers[domain]
                 self._sizes[domain] = 0
         if not only_full:
             self._last_flush = time.monotonic()
@@ -118,11 +121,11 @@ class PredictionWriter:
 
 # ------------------------------------------------------------------------------------------ reading
 def part_files(uri: str, storage: Storage) -> dict[str, list[tuple[str, str]]]:
-    """Per domain folder: [(part id, file URI)], the newest file of each id, oldest part first."""
-    try:
-        files = [o.uri for o in storage.list(uri, suffixes=[".parquet"])] if storage.exists(uri) else []
-    except StorageError:
-        files = []
+    """Per domain folder: [(part id, file URI)], the newest file of each id, oldest part first.
+
+    Only a table that does not exist is empty: any other storage error is raised, never read as "no
+    rows" (a resumed run would classify, and the cascade pay for, every image again)."""
+    files = [o.uri for o in storage.list(uri, suffixes=[".parquet"])] if storage.exists(uri) else []
     newest: dict[tuple[str, str], tuple[str, str]] = {}
     for f in files:
         m = _PART.search(f)
@@ -148,10 +151,7 @@ def _domain_of(uri: str) -> str | None:
 def repair(uri: str, storage: Storage) -> int:
     """Delete the older file of every part written twice (a rewrite killed before its delete)."""
     keep = {f for parts in part_files(uri, storage).values() for _, f in parts}
-    try:
-        files = [o.uri for o in storage.list(uri, suffixes=[".parquet"])] if storage.exists(uri) else []
-    except StorageError:
-        return 0
+    files = [o.uri for o in storage.list(uri, suffixes=[".parquet"])] if storage.exists(uri) else []
     stale = [f for f in files if _PART.search(f) and f not in keep]
     for f in stale:
         storage.delete(f)

@@ -4,9 +4,13 @@ and the rows of identical images, copied from the answers already paid for.
 One small Ray actor per run, consulted by the read/decode tasks once per batch. It knows
 
 - the rows already final in the labels table (``ok``, ``unparsable``, ``bad_image``) for this
-  prompt version and model: such a (uri, image_id, sample) is skipped, so a re-run asks nothing;
-- which image_ids already have an answer (from the table, or claimed by another URI in this run):
-  a URI whose bytes are identical gets the answer copied at the end of the run, without a request.
+  prompt version and model: such a (domain, uri, image_id, sample) is skipped, so a re-run asks nothing;
+- which image_ids of a domain already have an answer (from the table, or claimed by another URI in
+  this run): a URI whose bytes are identical gets the answer copied at the end of the run, without a
+  request.
+
+Everything is per domain: the prompt names the domain's meta-class, so an image that two domains
+list (overlapping prefixes) is asked once under each, and an answer is copied only within its domain.
 
 ``mllm_error`` rows are not final: a re-run asks again. The state is rebuilt from the table on every
 run, so a killed run loses nothing but its unwritten rows.
@@ -39,20 +43,20 @@ class LabelLedger:
     """Plain class (wrapped by ``ray.remote`` in the stage) so it can also be used and tested in-process."""
 
     def __init__(self, labels_uri: str, storage: Storage, prompt_version: str, model: str) -> None:
-        self._done: set[tuple[str, str, int]] = set()  # (uri, image_id, sample) final
-        self._answered: set[tuple[str, int]] = set()  # (image_id, sample) with a final row somewhere
-        self._claimed: dict[str, str] = {}  # image_id -> the URI that asks for it in this run
+        self._done: set[tuple[str, str, str, int]] = set()  # (domain, uri, image_id, sample) final
+        self._answered: set[tuple[str, str, int]] = set()  # (domain, image_id, sample) with a final row somewhere
+        self._claimed: dict[tuple[str, str], str] = {}  # (domain, image_id) -> the URI asking for it in this run
         self._aliases: list[dict[str, Any]] = []
         self._bad_rows: list[dict[str, Any]] = []
         self.counts = LedgerCounts()
         self._stopped = False
         table = read_labels_table(labels_uri, storage)
         if table is not None:
-            cols = table.select(["uri", "image_id", "sample", "status", "prompt_version", "model"]).to_pydict()
-            for uri, iid, s, status, pv, m in zip(*cols.values(), strict=True):
+            cols = table.select(["domain", "uri", "image_id", "sample", "status", "prompt_version", "model"]).to_pydict()
+            for domain, uri, iid, s, status, pv, m in zip(*cols.values(), strict=True):
                 if status in FINAL_STATUSES and pv == prompt_version and m == model:
-                    self._done.add((uri, iid, s))
-                    self._answered.add((iid, s))
+                    self._done.add((domain, uri, iid, s))
+                    self._answered.add((domain, iid, s))
 
     def plan(self, items: list[tuple[str, str, str]], samples: int) -> list[list[int]]:
         """For each (uri, domain, image_id): the samples to ask about; records skips and copies."""
@@ -61,12 +65,12 @@ class LabelLedger:
         out = []
         for uri, domain, iid in items:
             self.counts.images_seen += 1
-            owner = self._claimed.setdefault(iid, uri)
+            owner = self._claimed.setdefault((domain, iid), uri)
             ask, skipped = [], 0
             for s in range(samples):
-                if (uri, iid, s) in self._done:
+                if (domain, uri, iid, s) in self._done:
                     skipped += 1
-                elif owner != uri or (iid, s) in self._answered:
+                elif owner != uri or (domain, iid, s) in self._answered:
                     self._aliases.append({"uri": uri, "domain": domain, "image_id": iid, "sample": s})
                 else:
                     ask.append(s)
@@ -105,7 +109,7 @@ def copy_identical(
     source = _answers_for({a["image_id"] for a in aliases}, uri, storage, prompt_version, model)
     rows = []
     for a in aliases:
-        src = source.get((a["image_id"], a["sample"]))
+        src = source.get((a["domain"], a["image_id"], a["sample"]))
         if src is None:  # the original was never answered: a re-run asks again
             src = {"status": "mllm_error", "error": f"{a['uri']}: no answer for identical image {a['image_id']}"}
             src.update(raw_answer=None, label=None, seed=None, uri=a["uri"])
@@ -127,8 +131,8 @@ def copy_identical(
 
 def _answers_for(
     ids: set[str], uri: str, storage: Storage, prompt_version: str, model: str
-) -> dict[tuple[str, int], dict[str, Any]]:
-    """The best existing row per (image_id, sample) for these images: final answers beat errors."""
+) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The best existing row per (domain, image_id, sample) for these images: final answers beat errors."""
     import pyarrow.compute as pc
 
     table = read_labels_table(uri, storage)
@@ -138,9 +142,9 @@ def _answers_for(
         pc.is_in(table["image_id"], value_set=pa.array(sorted(ids), pa.string())),
         pc.and_(pc.equal(table["prompt_version"], prompt_version), pc.equal(table["model"], model)),
     )
-    source: dict[tuple[str, int], dict[str, Any]] = {}
+    source: dict[tuple[str, str, int], dict[str, Any]] = {}
     for r in table.filter(mask).to_pylist():
-        key = (r["image_id"], r["sample"])
+        key = (r["domain"], r["image_id"], r["sample"])
         if key not in source or source[key]["status"] == "mllm_error":
             source[key] = r
     return source

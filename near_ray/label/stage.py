@@ -152,13 +152,18 @@ def check_domains(cfg: RunConfig, storage: Storage) -> None:
 
 
 def domain_uris(d: DomainConfig, cfg: RunConfig, storage: Storage) -> Iterator[str]:
-    """A domain's image URIs: its manifest's ``uri`` column when it has one, else the listing of its prefix."""
+    """A domain's image URIs: its manifest's ``uri`` column when it has one (each URI once, in the order
+    of its first row: a repeated row would be asked and paid for twice), else the listing of its prefix."""
     if not d.manifest:
         for obj in storage.list(d.uri, suffixes=cfg.data.image_extensions):
             yield obj.uri
         return
+    seen: set[str] = set()
     for uri in manifest_uris(d.manifest, storage):
-        yield uri if is_s3(uri) or uri.startswith("/") else join(d.uri, uri)
+        full = uri if is_s3(uri) or uri.startswith("/") else join(d.uri, uri)
+        if full not in seen:
+            seen.add(full)
+            yield full
 
 
 def manifest_uris(manifest: str, storage: Storage) -> Iterator[str]:

@@ -142,9 +142,9 @@ def read_labels(
 
 
 def latest_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (uri, sample, prompt_version, model): final statuses beat errors, newer beats older."""
+    """One row per (domain, uri, sample, prompt_version, model): final statuses beat errors, newer beats older."""
     df = df.reset_index(drop=True)
     order = df.assign(_rank=df["status"].map(_STATUS_RANK).fillna(3), _pos=-df.index)
     order = order.sort_values(["_rank", "_pos"], kind="stable")
-    keys = ["uri", "sample", "prompt_version", "model"]
+    keys = ["domain", "uri", "sample", "prompt_version", "model"]
     return order.drop_duplicates(keys).drop(columns=["_rank", "_pos"]).sort_values(["domain", "uri", "sample"])

@@ -255,7 +255,9 @@ def knn_for_config(vectors: np.ndarray, rc: RefineConfig, seed: int = 0) -> Any:
         return knn(vectors, *args)
     import ray
 
-    return ray.remote(knn).options(**options).remote(vectors, *args)
+    # max_calls=1: the worker exits after the search, and its CUDA context and cached GPU memory with it.
+    # Ray sets that for GPU tasks only when num_gpus is given to ray.remote itself, not to .options().
+    return ray.remote(max_calls=1)(knn).options(**options).remote(vectors, *args)
 
 
 def resolve(result: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -62,7 +62,10 @@ def fingerprints(labels: pd.DataFrame, cfg: RunConfig) -> dict[str, str]:
     table = labels[cols].sort_values(["domain", "uri", "sample"]).astype(str)
     labels_fp = _sha(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
     images = sorted(zip(labels["image_id"].astype(str), labels["uri"].astype(str), strict=True))
-    embeddings_fp = _sha(sorted(set(images)), cfg.model.model_dump(), cfg.label.image.max_pixels)
+    # embedders on GPUs encode in float16 (near_ray.refine.embed), on CPUs in float32: other embeddings,
+    # so another fingerprint (only float16 adds a part: the float32 fingerprints stay what they were)
+    half = ["float16"] if cfg.refine.embed_gpus > 0 else []
+    embeddings_fp = _sha(sorted(set(images)), cfg.model.model_dump(), cfg.label.image.max_pixels, *half)
     refine_cfg = {k: v for k, v in cfg.refine.model_dump().items() if k not in _EMBED_RESOURCES}
     return {"labels": labels_fp, "embeddings": embeddings_fp, "all": _sha(labels_fp, embeddings_fp, refine_cfg)}
 

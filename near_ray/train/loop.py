@@ -45,6 +45,19 @@ def freeze_towers(model: torch.nn.Module, towers: str) -> None:
         p.requires_grad = (is_text and towers in ("text", "both")) or (is_image and towers in ("image", "both"))
 
 
+CHECKPOINT_ABOVE = 512  # names: train.grad_checkpointing's auto rule
+
+
+def text_checkpointing(model: torch.nn.Module, towers: str, names: int, setting: bool | None) -> bool:
+    """Gradient checkpointing when the text tower trains: every step sends every vocabulary name through
+    it with autograd, so without it the activations kept for the backward pass grow with the vocabulary
+    (docs/train.md). ``setting`` None: on above CHECKPOINT_ABOVE names. Same gradients, less memory."""
+    enable = towers in ("text", "both") and (names > CHECKPOINT_ABOVE if setting is None else setting)
+    if enable:
+        model.set_grad_checkpointing(True)  # open_clip: both towers' transformer blocks
+    return enable
+
+
 def ray_get(ref: Any) -> Any:
     import ray
 
@@ -322,6 +335,7 @@ def _setup(job: FineTuneJob, device: torch.device):
     np.random.seed(tc.seed)
     clip = create_clip(job.model, job.storage)
     freeze_towers(clip.model, tc.train_towers)
+    text_checkpointing(clip.model, tc.train_towers, len(job.prompts), tc.grad_checkpointing)
     tokens = clip.tokenizer(job.prompts).to(device)
     clip.model.to(device)
     scale = float(min(100.0, clip.model.logit_scale.exp().item()))

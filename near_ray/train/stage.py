@@ -280,7 +280,10 @@ def training_image_embeddings(cfg: RunConfig, clip: Any, ts: Any, st: Storage) -
         if all(i in row for i in ts.image_ids):
             return emb.vectors[[row[i] for i in ts.image_ids]]
     log.info("train: embedding %d training images with the trained image tower for the prototypes", len(ts))
-    return encode_images(clip, [decode_image(st.read_bytes(u), u) for u in ts.uris])
+    chunk = 256  # decoded images held at a time (a multiple of encode_images' batch: the same batches)
+    parts = [encode_images(clip, [decode_image(st.read_bytes(u), u) for u in ts.uris[i : i + chunk]])
+             for i in range(0, len(ts.uris), chunk)]  # fmt: skip
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
 
 def export_bundle(

@@ -383,6 +383,22 @@ def test_an_unknown_cost_per_image_grows_the_rounds(monkeypatch, tmp_path):
     out = cascade.run_cascade(cfg, {}, {}, {}, str(tmp_path / "predictions"), None, Storage())
     assert rounds == [1, 2, 4, 8, 16, 9] and out["routed_this_run"] == 40 and out["rounds"] == 6
 
+    # Failed requests say nothing of the price: one image a round until an answer does, then the budget.
+    rounds.clear()
+
+    def failing_then_priced(cfg, batch, *a):
+        rounds.append(len(batch))
+        if len(rounds) <= 3:
+            answer = cascade.Answer(name=None, share=0.0, new=False, cost_usd=0.0, statuses={"mllm_error": 2})
+        else:
+            answer = cascade.Answer(name="Song Sparrow", share=1.0, new=False, cost_usd=0.01, statuses={"ok": 2})
+        return {"mllm_calls": 2 * len(batch)}, {(c.domain, c.uri): answer for c in batch}
+
+    monkeypatch.setattr(cascade, "ask_mllm", failing_then_priced)
+    cfg.classify.mllm_budget_usd = 0.03
+    out = cascade.run_cascade(cfg, {}, {}, {}, str(tmp_path / "predictions"), None, Storage())
+    assert rounds == [1, 1, 1, 1, 2] and out["table_spend_usd"] <= 0.03 + 1e-9
+
 
 def test_a_relative_domain_folder_gets_its_answers(monkeypatch, tmp_path):
     """The cascade's manifests name images the way the label stage reads them back: with a local domain
@@ -398,9 +414,9 @@ def test_a_relative_domain_folder_gets_its_answers(monkeypatch, tmp_path):
     st = Storage()
     for i in range(3):
         st.write_bytes(f"data/birds/{i}.png", b"x")
-    domain = DomainConfig(name="birds", uri="data/birds", meta_class="bird")
+    domain = DomainConfig(name="birds", uri="./data/birds/", meta_class="bird")
     cfg = RunConfig.model_validate({"storage": {"workdir": "run"}, "data": {"domains": [domain.model_dump()]}})
-    listed = [o.uri for o in st.list("data/birds")]
+    listed = [o.uri for o in st.list(domain.uri)]
     assert sorted(listed) == [f"data/birds/{i}.png" for i in range(3)]  # relative, as the folder was given
 
     def label(label_cfg):  # the label stage, below the seam: the URIs it would read, each answered
@@ -443,6 +459,28 @@ def test_a_storage_error_on_the_predictions_table_is_raised_not_read_as_empty(tm
         ClassifyLedger(uri, Throttled(), {"birds": "v2"})
     with pytest.raises(StorageError, match="SlowDown"):
         read_predictions(uri, Throttled())
+
+
+def test_the_summary_counts_each_image_once_beside_an_older_versions_parts(tmp_path):
+    """A capped run (classify.max_images) keeps the older bundle version's parts: the summary counts an
+    image once, by its newest row, and the images only the older version named as other_versions."""
+    from near_ray.classify.stage import _summary
+    from near_ray.classify.table import PredictionWriter
+    from near_ray.classify.tower import Target
+
+    uri, st = str(tmp_path / "predictions"), Storage()
+    writer = PredictionWriter(uri, st, part_rows=100, flush_interval_s=60)
+    old = [{"uri": f"s3://b/{i}.jpg", "domain": "birds", "image_id": str(i), "model_version": "v1", "status": "ok",
+            "source": "clip"} for i in range(4)]  # fmt: skip
+    writer.add(old)
+    writer.flush()
+    writer.add([{**r, "model_version": "v2", "status": "abstained", "source": "none"} for r in old[:2]])
+    writer.flush()
+    targets = {"birds": Target(bundle="b", inner=None, model_version="v2", spec={})}
+    s = _summary(uri, st, targets, {}, {}, None, {"classify_s": 1.0})["domains"]["birds"]
+    assert s["images"] == 4 and s["other_versions"] == 2
+    assert s["by_status"] == {"abstained": 2, "ok": 2} and s["by_source"] == {"clip": 2, "none": 2}
+    assert read_predictions(uri, st)["model_version"].tolist() == ["v2", "v2", "v1", "v1"]
 
 
 def test_a_failed_part_write_keeps_its_rows_for_the_next_flush(tmp_path):

@@ -60,6 +60,17 @@ def test_duplicate_domains_rejected():
         load_config(None, ["data.domains=[{name: a, uri: x}, {name: a, uri: y}]"])
 
 
+def test_domains_whose_folders_nest_are_refused():
+    """An image belongs to one domain: nested folders would label it twice and refine it under one."""
+    with pytest.raises(ConfigError, match="'birds' and 'warblers' list overlapping folders"):
+        load_config(None, ["data.domains=[{name: birds, uri: 's3://b/images'}, {name: warblers, uri: 's3://b/images/warblers/'}]"])
+    with pytest.raises(ConfigError, match="overlapping folders"):
+        load_config(None, ["data.domains=[{name: a, uri: data/birds/}, {name: b, uri: ./data/birds}]"])
+    ok = load_config(None, ["data.domains=[{name: a, uri: 's3://b/images'}, {name: b, uri: 's3://b/images2'}, "
+                            "{name: c, uri: 's3://b/images', manifest: 's3://b/c.csv'}]"])  # fmt: skip
+    assert [d.name for d in ok.data.domains] == ["a", "b", "c"]
+
+
 def test_cli_reports_config_error_on_one_line(tmp_path: Path, capsys):
     f = tmp_path / "bad.yaml"
     f.write_text("refine: {k: 0}\n")

@@ -7,8 +7,9 @@ manifest per domain), whose ledger asks only what it has never asked: nothing is
 killed cascade resumes. The caps count the whole table (this bundle version): ``max_mllm_images``
 routed images and ``mllm_budget_usd`` spent. Spend is bounded in rounds: each round asks as many
 images as the budget left pays for at the highest per-image cost seen so far (from earlier answers,
-else from the discovery labels' summary; with neither, one image is asked first to learn it). What
-the caps leave keeps the CLIP's answer and is counted in the summary.
+else from the discovery labels' summary; with neither, one image a round until an answer says the
+price, and 1, 2, 4, … images a round once answers came back free). What the caps leave keeps the
+CLIP's answer and is counted in the summary.
 
 The MLLM's answer per image is the majority over its samples after mapping each sample onto the
 bundle's vocabulary with the vocabulary's synonym lookup (``Vocabulary.canonical``); a name outside
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -30,6 +33,7 @@ from near_ray.config import DomainConfig, RunConfig
 from near_ray.names import majority_label
 from near_ray.refine.vocabulary import Vocabulary
 from near_ray.storage import Storage
+from near_ray.uri import is_s3
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -173,13 +177,14 @@ def run_cascade(cfg: RunConfig, targets: dict[str, Target], vocabularies: dict[s
         todo = kept
     estimate = state["max_image_cost_usd"] or _discovery_cost_per_image(cfg, st)
     spent, calls, run_spend, rounds, routed_now, named, new_names = state["spent_usd"], 0, 0.0, 0, 0, 0, 0
+    free = 0  # rounds whose answers came back and cost nothing (a self-hosted MLLM, no usage reported)
     files: dict[tuple[str, str], str] = {}
     while todo:
         if cc.mllm_budget_usd is None:
             n = len(todo)
-        else:  # an unknown cost per image (no answer with a cost yet): rounds of 1, 2, 4, … images
+        else:  # price unknown: one image a round (failed requests say nothing of it); free answers: 1, 2, 4, …
             left = cc.mllm_budget_usd - spent
-            n = 0 if left <= 0 else (int(left // estimate) if estimate else 2**rounds)
+            n = 0 if left <= 0 else (int(left / estimate + 1e-9) if estimate else 2**free)  # 1e-9: 0.03 - 0.01
         if n <= 0:
             break
         batch, todo = todo[:n], todo[n:]
@@ -190,6 +195,7 @@ def run_cascade(cfg: RunConfig, targets: dict[str, Target], vocabularies: dict[s
         got = [(c, answers[(c.domain, c.uri)]) for c in batch if (c.domain, c.uri) in answers]
         spent += sum(a.cost_usd - c.cost for c, a in got)
         estimate = max([estimate or 0.0, *(a.cost_usd for _, a in got)]) or estimate
+        free += not estimate and any(a.statuses.get("ok", 0) + a.statuses.get("unparsable", 0) for _, a in got)
         routed_now += sum(not c.routed for c in batch)
         named += sum(1 for _, a in got if a.name)
         new_names += sum(1 for _, a in got if a.new)
@@ -228,7 +234,6 @@ def ask_mllm(cfg: RunConfig, batch: list[Candidate], domains: dict[str, DomainCo
     from near_ray.label.backends import model_name
     from near_ray.label.stage import run_label
     from near_ray.label.table import read_labels_table
-    from near_ray.uri import is_s3, relative
 
     label_cfg = cfg.model_copy(deep=True)
     label_cfg.storage.workdir = cfg.artifact("classify/mllm")
@@ -239,10 +244,7 @@ def ask_mllm(cfg: RunConfig, batch: list[Candidate], domains: dict[str, DomainCo
     label_cfg.data.domains = []
     for d, uris in sorted(by_domain.items()):
         manifest = label_cfg.artifact(f"manifests/{d}-{round_no:04d}.parquet")
-        # a local path that is not absolute was listed under the domain's folder: the label stage joins
-        # a manifest's relative paths onto that folder, so it gets the same URI back
-        local = [u if is_s3(u) or u.startswith("/") else relative(u, domains[d].uri) for u in uris]
-        st.write_parquet(manifest, pa.table({"uri": local}))
+        st.write_parquet(manifest, pa.table({"uri": [_manifest_entry(u, domains[d].uri) for u in uris]}))
         label_cfg.data.domains.append(DomainConfig(name=d, uri=domains[d].uri, meta_class=domains[d].meta_class,
                                                    manifest=manifest))  # fmt: skip
     log.info("cascade round %d: %d image(s) to the MLLM", round_no + 1, len(batch))
@@ -256,6 +258,15 @@ def ask_mllm(cfg: RunConfig, batch: list[Candidate], domains: dict[str, DomainCo
                              current=(cfg.label.prompt_version, model_name(cfg.label)))
         answers.update({(d, u): a for u, a in found.items()})
     return summary, answers
+
+
+def _manifest_entry(uri: str, folder: str) -> str:
+    """How a manifest names ``uri`` so that the label stage reads the same URI back: a local path that is
+    not absolute was listed under the domain's folder, and a manifest's relative paths are joined onto it."""
+    if is_s3(uri) or os.path.isabs(uri):
+        return uri
+    prefix = str(Path(folder)) + os.sep
+    return uri[len(prefix):] if uri.startswith(prefix) else os.path.abspath(uri)
 
 
 def apply_answers(batch: list[Candidate], answers: dict[tuple[str, str], Answer], writer: PredictionWriter,

@@ -20,12 +20,12 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
-import pyarrow.compute as pc
+import pyarrow as pa
 
 from near_ray.classify.calibration import calibration_report, fit_temperature
 from near_ray.classify.cascade import routing_enabled, run_cascade
 from near_ray.classify.ledger import ClassifyLedger, copy_identical
-from near_ray.classify.table import PredictionWriter, iter_parts, predictions_uri, read_predictions, repair
+from near_ray.classify.table import PredictionWriter, iter_parts, predictions_uri, read_part, read_predictions, repair
 from near_ray.classify.tower import Target, tower_dataset
 from near_ray.config import DomainConfig, RunConfig
 from near_ray.console import Progress
@@ -236,16 +236,36 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
 def _summary(out: str, st: Storage, targets: dict[str, Target], counts: dict[str, int],
              calibration: dict[str, dict[str, Any]], cascade: dict[str, Any] | None,
              timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
-    # Counted part by part (one part in memory at a time, whatever the collection's size): the ledger
-    # writes one row per image and version, and the stale versions' parts are gone by now.
+    # Counted part by part, one part in memory at a time whatever the collection's size: a part holds one
+    # bundle version, and the ledger writes one row per image and version. Parts of other versions are
+    # deleted after a full run; where some remain (classify.max_images), an image counts once, with
+    # its newest row, as before.
     status: dict[str, Counter[str]] = defaultdict(Counter)
     source: dict[str, Counter[str]] = defaultdict(Counter)
     other: Counter[str] = Counter()
-    for d, _, _, part in iter_parts(out, st, ["status", "source", "model_version"], domains=set(targets)):
+    older: dict[str, list[str]] = defaultdict(list)  # part files of other versions, oldest first
+
+    def count(d: str, part: Any) -> None:
         for column, into in (("status", status[d]), ("source", source[d])):
             into.update({str(v["values"]): int(v["counts"]) for v in part[column].value_counts().to_pylist()
                          if v["values"] is not None})
-        other[d] += part.num_rows - int(pc.sum(pc.equal(part["model_version"], targets[d].model_version)).as_py() or 0)
+
+    for d, _, f, part in iter_parts(out, st, ["status", "source", "model_version"], domains=set(targets)):
+        if part.num_rows and part["model_version"][0].as_py() != targets[d].model_version:
+            older[d].append(f)
+        else:
+            count(d, part)
+    for d, files in older.items():  # rare: the URIs of this domain's current rows, to count each image once
+        seen = {u for _, _, _, t in iter_parts(out, st, ["uri", "model_version"], domains={d})
+                if t.num_rows and t["model_version"][0].as_py() == targets[d].model_version
+                for u in t["uri"].to_pylist()}  # fmt: skip
+        for f in reversed(files):
+            part = read_part(f, st, ["uri", "status", "source"])
+            keep = [u not in seen for u in part["uri"].to_pylist()]
+            seen.update(part["uri"].to_pylist())
+            part = part.filter(pa.array(keep, pa.bool_()))
+            count(d, part)
+            other[d] += part.num_rows
     domains = {}
     for d, tg in sorted(targets.items()):
         domains[d] = {

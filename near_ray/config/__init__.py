@@ -7,6 +7,7 @@ command line. Errors name the file and the dotted field path.
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +64,18 @@ class DataConfig(Section):
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
     )
     max_images: int | None = None  # cap per run (smoke tests, sampling); None = all
+
+    @model_validator(mode="after")
+    def _one_domain_per_image(self) -> DataConfig:
+        """An image belongs to one domain (its prompt, vocabulary and neighbours): listed folders must not nest."""
+        listed = [(d.name, (d.uri if d.uri.startswith("s3://") else posixpath.normpath(d.uri)).rstrip("/") + "/")
+                  for d in self.domains if not d.manifest]  # fmt: skip
+        for i, (a, ua) in enumerate(listed):
+            for b, ub in listed[i + 1 :]:
+                if ua.startswith(ub) or ub.startswith(ua):
+                    raise ValueError(f"domains '{a}' and '{b}' list overlapping folders ({ua} and {ub}): each image "
+                                     "must belong to one domain (give each its own folder, or a manifest of its images)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- model

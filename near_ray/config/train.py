@@ -59,7 +59,7 @@ class TrainConfig(Section):
     # text: the name embeddings adapt to the images (measured best for small discovery sets, where
     # fine-tuning the image tower on a few noisy labels per class collapses onto a few names)
     train_towers: Literal["image", "text", "both"] = "text"
-    # gradient checkpointing in the trained towers: every step sends the whole vocabulary through the text
+    # gradient checkpointing (both towers' blocks): every step sends the whole vocabulary through the text
     # tower, whose kept activations grow with it (ViT-B-16: ~17 MiB a name in bf16 without, ~2 with);
     # None: on when the text tower trains and the vocabulary has more than 512 names
     grad_checkpointing: bool | None = None

@@ -99,6 +99,7 @@ def _temperature(cfg: RunConfig, st: Storage, bundle: Bundle) -> tuple[float, di
 
 
 def _mllm_answers(cfg: RunConfig, st: Storage, test: pd.DataFrame, bundle: Bundle, labels_uri: str) -> dict:
+    from near_ray.label.backends import model_name
     from near_ray.label.table import read_labels_table
 
     table = read_labels_table(labels_uri, st)
@@ -109,7 +110,8 @@ def _mllm_answers(cfg: RunConfig, st: Storage, test: pd.DataFrame, bundle: Bundl
     out = {}
     for domain, rows in labels[labels["uri"].isin({uri_key(u) for u in test["uri"]})].groupby("domain"):
         inner = domain if domain in bundle.domains else None
-        found = mllm_answers(rows, bundle.vocabulary, inner, cfg.label.prices)
+        found = mllm_answers(rows, bundle.vocabulary, inner, cfg.label.prices,
+                             current=(cfg.label.prompt_version, model_name(cfg.label)))
         out.update({(domain, u): a for u, a in found.items()})
     return out
 

@@ -165,7 +165,11 @@ def run_serve(cfg: RunConfig, write_config: str | None = None, block: bool = Tru
 
     settings = resolved_settings(cfg)
     check_bundles(cfg, settings)
-    if settings.direct_ingress and not joins_a_cluster():
+    joined = joins_a_cluster()
+    if joined and settings.host in ("127.0.0.1", "localhost"):
+        log.warning("serve.host is %s: on a cluster only processes on its nodes reach the app "
+                    "(serve.host=0.0.0.0 serves other hosts)", settings.host)
+    if settings.direct_ingress and not joined:
         # Read by Serve's controller and replicas when they start: a cluster started here inherits it.
         os.environ[DIRECT_INGRESS_ENV] = "1"
     ensure_ray()
@@ -173,7 +177,9 @@ def run_serve(cfg: RunConfig, write_config: str | None = None, block: bool = Tru
         check_direct_ingress(settings)  # before anything is deployed
     http = {"host": settings.host, "port": settings.port, "request_timeout_s": _proxy_timeout(settings)}
     serve.start(http_options=http)
-    app = application(settings, cfg.storage, _secret_env(settings))
+    # The token reaches the ingress through its runtime env only on a cluster started here: on a shared
+    # cluster that env is shown by Serve's dashboard and API, so the nodes' own environment holds it.
+    app = application(settings, cfg.storage, None if joined else _secret_env(settings))
     serve.run(app, name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
     url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
     log.info("serving %s at %s (docs at %s/docs)", settings.bundles or settings.bundle, url, url)

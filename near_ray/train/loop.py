@@ -49,12 +49,13 @@ CHECKPOINT_ABOVE = 512  # names: train.grad_checkpointing's auto rule
 
 
 def text_checkpointing(model: torch.nn.Module, towers: str, names: int, setting: bool | None) -> bool:
-    """Gradient checkpointing when the text tower trains: every step sends every vocabulary name through
-    it with autograd, so without it the activations kept for the backward pass grow with the vocabulary
-    (docs/train.md). ``setting`` None: on above CHECKPOINT_ABOVE names. Same gradients, less memory."""
-    enable = towers in ("text", "both") and (names > CHECKPOINT_ABOVE if setting is None else setting)
+    """Gradient checkpointing (open_clip's, in both towers' transformer blocks: the same gradients, less
+    memory). Every step sends every vocabulary name through the text tower with autograd when it trains,
+    so its kept activations grow with the vocabulary (docs/train.md): ``setting`` None turns it on then,
+    above CHECKPOINT_ABOVE names; True or False decides for any tower."""
+    enable = towers in ("text", "both") and names > CHECKPOINT_ABOVE if setting is None else setting
     if enable:
-        model.set_grad_checkpointing(True)  # open_clip: both towers' transformer blocks
+        model.set_grad_checkpointing(True)
     return enable
 
 

@@ -12,6 +12,7 @@ import yaml
 from near_ray.config import DomainConfig, ModelConfig, RunConfig
 from near_ray.eval.cascade import evaluate_cascade, render_cascade
 from near_ray.eval.metrics import SemanticAccuracy
+from near_ray.label.backends import model_name
 from near_ray.label.table import LabelWriter
 from near_ray.model.bundle import load_bundle, save_bundle
 from near_ray.model.clip import create_clip
@@ -42,13 +43,15 @@ def test_curve_routes_the_least_confident_and_prices_what_the_mllm_was_paid(tmp_
         probs.append(row)
     test = pd.DataFrame({"uri": uris, "domain": "birds", "species": truth})
 
-    # The direct MLLM's labels: the right species (sometimes by a synonym) for every image, 2 samples.
+    # The direct MLLM's labels: the right species (sometimes by a synonym) for every image, 2 samples,
+    # from the configured MLLM (another model's rows would not vote).
+    model, version = model_name(RunConfig().label), RunConfig().label.prompt_version
     labels_uri = join(workdir, "eval/direct_mllm/labels")
     writer = LabelWriter(labels_uri, st, part_rows=100, flush_interval_s=60)
     for i, (uri, species) in enumerate(zip(uris, truth, strict=True)):
         for s, label in enumerate([species, f"{species.split()[0]} Fringilla"]):
             writer.add([{"image_id": f"id{i}", "uri": uri, "domain": "birds", "sample": s, "label": label,
-                         "status": "ok", "model": "m", "prompt_version": "v1", "input_tokens": 100 * (i + 1),
+                         "status": "ok", "model": model, "prompt_version": version, "input_tokens": 100 * (i + 1),
                          "output_tokens": 10, "latency_s": 0.1}])  # fmt: skip
     writer.flush()
     cfg = RunConfig()

@@ -184,7 +184,7 @@ def run_cascade(cfg: RunConfig, targets: dict[str, Target], vocabularies: dict[s
             n = len(todo)
         else:  # price unknown: one image a round (failed requests say nothing of it); free answers: 1, 2, 4, …
             left = cc.mllm_budget_usd - spent
-            n = 0 if left <= 0 else (int(left / estimate + 1e-9) if estimate else 2**free)  # 1e-9: 0.03 - 0.01
+            n = 0 if left <= 0 else (int(left / estimate + 1e-9) if estimate else 2**free)  # 1e-9: float rounding
         if n <= 0:
             break
         batch, todo = todo[:n], todo[n:]

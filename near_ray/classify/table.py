@@ -125,7 +125,14 @@ def part_files(uri: str, storage: Storage) -> dict[str, list[tuple[str, str]]]:
 
     Only a table that does not exist is empty: any other storage error is raised, never read as "no
     rows" (a resumed run would classify, and the cascade pay for, every image again)."""
-    files = [o.uri for o in storage.list(uri, suffixes=[".parquet"])] if storage.exists(uri) else []
+    return _newest(_listed(uri, storage))
+
+
+def _listed(uri: str, storage: Storage) -> list[str]:
+    return [o.uri for o in storage.list(uri, suffixes=[".parquet"])] if storage.exists(uri) else []
+
+
+def _newest(files: list[str]) -> dict[str, list[tuple[str, str]]]:
     newest: dict[tuple[str, str], tuple[str, str]] = {}
     for f in files:
         m = _PART.search(f)
@@ -150,8 +157,8 @@ def _domain_of(uri: str) -> str | None:
 
 def repair(uri: str, storage: Storage) -> int:
     """Delete the older file of every part written twice (a rewrite killed before its delete)."""
-    keep = {f for parts in part_files(uri, storage).values() for _, f in parts}
-    files = [o.uri for o in storage.list(uri, suffixes=[".parquet"])] if storage.exists(uri) else []
+    files = _listed(uri, storage)  # one listing for both: what is there, and the newest of each part
+    keep = {f for parts in _newest(files).values() for _, f in parts}
     stale = [f for f in files if _PART.search(f) and f not in keep]
     for f in stale:
         storage.delete(f)

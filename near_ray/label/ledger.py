@@ -9,8 +9,9 @@ One small Ray actor per run, consulted by the read/decode tasks once per batch. 
   this run): a URI whose bytes are identical gets the answer copied at the end of the run, without a
   request.
 
-Everything is per domain: the prompt names the domain's meta-class, so an image that two domains
-list (overlapping prefixes) is asked once under each, and an answer is copied only within its domain.
+Everything is per domain: the prompt names the domain's meta-class, so an image that two domains'
+manifests list is asked once under each, and an answer is copied only within its domain (listed
+folders cannot nest: the config refuses it).
 
 ``mllm_error`` rows are not final: a re-run asks again. The state is rebuilt from the table on every
 run, so a killed run loses nothing but its unwritten rows.

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
+
+from near_ray.errors import NearRayError
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +69,36 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     quiet_ray_data()
 
 
+class DeviceError(NearRayError):
+    """Ray gave this process GPUs that torch cannot use."""
+
+
 def torch_device() -> str:
     """The device this process may use: "cuda" only when Ray assigned it GPUs.
 
     Ray 2.60 no longer hides a node's GPUs from workers that reserved none, so
     ``torch.cuda.is_available()`` alone would let a 0-GPU actor (or a driver, which Ray never assigns
     GPUs) take a GPU that Ray gave someone else. Outside Ray (a plain script), a visible GPU is used.
+    A process Ray assigned GPUs that torch cannot see is an error, not a quiet fall back to the CPU:
+    on a node whose driver is older than the CUDA build of torch needs, every embed, classify and serve
+    actor would otherwise run in fp32 on the CPU, holding GPUs it never uses.
     """
     import torch
 
+    ray = sys.modules.get("ray")  # a Ray worker has always imported ray; a plain script need not
+    gpu_ids = ray.get_gpu_ids() if ray is not None and ray.is_initialized() else None
     if not torch.cuda.is_available():
+        if gpu_ids:
+            raise DeviceError(
+                f"Ray assigned GPU(s) {gpu_ids} to this process but torch {torch.__version__} sees no CUDA device "
+                f"(built for CUDA {torch.version.cuda or 'none'}; CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): the node's NVIDIA driver may be older than "
+                "this torch needs, or this torch is a CPU build. Fix the node's image, or ask for no GPUs "
+                "(refine.embed_gpus, refine.knn_gpus, classify.gpus_per_actor, serve.gpus_per_replica: 0)"
+            )
         return "cpu"
-    import ray
-
-    if ray.is_initialized():
-        return "cuda" if ray.get_gpu_ids() else "cpu"
+    if gpu_ids is not None:
+        return "cuda" if gpu_ids else "cpu"
     return "cuda"
 
 

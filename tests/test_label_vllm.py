@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from tiny_vlm import CHAT_TEMPLATE as TINY_CHAT_TEMPLATE
-from tiny_vlm import LLAVA_HF_CHAT_TEMPLATE
+from tiny_vlm import LLAVA_HF_CHAT_TEMPLATE, NO_SYSTEM_CHAT_TEMPLATE
 
 from near_ray.config import ConfigError, LabelConfig, load_config
-from near_ray.label.backends.chat_format import template_content_format
+from near_ray.label.backends.chat_format import system_message, template_accepts_system, template_content_format
 from near_ray.label.backends.vllm import answer_row, placement_group_config, processor_options, request_row
 from near_ray.storage import Storage
 
@@ -271,7 +271,7 @@ _RENDER = """
 import asyncio, json, sys
 from near_ray.config import LabelConfig
 from near_ray.label.backends.vllm import processor_options, request_row
-from near_ray.label.backends.chat_format import template_content_format
+from near_ray.label.backends.chat_format import system_message, template_accepts_system, template_content_format
 from ray.llm._internal.batch.stages.chat_template_stage import ChatTemplateUDF
 from ray.llm._internal.batch.stages.prepare_multimodal_stage import PrepareMultimodalUDF
 from vllm.renderers.hf import _detect_content_format
@@ -279,7 +279,8 @@ from vllm.renderers.hf import _detect_content_format
 model = sys.argv[1]
 request = json.loads(sys.argv[2])
 request["image"] = bytes.fromhex(request["image"])
-row = request_row(request, max_tokens=8, guided_decoding=False)
+label = LabelConfig.model_validate({"backend": "vllm", "vllm": {"model_source": model}})
+row = request_row(request, max_tokens=8, guided_decoding=False, system_message=system_message(label.vllm))
 
 async def render(fmt):
     prepare = PrepareMultimodalUDF("__data", ["messages"], {"model": model}, fmt)
@@ -304,7 +305,7 @@ def test_rendered_prompts_keep_the_image_and_question_in_the_chosen_content_form
     env = _vllm_env()
 
     def render(*template_flag: str) -> dict:
-        model = tmp_path / ("llava-hf" if template_flag else "tiny")
+        model = tmp_path / (template_flag[0].strip("-") if template_flag else "tiny")
         subprocess.run([VLLM_PYTHON, str(REPO / "tests" / "tiny_vlm.py"), str(model), *template_flag], check=True,
                        env=env, timeout=180, capture_output=True)
         request = _request()
@@ -320,10 +321,44 @@ def test_rendered_prompts_keep_the_image_and_question_in_the_chosen_content_form
     assert llava["openai"].count("<image>") == 1 and "What is this bird?" in llava["openai"]
     assert llava["auto"] == "openai" and llava["near_ray_detects"] == llava["vllm_detects"] == "openai"
 
+    # a template that raises on a system role (llava-v1.6-mistral's shape): the request carries none, and the
+    # system text opens the question
+    mistral = render("--no-system-template")
+    assert mistral["openai"].count("<image>") == 1 and "What is this bird?" in mistral["openai"]
+    assert "You name things." in mistral["openai"] and mistral["auto"] == "openai"
+
     tiny = render()  # a template that reads both formats renders the image either way
     for fmt in ("string", "openai"):
         assert tiny[fmt].count("<image>") == 1 and "What is this bird?" in tiny[fmt], tiny
     assert tiny["near_ray_detects"] == tiny["vllm_detects"]
+
+
+def test_a_template_that_rejects_the_system_role_gets_the_system_text_in_the_question(tmp_path: Path) -> None:
+    assert template_accepts_system(NO_SYSTEM_CHAT_TEMPLATE) is False
+    assert template_accepts_system(TINY_CHAT_TEMPLATE) is True
+    assert template_accepts_system(LLAVA_HF_CHAT_TEMPLATE) is True
+    assert template_accepts_system("{{ messages[0]['nothing']['here'] }}") is None  # cannot tell: keep the message
+
+    folder = tmp_path / "mistral-like"
+    folder.mkdir()
+    (folder / "chat_template.jinja").write_text(NO_SYSTEM_CHAT_TEMPLATE)
+    cfg = _label_config(model_source=str(folder))
+    assert system_message(cfg.vllm) is False
+    messages = request_row(_request(), max_tokens=8, guided_decoding=False,
+                           system_message=system_message(cfg.vllm))["messages"]
+    assert [m["role"] for m in messages] == ["user"]
+    assert messages[0]["content"][1]["text"] == "You name things.\n\nWhat is this bird?"
+    assert messages[0]["content"][0]["type"] == "image_url"
+
+
+def test_a_model_not_on_this_machine_goes_by_its_family_and_the_setting_wins() -> None:
+    assert system_message(_label_config(model_source="llava-hf/llava-v1.6-mistral-7b-hf").vllm) is False
+    assert system_message(_label_config(model_source="Qwen/Qwen2.5-VL-7B-Instruct").vllm) is True
+    assert system_message(_label_config(model_source="llava-hf/llava-v1.6-mistral-7b-hf",
+                                        system_prompt="message").vllm) is True
+    assert system_message(_label_config(model_source="Qwen/Qwen2.5-VL-7B-Instruct", system_prompt="in_user").vllm) is False
+    messages = request_row(_request(), max_tokens=8, guided_decoding=False)["messages"]  # today's requests
+    assert [m["role"] for m in messages] == ["system", "user"]
 
 
 # ------------------------------------------------------------------------------------------ seeds

@@ -49,6 +49,17 @@ LLAVA_HF_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
+# The shape of Mistral's and llava-v1.6-mistral's templates: any role but user and assistant raises, so a
+# request with a system message fails in ray.data.llm's chat-template stage (the job, not the row).
+NO_SYSTEM_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST] "
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% else %}"
+    + IMAGE_TOKEN + "{% endif %}{% endfor %} [/INST]"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'][0]['text'] }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
 _CORPUS = """
 What is the most specific name of this bird? Answer with a JSON object {"name": "..."}.
 Tennessee Warbler, Orange-crowned Warbler, Blue Jay, Northern Cardinal, American Robin, House Sparrow,
@@ -166,8 +177,9 @@ def build_tiny_vlm(out: str | Path, seed: int = 0, chat_template: str = CHAT_TEM
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--llava-hf-template"]
+    flags = {"--llava-hf-template": LLAVA_HF_CHAT_TEMPLATE, "--no-system-template": NO_SYSTEM_CHAT_TEMPLATE}
+    args = [a for a in sys.argv[1:] if a not in flags]
     if len(args) != 1:
-        sys.exit("usage: python tests/tiny_vlm.py OUT_DIR [--llava-hf-template]")
-    template = LLAVA_HF_CHAT_TEMPLATE if "--llava-hf-template" in sys.argv else CHAT_TEMPLATE
+        sys.exit("usage: python tests/tiny_vlm.py OUT_DIR [--llava-hf-template | --no-system-template]")
+    template = next((flags[a] for a in sys.argv[1:] if a in flags), CHAT_TEMPLATE)
     print(build_tiny_vlm(args[0], chat_template=template))

@@ -41,6 +41,9 @@ class VLLMBackendConfig(Section):
     # message content as the chat template reads it: "openai" (a list of parts: llava-hf, Qwen-VL) or "string"
     # (text with the image placeholder inlined); "auto" reads a local model's template, else its family
     chat_template_content_format: Literal["auto", "string", "openai"] = "auto"
+    # the prompt's system text as a system message, or opening the user's question (templates that raise on a
+    # system role: llava-v1.6-mistral, Gemma 2); "auto" renders a local model's template, else goes by family
+    system_prompt: Literal["auto", "message", "in_user"] = "auto"
     max_concurrent_batches: int = Field(8, ge=1)  # per engine; in flight = batch_size × this (≥ vLLM's max_num_seqs)
     max_tokens: int = Field(64, ge=1)
     guided_decoding: bool = True

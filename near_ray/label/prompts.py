@@ -59,18 +59,22 @@ def schema_text(structured: bool) -> str:
     return json.dumps(LABEL_SCHEMA, sort_keys=True) if structured else ""
 
 
-def chat_messages(system: str, user: str, image: bytes, mime: str) -> list[dict]:
+def chat_messages(system: str, user: str, image: bytes, mime: str, system_message: bool = True) -> list[dict]:
     """The chat messages of one labeling request, for every backend: a text system message (ray issue
     #56125) and a user message with the image as a ``data:`` URL part and the question. Every message's
-    content is a list of parts, so the column has one Arrow type in Ray Data."""
+    content is a list of parts, so the column has one Arrow type in Ray Data. Without ``system_message``
+    (a chat template that rejects the system role) the system text opens the question instead."""
     data_url = f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
-    return [
-        {"role": "system", "content": [{"type": "text", "text": system}]},
+    question = user if system_message else f"{system}\n\n{user}"
+    messages = [
         {
             "role": "user",
-            "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": user}],
+            "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": question}],
         },
     ]
+    if system_message:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    return messages
 
 
 def sample_seed(base_seed: int, image_id: str, sample: int) -> int:

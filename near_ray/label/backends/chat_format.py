@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from near_ray.config import VLLMBackendConfig
 
 ContentFormat = Literal["string", "openai"]
+# Families whose published chat template raises on a system message (llava-v1.6-mistral, Mistral's own
+# instruct templates: "Only user and assistant roles are supported!"; Gemma 2 / PaliGemma: "System role
+# not supported"), for a model whose template is not on this machine.
+_NO_SYSTEM_ROLE = ("llava-v1.6-mistral", "mistral-7b-instruct", "gemma-2", "paligemma")
 
 _FOR = re.compile(r"\{%[-+]?\s*for\s+(\w+)(?:\s*,\s*\w+)?\s+in\s+(.+?)\s*[-+]?%\}", re.S)
 _SET = re.compile(r"\{%[-+]?\s*set\s+(\w+)\s*=\s*(.+?)\s*[-+]?%\}", re.S)
@@ -94,3 +98,50 @@ def chat_content_format(v: VLLMBackendConfig) -> ContentFormat:
     if (template := local_chat_template(v.model_source)) is not None:
         return template_content_format(template)
     return family_content_format(v.model_source)
+
+
+def _render(template: str, messages: list[dict]) -> str:
+    """Render a chat template the way transformers does (a sandbox, ``raise_exception`` defined)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token="",
+                                            eos_token="")
+
+
+def template_accepts_system(template: str) -> bool | None:
+    """Whether a chat template renders a conversation that opens with a system message.
+
+    None when it renders neither that nor the same conversation without one (the check cannot tell).
+    """
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}
+    system = {"role": "system", "content": [{"type": "text", "text": "You name things."}]}
+    try:
+        _render(template, [user])
+    except Exception:
+        return None
+    try:
+        _render(template, [system, user])
+    except Exception:
+        return False
+    return True
+
+
+def system_message(v: VLLMBackendConfig) -> bool:
+    """Whether labeling requests carry a separate system message (``label.vllm.system_prompt``).
+
+    ``auto``: yes unless the model's chat template (a local folder's) raises on one, or, where the
+    template is not on this machine, the model's family is known to; then the system text opens the
+    user's question instead, because ray.data.llm's chat-template stage fails the whole job, not the row.
+    """
+    if v.system_prompt != "auto":
+        return v.system_prompt == "message"
+    if (template := local_chat_template(v.model_source)) is not None:
+        return template_accepts_system(template) is not False
+    name = v.model_source.rstrip("/").rsplit("/", 1)[-1].lower()
+    return not any(family in name for family in _NO_SYSTEM_ROLE)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from near_ray.errors import NearRayError
 from near_ray.label.backends import INPUT_COLUMNS, model_name
-from near_ray.label.backends.chat_format import chat_content_format
+from near_ray.label.backends.chat_format import chat_content_format, system_message
 from near_ray.label.prompts import chat_messages
 
 if TYPE_CHECKING:
@@ -135,7 +135,9 @@ def processor_options(cfg: LabelConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ rows
-def request_row(row: dict[str, Any], max_tokens: int, guided_decoding: bool, seeded: bool = True) -> dict[str, Any]:
+def request_row(
+    row: dict[str, Any], max_tokens: int, guided_decoding: bool, seeded: bool = True, system_message: bool = True
+) -> dict[str, Any]:
     """One engine request: chat messages with the image as a data URL, per-row sampling params.
 
     ``seeded``: the run asks S > 1 samples per image. Only then, and only when sampling (temperature > 0),
@@ -143,7 +145,7 @@ def request_row(row: dict[str, Any], max_tokens: int, guided_decoding: bool, see
     generator (one noise kernel per seeded request per decoding step, and no FlashInfer sampling kernel),
     and it buys nothing at temperature 0 (greedy) or with one sample per image.
     """
-    messages = chat_messages(row["system_prompt"], row["user_prompt"], row["image"], row["mime"])
+    messages = chat_messages(row["system_prompt"], row["user_prompt"], row["image"], row["mime"], system_message)
     temperature = float(row["temperature"])
     sampling: dict[str, Any] = {
         "seed": int(row["seed"]) if seeded and temperature > 0 else None,
@@ -204,6 +206,7 @@ def label_dataset(ds: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset:
             max_tokens=cfg.vllm.max_tokens,
             guided_decoding=cfg.vllm.guided_decoding,
             seeded=cfg.samples > 1,
+            system_message=system_message(cfg.vllm),
         ),
         postprocess=functools.partial(answer_row, model=model),
         preprocess_map_kwargs={"num_cpus": cfg.actor_cpus},

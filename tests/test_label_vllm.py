@@ -194,6 +194,20 @@ def test_engines_sharing_a_gpu_each_ask_for_their_share_of_its_memory() -> None:
     assert share(tensor_parallel_size=2, gpus_per_replica=2) is None
 
 
+def test_engines_sharing_a_gpu_get_a_fixed_kv_cache_and_a_whole_gpu_keeps_vllms_profile(caplog) -> None:
+    def kv(**vllm: object) -> int | None:
+        return processor_options(_label_config(**vllm))["engine_kwargs"].get("kv_cache_memory_bytes")
+
+    assert kv() is None  # a GPU of its own: vLLM's memory profile sizes the cache
+    assert kv(gpus_per_replica=0.5) == 4 * 2**30  # a shared GPU: a neighbour's loading must not size it
+    assert kv(gpus_per_replica=0.5, kv_cache_memory_gib=1.5) == int(1.5 * 2**30)
+    assert kv(gpus_per_replica=0.5, kv_cache_memory_gib=0) is None
+    assert kv(kv_cache_memory_gib=8) == 8 * 2**30
+    with caplog.at_level("WARNING"):
+        kv(gpus_per_replica=0.5, engine_kwargs={"gpu_memory_utilization": 0.9})
+    assert "more than this engine's share" in caplog.text and "label.vllm.gpu_memory_utilization" in caplog.text
+
+
 def test_the_engine_is_sized_for_labeling_prompts_and_the_stage_images() -> None:
     kwargs = processor_options(_label_config())["engine_kwargs"]
     assert kwargs["max_model_len"] == 4096  # not the model's 128k, whose KV cache does not fit a 24 GB GPU

@@ -38,6 +38,9 @@ class VLLMBackendConfig(Section):
     # a 24 GB GPU); -1 = the longest that fits the GPU memory left after the weights (vLLM's auto-fit)
     max_model_len: int | None = 4096
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # None: vLLM's 0.9 × a shared GPU's share
+    # a fixed KV cache per engine (vLLM's kv_cache_memory_bytes); None: vLLM sizes it on a GPU of its own, 4 GiB
+    # on a shared GPU (its memory profile counts a neighbour engine's loading as its own); 0: always vLLM's
+    kv_cache_memory_gib: float | None = Field(None, ge=0)
     # message content as the chat template reads it: "openai" (a list of parts: llava-hf, Qwen-VL) or "string"
     # (text with the image placeholder inlined); "auto" reads a local model's template, else its family
     chat_template_content_format: Literal["auto", "string", "openai"] = "auto"

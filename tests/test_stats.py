@@ -114,3 +114,45 @@ def test_kept_methods_are_carried_only_into_runs_made_from_the_same_labels_and_m
         bench.parse_keep([f"{ref}:naiv"])
     with pytest.raises(SystemExit, match="cannot read the runs of .*missing.json"):
         bench.parse_keep([f"{tmp_path / 'missing.json'}:naive"])
+
+
+def test_two_runs_inside_one_unit_count_once():
+    """Two starting CLIPs trained on one seed's labels are one unit: the interval has n = units, not runs."""
+    from near_ray.eval.stats import clustered_difference
+
+    diffs = {("draw100", 0): [0.10, 0.06], ("draw100", 1): [0.09, 0.05], ("draw101", 0): [0.08, 0.04]}
+    d = clustered_difference(diffs)
+    assert d["n"] == 3 and d["runs"] == 6
+    assert d["mean_diff"] == pytest.approx((0.08 + 0.07 + 0.06) / 3)
+    as_runs = paired_difference([x for v in diffs.values() for x in v], [0.0] * 6)
+    width = d["ci95"][1] - d["ci95"][0]
+    assert width > as_runs["ci95"][1] - as_runs["ci95"][0]  # counting runs as units understated the width
+
+
+def test_the_bootstrap_carries_test_image_variance_and_is_reproducible():
+    import numpy as np
+
+    from near_ray.eval.metrics import cluster_accuracy
+    from near_ray.eval.stats import bootstrap_difference
+
+    rng = np.random.default_rng(0)
+
+    def unit(n_images: int, runs: int = 2):
+        truth = rng.integers(0, 4, n_images)
+        out = []
+        for _ in range(runs):
+            a = np.where(rng.random(n_images) < 0.7, truth, rng.integers(0, 4, n_images))  # ~0.78 right
+            b = np.where(rng.random(n_images) < 0.6, truth, rng.integers(0, 4, n_images))  # ~0.70 right
+            out.append((truth, a, b))
+        return out
+
+    small = [unit(40) for _ in range(4)]
+    large = [unit(400) for _ in range(4)]
+    s = bootstrap_difference(small, cluster_accuracy, n_boot=200, seed=1)
+    big = bootstrap_difference(large, cluster_accuracy, n_boot=200, seed=1)
+    assert s["n"] == 4 and s["runs"] == 8
+    assert s == bootstrap_difference(small, cluster_accuracy, n_boot=200, seed=1)
+    assert s["ci95"][0] < s["mean_diff"] < s["ci95"][1]
+    # fewer test images, a wider interval: the images' own variance is in it
+    assert s["ci95"][1] - s["ci95"][0] > big["ci95"][1] - big["ci95"][0]
+    assert big["ci95"][0] > 0  # 0.1 apart on 1,600 images: the interval excludes zero

@@ -52,7 +52,11 @@ table["Ray driver, torch sees CUDA"] = torch_device()
 @ray.remote
 def worker(sees):
     torch_sees_cuda(sees)
-    return [str(g) for g in ray.get_gpu_ids()], torch_device()
+    try:
+        device = torch_device()
+    except Exception as e:  # the device rule's refusal, by name
+        device = type(e).__name__
+    return [str(g) for g in ray.get_gpu_ids()], device
 
 @ray.remote
 class Replica:
@@ -79,7 +83,8 @@ def test_only_workers_ray_gave_a_gpu_use_cuda_even_when_torch_sees_one() -> None
     assert table["Ray driver, torch sees CUDA"] == "cpu"  # Ray never assigns the driver a GPU
     assert table["0-GPU task, torch sees CUDA"] == [[], "cpu"]  # Ray 2.60 no longer hides the node's GPUs
     assert table["1-GPU task, torch sees CUDA"] == [["0"], "cuda"]
-    assert table["1-GPU task, torch without CUDA"] == [["0"], "cpu"]
+    # a GPU Ray gave that torch cannot use is an error, not a quiet fp32 run on the CPU (tests/test_device_rule.py)
+    assert table["1-GPU task, torch without CUDA"] == [["0"], "DeviceError"]
     assert table["0-GPU actor, torch sees CUDA"] == "cpu"  # a CPU serving replica or embedder
     assert table["half-GPU actor, torch sees CUDA"] == "cuda"  # replicas sharing a GPU
 

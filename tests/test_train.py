@@ -318,10 +318,11 @@ def test_train_cli_makes_one_bundle_per_method(ray_cluster, tmp_path, capsys):
     write_refine_artifacts(workdir, per_class=3, stray="grey tit")
     sets = [f"storage.workdir={workdir}", "model.arch=near-tiny", "train.num_workers=1", "train.cpus_per_worker=0.5",
             "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=16", "train.augment=false"]  # fmt: skip
-    argv = ["train", *(x for s in sets for x in ("--set", s)), "--method", "naive", "--method", "zero_shot"]
+    argv = ["train", *(x for s in sets for x in ("--set", s)), "--method", "naive", "--method", "zero_shot",
+            "--method", "naive_prototypes"]
     assert main(argv) == 0
     out = json.JSONDecoder().raw_decode(capsys.readouterr().out.lstrip())[0]
-    assert set(out) == {"naive", "zero_shot"}
+    assert set(out) == {"naive", "zero_shot", "naive_prototypes"}
     names = sorted(n for names in CLASSES.values() for n in names)
     assert sorted(load_bundle(f"{workdir}/bundles/zero_shot").names) == sorted([*names, "grey tit"])
     # The fine-tuned bundle drops the name no training image ended up labelled with.
@@ -329,6 +330,10 @@ def test_train_cli_makes_one_bundle_per_method(ray_cluster, tmp_path, capsys):
     assert out["naive"]["pruned_names"] == [{"name": "grey tit", "domain": "birds", "train_support": 0}]
     # naive uses no kNN anywhere: its image prototypes are weighted by confidence, not by neighbour votes
     assert out["naive"]["class_embeddings"] == "text + image prototypes (weight 1.0, confidence votes)"
+    # naive_prototypes: the same labels and checkpoint, NeaR's classifier (refine's graph votes)
+    assert out["naive_prototypes"]["class_embeddings"] == "text + image prototypes (weight 1.0, neighbour votes)"
+    # one training run (the second method resumes the finished run and only exports its bundle)
+    assert Path(out["naive_prototypes"]["checkpoint"]).parent == Path(out["naive"]["checkpoint"]).parent
     assert not list((tmp_path / "train").glob("near-*"))  # only the methods asked for
 
 

@@ -24,6 +24,9 @@ class Method:
     loss: Loss  # after warm-up: cross-entropy, partial-label (PRODEN), or NeaR's clean/noisy loss
     gmm: bool = False  # fit the clean/noisy split on per-sample losses each epoch after warm-up
     neighbour_refinement: bool = False  # noisy samples' targets blend in their neighbours' predictions
+    # its image prototypes count refine's neighbour votes although its targets use no graph: the same
+    # classifier as NeaR's on other labels, so a comparison measures the labels, not the classifier
+    graph_votes: bool = False
     # train.* settings this method fixes whatever the run config says (an ablation of one option)
     overrides: tuple[tuple[str, Any], ...] = ()
     # a candidate under measurement: trained and reported when eval.methods names it (the method
@@ -48,6 +51,8 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("zero_shot", "zero-shot CLIP over the MLLM vocabulary", targets="none", loss="none"),
         Method("naive", "naive fine-tuning (majority labels)", targets="majority", loss="ce"),
+        Method("naive_prototypes", "naive fine-tuning (majority labels), neighbour-voted prototypes as NeaR's",
+               targets="majority", loss="ce", graph_votes=True, overrides=(("prototype_vote", "neighbours"),)),
         Method("near", "NeaR", targets="candidates", loss="near", gmm=True, neighbour_refinement=True),
         Method("near_no_knn", "NeaR without kNN candidates", targets="own_labels", loss="near", gmm=True),
         Method("near_no_gmm", "NeaR without GMM clean/noisy split", targets="candidates", loss="pll"),

@@ -98,9 +98,10 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         if cfg.train.prototype_clusters:  # each image may join the names of its own domain
             clusters = ts.arrays.domain_mask[ts.arrays.domain_of][:, kept]
         votes, voting = weights, "confidence"
-        # refine's graph (the one the candidate sets came from) for the methods that use kNN; naive and
-        # no-kNN use none anywhere, so their prototypes stay confidence-weighted
-        if cfg.train.prototype_vote == "neighbours" and (learns.targets == "candidates" or learns.neighbour_refinement):
+        # refine's graph (the one the candidate sets came from) for the methods that use kNN, and those that
+        # ask for NeaR's classifier on their own labels (naive_prototypes); naive and no-kNN stay confidence-weighted
+        uses_graph = learns.targets == "candidates" or learns.neighbour_refinement or learns.graph_votes
+        if cfg.train.prototype_vote == "neighbours" and uses_graph:
             graph = neighbour_graph(cfg, ts.image_ids, st)[:, : cfg.train.refine_k or None]
             if graph.shape[1]:
                 votes, voting = neighbour_votes(cand_idx, weights, graph), "neighbour"

@@ -23,6 +23,7 @@ from typing import Any
 
 from near_ray.eval.metrics import contingency
 from near_ray.eval.review.gather import DomainData, ImageView
+from near_ray.names import majority_label
 
 NO_NAME = "(no name)"
 SUSPECT_BELOW = 2 / 3  # agreement under two thirds: a third or more of the evidence names something else
@@ -52,6 +53,7 @@ class Change:
     stage: str  # "refine" | "train"
     reason: str
     destinations: Counter  # where the images that were given it went: name (or NO_NAME) -> images
+    majority: int = 0  # images whose samples gave it most often: a pruned name many images mostly got may be a lost class
 
 
 @dataclass
@@ -59,7 +61,8 @@ class DomainReview:
     data: DomainData
     names: list[NameSummary]
     changes: list[Change]
-    suspects: list[ImageView]  # lowest agreement first
+    suspects: list[ImageView]  # lowest agreement first, at most the number asked for
+    suspect_count: int  # every image under the threshold
     unnamed: int
     accuracy: dict[str, Any] | None
 
@@ -97,7 +100,7 @@ def score_images(data: DomainData) -> None:
         view.suggestion = max(pooled, key=lambda n: (pooled[n], n)) if pooled else None
 
 
-def _truth_match(data: DomainData, named: list[ImageView]) -> dict[str, str]:
+def _truth_match(named: list[ImageView]) -> dict[str, str]:
     """Name -> the true class the Hungarian matching (cACC's) gives it, over the images with truth."""
     from scipy.optimize import linear_sum_assignment
 
@@ -111,6 +114,11 @@ def _truth_match(data: DomainData, named: list[ImageView]) -> dict[str, str]:
 
 def _destinations(images: list[ImageView]) -> Counter:
     return Counter(v.name or NO_NAME for v in images)
+
+
+def _pruned(name: str, stage: str, reason: str, images: list[ImageView]) -> Change:
+    majority = sum(majority_label(v.said) == name for v in images)
+    return Change("pruned", name, None, stage, reason, _destinations(images), majority)
 
 
 def _changes(data: DomainData, cfg_min: dict[str, int]) -> list[Change]:
@@ -132,11 +140,11 @@ def _changes(data: DomainData, cfg_min: dict[str, int]) -> list[Change]:
             out.append(Change("merge", surface, canonical, "refine", reason, _destinations(by_surface[surface])))
     for p in data.merges.get("pruned", []):
         reason = f"{p['support']} image(s) named it, fewer than refine.min_support = {cfg_min['refine']}"
-        out.append(Change("pruned", p["name"], None, "refine", reason, _destinations(said.get(p["name"], []))))
+        out.append(_pruned(p["name"], "refine", reason, said.get(p["name"], [])))
     for p in data.train_pruned:
         reason = (f"after refinement {p.get('train_support', 0)} training image(s) kept it as their label, fewer than "
                   f"train.min_label_support = {cfg_min['train']}")
-        out.append(Change("pruned", p["name"], None, "train", reason, _destinations(said.get(p["name"], []))))
+        out.append(_pruned(p["name"], "train", reason, said.get(p["name"], [])))
     return out
 
 
@@ -149,7 +157,7 @@ def review_domain(data: DomainData, cfg_min: dict[str, int], suspects: int) -> D
         by_name.setdefault(v.name, []).append(v)  # type: ignore[arg-type]
     support = {e["name"]: int(e["support"]) for e in data.vocabulary}
     train_support = {p["name"]: p.get("train_support") for p in data.train_pruned}
-    match = _truth_match(data, list(data.images.values())) if data.has_truth else {}
+    match = _truth_match(list(data.images.values())) if data.has_truth else {}
     summaries = []
     for name in [*data.names, *sorted(set(by_name) - set(data.names))]:
         images = sorted(by_name.get(name, []), key=lambda v: (-(v.agreement if v.agreement is not None else -1), v.uri))
@@ -176,6 +184,6 @@ def review_domain(data: DomainData, cfg_min: dict[str, int], suspects: int) -> D
         accuracy = {"images": len(with_truth), "correct": correct,
                     "cacc": correct / len(with_truth) if with_truth else None,
                     "suspects_wrong": sum(v.truth != match.get(v.name or "") for v in ranked[:suspects] if v.truth)}
-    return DomainReview(data, summaries, _changes(data, cfg_min), ranked[:suspects],
+    return DomainReview(data, summaries, _changes(data, cfg_min), ranked[:suspects], len(ranked),
                         sum(v.name is None for v in data.images.values()), accuracy)
 

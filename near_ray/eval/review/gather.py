@@ -261,11 +261,10 @@ def domain_data(cfg: RunConfig, domain: str, labels: pd.DataFrame, refine: tuple
 
     if neighbors is not None:
         uri_of = dict(zip(rows["image_id"], rows["uri"], strict=True))
-        for image_id, ids, sims in zip(neighbors.loc[neighbors["domain"] == domain, "image_id"],
-                                       neighbors.loc[neighbors["domain"] == domain, "neighbors"],
-                                       neighbors.loc[neighbors["domain"] == domain, "similarities"], strict=True):  # fmt: skip
-            if (uri := uri_of.get(image_id)) in images:
-                images[uri].neighbours = [(uri_of[j], float(s)) for j, s in zip(ids, sims, strict=True) if j in uri_of]
+        for r in neighbors[neighbors["domain"] == domain].itertuples(index=False):
+            if (uri := uri_of.get(r.image_id)) in images:
+                images[uri].neighbours = [(uri_of[j], float(s)) for j, s in zip(r.neighbors, r.similarities, strict=True)
+                                          if j in uri_of]  # fmt: skip
 
     if truth is not None:
         for view in images.values():

@@ -19,6 +19,8 @@ from near_ray.eval.review.gather import ImageView
 
 EXAMPLES = 10  # thumbnails per name: the most and the least agreeing halves
 CHECK_THUMBS = 6
+CHECK_PRUNED = 8  # pruned names the "check these" box lists by name
+LOST_CLASS_IMAGES = 2  # ... when they were the main answer for at least this many images
 
 CSS = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 1.5rem 3rem;color:#1d1d1f;background:#fff}
@@ -30,10 +32,12 @@ nav a{margin-right:1rem}
 .check h3{margin:.2rem 0 .4rem}.check ul{margin:.2rem 0;padding-left:1.2rem}.check li{margin:.25rem 0}
 table{border-collapse:collapse;margin:.3rem 0}td,th{border-bottom:1px solid #ddd;padding:.3rem .5rem;
 vertical-align:top;text-align:left}th{background:#f3f3f3;font-weight:600}td.num{text-align:right;white-space:nowrap}
-td.nm{font-weight:600;min-width:10rem}
-.thumbs{white-space:nowrap}.thumb{width:64px;height:64px;object-fit:cover;border:1px solid #bbb;margin:1px;
-vertical-align:middle}.thumb.missing{display:inline-block;font-size:10px;color:#999;text-align:center;line-height:64px}
-.sep{color:#999;margin:0 4px}.raw{color:#555;font-style:italic;font-size:12px}
+td.nm{font-weight:600;min-width:10rem}table.names{width:100%}td.accuracy{white-space:normal;max-width:11rem}
+td.confused{min-width:11rem}
+.strip{white-space:nowrap}.strip.least{border-top:1px dashed #bbb;margin-top:2px;padding-top:2px}
+.thumb{width:56px;height:56px;object-fit:cover;border:1px solid #bbb;margin:1px;vertical-align:middle}
+.thumb.missing{display:inline-block;font-size:10px;color:#999;text-align:center;line-height:56px}
+td.answers{min-width:14rem}.raw{color:#555;font-style:italic;font-size:12px}
 .answers ul,.dest{margin:0;padding-left:1rem}.bad{color:#b3261e;font-weight:600}.good{color:#1e6b2e}
 .uri{font:11px monospace;color:#555;word-break:break-all;max-width:22rem}
 .new{background:#eef;border-radius:3px;padding:0 3px;font-size:11px}
@@ -73,24 +77,38 @@ def _counter(c: Counter, limit: int = 4) -> str:
 
 
 def examples(s: NameSummary, n: int = EXAMPLES) -> tuple[list[ImageView], list[ImageView]]:
-    """The most agreeing and the least agreeing images of a name (all of them when there are few)."""
+    """The most agreeing and the least agreeing images of a name (all of them, in two rows, when there are few)."""
     if len(s.images) <= n:
-        return s.images, []
+        return s.images[: n // 2], s.images[n // 2 :]
     return s.images[: n // 2], s.images[-(n - n // 2) :]
 
 
 # ------------------------------------------------------------------------------------------ parts
+def _pruned_first(r: DomainReview) -> list[Change]:
+    """Pruned names, those the most images mostly got first: a lost class before a stray answer."""
+    pruned = [c for c in r.changes if c.kind == "pruned"]
+    return sorted(pruned, key=lambda c: (-c.majority, -sum(c.destinations.values()), c.name))
+
+
 def _check_box(r: DomainReview, did: str, thumbs: dict[str, str | None]) -> str:
     items = []
-    pruned = [c for c in r.changes if c.kind == "pruned"]
-    for c in pruned:
+    pruned = _pruned_first(r)
+    lost = [c for c in pruned if c.majority >= LOST_CLASS_IMAGES][:CHECK_PRUNED]
+    for c in lost:
         went = _counter(c.destinations) if c.destinations else "no image had it"
         items.append(f'<li class="check-pruned" data-name="{esc(c.name)}"><b>{esc(c.name)}</b> was pruned '
-                     f'({c.stage}): its images now read {went}</li>')  # fmt: skip
+                     f"({c.stage}) though it was the main answer for {_n(c.majority, 'image')}: they now read "
+                     f"{went}</li>")  # fmt: skip
+    if rest := len(pruned) - len(lost):
+        names = ", ".join(c.name for c in pruned if c not in lost)
+        items.append(f'<li class="check-pruned-rest">{_n(rest, "other pruned name")}, each the main answer for '
+                     f'at most one image (stray answers): <span class="muted">{esc(names[:300])}'
+                     f'{" …" if len(names) > 300 else ""}</span> (<a href="#{did}-changes">where their images went</a>)'
+                     "</li>")  # fmt: skip
     if r.suspects:
         strip = "".join(_thumb(v, thumbs, f"named {v.name}, agreement {_agree(v)}") for v in r.suspects[:CHECK_THUMBS])
-        items.append(f'<li class="check-suspects">{_n(len(r.suspects), "image")} whose evidence partly names something '
-                     f'else: <a href="#{did}-suspects">ranked below</a><br>{strip}</li>')  # fmt: skip
+        items.append(f'<li class="check-suspects">{_n(r.suspect_count, "image")} whose views name something else '
+                     f'for a third or more of the evidence: <a href="#{did}-suspects">ranked below</a><br>{strip}</li>')
     thin = [s.name for s in r.names if s.in_vocabulary and len(s.images) <= 1]
     if thin:
         items.append(f"<li>{len(thin)} name(s) with at most one image: {esc(', '.join(thin[:12]))}"
@@ -112,18 +130,23 @@ def _names_table(r: DomainReview, did: str, thumbs: dict[str, str | None]) -> st
     rows = []
     for j, s in enumerate(r.names):
         top, bottom = examples(s)
-        strip = "".join(_thumb(v, thumbs, f"agreement {_agree(v)}") for v in top)
+        strip = '<div class="strip">' + "".join(_thumb(v, thumbs, f"agreement {_agree(v)}") for v in top) + "</div>"
         if bottom:
-            strip += '<span class="sep">…</span>' + "".join(_thumb(v, thumbs, f"agreement {_agree(v)}") for v in bottom)
+            strip += '<div class="strip least">' + "".join(_thumb(v, thumbs, f"agreement {_agree(v)}")
+                                                           for v in bottom) + "</div>"  # fmt: skip
         answers = "".join(f"<li>{esc(a)} <span class=muted>× {k}</span></li>" for a, k in s.surfaces.most_common(8))
-        raw = "".join(f'<div class="raw">“{esc(a[:120])}”</div>' for a in s.raw_examples[:2])
+        # structured answers ({"name": …}) say nothing the surface forms do not: only free text is shown
+        free = [a for a in s.raw_examples if not a.lstrip().startswith(("{", "[", "```"))]
+        raw = "".join(f'<div class="raw">“{esc(a[:120])}”</div>' for a in free[:2])
         confused = "<br>".join(f"{esc(n)} <span class=muted>≈{w:g} image(s)</span>" for n, w in s.confused) or "–"
         acc = ""
-        if truth:
-            cls = esc(s.truth_class) if s.truth_class else "no class"
-            mark = "good" if s.truth_images and s.truth_correct == s.truth_images else "bad"
+        if truth and s.truth_images:
+            cls = f"as {esc(s.truth_class)}" if s.truth_class else "matched to no class"
+            mark = "good" if s.truth_correct == s.truth_images else "bad"
             acc = (f'<td class="num accuracy"><span class="{mark}">{_pct(s.truth_correct, s.truth_images)}</span> '
-                   f"<span class=muted>of {s.truth_images}<br>as {cls}</span></td>")  # fmt: skip
+                   f"<span class=muted>of {s.truth_images}<br>{cls}</span></td>")  # fmt: skip
+        elif truth:
+            acc = '<td class="num accuracy">–</td>'
         tag = "" if s.in_vocabulary else ' <span class="new">MLLM only</span>'
         train = f"<br><span class=muted>{s.train_support} after training</span>" if s.train_support is not None else ""
         rows.append(f'<tr class="name" id="{did}-n{j}" data-name="{esc(s.name)}"><td class="nm">{esc(s.name)}{tag}</td>'
@@ -134,7 +157,10 @@ def _names_table(r: DomainReview, did: str, thumbs: dict[str, str | None]) -> st
 
 
 def _change_row(c: Change) -> str:
-    what = f"{esc(c.name)} → <b>{esc(c.into)}</b>" if c.kind == "merge" else f"<b>{esc(c.name)}</b>"
+    if c.kind == "merge":
+        what = f"{esc(c.name)} → <b>{esc(c.into)}</b>"
+    else:
+        what = f"<b>{esc(c.name)}</b><br><span class=muted>main answer for {_n(c.majority, 'image')}</span>"
     went = _counter(c.destinations, 6) if c.destinations else "no image had it"
     into = f' data-into="{esc(c.into)}"' if c.into else ""
     return (f'<tr class="{c.kind}" data-name="{esc(c.name)}"{into}><td>{c.kind}</td><td>{what}</td><td>{c.stage}</td>'
@@ -144,7 +170,7 @@ def _change_row(c: Change) -> str:
 def _changes_table(r: DomainReview) -> str:
     if not r.changes:
         return "<p class=muted>No name was merged or pruned.</p>"
-    changes = sorted(r.changes, key=lambda c: (c.kind != "pruned", c.stage, c.name))
+    changes = _pruned_first(r) + sorted((c for c in r.changes if c.kind == "merge"), key=lambda c: (c.into, c.name))
     return ('<table class="changes"><tr><th>change</th><th>name</th><th>stage</th><th>why</th>'
             f'<th>its images went to (images)</th></tr>{"".join(_change_row(c) for c in changes)}</table>')
 
@@ -163,6 +189,10 @@ def _suspects_table(r: DomainReview, did: str, thumbs: dict[str, str | None]) ->
     if not r.suspects:
         return f"<p class=muted>No image whose evidence agrees with its name less than {SUSPECT_BELOW:.2f}.</p>"
     truth = r.accuracy is not None
+    shown = f"the {len(r.suspects)} lowest of {r.suspect_count}" if r.suspect_count > len(r.suspects) else "all"
+    note = f"<p class=muted>Agreement under {SUSPECT_BELOW:.2f}: {shown}, lowest first."
+    if truth and r.accuracy:
+        note += f" With truth, {r.accuracy['suspects_wrong']} of them are indeed named wrong."
     head = ("<tr><th>#</th><th>image</th><th>named</th><th>agreement</th><th>what each view says</th>"
             "<th>evidence prefers</th>" + ("<th>true class</th>" if truth else "") + "<th>uri</th></tr>")
     rows = []
@@ -172,7 +202,7 @@ def _suspects_table(r: DomainReview, did: str, thumbs: dict[str, str | None]) ->
                     f"<td>{_thumb(v, thumbs)}</td><td>{esc(v.name)}</td><td class=num>{_agree(v)}</td>"
                     f"<td>{_evidence(v)}</td><td>{esc(v.suggestion or '–')}</td>{true}"
                     f'<td class="uri">{esc(v.uri)}</td></tr>')  # fmt: skip
-    return f'<table class="suspects" id="{did}-suspects">{head}{"".join(rows)}</table>'
+    return f'{note}</p><table class="suspects" id="{did}-suspects">{head}{"".join(rows)}</table>'
 
 
 def _facts(r: DomainReview) -> str:
@@ -200,7 +230,7 @@ def _domain(r: DomainReview, i: int, thumbs: dict[str, str | None]) -> str:
     d, did = r.data, f"d{i}"
     line = [_n(len(d.images), "image"), _n(sum(s.in_vocabulary for s in r.names), "name"),
             _n(sum(c.kind == "merge" for c in r.changes), "merged answer"),
-            _n(sum(c.kind == "pruned" for c in r.changes), "pruned name"), _n(len(r.suspects), "suspect image")]
+            _n(sum(c.kind == "pruned" for c in r.changes), "pruned name"), _n(r.suspect_count, "suspect image")]
     if r.accuracy and r.accuracy["images"]:
         a = r.accuracy
         line.append(f'<span class="truth-accuracy">accuracy {_pct(a["correct"], a["images"])} of {a["images"]} images '

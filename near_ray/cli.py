@@ -179,6 +179,12 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return run_evaluate(_config(args), out=args.out)
 
 
+def cmd_review(args: argparse.Namespace) -> dict[str, Any]:
+    from near_ray.eval.review import write_review
+
+    return {"review": write_review(_config(args), out=args.out)}
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.pipeline import run_pipeline
 
@@ -250,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: those, else {workdir}/bundles/<train.method>)")
     p = add("evaluate", cmd_evaluate, "cACC / sACC / NMI / ARI with baselines; report.json, report.md, plots")
     p.add_argument("--out", default=None, help="report folder (default {workdir}/report)")
+    p = add("review", cmd_review, "the review page: names, examples, merges, prunings, suspect images (static HTML)")
+    p.add_argument("--out", default=None, help="where to write the page (default {workdir}/review/index.html)")
     p = add("run", cmd_run, "the whole pipeline: label → refine → train → evaluate (→ classify)")
     p.add_argument("--serve", action="store_true", help="start the Serve app at the end")
     p = add("demo", cmd_demo, "the offline end-to-end demo on the synthetic benchmark")

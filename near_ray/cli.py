@@ -33,7 +33,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 # Commands that touch the run's storage, and those that call the labeling endpoint.
-_STORAGE_COMMANDS = ("label", "refine", "pretrain", "train", "evaluate", "classify", "run", "serve")
+_STORAGE_COMMANDS = ("label", "refine", "pretrain", "train", "evaluate", "classify", "run", "serve", "review")
 _ENDPOINT_TIMEOUT_S = 3.0
 
 

@@ -36,6 +36,7 @@ from near_ray.config import ModelConfig, load_config
 from near_ray.images import decode_image
 from near_ray.model.bundle import load_bundle, save_bundle
 from near_ray.model.clip import create_clip, encode_texts
+from near_ray.model.preprocess import encode_pixels, preprocessor
 from near_ray.storage import Storage
 
 
@@ -64,9 +65,8 @@ def plain_loop(bundle_uri: str, uris: list[str], batch_size: int, threads: int, 
     loaded = first = time.perf_counter()
     for i in range(0, len(uris), batch_size):
         images = [decode_image(storage.read_bytes(u), u) for u in uris[i : i + batch_size]]
-        x = torch.stack([bundle.clip.preprocess(im) for im in images]).to(device)
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=device == "cuda"):
-            emb = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).cpu().numpy()
+        prep = preprocessor(bundle.pixels)
+        emb = encode_pixels(model, prep.batch([prep.pixels(im) for im in images], device), device)
         for row in bundle.probabilities(emb, "birds"):
             bundle.rank(row, "birds", 5)
         if i == 0:

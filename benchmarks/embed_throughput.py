@@ -41,22 +41,20 @@ def plain_loop(uris: list[str], arch: str, batch: int, threads: int) -> dict:
     from near_ray.config import ModelConfig
     from near_ray.images import decode_image
     from near_ray.model.clip import create_clip
-    from near_ray.serve.images import Preprocessor, normalize, pixel_spec
+    from near_ray.model.preprocess import Preprocessor, encode_pixels
     from near_ray.storage import Storage
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
     clip = create_clip(ModelConfig(arch=arch))
     clip.model.eval()
-    spec = pixel_spec(clip)
-    geometry = Preprocessor(spec)
+    prep = Preprocessor(clip.pixels)
     st, pool = Storage(), ThreadPoolExecutor(8)
     out = []
     for start in range(0, len(uris), batch):
         chunk = uris[start : start + batch]
-        x = normalize(list(pool.map(lambda u: geometry.pixels(decode_image(st.read_bytes(u), u)), chunk)), spec)
-        with torch.no_grad():
-            out.append(torch.nn.functional.normalize(clip.model.encode_image(x).float(), dim=-1).numpy())
+        x = prep.batch(list(pool.map(lambda u: prep.pixels(decode_image(st.read_bytes(u), u)), chunk)))
+        out.append(encode_pixels(clip.model, x, "cpu"))
     end = time.perf_counter()
     return _rates(len(uris), t0, end)
 

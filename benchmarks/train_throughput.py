@@ -67,15 +67,15 @@ def plain_loop(cfg, uris: list[str], st: Storage, threads: int) -> dict:
 
     from near_ray.model.clip import create_clip
     from near_ray.train import loss as L
-    from near_ray.train.data import PixelSpec, _decode_batch, to_pixels
+    from near_ray.train.data import TrainPixels, _decode_batch, to_pixels
     from near_ray.train.loop import freeze_batchnorm, freeze_towers
 
     torch.set_num_threads(threads)
     tc = cfg.train
     clip = create_clip(cfg.model, st)
     freeze_towers(clip.model, tc.train_towers)
-    spec = PixelSpec.for_model(clip, tc.augment)
-    decoded = _decode_batch({"idx": np.arange(len(uris)), "uri": np.array(uris)}, st, clip.image_size)
+    spec = TrainPixels.for_model(clip, tc.augment)
+    decoded = _decode_batch({"idx": np.arange(len(uris)), "uri": np.array(uris)}, st, clip.pixels)
     images, idx_all = torch.as_tensor(decoded["image"]), torch.arange(len(uris))
     vocab = st.read_json(cfg.artifact("refine/vocabulary.json"))
     names = [v["name"] for v in vocab]

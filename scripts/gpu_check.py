@@ -6,8 +6,9 @@ Paths, in the order they run (one local Ray cluster; the vLLM run starts its own
   vllm    the label stage's CLI with two vLLM engines sharing the GPU (TP 1, 0.5 GPU each) on the tiny
           LLaVA that tests/tiny_vlm.py builds, a few multimodal prompts: engine start + answers
   device  near_ray.runtime.torch_device() in a 1-GPU and a 0-GPU Ray task on the GPU node
-  clip    ViT-B-16-quickgelu (random init) image embeddings: bf16 autocast forward (images/s) and the
-          refine stage's embedder actor with one GPU over real image files (images/s)
+  clip    ViT-B-16-quickgelu (random init) image embeddings: encode_pixels, the one encode path of every
+          stage (fp16 autocast on CUDA; images/s), and the refine stage's embedder actor with one GPU over
+          real image files (images/s)
   faiss   refine's kNN (exact, GPU FAISS) over 100k × 512 random unit vectors, k 10 (seconds)
   train   one fine-tuning epoch (NeaR, Ray Train, 1 GPU worker, model.precision amp) (images/s)
   serve   a Serve replica with one GPU answering a classify request with the trained bundle
@@ -142,6 +143,7 @@ def check_clip(work: Path, plan: Plan) -> str:
 
     from near_ray.config import RunConfig
     from near_ray.model.clip import create_clip
+    from near_ray.model.preprocess import encode_pixels, precision
     from near_ray.refine.embed import embed_images
     from near_ray.storage import Storage
 
@@ -149,14 +151,11 @@ def check_clip(work: Path, plan: Plan) -> str:
     clip = create_clip(RunConfig.model_validate({"model": {"arch": plan.arch}}).model)
     model = clip.model.to(device).eval()
     x = torch.randn(plan.batch, 3, clip.image_size, clip.image_size, device=device)
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-        for _ in range(3):
-            model.encode_image(x)
-        _sync(plan)
-        t0, steps = time.perf_counter(), 20 if plan.gpu else 2
-        for _ in range(steps):
-            model.encode_image(x)
-        _sync(plan)
+    for _ in range(3):
+        encode_pixels(model, x, device)  # returns numpy: each call ends synchronized
+    t0, steps = time.perf_counter(), 20 if plan.gpu else 2
+    for _ in range(steps):
+        encode_pixels(model, x, device)
     raw = steps * len(x) / (time.perf_counter() - t0)
     del model, clip
     if plan.gpu:
@@ -173,16 +172,9 @@ def check_clip(work: Path, plan: Plan) -> str:
     stage = len(emb.vectors) / (time.monotonic() - t0)
     if len(emb.vectors) != len(uris):
         raise RuntimeError(f"embedded {len(emb.vectors)} of {len(uris)} images: {emb.failures[:3]}")
-    actor = "1 GPU, fp16" if plan.gpu else "CPU, fp32"
-    return (f"{plan.arch} bf16 autocast forward {raw:,.0f} images/s (batch {plan.batch}); refine embedder actor "
-            f"({actor}) {stage:,.0f} images/s over {len(uris)} PNG files, decode included")
-
-
-def _sync(plan: Plan) -> None:
-    import torch
-
-    if plan.gpu:
-        torch.cuda.synchronize()
+    actor = f"1 GPU, {precision('cuda')}" if plan.gpu else "CPU, float32"
+    return (f"{plan.arch} encode_pixels ({precision(device)}) {raw:,.0f} images/s (batch {plan.batch}); refine "
+            f"embedder actor ({actor}) {stage:,.0f} images/s over {len(uris)} PNG files, decode included")
 
 
 def check_faiss(plan: Plan) -> str:

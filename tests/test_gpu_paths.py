@@ -182,7 +182,7 @@ def test_resumed_pretraining_moments_live_where_the_parameters_live(tmp_path: Pa
     from near_ray.model.clip import create_clip
     from near_ray.storage import Storage
     from near_ray.train.checkpoint import save_checkpoint
-    from near_ray.train.data import PixelSpec
+    from near_ray.train.data import TrainPixels
     from near_ray.train.pretrain import PretrainJob, restore_pretraining
 
     model_cfg = ModelConfig(arch="near-tiny")
@@ -196,7 +196,7 @@ def test_resumed_pretraining_moments_live_where_the_parameters_live(tmp_path: Pa
     save_checkpoint(tmp_path / "ckpt", clip.model, optimizer, {}, {"epoch": 0, "history": [], "starts": [0]})
 
     job = PretrainJob(model=model_cfg, train=TrainConfig(), storage=Storage(), tokens=np.zeros((1, 77), np.int64),
-                      image_of=np.zeros(1, np.int64), pixels=PixelSpec.for_model(clip, False))
+                      image_of=np.zeros(1, np.int64), pixels=TrainPixels.for_model(clip, False))
     for device in (torch.device("cpu"), torch.device("meta")):
         resumed, opt, meta = restore_pretraining(job, device, nullcontext(str(tmp_path / "ckpt")))
         assert meta["epoch"] == 0 and opt.state, device

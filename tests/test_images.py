@@ -66,11 +66,13 @@ CASES = {"rgba": _rgba, "palette": _palette, "16-bit": _sixteen_bit, "cmyk": _cm
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_label_refine_train_and_serve_see_identical_pixels(case, tmp_path):
+    import open_clip
     import torch
 
     from near_ray.config import ModelConfig
     from near_ray.label.images import prepare_image
     from near_ray.model.clip import create_clip
+    from near_ray.model.preprocess import Preprocessor
     from near_ray.refine.embed import ImageEmbedder
     from near_ray.serve.images import decode_upload
     from near_ray.train.data import _decode_batch
@@ -84,19 +86,18 @@ def test_label_refine_train_and_serve_see_identical_pixels(case, tmp_path):
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(sent.data))), reference)
     # serve: the ingress decodes uploads with the same decoder
     assert np.array_equal(np.asarray(decode_upload(data, 10_000_000, case)), reference)
-    # train: decoded, then resized to the model's input size
+    # train: decoded, then the model's input pixels (open_clip's eval geometry: short side, centre crop)
     uri = str(tmp_path / f"{case}.bin")
     Storage().write_bytes(uri, data)
-    batch = _decode_batch({"idx": np.array([0]), "uri": np.array([uri])}, Storage(), 64)
-    expected = np.asarray(Image.fromarray(reference).resize((64, 64), Image.BICUBIC))
-    assert np.array_equal(batch["image"][0], expected)
-    # refine: the embedder's input (its read threads' pixels, normalized per batch) is the model's
-    # preprocess of the same decoded image
-    from near_ray.serve.images import normalize
-
-    embedder = ImageEmbedder(ModelConfig(arch="near-tiny"), Storage(), max_pixels=10_000_000)
     clip = create_clip(ModelConfig(arch="near-tiny"))
-    assert torch.equal(normalize([embedder._load(uri)], embedder.spec)[0], clip.preprocess(Image.fromarray(reference)))
+    batch = _decode_batch({"idx": np.array([0]), "uri": np.array([uri])}, Storage(), clip.pixels)
+    eval_transform = open_clip.image_transform(64, is_train=False, mean=clip.pixels.mean, std=clip.pixels.std)
+    expected = eval_transform(Image.fromarray(reference))
+    assert torch.equal(Preprocessor(clip.pixels).batch([batch["image"][0]])[0], expected)
+    # refine: the embedder's input (its read threads' pixels, normalized per batch) is the same
+    embedder = ImageEmbedder(ModelConfig(arch="near-tiny"), Storage(), max_pixels=10_000_000)
+    assert np.array_equal(embedder._load(uri), batch["image"][0])
+    assert torch.equal(embedder.preprocessor.batch([embedder._load(uri)])[0], expected)
 
 
 def test_modes_become_rgb_the_same_way():

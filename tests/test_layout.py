@@ -142,3 +142,58 @@ def test_label_stage_and_cli_import_without_torch(module):
             "print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# The pixel spec's one home. Elsewhere, none of: a torchvision/open_clip pixel pipeline, CLIP's normalization
+# constants, a mean/std field, key or attribute (what normalizing by a spec reads), or a bundle's old keys.
+PIXEL_HOME = PACKAGE / "model" / "preprocess.py"
+PIPELINE_CALLS = {"image_transform", "image_transform_v2", "create_model_and_transforms", "Resize", "CenterCrop",
+                  "Normalize", "ToTensor", "center_crop"}
+SPEC_NAMES = {"mean", "std", "image_mean", "image_std", "OPENAI_DATASET_MEAN", "OPENAI_DATASET_STD",
+              "IMAGENET_MEAN", "IMAGENET_STD"}
+CLIP_CONSTANTS = (0.48145466, 0.4578275, 0.40821073, 0.26862954, 0.26130258, 0.27577711)
+
+
+def pixel_spec_definitions(path: Path) -> list[str]:
+    """Where ``path`` defines or applies a pixel spec of its own: "line: what"."""
+    found = []
+    tree = ast.parse(path.read_text())
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    for node in ast.walk(tree):
+        what = None
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+            if name in PIPELINE_CALLS:
+                what = f"calls {name}()"
+        elif isinstance(node, ast.Attribute) and node.attr in SPEC_NAMES and id(node) not in called:
+            what = f"reads .{node.attr}"
+        elif isinstance(node, ast.Name) and node.id in SPEC_NAMES - {"mean", "std"}:
+            what = f"names {node.id}"
+        elif isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) in SPEC_NAMES:
+            what = f"declares a field {node.target.id}"
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in SPEC_NAMES:
+            what = f"keys '{node.value}'"
+        elif isinstance(node, ast.Constant) and isinstance(node.value, float) and \
+                any(abs(node.value - c) < 1e-6 for c in CLIP_CONSTANTS):
+            what = f"holds CLIP's normalization constant {node.value}"
+        if what:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {what}")
+    return found
+
+
+def test_one_definition_of_the_pixel_spec():
+    """Size, normalization, interpolation, resize mode and channels are defined and applied in
+    near_ray/model/preprocess.py only: a second pixel path is how training came to squash images
+    that every other stage cropped."""
+    offenders = [hit for p in sorted(PACKAGE.rglob("*.py")) if p != PIXEL_HOME for hit in pixel_spec_definitions(p)]
+    assert offenders == []
+    assert pixel_spec_definitions(PIXEL_HOME)  # the rule sees the home's definitions: it can fail
+
+
+def test_batch_stages_take_nothing_from_the_server():
+    """refine, train, classify and eval get their pixels from near_ray.model, never from near_ray.serve."""
+    stages = ("near_ray.label", "near_ray.refine", "near_ray.train", "near_ray.classify", "near_ray.eval")
+    edges = graph()
+    offenders = {m: sorted(d for d in deps if d.startswith("near_ray.serve"))
+                 for m, deps in edges.items() if m.startswith(stages)}
+    assert {m: d for m, d in offenders.items() if d} == {}

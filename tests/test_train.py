@@ -121,13 +121,14 @@ def test_bundle_vocabulary_keeps_the_names_training_images_ended_with():
 def test_augmentation_is_seeded_per_sample_and_eval_input_matches_the_model_preprocess():
     """Crops depend on (seed, epoch, sample) only, never on batching or order; without augmentation
     the training input is what the model's own preprocess (refine, eval, serving) makes."""
+    import open_clip
     import torch
 
     from near_ray.model.clip import create_clip
-    from near_ray.train.data import PixelSpec, crop_boxes, to_pixels
+    from near_ray.train.data import TrainPixels, crop_boxes, to_pixels
 
     clip = create_clip(_cfg("unused").model)
-    spec = PixelSpec(clip.image_size, tuple(clip.image_mean), tuple(clip.image_std), augment=True)
+    spec = TrainPixels(clip.pixels, augment=True)
     idx = np.arange(40)
     boxes = crop_boxes(idx, 64, 64, spec, seed=0, epoch=0)
     assert (crop_boxes(idx[::-1], 64, 64, spec, seed=0, epoch=0) == boxes[::-1]).all()  # order-independent
@@ -141,8 +142,10 @@ def test_augmentation_is_seeded_per_sample_and_eval_input_matches_the_model_prep
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, clip.image_size, clip.image_size, 3), dtype=np.uint8)
-    plain = to_pixels(torch.as_tensor(images), torch.arange(3), PixelSpec(**{**spec.__dict__, "augment": False}), 0, 0)
-    expected = torch.stack([clip.preprocess(Image.fromarray(im)) for im in images])
+    plain = to_pixels(torch.as_tensor(images), torch.arange(3), TrainPixels(clip.pixels, augment=False), 0, 0)
+    eval_transform = open_clip.image_transform(clip.image_size, is_train=False, mean=clip.pixels.mean,
+                                               std=clip.pixels.std)
+    expected = torch.stack([eval_transform(Image.fromarray(im)) for im in images])
     assert plain.shape == expected.shape and float((plain - expected).abs().max()) < 1e-5
     augmented = to_pixels(torch.as_tensor(images), torch.arange(3), spec, 0, 0)
     assert augmented.shape == expected.shape and float((augmented - expected).abs().mean()) > 0.1

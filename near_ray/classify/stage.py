@@ -32,6 +32,7 @@ from near_ray.console import Progress
 from near_ray.errors import NearRayError
 from near_ray.label.stage import check_domains, listing_chunks
 from near_ray.model.bundle import FORMAT_VERSION, BundleError
+from near_ray.model.preprocess import bundle_pixel_spec
 from near_ray.storage import Storage, join, storage_for
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,10 @@ def resolve_targets(
         else:
             raise ClassifyError(f"classify: domain '{d.name}' is not one of the domains of bundle {uri} "
                                 f"({inner_domains}); map it to its own bundle with classify.bundles")  # fmt: skip
-        size = config["model_config"]["vision_cfg"]["image_size"]
-        spec = {"image_size": int(size if isinstance(size, int) else size[0]), "mean": list(config["image_mean"]),
-                "std": list(config["image_std"])}  # fmt: skip
+        try:
+            spec = bundle_pixel_spec(config)
+        except NearRayError as e:
+            raise BundleError(f"{uri}: config.json: {e}") from e
         targets[d.name] = Target(uri, inner, str(config.get("model_version", "unknown")), spec)
     return targets, vocabularies
 

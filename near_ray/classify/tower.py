@@ -3,9 +3,10 @@
     from_items(URIs) -> read_images (tasks: read, hash, ask the ledger, decode, resize/crop to the
     bundle's input size, uint8 pixels) -> ImageTower (actors: normalize, encode, rank) -> rows
 
-The tasks ship uint8 pixels at the model's input size (4x fewer bytes than float tensors); the split
-of the bundle's eval transform is the one serving uses, so the pixels and the answers are those of
-``Bundle.classify`` on the same file. Failures never stop the job: an image that cannot be read or
+The tasks ship uint8 pixels at the model's input size (4x fewer bytes than float tensors), made by
+the bundle's preprocessor and encoded with ``encode_pixels`` (``near_ray.model.preprocess``, the one
+pixel path every stage takes), so the pixels and the answers are those of ``Bundle.classify`` on the
+same file. Failures never stop the job: an image that cannot be read or
 decoded becomes a ``bad_image`` row naming the file.
 """
 
@@ -24,6 +25,7 @@ from near_ray.classify.ledger import COMPUTE
 from near_ray.classify.table import SCHEMA, as_table
 from near_ray.errors import NearRayError
 from near_ray.images import decode_image, image_id
+from near_ray.model.preprocess import PixelSpec, encode_pixels, preprocessor
 from near_ray.runtime import on_compute_thread
 from near_ray.storage import Storage
 
@@ -43,26 +45,15 @@ PIXELS_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class Target:
-    """Where one domain's images go: a bundle (by URI), the vocabulary domain inside it, its preprocessing."""
+    """Where one domain's images go: a bundle (by URI), the vocabulary domain inside it, its pixel spec."""
 
     bundle: str
     inner: str | None  # the bundle's domain to rank over (None: its whole vocabulary)
     model_version: str
-    spec: dict[str, Any]  # image_size, mean, std (the serve Preprocessor's spec)
+    spec: PixelSpec  # the bundle's (config.json "preprocess")
 
 
 # ------------------------------------------------------------------------------------------ read tasks
-_PREPROCESSORS: dict[str, Any] = {}
-
-
-def _geometry(spec: dict[str, Any]) -> Any:
-    from near_ray.serve.images import Preprocessor
-
-    key = f"{spec['image_size']}|{spec['mean']}|{spec['std']}"
-    if key not in _PREPROCESSORS:
-        _PREPROCESSORS[key] = Preprocessor(spec)
-    return _PREPROCESSORS[key]
-
 
 def read_images(
     batch: pa.Table,
@@ -96,7 +87,7 @@ def read_images(
         else:
             try:
                 im = decode_image(blob, it["uri"], max_pixels, min_side, setting="label.image")
-                row["pixels"] = _geometry(targets[it["domain"]].spec).pixels(im).tobytes()
+                row["pixels"] = preprocessor(targets[it["domain"]].spec).pixels(im).tobytes()
             except NearRayError as e:
                 row["error"] = str(e)
             except Exception as e:  # a transform failing on an odd image must not stop the job
@@ -137,10 +128,6 @@ class ImageTower:
         return on_compute_thread(self._classify, batch)
 
     def _classify(self, batch: pa.Table) -> pa.Table:
-        import torch
-
-        from near_ray.serve.images import normalize
-
         rows = batch.to_pylist()
         out: list[dict[str, Any] | None] = [None] * len(rows)
         probs_out: list[list[float] | None] = [None] * len(rows)
@@ -153,11 +140,8 @@ class ImageTower:
                 groups.setdefault(target.bundle, []).append(i)
         for uri, idx in groups.items():
             bundle, spec = self.bundles[uri], self.targets[rows[idx[0]]["domain"]].spec
-            size = int(spec["image_size"])
-            pixels = [np.frombuffer(rows[i]["pixels"], dtype=np.uint8).reshape(size, size, 3) for i in idx]
-            x = normalize(pixels, spec).to(self.device)
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=self.device == "cuda"):
-                emb = torch.nn.functional.normalize(bundle.clip.model.encode_image(x).float(), dim=-1).cpu().numpy()
+            pixels = [np.frombuffer(rows[i]["pixels"], dtype=np.uint8).reshape(spec.size, spec.size, 3) for i in idx]
+            emb = encode_pixels(bundle.clip.model, preprocessor(spec).batch(pixels, self.device), self.device)
             by_domain: dict[str, list[int]] = {}
             for j, i in enumerate(idx):
                 by_domain.setdefault(rows[i]["domain"], []).append(j)

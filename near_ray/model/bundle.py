@@ -2,7 +2,8 @@
 
 A bundle is a folder on storage:
   model.safetensors            open_clip weights (safetensors, no pickle)
-  config.json                  open_clip model config, preprocessing, prompt template, logit scale,
+  config.json                  open_clip model config, the pixel spec ("preprocess": size, mean, std,
+                               interpolation, resize_mode, channels), prompt template, logit scale,
                                abstain threshold, model_version, domains
   vocabulary.json              [{"name", "domain", "synonyms", "support"}, ...]
   text_embeddings.safetensors  {"text_embeddings": [V, D] float32, L2-normalized}
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from near_ray.errors import NearRayError
+from near_ray.model.preprocess import PixelSpec, bundle_pixel_spec
 from near_ray.storage import Storage, join
 
 if TYPE_CHECKING:
@@ -66,8 +68,7 @@ def save_bundle(
     config = {
         "format_version": FORMAT_VERSION,
         "model_config": clip.model_config,
-        "image_mean": list(clip.image_mean),
-        "image_std": list(clip.image_std),
+        "preprocess": clip.pixels.to_config(),
         "prompt_template": prompt_template,
         "logit_scale": float(logit_scale),
         "abstain_threshold": float(abstain_threshold),
@@ -111,6 +112,11 @@ class Bundle:
         self.logit_scale = float(config["logit_scale"])
         self.abstain_threshold = float(config.get("abstain_threshold", 0.0))
         self.model_version = str(config.get("model_version", "unknown"))
+
+    @property
+    def pixels(self) -> PixelSpec:
+        """How images become this bundle's input (``near_ray.model.preprocess``)."""
+        return self.clip.pixels
 
     def domain_mask(self, domain: str | None) -> np.ndarray:
         if domain is None:
@@ -173,8 +179,11 @@ def load_bundle(uri: str, storage: Storage | None = None, device: str = "cpu") -
         state = load_state_dict_bytes(st.read_bytes(join(uri, "model.safetensors")))
     except NearRayError as e:
         raise BundleError(f"{uri}: incomplete bundle: {e}") from e
-    model_config = dict(config["model_config"], preprocess_cfg={"mean": config["image_mean"], "std": config["image_std"]})
-    clip = clip_from_config(model_config)
+    try:
+        pixels = bundle_pixel_spec(config)
+    except NearRayError as e:
+        raise BundleError(f"{uri}: config.json: {e}") from e
+    clip = clip_from_config(config["model_config"], pixels=pixels)
     clip.model.load_state_dict(state)
     clip.model.to(device).eval()
     return Bundle(uri, clip, config, vocabulary, text_embeddings)

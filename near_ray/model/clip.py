@@ -11,13 +11,14 @@ unless an open_clip pretrained tag asks for it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from near_ray.errors import NearRayError
+from near_ray.model.preprocess import PixelSpec
 from near_ray.model.tokenizer import SubsetTokenizer
 
 if TYPE_CHECKING:
@@ -34,20 +35,16 @@ class ModelError(NearRayError):
 
 @dataclass
 class Clip:
-    """An open_clip model with the transforms and tokenizer that belong to it."""
+    """An open_clip model with the pixel spec and tokenizer that belong to it."""
 
     model: Any  # open_clip.CLIP
-    preprocess_train: Any
-    preprocess: Any  # eval transform: PIL image -> tensor
+    pixels: PixelSpec  # how images become its input (near_ray.model.preprocess)
     tokenizer: Any
-    model_config: dict  # the full open_clip config (JSON-able), so a bundle can rebuild the model offline
-    image_mean: tuple[float, ...] = field(default=(0.48145466, 0.4578275, 0.40821073))
-    image_std: tuple[float, ...] = field(default=(0.26862954, 0.26130258, 0.27577711))
+    model_config: dict  # the open_clip config (JSON-able), so a bundle can rebuild the model offline
 
     @property
     def image_size(self) -> int:
-        size = self.model_config["vision_cfg"]["image_size"]
-        return int(size if isinstance(size, int) else size[0])
+        return self.pixels.size
 
 
 _CONFIGS = resources.files("near_ray.model") / "configs"
@@ -145,17 +142,14 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
     cfg = resolve_model_config(model_cfg.arch, storage, pretrained=tag)
     if tag:
         # An open_clip pretrained tag: production path, open_clip fetches the weights. The config (and so
-        # the bundle's) carries the tag's activation, and the model is built with it.
-        preprocess_cfg = cfg.get("preprocess_cfg", {}) or {}
+        # the bundle's) carries the tag's activation, and the model is built with it; the pixel spec is
+        # the one open_clip records for the tag (its size, normalization, interpolation, resize mode).
         name = resolve_architecture(model_cfg.arch, tag)
-        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu"))
-        )
+        model = open_clip.create_model(name, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu")))
         tokenizer = open_clip.get_tokenizer(name)
-        mean = tuple(getattr(model.visual, "image_mean", None) or preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
-        std = tuple(getattr(model.visual, "image_std", None) or preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
-        return Clip(model, preprocess_train, preprocess, tokenizer, {k: v for k, v in cfg.items() if k != "preprocess_cfg"},
-                    mean, std)
+        config = {k: v for k, v in cfg.items() if k != "preprocess_cfg"}
+        tag_cfg = getattr(model.visual, "preprocess_cfg", None) or cfg.get("preprocess_cfg") or {}
+        return Clip(model, PixelSpec.for_model_config(config, tag_cfg), tokenizer, config)
     clip = clip_from_config(cfg, model_cfg.init_seed)
     if pretrained:
         from near_ray.storage import Storage as _Storage
@@ -173,19 +167,19 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
     return clip
 
 
-def clip_from_config(model_config: dict, init_seed: int = 0) -> Clip:
-    """A model from an open_clip config dict (with ``preprocess_cfg``: mean, std), initialized from
-    ``init_seed``: what a bundle's config.json holds, so a bundle rebuilds its model offline. The seed
-    is its own (the global RNG is left as it was), so every process that builds the same untrained
-    model gets the same weights: refine's embedder, the trainers and a bundle before its weights load."""
+def clip_from_config(model_config: dict, init_seed: int = 0, pixels: PixelSpec | None = None) -> Clip:
+    """A model from an open_clip config dict, initialized from ``init_seed``: what a bundle's
+    config.json holds, so a bundle rebuilds its model offline. The pixel spec is ``pixels``, else the
+    config's own (``preprocess_cfg``, open_clip's convention). The seed is its own (the global RNG is
+    left as it was), so every process that builds the same untrained model gets the same weights:
+    refine's embedder, the trainers and a bundle before its weights load."""
     import open_clip
     import torch
 
     cfg = dict(model_config)
-    preprocess_cfg = cfg.pop("preprocess_cfg", {}) or {}
+    spec = pixels or PixelSpec.for_model_config(cfg)
+    cfg.pop("preprocess_cfg", None)
     tokenizer_cfg = cfg.pop("tokenizer", None) or {}
-    mean = tuple(preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
-    std = tuple(preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
     context_length = cfg.get("text_cfg", {}).get("context_length", 77)
     if "bpe_subset" in tokenizer_cfg:  # a small text tower: its own token embedding rows
         tokenizer: Any = SubsetTokenizer(tokenizer_cfg["bpe_subset"], context_length)
@@ -195,13 +189,8 @@ def clip_from_config(model_config: dict, init_seed: int = 0) -> Clip:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = open_clip.CLIP(**cfg)
-    size = cfg["vision_cfg"]["image_size"]
-    preprocess_train = open_clip.image_transform(size, is_train=True, mean=mean, std=std)
-    preprocess = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
-    full_cfg = dict(cfg, preprocess_cfg={"mean": list(mean), "std": list(std)})
-    if tokenizer_cfg:
-        full_cfg["tokenizer"] = tokenizer_cfg
-    return Clip(model, preprocess_train, preprocess, tokenizer, full_cfg, mean, std)
+    full_cfg = dict(cfg, tokenizer=tokenizer_cfg) if tokenizer_cfg else cfg
+    return Clip(model, spec, tokenizer, full_cfg)
 
 
 def save_weights(model: Any) -> bytes:
@@ -228,16 +217,15 @@ def encode_texts(clip: Clip, names: list[str], template: str, batch_size: int = 
 
 
 def encode_images(clip: Clip, images: list[Image.Image], batch_size: int = 64) -> np.ndarray:
-    """L2-normalized image embeddings (float32, [N, D]) with the eval transform."""
-    import torch
-
-    from near_ray.images import to_rgb
+    """L2-normalized image embeddings (float32, [N, D]) through the one pixel path
+    (``near_ray.model.preprocess``: the model's preprocessor, then ``encode_pixels``)."""
+    from near_ray.model.preprocess import encode_pixels, preprocessor
 
     clip.model.eval()
     device = next(clip.model.parameters()).device
+    prep = preprocessor(clip.pixels)
     out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = torch.stack([clip.preprocess(to_rgb(im)) for im in images[i : i + batch_size]]).to(device)
-            out.append(torch.nn.functional.normalize(clip.model.encode_image(x).float(), dim=-1).cpu().numpy())
+    for i in range(0, len(images), batch_size):
+        x = prep.batch([prep.pixels(im) for im in images[i : i + batch_size]], device)
+        out.append(encode_pixels(clip.model, x, device))
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

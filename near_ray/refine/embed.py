@@ -2,8 +2,9 @@
 
 Each actor builds the CLIP model once, reads its batch's images from storage with a few threads
 (object-store reads are I/O bound), decodes them with the same guard as the label stage and brings
-them to the model's input size (PIL, in those threads), then normalizes and encodes the batch in the
-actor's own thread (cuda + half precision when it holds a GPU). No torch op runs in the read threads:
+them to the model's input pixels (the model's preprocessor, ``near_ray.model.preprocess``, in those
+threads), then normalizes and encodes the batch in the actor's own thread with ``encode_pixels``
+(its precision rule: fp16 autocast when the actor holds a GPU). No torch op runs in the read threads:
 a thread that runs one gets an OpenMP team of its own, and teams competing for the same cores slow
 every parallel op of the forward pass. An image
 that cannot be read or decoded becomes a failure row naming its URI; the run goes on without it.
@@ -57,32 +58,29 @@ class ImageEmbedder:
     """Ray Data callable class: a batch of (image_id, uri, domain) -> embeddings and per-row errors."""
 
     def __init__(self, model_cfg: ModelConfig, storage: Storage, max_pixels: int, threads: int = 1) -> None:
-        from near_ray.serve.images import Preprocessor
+        from near_ray.model.preprocess import Preprocessor
 
         self.storage = storage
         self.max_pixels = max_pixels
         on_compute_thread(self._build, model_cfg, threads)
-        self.geometry = Preprocessor(self.spec)  # the eval transform's resize and crop; normalization per batch
+        self.preprocessor = Preprocessor(self.clip.pixels)  # geometry in the read threads, normalization per batch
         self.pool = ThreadPoolExecutor(max_workers=8)
 
     def _build(self, model_cfg: ModelConfig, threads: int) -> None:
         import torch
 
         from near_ray.model.clip import create_clip
-        from near_ray.serve.images import pixel_spec
 
         torch.set_num_threads(max(1, threads))  # fractional-CPU actors must not spawn one thread per core
         self.clip = create_clip(model_cfg, self.storage)
         self.device = torch_device()
-        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
-        self.clip.model.to(self.device, self.dtype).eval()
-        self.spec = pixel_spec(self.clip)
+        self.clip.model.to(self.device).eval()
 
     def _load(self, uri: str) -> Any:
         from near_ray.images import decode_image
 
         try:
-            return self.geometry.pixels(decode_image(self.storage.read_bytes(uri), uri, self.max_pixels))
+            return self.preprocessor.pixels(decode_image(self.storage.read_bytes(uri), uri, self.max_pixels))
         except NearRayError as e:
             return str(e)
         except Exception as e:  # a transform failing on an odd image must not take the actor down
@@ -100,13 +98,9 @@ class ImageEmbedder:
                 "embedding": vectors, "error": errors}
 
     def _encode(self, pixels: list[np.ndarray]) -> np.ndarray:
-        import torch
+        from near_ray.model.preprocess import encode_pixels
 
-        from near_ray.serve.images import normalize
-
-        x = normalize(pixels, self.spec).to(self.device, self.dtype)
-        with torch.no_grad():
-            return torch.nn.functional.normalize(self.clip.model.encode_image(x).float(), dim=-1).cpu().numpy()
+        return encode_pixels(self.clip.model, self.preprocessor.batch(pixels, self.device), self.device)
 
 
 def embed_images(images: pd.DataFrame, cfg: RunConfig, storage: Storage) -> Embeddings:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from near_ray.errors import NearRayError
+from near_ray.model.preprocess import precision
 from near_ray.names import majority_label
 from near_ray.refine.candidates import candidate_sets
 from near_ray.refine.embed import Embeddings, embed_images, embeddings_table, read_embeddings, unique_images
@@ -62,9 +63,9 @@ def fingerprints(labels: pd.DataFrame, cfg: RunConfig) -> dict[str, str]:
     table = labels[cols].sort_values(["domain", "uri", "sample"]).astype(str)
     labels_fp = _sha(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
     images = sorted(zip(labels["image_id"].astype(str), labels["uri"].astype(str), strict=True))
-    # embedders on GPUs encode in float16 (near_ray.refine.embed), on CPUs in float32: other embeddings,
-    # so another fingerprint (only float16 adds a part: the float32 fingerprints stay what they were)
-    half = ["float16"] if cfg.refine.embed_gpus > 0 else []
+    # embedders on GPUs encode at another precision than on CPUs (near_ray.model.preprocess.precision):
+    # other embeddings, so another fingerprint (only the GPU's adds a part: CPU fingerprints stay what they were)
+    half = [precision("cuda")] if cfg.refine.embed_gpus > 0 else []
     embeddings_fp = _sha(sorted(set(images)), cfg.model.model_dump(), cfg.label.image.max_pixels, *half)
     refine_cfg = {k: v for k, v in cfg.refine.model_dump().items() if k not in _EMBED_RESOURCES}
     return {"labels": labels_fp, "embeddings": embeddings_fp, "all": _sha(labels_fp, embeddings_fp, refine_cfg)}

@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from near_ray.config import ServeConfig, StorageConfig
 from near_ray.errors import NearRayError
-from near_ray.serve.images import ApiError, Preprocessor, decode_upload
+from near_ray.model.preprocess import PixelSpec, preprocessor
+from near_ray.serve.images import ApiError, decode_upload
 from near_ray.serve.metrics import IngressMetrics
 from near_ray.serve.requests import Upload, batch_uploads, single_upload
 from near_ray.serve.routing import RouteError, Routes
@@ -188,7 +189,6 @@ class Ingress:
         self._pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
         self._described: dict[str, Any] | None = None
         self._described_at = 0.0
-        self._preprocessors: dict[str, Preprocessor] = {}
         self._counts = {"requests": 0, "images": 0, "errors": 0}
         import open_clip  # noqa: F401  (imported now rather than inside the first request's latency)
 
@@ -231,14 +231,10 @@ class Ingress:
     def _spec_for(self, described: dict[str, Any], domain: str | None) -> dict[str, Any]:
         return described["bundles"][self._route(described, domain)[0]]["preprocess"]
 
-    def _preprocessor(self, spec: dict[str, Any]) -> Preprocessor:
-        if spec["key"] not in self._preprocessors:
-            self._preprocessors[spec["key"]] = Preprocessor(spec)
-        return self._preprocessors[spec["key"]]
-
     def _prepare(self, upload: Upload, spec: dict[str, Any]) -> tuple[Any, Any]:
+        """Decode, then the bundle's preprocessor (the one pixel path): uint8 pixels for the model."""
         image = decode_upload(upload.data, self.settings.max_pixels, upload.what)
-        return image, self._preprocessor(spec).pixels(image)
+        return image, preprocessor(PixelSpec.from_config(spec)).pixels(image)
 
     # ------------------------------------------------------------------------------- classify
     async def _classify(self, upload: Upload, default_top_k: int | None, default_domain: str | None) -> dict[str, Any]:

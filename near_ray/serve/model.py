@@ -20,9 +20,9 @@ from ray import serve
 
 from near_ray.config import StorageConfig
 from near_ray.errors import NearRayError
+from near_ray.model.preprocess import encode_pixels, preprocessor
 from near_ray.runtime import compute_thread, torch_device
 from near_ray.serve.batching import AdaptiveBatcher
-from near_ray.serve.images import normalize, preprocess_spec
 from near_ray.serve.metrics import ModelMetrics
 from near_ray.serve.routing import RouteError, Routes
 
@@ -35,7 +35,7 @@ class Loaded:
 
     bundles: list[Any]
     routes: Routes
-    specs: list[dict[str, Any]]  # preprocessing per bundle
+    specs: list[dict[str, Any]]  # per bundle, its pixel spec (``PixelSpec.to_config``) and its ``key``
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -65,7 +65,7 @@ def load_bundles(sources: list[tuple[str | None, str]], storage_cfg: StorageConf
             if public in routes:
                 raise NearRayError(f"serve: domain '{public}' is served by two bundles ({sources[routes[public][0]][1]}, {uri})")
             routes[public] = (i, in_bundle)
-    return Loaded(bundles, Routes(routes, len(bundles)), [preprocess_spec(b) for b in bundles])
+    return Loaded(bundles, Routes(routes, len(bundles)), [{**b.pixels.to_config(), "key": b.pixels.key} for b in bundles])
 
 
 def top_k_result(bundle: Any, probs: np.ndarray, domain: str | None, top_k: int, threshold: float | None) -> dict[str, Any]:
@@ -176,8 +176,6 @@ class Classifier:
         return [dict(r, batch_s=seconds) if "error" not in r else r for r in results]
 
     def _classify_batch(self, loaded: Loaded, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import torch
-
         results: list[dict[str, Any]] = [{} for _ in items]
         by_bundle: dict[int, list[int]] = collections.defaultdict(list)
         for j, item in enumerate(items):
@@ -192,9 +190,8 @@ class Classifier:
             by_bundle[i].append(j)
         for i, idx in by_bundle.items():
             bundle = loaded.bundles[i]
-            x = normalize([items[j]["pixels"] for j in idx], loaded.specs[i]).to(self._device)
-            with torch.no_grad():
-                emb = torch.nn.functional.normalize(bundle.clip.model.encode_image(x).float(), dim=-1).cpu().numpy()
+            x = preprocessor(bundle.pixels).batch([items[j]["pixels"] for j in idx], self._device)
+            emb = encode_pixels(bundle.clip.model, x, self._device)
             for row, j in enumerate(idx):
                 inner = loaded.routes.route(items[j].get("domain"))[1]
                 probs = bundle.probabilities(emb[row : row + 1], inner)[0]

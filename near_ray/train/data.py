@@ -3,7 +3,8 @@
 ``load_training_set`` turns ``refine/vocabulary.json``, ``refine/candidates.parquet`` and
 ``refine/neighbors.parquet`` into arrays indexed by sample (0..N-1), holding each sample's candidate
 set as vocabulary indices (0..V-1), shaped for one method (NeaR, an ablation or the naive baseline). ``image_dataset`` is the Ray Data
-stream the workers iterate: decoded once (materialized); the loops reshuffle it every epoch with a
+stream the workers iterate: decoded once into the model's input pixels (``near_ray.model.preprocess``,
+the geometry every stage uses), materialized; the loops reshuffle it every epoch with a
 seeded local shuffle buffer (``train.shuffle_buffer``, ``near_ray.train.loop.shuffle_kwargs``) and
 augment each sample with crops seeded by (seed, epoch, sample), so a run is reproducible.
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from near_ray.errors import NearRayError
+from near_ray.model.preprocess import PixelSpec, normalize, preprocessor, unit_pixels
 from near_ray.storage import Storage
 from near_ray.train.methods import METHODS, Method
 
@@ -197,39 +199,34 @@ def _neighbour_matrix(image_ids: list[str], table: list[dict]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ images
-def _decode_batch(batch: dict[str, np.ndarray], storage: Storage, size: int) -> dict[str, np.ndarray]:
-    """Read and decode each image, resized to the model's input size (uint8 HWC)."""
-    from PIL import Image
-
+def _decode_batch(batch: dict[str, np.ndarray], storage: Storage, spec: PixelSpec) -> dict[str, np.ndarray]:
+    """Read and decode each image and make the model's input pixels with its preprocessor (uint8 HWC):
+    the same geometry as refine, classify, serving and evaluation (short side resized, centre crop)."""
     from near_ray.images import decode_image
 
-    images = []
-    for uri in batch["uri"]:
-        im = decode_image(storage.read_bytes(str(uri)), what=str(uri))
-        images.append(np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.uint8))
+    prep = preprocessor(spec)
+    images = [prep.pixels(decode_image(storage.read_bytes(str(uri)), what=str(uri))) for uri in batch["uri"]]
     return {"idx": batch["idx"], "image": np.stack(images)}
 
 
 @dataclass(frozen=True)
-class PixelSpec:
-    """How the training loops turn decoded images into model input: open_clip's train transform
-    (random resized crop, ``scale`` of the area, ``ratio`` aspect, bicubic) or its eval transform
-    (the decoded images are already at the input size), then the model's normalization."""
+class TrainPixels:
+    """How the training loops turn the model's input pixels into a training batch: the model's pixel
+    spec, with open_clip's train augmentation on top (a random resized crop of those pixels, ``scale``
+    of the area, ``ratio`` aspect, bicubic) or none (the pixels every other stage sees)."""
 
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    spec: PixelSpec
     augment: bool = True
     scale: tuple[float, float] = (0.9, 1.0)  # open_clip's AugmentationCfg default
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     @classmethod
-    def for_model(cls, clip: Any, augment: bool) -> PixelSpec:
-        """The input size and normalization of ``clip`` (a ``near_ray.model.Clip``)."""
-        return cls(clip.image_size, tuple(clip.image_mean), tuple(clip.image_std), augment)
+    def for_model(cls, clip: Any, augment: bool) -> TrainPixels:
+        """The pixel spec of ``clip`` (a ``near_ray.model.Clip``)."""
+        return cls(clip.pixels, augment)
 
 
-def crop_boxes(idx: np.ndarray, height: int, width: int, spec: PixelSpec, seed: int, epoch: int) -> np.ndarray:
+def crop_boxes(idx: np.ndarray, height: int, width: int, spec: TrainPixels, seed: int, epoch: int) -> np.ndarray:
     """[B, 4] (top, left, h, w) random resized crops, one per sample.
 
     Each sample's crop comes from its own generator seeded by (seed, epoch, sample index): the same
@@ -252,29 +249,29 @@ def crop_boxes(idx: np.ndarray, height: int, width: int, spec: PixelSpec, seed: 
     return out
 
 
-def to_pixels(images: Any, idx: Any, spec: PixelSpec, seed: int, epoch: int) -> Any:
-    """uint8 [B, H, W, 3] images (on any device) -> normalized float [B, 3, size, size] model input."""
+def to_pixels(images: Any, idx: Any, pixels: TrainPixels, seed: int, epoch: int) -> Any:
+    """uint8 [B, size, size, 3] input pixels (on any device) -> normalized float [B, 3, size, size] model
+    input, augmented when ``pixels.augment``; without augmentation exactly what inference feeds the model."""
     import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    x = images.permute(0, 3, 1, 2).float().div_(255)
-    if spec.augment:
-        boxes = crop_boxes(idx.cpu().numpy(), x.shape[2], x.shape[3], spec, seed, epoch)
+    size = pixels.spec.size
+    if tuple(images.shape[1:3]) != (size, size):  # the dataset holds preprocessed pixels, nothing else
+        raise TrainDataError(f"training images are {tuple(images.shape[1:3])}, not the model's {size}x{size}")
+    x = unit_pixels(images, images.device)
+    if pixels.augment:
+        boxes = crop_boxes(idx.cpu().numpy(), size, size, pixels, seed, epoch)
         x = torch.stack([
-            TF.resized_crop(x[j], int(top), int(left), int(h), int(w), [spec.size, spec.size],
+            TF.resized_crop(x[j], int(top), int(left), int(h), int(w), [size, size],
                             InterpolationMode.BICUBIC, antialias=True)
             for j, (top, left, h, w) in enumerate(boxes)
         ]).clamp_(0, 1)
-    elif x.shape[2] != spec.size or x.shape[3] != spec.size:
-        x = TF.resize(x, [spec.size, spec.size], InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return normalize(x, pixels.spec)
 
 
-def image_dataset(uris: list[str], storage: Storage, size: int) -> ray.data.Dataset:
-    """Rows {idx, image uint8 [size, size, 3]}, decoded once and materialized.
+def image_dataset(uris: list[str], storage: Storage, spec: PixelSpec) -> ray.data.Dataset:
+    """Rows {idx, image uint8 [size, size, 3]}: the model's input pixels, decoded once and materialized.
 
     The loops augment in the worker (``to_pixels``), with crops seeded per sample and epoch, so a
     run is reproducible; the shard's order is preserved (``train_data_config``) for the same reason.
@@ -284,7 +281,7 @@ def image_dataset(uris: list[str], storage: Storage, size: int) -> ray.data.Data
     items = [{"idx": i, "uri": u} for i, u in enumerate(uris)]
     blocks = max(1, min(16, len(items) // 32))
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        _decode_batch, fn_kwargs={"storage": storage, "size": size}, batch_size=32, num_cpus=0.25)
+        _decode_batch, fn_kwargs={"storage": storage, "spec": spec}, batch_size=32, num_cpus=0.25)
     # The materialized blocks keep the items' order, not the order their decode tasks finished in:
     # the split across workers (and so each batch) would otherwise change from run to run.
     ds.context.execution_options.preserve_order = True

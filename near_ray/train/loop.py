@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from near_ray.train import loss as L
 from near_ray.train.checkpoint import load_checkpoint, unwrap
-from near_ray.train.data import CandidateArrays, PixelSpec, to_pixels
+from near_ray.train.data import CandidateArrays, TrainPixels, to_pixels
 from near_ray.train.methods import get_method
 from near_ray.train.runner import RayTrainSession, epoch_batches, post_epoch, report_epoch, set_threads
 
@@ -94,7 +94,7 @@ class FineTuneJob:
     storage: Storage
     prompts: list[str]  # the prompt of each vocabulary entry
     arrays: Any  # ObjectRef of the CandidateArrays (the object store carries them, not the job), or the arrays
-    pixels: PixelSpec
+    pixels: TrainPixels
     fault: FaultInjection | None = None
     feed: Any = None  # runner.epoch_feed(): rank 0 posts each epoch's metrics for the driver's progress line
 
@@ -109,7 +109,7 @@ class EpochContext:
     tokens: torch.Tensor
     scale: float
     amp: bool
-    pixels: PixelSpec
+    pixels: TrainPixels
     cached_text: torch.Tensor | None = None
 
 

@@ -28,7 +28,7 @@ from near_ray.config import RunConfig
 from near_ray.errors import NearRayError
 from near_ray.runtime import ensure_ray
 from near_ray.storage import Storage, join, parent, storage_for
-from near_ray.train.data import PixelSpec
+from near_ray.train.data import TrainPixels
 
 if TYPE_CHECKING:
     from near_ray.config import ModelConfig, TrainConfig
@@ -80,7 +80,7 @@ class PretrainJob:
     storage: Storage
     tokens: np.ndarray  # [pairs, context] caption tokens
     image_of: np.ndarray  # pair -> image number: an image's other captions are not its negatives
-    pixels: PixelSpec
+    pixels: TrainPixels
     feed: Any = None  # runner.epoch_feed()
 
 
@@ -198,14 +198,14 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
     train_pairs, held = read_pairs(captions, st)
     model_cfg = cfg.model.model_copy(update={"pretrained": None, "init_seed": cfg.train.seed})
     clip = create_clip(model_cfg, st)
-    ds = image_dataset([p["uri"] for p in train_pairs], st, clip.image_size)
+    ds = image_dataset([p["uri"] for p in train_pairs], st, clip.pixels)
     trainer = ray.train.torch.TorchTrainer(
         pretrain_loop,
         train_loop_config={"job": PretrainJob(
             model=model_cfg, train=cfg.train, storage=st,
             tokens=clip.tokenizer([p["caption"] for p in train_pairs]).numpy(),
             image_of=image_numbers([p["uri"] for p in train_pairs]),
-            pixels=PixelSpec.for_model(clip, cfg.train.augment), feed=(feed := epoch_feed()))},
+            pixels=TrainPixels.for_model(clip, cfg.train.augment), feed=(feed := epoch_feed()))},
         scaling_config=scaling_config(cfg),
         run_config=ray_run_config(cfg, name := run_name("pretrain", cfg, captions), st),
         datasets={"train": ds},

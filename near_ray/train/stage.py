@@ -38,7 +38,7 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     import ray
 
     from near_ray.model.clip import create_clip
-    from near_ray.train.data import PixelSpec, image_dataset, load_training_set, neighbour_graph
+    from near_ray.train.data import TrainPixels, image_dataset, load_training_set, neighbour_graph
 
     ensure_ray()
     st = storage_for(cfg)
@@ -48,7 +48,7 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     ts = load_training_set(cfg, method, st)
     clip = create_clip(cfg.model, st)
     names = [v["name"] for v in ts.vocabulary]
-    ds = image_dataset(ts.uris, st, clip.image_size)
+    ds = image_dataset(ts.uris, st, clip.pixels)
     job = FineTuneJob(
         method=method,
         model=cfg.model,
@@ -58,7 +58,7 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         # through the object store, not the loop config: every worker gets one shared copy
         arrays=ray.put(dataclasses.replace(ts.arrays, neighbours=ts.neighbours[:, : cfg.train.refine_k]))
         if cfg.train.refine_k else ray.put(ts.arrays),
-        pixels=PixelSpec.for_model(clip, cfg.train.augment),
+        pixels=TrainPixels.for_model(clip, cfg.train.augment),
         fault=fault,
     )
     summary_uri = cfg.artifact("refine/_summary.json")

@@ -197,7 +197,10 @@ def test_prometheus_metrics_show_requests_errors_latency_batches_and_model_versi
               and labels.get("status") == "200"]
         bad = [v for labels, v in _samples(text, "ray_near_ray_requests_total")
                if labels.get("application") == "near_input" and labels.get("code") == "malformed_json"]
-        if ok and sum(ok) >= 3 and bad:
+        # the ingress and the model replica export on their own clocks: wait for both
+        batches = sum(v for labels, v in _samples(text, "ray_near_ray_batch_size_count")
+                      if labels.get("application") == "near_input")
+        if ok and sum(ok) >= 3 and bad and batches >= 3:
             break
         time.sleep(2)
     else:

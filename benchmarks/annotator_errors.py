@@ -4,11 +4,12 @@
 
 On the demo's benchmark (`near-ray synth` defaults: birds and flowers, 8 species each, 24 images per
 species, 64 px, seed 0), every image is asked the label stage's defaults (3 samples at temperature
-0.7) under each profile, annotator seed 0. Reported per profile: the answer mix; the share of wrong
+0.7) under each profile, for annotator seeds 0-4 (figures are their means). Reported per profile: the answer mix; the share of wrong
 species names (sibling, unrelated, hallucinated) whose image's nearest neighbour also received that
 name among its samples, with the nearest neighbour taken in the annotator's pixel-descriptor space and
 in the shipped starting CLIP's (near-tiny, "synthetic") image space, beside the same share for a random
-other image of the same class (what class-level persistence alone gives); and how consistent the
+image of the domain (chance) and of the same class (what class-level persistence alone gives; a nearest
+neighbour above it means errors follow appearance); the majority answer's accuracy; and how consistent the
 samples of easy and hard images are. Prints and writes benchmarks/results/annotator_errors.json.
 """
 
@@ -68,10 +69,11 @@ def _majority_correct(samples: list[tuple[str, str]]) -> bool:
     return outcome_of[top] in ("exact", "synonym")
 
 
-def measure(root: str, profile: str, neighbours: dict[str, np.ndarray], random: np.ndarray) -> dict:
+def measure(root: str, profile: str, seed: int, neighbours: dict[str, np.ndarray],
+            random: dict[str, np.ndarray]) -> dict:
     st = Storage()
     known, taxonomy, _ = load_truth(root, st)
-    model = noise_model(load_profile(profile), known, taxonomy, 0, root, st)
+    model = noise_model(load_profile(profile), known, taxonomy, seed, root, st)
     answers = [[(d.outcome, d.name) for d in (model.answer(i, s, TEMPERATURE) for s in range(SAMPLES))]
                for i in range(len(known))]
     mix = Counter(o for a in answers for o, _ in a)
@@ -88,8 +90,10 @@ def measure(root: str, profile: str, neighbours: dict[str, np.ndarray], random: 
                                for space, nn in neighbours.items()},
         "nn_said_the_wrong_name": {space: round(shared_share(answers, wrong, nn, species, False), 3)
                                    for space, nn in neighbours.items()},
-        "random_image_same_wrong_name": round(shared_share(answers, wrong, random, species, True), 3),
-        "random_image_said_the_wrong_name": round(shared_share(answers, wrong, random, species, False), 3),
+        **{f"{kind}_same_wrong_name": round(shared_share(answers, wrong, other, species, True), 3)
+           for kind, other in random.items()},
+        **{f"{kind}_said_the_wrong_name": round(shared_share(answers, wrong, other, species, False), 3)
+           for kind, other in random.items()},
         "majority_correct": round(float(np.mean([_majority_correct(a) for a in answers])), 3),
         "distinct_answers_per_image": {
             "easy": round(float(np.mean([d for d, h in zip(distinct, hard, strict=True) if not h])), 2),
@@ -97,12 +101,22 @@ def measure(root: str, profile: str, neighbours: dict[str, np.ndarray], random: 
     }
 
 
+def mean_of(results: list[dict]) -> dict:
+    """The mean of each number over the annotator seeds' results (same keys, nested dicts alike)."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {k: mean_of([r[k] for r in results]) for k in first}
+    return round(float(np.mean(results)), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profiles", default="strong,appearance-strong,weak,appearance-weak")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="annotator seeds; every figure is their mean")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "annotator_errors.json"))
     args = parser.parse_args()
     s = SynthConfig()
+    seeds = [int(x) for x in args.seeds.split(",")]
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         root = str(Path(tmp, "bench"))
@@ -112,13 +126,18 @@ def main() -> None:
         domains = [k.domain for k in known]
         neighbours = {"descriptor": nearest_neighbours(standardise(describe_images(root, known, Storage())), domains),
                       "clip": nearest_neighbours(clip_embeddings(root, [k.path for k in known]), domains)}
-        rng = np.random.default_rng(0)  # a random other image of the same domain: what chance gives
-        random = np.array([rng.choice([j for j, o in enumerate(known) if o.domain == k.domain and j != i])
-                           for i, k in enumerate(known)])
+        # What chance gives: a random other image of the same domain, and of the same class (what class-level
+        # persistence alone gives; a nearest neighbour above it means the errors follow appearance).
+        rng = np.random.default_rng(0)
+        random = {kind: np.array([rng.choice([j for j, o in enumerate(known) if same(o, k) and j != i])
+                                  for i, k in enumerate(known)])
+                  for kind, same in (("random_image", lambda o, k: o.domain == k.domain),
+                                     ("random_same_class_image", lambda o, k: o.species == k.species))}
         result = {"benchmark": {"domains": s.domains, "species": s.species, "images_per_species": s.images_per_species,
                                 "image_size": s.image_size, "seed": s.seed, "images": len(known)},
-                  "samples": SAMPLES, "temperature": TEMPERATURE, "annotator_seed": 0,
-                  "profiles": {p: measure(root, p, neighbours, random) for p in args.profiles.split(",")}}
+                  "samples": SAMPLES, "temperature": TEMPERATURE, "annotator_seeds": seeds,
+                  "profiles": {p: mean_of([measure(root, p, seed, neighbours, random) for seed in seeds])
+                               for p in args.profiles.split(",")}}
     result["seconds"] = round(time.monotonic() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

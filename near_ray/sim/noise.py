@@ -10,6 +10,9 @@ numpy Generator so no global RNG state is involved:
 - per sample: with probability min(1, T / temperature_full) the answer is re-drawn from the image's
   distribution, else the mode answer is repeated. The marginal mix over images and samples equals the
   profile's ``outcomes`` at every temperature.
+
+Profiles with an ``appearance`` section get lookalike.AppearanceNoiseModel instead, whose errors follow a
+pixel descriptor of each image; this model is the one every other profile keeps, unchanged.
 """
 
 from __future__ import annotations

@@ -53,9 +53,9 @@ def test_old_profiles_answer_as_before(bench: str, profile: str) -> None:
 # ------------------------------------------------------------------------------------------ appearance family
 @pytest.fixture(scope="module")
 def looks_bench(tmp_path_factory) -> dict:
-    """A small birds benchmark plus three constructed images of one species A: a look-alike drawn with the
+    """A small birds benchmark plus two constructed images of one species A: a look-alike drawn with the
     attributes of B (a species of another genus), an atypical one (A drawn, then its colours inverted),
-    and nothing else changed. Returns the folder and the paths and names involved."""
+    nothing else changed. Returns the folder and the paths and names involved."""
     import io
 
     import pyarrow as pa
@@ -197,3 +197,16 @@ def test_appearance_profiles_load_by_name_and_file_and_serve(looks_bench: dict, 
         r = httpx.post(f"{ann.base_url}/chat/completions", json=body, timeout=10)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
         assert ann.stats()["profile"] == "appearance-strong" and ann.stats()["outcomes"]["unknown_image"] == 0
+
+
+def test_appearance_profiles_keep_their_outcome_mix(bench: str) -> None:
+    """Only where the errors fall changes: the mix over images and samples is still the profile's."""
+    for profile in ("appearance-strong", "appearance-weak"):
+        model, _ = _appearance_model(bench, profile, seed=1)
+        draws = [model.answer(i, s, 0.7).outcome for i in range(len(model.known)) for s in range(6)]
+        share = {o: draws.count(o) / len(draws) for o in set(draws)}
+        want = model.profile.outcomes
+        for outcome in ("exact", "coarse", "hallucinated", "refusal"):
+            assert abs(share.get(outcome, 0) - want[outcome]) <= 0.07, (profile, outcome, share)
+        named = share.get("sibling", 0) + share.get("unrelated", 0)
+        assert abs(named - want["sibling"] - want["unrelated"]) <= 0.07, (profile, share)

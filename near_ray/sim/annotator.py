@@ -30,12 +30,12 @@ from aiohttp import web
 from PIL import UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from near_ray.sim.lookalike import noise_model
 from near_ray.sim.noise import (
     OUTCOMES,
     UNKNOWN_ANSWERS,
     AnnotatorError,
     Draw,
-    NoiseModel,
     format_answer,
     format_value,
     load_profile,
@@ -111,7 +111,7 @@ class Annotator:
         self.truth = truth
         t0 = time.monotonic()
         self.known, taxonomy, self.index = load_truth(truth, storage)
-        self.model = NoiseModel(self.profile, self.known, taxonomy, seed)
+        self.model = noise_model(self.profile, self.known, taxonomy, seed, truth, storage)
         self.meta = {d: v.get("meta_class") or "object" for d, v in taxonomy.get("domains", {}).items()}
         self._lock = threading.Lock()
         self._attempts: Counter[tuple[Any, ...]] = Counter()

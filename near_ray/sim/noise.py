@@ -10,6 +10,9 @@ numpy Generator so no global RNG state is involved:
 - per sample: with probability min(1, T / temperature_full) the answer is re-drawn from the image's
   distribution, else the mode answer is repeated. The marginal mix over images and samples equals the
   profile's ``outcomes`` at every temperature.
+
+Profiles with an ``appearance`` section get lookalike.AppearanceNoiseModel instead, whose errors follow a
+pixel descriptor of each image; this model is the one every other profile keeps, unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from near_ray.errors import NearRayError
+from near_ray.sim.appearance import AppearanceSettings
 from near_ray.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -77,6 +81,9 @@ class Profile(BaseModel):
     format_styles: dict[str, float]
     coarse_forms: dict[str, float]
     synonym_forms: dict[str, float]
+    # Present in the appearance-following profiles only (appearance.py, lookalike.py); absent, the
+    # annotator behaves exactly as the profiles written before it did.
+    appearance: AppearanceSettings | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Profile:
@@ -200,9 +207,14 @@ class Known:
     species: str
 
 
+def benchmark_root(truth: str) -> str:
+    """The folder of a synthetic benchmark given as its folder or its truth.parquet."""
+    return truth.rsplit("/", 1)[0] if truth.endswith(".parquet") else truth
+
+
 def load_truth(truth: str, storage: Storage) -> tuple[list[Known], dict[str, Any], ImageIndex]:
     """(images, taxonomy, index) of a synthetic benchmark at ``truth`` (its folder or its truth.parquet)."""
-    root = truth.rsplit("/", 1)[0] if truth.endswith(".parquet") else truth
+    root = benchmark_root(truth)
     table = storage.read_parquet(join(root, "truth.parquet"))
     missing = {"path", "domain", "species"} - set(table.column_names)
     if missing:
@@ -263,8 +275,7 @@ class NoiseModel:
     def distribution(self, i: int) -> dict[str, float]:
         """The answer distribution of image ``i``: its difficulty and its class's confusion applied."""
         p, img = self.profile, self.known[i]
-        rng = rng_for(self.seed, "image", img.path)
-        hard = rng.random() < p.hard_fraction
+        hard = self.is_hard(i)
         c_hard = self.correct * p.hard_correct_factor
         c = c_hard if hard else (self.correct - p.hard_fraction * c_hard) / (1 - p.hard_fraction)
         w_c, _ = self.class_params(img.domain, img.species)
@@ -287,9 +298,13 @@ class NoiseModel:
         dist = self.distribution(i)
         if temperature > 0:
             rng = rng_for(self.seed, "sample", img.path, request_seed, float(temperature), choice)
-            if rng.random() < min(1.0, temperature / self.profile.temperature_full):
+            if rng.random() < self.resample_probability(i, temperature):
                 return self._draw(i, dist, rng)
         return self._draw(i, dist, rng_for(self.seed, "mode", img.path))
+
+    def resample_probability(self, i: int, temperature: float) -> float:
+        """The chance that a sample at ``temperature`` re-draws image ``i``'s answer instead of repeating its mode."""
+        return min(1.0, temperature / self.profile.temperature_full)
 
     def _draw(self, i: int, dist: dict[str, float], rng: np.random.Generator) -> Draw:
         img = self.known[i]
@@ -306,24 +321,32 @@ class NoiseModel:
         elif outcome == "coarse":
             form = choose(rng, self.profile.coarse_forms)
             name = meta.capitalize() if form == "meta_class" else entry.get(form) or meta.capitalize()
-        elif outcome == "sibling":
-            _, confused = self.class_params(img.domain, img.species)
-            sibs = entry.get("siblings") or []
-            if rng.random() >= self.profile.persistent_sibling and sibs:
-                confused = str(rng.choice(sibs))
-            name = confused or img.species
+        elif outcome in ("sibling", "unrelated"):
+            outcome, name = self._confused(i, outcome, rng)
             sci = self.domains[img.domain]["species"].get(name, {}).get("scientific_name")
-        elif outcome == "unrelated":
-            others = self._others(img.domain, img.species, exclude_genus=entry.get("genus")) or [img.species]
-            name = str(rng.choice(others))
-            sci = self.domains[img.domain]["species"][name].get("scientific_name")
         elif outcome == "hallucinated":
-            name = self._hallucinate(img.domain, rng)
+            name = self._hallucinated(i, rng)
         else:
             return Draw("refusal", str(rng.choice(REFUSALS)).format(meta=meta), None, None, "plain")
         style = choose(rng, self.profile.format_styles) if rng.random() < self.profile.format_noise else "plain"
         alt = self.class_params(img.domain, img.species)[1] if style == "list" else None
         return Draw(outcome, name, sci if rng.random() < 0.7 else None, alt, style)
+
+    def _confused(self, i: int, outcome: str, rng: np.random.Generator) -> tuple[str, str]:
+        """(outcome, the species named) of a sibling or unrelated answer about image ``i``."""
+        img = self.known[i]
+        entry = self.domains[img.domain]["species"][img.species]
+        if outcome == "sibling":
+            _, confused = self.class_params(img.domain, img.species)
+            sibs = entry.get("siblings") or []
+            if rng.random() >= self.profile.persistent_sibling and sibs:
+                confused = str(rng.choice(sibs))
+            return outcome, confused or img.species
+        others = self._others(img.domain, img.species, exclude_genus=entry.get("genus")) or [img.species]
+        return outcome, str(rng.choice(others))
+
+    def _hallucinated(self, i: int, rng: np.random.Generator) -> str:
+        return self._hallucinate(self.known[i].domain, rng)
 
     def _others(self, domain: str, species: str, exclude_genus: str | None = None) -> list[str]:
         return sorted(n for n, e in self.domains[domain]["species"].items()

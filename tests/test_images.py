@@ -94,8 +94,8 @@ def test_label_refine_train_and_serve_see_identical_pixels(case, tmp_path):
     # preprocess of the same decoded image
     from near_ray.serve.images import normalize
 
-    embedder = ImageEmbedder(ModelConfig(arch="near-tiny"), Storage(), max_pixels=10_000_000)
-    clip = create_clip(ModelConfig(arch="near-tiny"))
+    embedder = ImageEmbedder(ModelConfig(arch="near-tiny", pretrained="random"), Storage(), max_pixels=10_000_000)
+    clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random"))
     assert torch.equal(normalize([embedder._load(uri)], embedder.spec)[0], clip.preprocess(Image.fromarray(reference)))
 
 

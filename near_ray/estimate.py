@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from near_ray.config import RANDOM_INIT
 
@@ -24,6 +24,7 @@ COUNT_LIMIT = 200_000  # images counted at most (a listing of millions of object
 COUNT_SECONDS = 5.0
 LONG_S = 60.0  # below this the estimate is not worth a log line
 FEW_PASSES = 500  # image passes (embedding + epochs × images) below which nothing is timed
+TIMED_BATCH = 2  # images per timed batch: enough for a per-image time, cheap for a ViT-B on a loaded CPU
 
 
 def count_images(cfg: RunConfig, storage: Storage) -> tuple[int, bool]:
@@ -40,13 +41,10 @@ def count_images(cfg: RunConfig, storage: Storage) -> tuple[int, bool]:
     return n, False
 
 
-def seconds_per_image(cfg: RunConfig, threads: int, batch: int, backward: bool) -> float:
+def seconds_per_image(clip: Any, threads: int, backward: bool, batch: int = TIMED_BATCH) -> float:
     """Wall seconds per image of the image tower here: the second of two timed batches (the first warms up)."""
     import torch
 
-    from near_ray.model.clip import create_clip
-
-    clip = create_clip(cfg.model.model_copy(update={"pretrained": RANDOM_INIT}))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -80,23 +78,32 @@ def cpu_estimate(cfg: RunConfig, command: str, storage: Storage) -> tuple[str, f
     passes = images * ((1 if refine else 0) + (cfg.train.epochs if train else 0))
     if passes < FEW_PASSES:  # timing costs seconds of imports: not worth it where the work is short anyway
         return f"{n}, {passes} image passes through the CLIP: short work, not timed", 0.0
+    from near_ray.model.clip import create_clip
+
+    clip = create_clip(cfg.model.model_copy(update={"pretrained": RANDOM_INIT}))  # the speed is the weights'
+    measured: dict[tuple[int, bool], float] = {}
+
+    def timed(threads: int, backward: bool) -> float:
+        if (threads, backward) not in measured:
+            measured[threads, backward] = seconds_per_image(clip, threads, backward)
+        return measured[threads, backward]
+
     parts, total = [], 0.0
     if refine:
         threads = max(1, math.ceil(cfg.refine.embed_actor_cpus))
-        s = seconds_per_image(cfg, threads, min(cfg.refine.embed_batch_size, 8), backward=False)
+        s = timed(threads, False)
         t = s * images / cfg.refine.embed_actors
         total += t
-        parts.append(f"refine embeds {n} in about {_duration(t)} ({s:.3f} s an image on {threads} thread(s) here, "
+        parts.append(f"refine embeds {n} in about {_duration(t)} of compute ({s:.3f} s an image on {threads} thread(s) here, "
                      f"{cfg.refine.embed_actors} actor(s); refine.embed_gpus: 1 on a GPU node, or more "
                      "refine.embed_actors on more cores, shortens it)")
     if train:
         threads = cfg.train.torch_threads or max(1, math.ceil(cfg.train.cpus_per_worker))
         backward = cfg.train.train_towers != "text"
-        per_worker = max(1, cfg.train.batch_size // cfg.train.num_workers)
-        s = seconds_per_image(cfg, threads, min(per_worker, 8), backward=backward)
+        s = timed(threads, backward)
         t = s * images * cfg.train.epochs / cfg.train.num_workers
         total += t
-        parts.append(f"training passes {n} {cfg.train.epochs} times in about {_duration(t)} per method (the image "
+        parts.append(f"training passes {n} {cfg.train.epochs} times in about {_duration(t)} of compute per method (the image "
                      f"tower{' forward and backward' if backward else ', forward only'}: {s:.3f} s an image on "
                      f"{threads} thread(s) here, {cfg.train.num_workers} worker(s); train.use_gpu: true on GPU "
                      "nodes, or fewer train.epochs, shortens it)")

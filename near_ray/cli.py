@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None, job: bool = False) -> int:
             _one_bundle(cfg.classify if args.command == "classify" else cfg.serve, args.command, args.bundle)
         from near_ray.preflight import preflight
 
-        preflight(cfg, args.command, _source(args), bare=not args.config and not args.set,
-                  captions=getattr(args, "captions", None), write_config=bool(getattr(args, "write_config", None)))
+        captions = getattr(args, "captions", None) or getattr(args, "pretrain_captions", None)
+        preflight(cfg, args.command, _source(args), bare=not args.config and not args.set, captions=captions,
+                  write_config=bool(getattr(args, "write_config", None)))
     except NearRayError as e:
         _error(args.command, e)
         return 2

@@ -201,8 +201,9 @@ def check_truth(ctx: Context) -> str:
 
 
 def check_captions(ctx: Context) -> str:
+    flag = "--pretrain-captions" if ctx.command == "train" else "--captions"
     if ctx.captions and not ctx.storage.exists(ctx.captions):
-        raise Failed(f"--captions: {ctx.captions} not found")
+        raise Failed(f"{flag}: {ctx.captions} not found")
     return f"{ctx.captions}: present"
 
 
@@ -287,17 +288,20 @@ CHECKS: dict[str, Callable[[Context], str]] = {
 }
 
 
-def checks_for(cfg: RunConfig, command: str, write_config: bool = False) -> list[str]:
-    """The checks ``command`` needs, cheap ones first and the paid MLLM request last."""
+def checks_for(cfg: RunConfig, command: str, write_config: bool = False, captions: str | None = None) -> list[str]:
+    """The checks ``command`` needs, cheap ones first and the paid MLLM request last (``write_config``: serve
+    only writes a deploy file; ``captions``: train pretrains its starting CLIP first, from these captions)."""
+    from near_ray.train.methods import DIRECT_MLLM
+
     routes = cfg.classify.route_below is not None or cfg.classify.route_fraction is not None
     classifies = cfg.classify.enabled or bool(cfg.classify.domains)
     plans = {
         "label": ["domains", "workdir", "backend", "mllm"],
         "refine": ["workdir", "labels", "model", "cpu estimate"],
-        "train": ["workdir", "refine outputs", "model", "cpu estimate"],
-        "pretrain": ["workdir", "captions", "model"],
+        "train": ["workdir", "refine outputs", *(["captions"] if captions else ["model"]), "cpu estimate"],
+        "pretrain": ["workdir", "captions"],  # pretraining starts from random weights by definition
         "classify": ["classify domains", "workdir", "bundles", *(["backend", "mllm"] if routes else [])],
-        "evaluate": ["workdir", "truth"],
+        "evaluate": ["workdir", "truth", *(["backend", "mllm"] if DIRECT_MLLM in cfg.eval.methods else [])],
         "serve": [] if write_config else ["serve bundles"],
         "run": ["domains", *(["classify domains"] if classifies else []), "workdir", "backend", "model",
                 "cpu estimate", "mllm"],
@@ -323,7 +327,7 @@ def run_checks(ctx: Context, names: list[str], stop_at_first: bool = True) -> li
 def preflight(cfg: RunConfig, command: str, source: str, *, bare: bool = False, captions: str | None = None,
               write_config: bool = False) -> list[Check]:
     """The checks ``command`` needs, before any work; the first failure raises one line naming what to fix."""
-    names = checks_for(cfg, command, write_config)
+    names = checks_for(cfg, command, write_config, captions)
     if not names:
         return []
     ctx = Context(cfg, command, storage_for(cfg), bare=bare, captions=captions)

@@ -44,7 +44,7 @@ def make_bundle(uri: str, arch: str, names: int) -> str:
     import torch
 
     torch.manual_seed(0)
-    clip = create_clip(ModelConfig(arch=arch))
+    clip = create_clip(ModelConfig(arch=arch, pretrained="random"))
     vocab = [{"name": f"species {i}", "domain": "birds", "synonyms": [], "support": 1} for i in range(names)]
     text = encode_texts(clip, [v["name"] for v in vocab], "a photo of a {}.")
     save_bundle(uri, clip, vocab, text, prompt_template="a photo of a {}.", logit_scale=100.0)

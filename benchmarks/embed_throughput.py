@@ -46,7 +46,7 @@ def plain_loop(uris: list[str], arch: str, batch: int, threads: int) -> dict:
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
-    clip = create_clip(ModelConfig(arch=arch))
+    clip = create_clip(ModelConfig(arch=arch, pretrained="random"))
     clip.model.eval()
     prep = Preprocessor(clip.pixels)
     st, pool = Storage(), ThreadPoolExecutor(8)

@@ -38,7 +38,7 @@ def make_bundle(uri: str, arch: str) -> str:
     from near_ray.model.clip import create_clip, encode_texts
 
     torch.manual_seed(0)
-    clip = create_clip(ModelConfig(arch=arch))
+    clip = create_clip(ModelConfig(arch=arch, pretrained="random"))
     names = [f"Species {i}" for i in range(50)]
     vocab = [{"name": n, "domain": "birds", "synonyms": [], "support": 1} for n in names]
     save_bundle(uri, clip, vocab, encode_texts(clip, names, "a photo of a {}."), prompt_template="a photo of a {}.", logit_scale=50.0)

@@ -124,7 +124,7 @@ def main() -> None:
     root = join(work, "bench")
     generate(out=root, domains=["birds", "flowers"], species=args.species, images_per_species=args.images_per_species,
              image_size=64, seed=0, test_fraction=0.5, storage=st)
-    cfg = RunConfig.model_validate({"storage": {"workdir": join(work, "run")}, "model": {"arch": "near-tiny"},
+    cfg = RunConfig.model_validate({"storage": {"workdir": join(work, "run")}, "model": {"arch": "near-tiny", "pretrained": "random"},
                                     "train": {"method": "naive", "epochs": args.epochs, "batch_size": args.batch,
                                               "cpus_per_worker": 0.5, "augment": True}})
     uris = write_artifacts(root, cfg.storage.workdir, st)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from near_ray import __version__
 from near_ray.config import RunConfig, load_config
 from near_ray.errors import NearRayError
 from near_ray.train.methods import METHODS
@@ -22,53 +23,19 @@ log = logging.getLogger("near_ray")
 
 # Commands of the offline stand-ins: their config may carry the demo's `synth` section.
 _SIM_COMMANDS = ("synth", "annotator", "demo")
+# Commands whose work the preflight checks first (near_ray.preflight.checks_for); `validate --for` picks one.
+_PREFLIGHT_COMMANDS = ("run", "label", "refine", "train", "classify", "evaluate", "serve", "pretrain")
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
+    """The run config of this invocation, loaded once (``main`` loads it before the preflight)."""
+    if getattr(args, "cfg", None) is not None:
+        return args.cfg
     if args.command in _SIM_COMMANDS:
         from near_ray.sim.config import DemoConfig
 
         return load_config(args.config, args.set, schema=DemoConfig)
     return load_config(args.config, args.set)
-
-
-# Commands that touch the run's storage, and those that call the labeling endpoint.
-_STORAGE_COMMANDS = ("label", "refine", "pretrain", "train", "evaluate", "classify", "run", "serve", "review")
-_ENDPOINT_TIMEOUT_S = 3.0
-
-
-def _unreachable(url: str) -> str | None:
-    """Why nothing answers at ``url``'s host and port (a TCP connect), or None when something does."""
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if not parts.hostname:
-        return "not a URL with a host"
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        with socket.create_connection((parts.hostname, port), timeout=_ENDPOINT_TIMEOUT_S):
-            return None
-    except ValueError as e:  # a port that is not a number
-        return str(e)
-    except OSError as e:
-        return e.strerror or type(e).__name__
-
-
-def check_endpoints(cfg: RunConfig, command: str, source: str) -> None:
-    """Before any work: the endpoints this command needs answer, else one line naming the field."""
-    checks = []
-    if command in _STORAGE_COMMANDS and cfg.storage.endpoint_url:
-        checks.append(("storage.endpoint_url", cfg.storage.endpoint_url))
-    # classify calls the labeling endpoint only for the cascade (an image below classify.route_below or
-    # in the least confident classify.route_fraction goes to the MLLM)
-    routes = cfg.classify.route_below is not None or cfg.classify.route_fraction is not None
-    if (command == "label" or (command == "classify" and routes)) and cfg.label.backend == "openai":
-        checks.append(("label.openai.base_url", cfg.label.openai.base_url))
-    for field, url in checks:
-        reason = _unreachable(url)
-        if reason:
-            raise NearRayError(f"{source}: field '{field}': cannot reach {url} ({reason})")
 
 
 def _source(args: argparse.Namespace) -> str:
@@ -197,6 +164,25 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(out=args.out, overrides=args.set, config=args.config)
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """The resolved config (secrets masked), then every check the command would run, each with its result."""
+    from near_ray.config import dump_config
+    from near_ray.preflight import Context, checks_for, run_checks
+    from near_ray.storage import storage_for
+
+    cfg = _config(args)
+    print(f"# {_source(args)}, resolved (secrets masked)")
+    print(dump_config(cfg, masked=True).rstrip())
+    ctx = Context(cfg, args.command_to_check, storage_for(cfg), bare=not args.config and not args.set)
+    results = run_checks(ctx, checks_for(cfg, args.command_to_check), stop_at_first=False)
+    print(f"\n# checks for `near-ray {args.command_to_check}`")
+    for r in results:
+        print(f"{'ok' if r.ok else 'FAILED':6} {r.name:17} {r.seconds:6.2f} s  {r.detail}")
+    failed = [r.name for r in results if not r.ok]
+    print(f"\n{len(results) - len(failed)} of {len(results)} checks passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 2 if failed else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any] | None:
     from near_ray.serve.app import run_serve
 
@@ -216,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="near-ray", description="Vocabulary-free fine-grained recognition (NeaR) on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and Ray's own logs (workers, Ray Data progress) on the console")
+    parser.add_argument("--version", action="version", version=f"near-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
@@ -269,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true",
                    help="deploy, wait until the app answers /readyz, exit and leave it running (jobs/serve.py)")
     p.add_argument("--wait-s", type=float, default=600.0, help="with --detach: how long to wait for readiness")
+    p = add("validate", cmd_validate, "print the resolved config (secrets masked) and run every preflight check")
+    p.add_argument("--for", dest="command_to_check", default="run", choices=_PREFLIGHT_COMMANDS,
+                   help="the command whose checks to run (default run)")
     return parser
 
 
@@ -285,15 +275,27 @@ def main(argv: list[str] | None = None, job: bool = False) -> int:
     prefer_loopback()  # before any stage imports ray
     args = build_parser().parse_args(argv)
     try:
-        # Validate the config, and reach what it points at, before any stage code runs or writes.
-        cfg = _config(args)
-        check_endpoints(cfg, args.command, _source(args))
+        args.cfg = _config(args)  # validated before any stage code runs or writes
     except NearRayError as e:
         _error(args.command, e)
         return 2
+    cfg = args.cfg
     from near_ray.console import setup_console
 
     setup_console(args.verbose)
+    if args.command == "validate":
+        return args.fn(args)
+    try:  # what the command needs, checked before Ray starts or the MLLM is paid (near_ray/preflight.py)
+        if getattr(args, "bundle", None):
+            _one_bundle(cfg.classify if args.command == "classify" else cfg.serve, args.command, args.bundle)
+        from near_ray.preflight import preflight
+
+        captions = getattr(args, "captions", None) or getattr(args, "pretrain_captions", None)
+        preflight(cfg, args.command, _source(args), bare=not args.config and not args.set, captions=captions,
+                  write_config=bool(getattr(args, "write_config", None)))
+    except NearRayError as e:
+        _error(args.command, e)
+        return 2
     record = None
     try:
         if job:

@@ -22,7 +22,6 @@ from typing import Any
 
 from near_ray.config import RunConfig, dump_config
 from near_ray.errors import NearRayError
-from near_ray.storage import StorageError, is_s3, split_s3, storage_for
 
 log = logging.getLogger("near_ray.job")
 
@@ -45,18 +44,6 @@ def stop_gracefully() -> None:
     signal.signal(signal.SIGTERM, _on_stop)
 
 
-def check_workdir(cfg: RunConfig) -> None:
-    """Fail before any work when ``storage.workdir`` is on a bucket this job cannot reach."""
-    workdir = cfg.storage.workdir
-    if not is_s3(workdir):
-        return
-    bucket, _ = split_s3(workdir)
-    try:
-        next(iter(storage_for(cfg).list(workdir)), None)
-    except StorageError as e:
-        raise StorageError(f"storage.workdir: bucket '{bucket}' is not usable: {e}") from None
-
-
 @dataclass
 class JobRecord:
     command: str
@@ -66,7 +53,8 @@ class JobRecord:
 
     @classmethod
     def start(cls, command: str, config: str | None, cfg: RunConfig) -> JobRecord:
-        """Log the job's identity and config, check its workdir, join the cluster, make SIGTERM a clean stop."""
+        """Log the job's identity and config, join the cluster, make SIGTERM a clean stop (the preflight,
+        ``near_ray.preflight``, has checked what the command needs, the workdir included)."""
         from near_ray.runtime import ensure_ray
 
         record = cls(command, config, cfg.storage.workdir)
@@ -75,7 +63,6 @@ class JobRecord:
                  config or "<defaults>", cfg.storage.workdir)
         log.info("job %s: the config as validated (it holds no credentials; those come from the environment "
                  "or the node's role and are never logged):\n%s", command, dump_config(cfg).rstrip())
-        check_workdir(cfg)
         ensure_ray()
         stop_gracefully()  # after ray.init, which installs its own SIGTERM handler (an abrupt sys.exit)
         return record

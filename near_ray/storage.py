@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -22,7 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from near_ray.uri import StorageError, is_s3, join, parent, relative, split_s3
 
-__all__ = ["ObjectInfo", "Storage", "StorageError", "is_s3", "join", "parent", "relative", "split_s3", "storage_for"]
+__all__ = ["ObjectInfo", "Storage", "StorageError", "inside", "is_s3", "join", "parent", "relative", "split_s3",
+           "storage_for"]
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -151,18 +155,31 @@ class Storage:
             st = root.stat()
             yield ObjectInfo(str(root), st.st_size, str(st.st_mtime_ns))
             return
-        stack = [root]
+        # A symbolic link is followed only when its target stays inside the listed folder: a link to a
+        # system file or another collection is never listed, so its bytes are never read; each folder is
+        # listed once, so a link back up the tree cannot loop.
+        real_root = os.path.realpath(root)
+        seen, outside, stack = {real_root}, 0, [root]
         while stack:
             folder = stack.pop()
             entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
             for e in entries:
                 if e.name.startswith((".", "_")):
                     continue
+                if e.is_symlink() and not inside(e.path, real_root):
+                    outside += 1
+                    continue
                 if e.is_dir(follow_symlinks=True):
-                    stack.append(Path(e.path))
+                    real = os.path.realpath(e.path)
+                    if real not in seen:
+                        seen.add(real)
+                        stack.append(Path(e.path))
                 elif keep(e.name):
                     st = e.stat()
                     yield ObjectInfo(e.path, st.st_size, str(st.st_mtime_ns))
+        if outside:
+            log.warning("%s: skipped %d symbolic link%s leading out of the folder (a listing never leaves it)",
+                        uri, outside, "" if outside == 1 else "s")
 
     # ----------------------------------------------------------------------------------- objects
     def exists(self, uri: str) -> bool:
@@ -274,6 +291,12 @@ class Storage:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         self.write_bytes(uri, buf.getvalue())
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether local ``path``, every symbolic link on the way resolved, lies inside folder ``root``."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
 def storage_for(cfg: Any) -> Storage:

@@ -148,7 +148,7 @@ def check_clip(work: Path, plan: Plan) -> str:
     from near_ray.storage import Storage
 
     device = "cuda" if plan.gpu else "cpu"
-    clip = create_clip(RunConfig.model_validate({"model": {"arch": plan.arch}}).model)
+    clip = create_clip(RunConfig.model_validate({"model": {"arch": plan.arch, "pretrained": "random"}}).model)
     model = clip.model.to(device).eval()
     x = torch.randn(plan.batch, 3, clip.image_size, clip.image_size, device=device)
     for _ in range(3):
@@ -163,7 +163,7 @@ def check_clip(work: Path, plan: Plan) -> str:
 
     uris = _write_images(work / "clip_images", plan.images)
     images = pd.DataFrame({"image_id": [f"i{i}" for i in range(len(uris))], "uri": uris, "domain": "d"})
-    cfg = RunConfig.model_validate({"model": {"arch": plan.arch}, "refine": {
+    cfg = RunConfig.model_validate({"model": {"arch": plan.arch, "pretrained": "random"}, "refine": {
         "embed_gpus": 1 if plan.gpu else 0, "embed_actors": 1, "embed_actor_cpus": 4 if plan.gpu else 0.5,
         "embed_batch_size": plan.batch}})
     embed_images(images.iloc[:plan.batch], cfg, Storage())  # the actor's start and first batch, not timed
@@ -254,7 +254,7 @@ def check_train(work: Path, plan: Plan) -> tuple[str, str]:
     workdir = work / "train_run"
     _refine_artifacts(workdir, n=plan.images, classes=16)
     cfg = RunConfig.model_validate({
-        "storage": {"workdir": str(workdir)}, "model": {"arch": plan.arch},
+        "storage": {"workdir": str(workdir)}, "model": {"arch": plan.arch, "pretrained": "random"},
         "train": {"num_workers": 1, "use_gpu": plan.gpu, "cpus_per_worker": 4 if plan.gpu else 1, "epochs": 1,
                   "warmup_epochs": 0, "batch_size": plan.batch, "train_towers": "both"}})
     result = run_train(cfg)

@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     st, work = Storage(), str(Path(args.work).resolve())
-    base = load_config(default_config(), [f"storage.workdir={work}", "model.pretrained=null", *args.set],
+    base = load_config(default_config(), [f"storage.workdir={work}", "model.pretrained=random", *args.set],
                        schema=DemoConfig)
     s = base.synth
     corpus, bench = join(work, "corpus"), join(work, "probe_benchmark")

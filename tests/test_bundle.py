@@ -15,7 +15,7 @@ def _images(n):
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_bundle_roundtrip_predicts_the_same(where, tmp_path, request):
     uri = str(tmp_path / "bundle") if where == "local" else request.getfixturevalue("bucket") + "/bundle"
-    clip = create_clip(ModelConfig(arch="near-tiny"))
+    clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random"))
     vocab = [{"name": n, "domain": d, "synonyms": [], "support": 1} for n, d in
              [("Red Finch", "birds"), ("Blue Finch", "birds"), ("Star Lily", "flowers")]]
     text = encode_texts(clip, [v["name"] for v in vocab], "a photo of a {}.")

@@ -83,7 +83,7 @@ def bench(s3_endpoint) -> dict:
 
 
 def make_bundle(uri: str, truth: pd.DataFrame, taxonomy: dict, domains: list[str], seed: int) -> str:
-    clip = create_clip(ModelConfig(arch="near-tiny", init_seed=seed))
+    clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random", init_seed=seed))
     st, entries, vectors = Storage(), [], []
     for d in domains:
         for species, rows in truth[(truth["domain"] == d) & (truth["split"] == "train")].groupby("species"):

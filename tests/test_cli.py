@@ -27,7 +27,10 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
     (tmp / "unknown.yaml").write_text("label: {sample: 3}\n")
     (tmp / "wrong_type.yaml").write_text("train: {epochs: many, lr: -1}\n")
     (tmp / "s3.yaml").write_text(f"storage: {{workdir: s3://bucket/run, endpoint_url: '{dead}'}}\n")
-    (tmp / "mllm.yaml").write_text(f"label: {{openai: {{base_url: '{dead}/v1'}}}}\n")
+    (tmp / "images").mkdir()
+    (tmp / "images" / "a.png").write_bytes(b"not decoded by the preflight")
+    (tmp / "mllm.yaml").write_text(f"data: {{domains: [{{name: birds, uri: '{tmp / 'images'}'}}]}}\n"
+                                   f"label: {{openai: {{base_url: '{dead}/v1'}}}}\n")
     return [
         ("missing file", ["refine", "-c", str(tmp / "nope.yaml")], ["nope.yaml", "not found"]),
         ("a folder", ["refine", "-c", str(tmp / "folder.yaml")], ["folder.yaml", "folder"]),

@@ -78,7 +78,7 @@ def test_the_embedding_actor_builds_and_encodes_on_the_compute_thread(tmp_path):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
         uris.append(str(path))
     # Ray Data builds the callable in the actor's thread and calls it from a thread of its own.
-    embedder = ThreadPoolExecutor(1).submit(ImageEmbedder, ModelConfig(arch="near-tiny"), Storage(), 10_000_000, 2).result()
+    embedder = ThreadPoolExecutor(1).submit(ImageEmbedder, ModelConfig(arch="near-tiny", pretrained="random"), Storage(), 10_000_000, 2).result()
     seen = []
     embedder.clip.model.visual.register_forward_hook(lambda *_: seen.append(threading.get_ident()))
     batch = {"image_id": np.array(["a", "b", "c"]), "uri": np.array(uris), "domain": np.array(["d"] * 3)}

@@ -26,7 +26,7 @@ def test_curve_routes_the_least_confident_and_prices_what_the_mllm_was_paid(tmp_
 
     st = Storage()
     workdir = str(tmp_path / "run")
-    clip = create_clip(ModelConfig(arch="near-tiny"))
+    clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random"))
     vocab = [{"name": n, "domain": "birds", "synonyms": [n, f"{n.split()[0]} Fringilla"], "support": 3} for n in NAMES]
     save_bundle(join(workdir, "bundles/near"), clip, vocab, np.eye(3, 256, dtype=np.float32),
                 prompt_template="a photo of a {}.", logit_scale=10.0, storage=st)  # fmt: skip

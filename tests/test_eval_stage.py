@@ -57,7 +57,7 @@ def write_bundles(workdir: str, st: Storage, examples: dict[str, bytes], methods
     """near: text embeddings = the embedding of each species' image (a perfect classifier), plus a birds
     decoy equal to a flower's image (only reachable if the domain restriction fails); zero_shot: real
     text embeddings of the names from the same random model."""
-    clip = create_clip(ModelConfig(arch="near-tiny"))
+    clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random"))
     vocab = [{"name": n, "domain": d, "synonyms": [n], "support": 3} for d, names in SPECIES.items() for n in names]
     image_emb = encode_images(clip, [decode_image(examples[v["name"]]) for v in vocab])
     decoy = {"name": "decoy", "domain": "birds", "synonyms": [], "support": 1}

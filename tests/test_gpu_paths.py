@@ -185,7 +185,7 @@ def test_resumed_pretraining_moments_live_where_the_parameters_live(tmp_path: Pa
     from near_ray.train.data import TrainPixels
     from near_ray.train.pretrain import PretrainJob, restore_pretraining
 
-    model_cfg = ModelConfig(arch="near-tiny")
+    model_cfg = ModelConfig(arch="near-tiny", pretrained="random")
     clip = create_clip(model_cfg)
     optimizer = torch.optim.AdamW(clip.model.parameters(), lr=1e-3)
     clip.model.logit_scale.sum().backward()

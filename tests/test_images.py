@@ -89,13 +89,13 @@ def test_label_refine_train_and_serve_see_identical_pixels(case, tmp_path):
     # train: decoded, then the model's input pixels (open_clip's eval geometry: short side, centre crop)
     uri = str(tmp_path / f"{case}.bin")
     Storage().write_bytes(uri, data)
-    clip = create_clip(ModelConfig(arch="near-tiny"))
+    clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random"))
     batch = _decode_batch({"idx": np.array([0]), "uri": np.array([uri])}, Storage(), clip.pixels)
     eval_transform = open_clip.image_transform(64, is_train=False, mean=clip.pixels.mean, std=clip.pixels.std)
     expected = eval_transform(Image.fromarray(reference))
     assert torch.equal(Preprocessor(clip.pixels).batch([batch["image"][0]])[0], expected)
     # refine: the embedder's input (its read threads' pixels, normalized per batch) is the same
-    embedder = ImageEmbedder(ModelConfig(arch="near-tiny"), Storage(), max_pixels=10_000_000)
+    embedder = ImageEmbedder(ModelConfig(arch="near-tiny", pretrained="random"), Storage(), max_pixels=10_000_000)
     assert np.array_equal(embedder._load(uri), batch["image"][0])
     assert torch.equal(embedder.preprocessor.batch([embedder._load(uri)])[0], expected)
 

@@ -200,7 +200,7 @@ def run_config(bench: dict[str, Any], workdir: str) -> dict[str, Any]:
         # chunk's requests at once) and asks nothing of the chunks after it.
         "label": {"samples": 2, "batch_size": 2, "batches_per_actor": 1, "flush_interval_s": 1.0, "listing_chunk": 4,
                   "openai": {"base_url": bench["annotator"].base_url, "api_key_env": None, "concurrency": 2}},
-        "model": {"arch": "near-tiny"},
+        "model": {"arch": "near-tiny", "pretrained": "random"},
         "refine": {"k": 3, "merge_encoder": "none"},
         "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 2, "warmup_epochs": 1, "batch_size": 8,
                   "tracking": {"backend": "tensorboard"}},
@@ -258,8 +258,9 @@ def test_stopped_pipeline_job_resumes_and_pays_no_answer_twice(pipeline_run, ben
     assert 0 < r["labels_after_stop"] < 12 * 2
     assert r["finished"]["status"] == "SUCCEEDED", r["second_logs"][-4000:]
     stats = bench["annotator"].annotator.stats(by_image=True)
-    # 12 discovery images x 2 samples, each answered exactly once over both jobs.
-    assert stats["requests"] == 12 * 2
+    # 12 discovery images x 2 samples, each answered exactly once over both jobs (besides each job's
+    # preflight probe, about an image the annotator does not know).
+    assert stats["requests"] - stats["outcomes"]["unknown_image"] == 12 * 2 and stats["duplicate_answers"] == 0
     assert sorted(set(stats["by_image"].values())) == [2] and len(stats["by_image"]) == 12
     assert "samples already on storage" in r["second_logs"]
 

@@ -30,7 +30,7 @@ def test_run_end_to_end_on_s3_and_rerun_reuses_everything(bucket, ray_cluster, t
                 for d, m in (("birds", "bird"), ("flowers", "flower"))
             ]},
             "label": {"samples": 2, "openai": {"base_url": annotator.base_url, "api_key_env": None}},
-            "model": {"arch": "near-tiny"},
+            "model": {"arch": "near-tiny", "pretrained": "random"},
             "refine": {"k": 3, "merge_encoder": "none"},
             "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},
             "eval": {"methods": ["direct_mllm", "zero_shot", "naive", "near"], "plots": True},
@@ -38,9 +38,11 @@ def test_run_end_to_end_on_s3_and_rerun_reuses_everything(bucket, ray_cluster, t
         path = tmp_path / "run.yaml"
         path.write_text(yaml.safe_dump(run_cfg))
         assert main(["run", "--config", str(path)]) == 0
-        first = annotator.stats()["requests"]
-        # Discovery (train) and direct-MLLM (test) images, S=2 each: 2 domains x 3 species x 6 images.
+        first = annotator.stats()["answers_paid"]
+        # Discovery (train) and direct-MLLM (test) images, S=2 each: 2 domains x 3 species x 6 images; and the
+        # preflight's one probe request (an image the annotator does not know) before anything else.
         assert first == 2 * 3 * 6 * 2
+        assert annotator.stats()["outcomes"]["unknown_image"] == 1
 
         report = st.read_json(f"{workdir}/report/report.json")
         assert set(report["methods"]) == {"direct_mllm", "zero_shot", "naive", "near"}
@@ -59,7 +61,8 @@ def test_run_end_to_end_on_s3_and_rerun_reuses_everything(bucket, ray_cluster, t
         # The same run again: no MLLM call is paid twice and no model is retrained.
         capsys.readouterr()
         assert main(["run", "--config", str(path)]) == 0
-        assert annotator.stats()["requests"] == first
+        assert annotator.stats()["answers_paid"] == first
+        assert annotator.stats()["outcomes"]["unknown_image"] == 2  # only the second run's probe
         out = capsys.readouterr().out
         summary = json.JSONDecoder().raw_decode(out[out.index("{\n"):])[0]
         assert summary["train"]["near"]["skipped"] is True

@@ -62,7 +62,7 @@ def _write_run(bucket, st, cfg):
 
 
 def _cfg(bucket, *extra):
-    return load_config(None, [f"storage.workdir={bucket}/run", "model.arch=near-tiny", "refine.k=3",
+    return load_config(None, [f"storage.workdir={bucket}/run", "model.arch=near-tiny", "model.pretrained=random", "refine.k=3",
                               "refine.embed_batch_size=4", "refine.embed_actor_cpus=0.5",
                               "refine.merge_encoder=none", *extra])  # Sentence-BERT merging: test_vocabulary.py
 

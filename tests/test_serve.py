@@ -32,7 +32,7 @@ CARS = [("Sport Coupe", "cars"), ("Family Van", "cars"), ("Pickup", "cars")]
 
 
 def make_bundle(uri: str, seed: int, vocab: list[tuple[str, str]]) -> str:
-    clip = create_clip(ModelConfig(arch="near-tiny", init_seed=seed))
+    clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random", init_seed=seed))
     entries = [{"name": n, "domain": d, "synonyms": [], "support": 1} for n, d in vocab]
     text = encode_texts(clip, [n for n, _ in vocab], "a photo of a {}.")
     save_bundle(uri, clip, entries, text, prompt_template="a photo of a {}.", logit_scale=20.0)

@@ -70,7 +70,7 @@ def write_refine_artifacts(workdir: str, per_class: int = 6, seed: int = 0, stra
 def _cfg(workdir: str, **train) -> RunConfig:
     base = dict(num_workers=1, cpus_per_worker=0.5, epochs=3, warmup_epochs=1, batch_size=16, lr=1e-3,
                 augment=False, seed=0)
-    return RunConfig.model_validate({"storage": {"workdir": workdir}, "model": {"arch": "near-tiny"},
+    return RunConfig.model_validate({"storage": {"workdir": workdir}, "model": {"arch": "near-tiny", "pretrained": "random"},
                                      "train": {**base, **train}})
 
 
@@ -319,7 +319,7 @@ def test_train_cli_makes_one_bundle_per_method(ray_cluster, tmp_path, capsys):
 
     workdir = str(tmp_path)
     write_refine_artifacts(workdir, per_class=3, stray="grey tit")
-    sets = [f"storage.workdir={workdir}", "model.arch=near-tiny", "train.num_workers=1", "train.cpus_per_worker=0.5",
+    sets = [f"storage.workdir={workdir}", "model.arch=near-tiny", "model.pretrained=random", "train.num_workers=1", "train.cpus_per_worker=0.5",
             "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=16", "train.augment=false"]  # fmt: skip
     argv = ["train", *(x for s in sets for x in ("--set", s)), "--method", "naive", "--method", "zero_shot",
             "--method", "naive_prototypes"]
@@ -543,7 +543,7 @@ def test_text_checkpointing_keeps_the_gradients_and_drops_the_vocabularys_activa
     from near_ray.train.runner import run_name
 
     def step(checkpointing: bool) -> tuple[int, list[torch.Tensor]]:
-        clip = create_clip(ModelConfig(arch="near-tiny", init_seed=0))
+        clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random", init_seed=0))
         freeze_towers(clip.model, "text")
         assert text_checkpointing(clip.model, "text", 64, checkpointing) == checkpointing
         tokens = clip.tokenizer([f"a photo of a species number {i}." for i in range(64)])
@@ -567,7 +567,7 @@ def test_text_checkpointing_keeps_the_gradients_and_drops_the_vocabularys_activa
     for a, b in zip(grads_plain, grads_ckpt, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
-    clip = create_clip(ModelConfig(arch="near-tiny", init_seed=0))
+    clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random", init_seed=0))
     assert not text_checkpointing(clip.model, "text", CHECKPOINT_ABOVE, None)
     assert text_checkpointing(clip.model, "text", CHECKPOINT_ABOVE + 1, None)
     assert not text_checkpointing(clip.model, "image", 10 * CHECKPOINT_ABOVE, None), "the text tower is frozen"

@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 # The sections of other modules, re-exported: every section is importable from near_ray.config.
-from near_ray.config.base import ConfigError, Section
+from near_ray.config.base import ConfigError, Section, format_errors, mask_secrets
 from near_ray.config.label import (
     ImageConfig,
     LabelConfig,
@@ -28,7 +28,7 @@ from near_ray.errors import NearRayError
 from near_ray.train.methods import DEFAULT_EVALUATED, EVALUATED
 from near_ray.uri import join
 
-__all__ = ["ClassifyConfig", "ConfigError", "DataConfig", "DomainConfig", "EvalConfig", "ImageConfig", "LabelConfig",
+__all__ = ["RANDOM_INIT", "ClassifyConfig", "ConfigError", "DataConfig", "DomainConfig", "EvalConfig", "ImageConfig", "LabelConfig",
            "ModelConfig", "OpenAIBackendConfig", "PriceConfig", "RefineConfig", "RunConfig", "Section", "ServeConfig",
            "StorageConfig", "TrackingConfig", "TrainConfig", "VLLMBackendConfig", "apply_overrides", "dump_config",
            "load_config"]
@@ -79,15 +79,36 @@ class DataConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------- model
+RANDOM_INIT = "random"  # model.pretrained: start from random weights, on purpose
+
+
 class ModelConfig(Section):
     """The CLIP model: an open_clip architecture with pretrained tag, or local/s3 weights."""
 
     arch: str = "ViT-B-16"  # an open_clip model name, or a path to a model config JSON
-    pretrained: str | None = None  # open_clip pretrained tag (e.g. "openai"), or a weights URI
+    # open_clip pretrained tag ("openai": fetched from the hub by each process that builds the model, or
+    # from its cache), a tag near_ray ships ("synthetic" for near-tiny), a weights URI (local or s3://
+    # .safetensors), or "random" for random init. A random CLIP's names mean nothing, so null is refused:
+    # random init is only ever asked for by name.
+    pretrained: str = "openai"
     prompt_template: str = "a photo of a {}."
     # amp: bf16 autocast where training runs on CUDA (fp32 on CPU); fp32 everywhere otherwise
     precision: Literal["fp32", "amp"] = "amp"
-    init_seed: int = 0  # initialization of whatever the weights do not cover (all of it without `pretrained`)
+    init_seed: int = 0  # initialization of whatever the weights do not cover (all of it with `pretrained: random`)
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _named_weights(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise ValueError("no pretrained weights named: a randomly initialized CLIP names nothing meaningful; "
+                             f"write '{RANDOM_INIT}' to train from random weights on purpose, or name an open_clip "
+                             "tag ('openai') or a weights file")
+        return v
+
+    @property
+    def weights(self) -> str | None:
+        """What ``pretrained`` names, None for random init (how the model factory reads it)."""
+        return None if self.pretrained == RANDOM_INIT else self.pretrained
 
 
 # --------------------------------------------------------------------------------------------- refine
@@ -243,15 +264,6 @@ class RunConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------- loading
-def _format_errors(err: ValidationError, source: str) -> str:
-    """One line (the CLI prints it as is): the file, then each bad field with what is wrong."""
-    fields = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        fields.append(f"field '{path}': {e['msg']}")
-    return f"{source}: " + "; ".join(fields)
-
-
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """PyYAML's multi-line message as one line: the problem and where."""
     mark = getattr(e, "problem_mark", None)
@@ -337,8 +349,10 @@ def load_config(
     try:
         return (schema or RunConfig).model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(format_errors(e, source, data, schema or RunConfig)) from None
 
 
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def dump_config(cfg: RunConfig, masked: bool = False) -> str:
+    """The config as YAML; ``masked``: secrets masked, and each ``*_env`` variable said to be set or not."""
+    data = cfg.model_dump(mode="json")
+    return yaml.safe_dump(mask_secrets(data) if masked else data, sort_keys=False)

@@ -37,7 +37,7 @@ from near_ray.label.parse import parse_answer
 from near_ray.label.prompts import prompt_for, sample_seed, schema_text
 from near_ray.label.stats import LabelStats
 from near_ray.label.table import LabelWriter, labels_uri, read_labels
-from near_ray.storage import Storage, is_s3, join, storage_for
+from near_ray.storage import Storage, inside, is_s3, join, storage_for
 
 if TYPE_CHECKING:
     import ray.actor
@@ -159,11 +159,18 @@ def domain_uris(d: DomainConfig, cfg: RunConfig, storage: Storage) -> Iterator[s
             yield obj.uri
         return
     seen: set[str] = set()
+    outside = 0
     for uri in manifest_uris(d.manifest, storage):
         full = uri if is_s3(uri) or uri.startswith("/") else join(d.uri, uri)
+        if not is_s3(full) and not is_s3(d.uri) and not inside(full, d.uri):
+            outside += 1  # the listing's rule: a local path (links resolved) outside the domain's folder is not read
+            continue
         if full not in seen:
             seen.add(full)
             yield full
+    if outside:
+        log.warning("data.domains[%s]: skipped %d path%s of manifest %s outside the domain's folder %s (links "
+                    "resolved)", d.name, outside, "" if outside == 1 else "s", d.manifest, d.uri)
 
 
 def manifest_uris(manifest: str, storage: Storage) -> Iterator[str]:

@@ -4,7 +4,7 @@
 near_ray (``near_ray/model/configs/*.json``, e.g. "near-tiny"), or a URI of such a JSON file.
 ``ModelConfig.pretrained`` is an open_clip pretrained tag ("openai", "laion2b_s34b_b88k"), a tag of
 weights near_ray ships for one of its configs ("synthetic" for near-tiny: ``near_ray/model/pretrained``),
-a URI of safetensors weights, or None for random init. Configs are data; nothing here downloads
+a URI of safetensors weights, or "random" for random init. Configs are data; nothing here downloads
 unless an open_clip pretrained tag asks for it.
 """
 
@@ -131,7 +131,7 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
     """Build the model a run config names: an open_clip name + pretrained tag, or a config + safetensors weights."""
     import open_clip
 
-    pretrained = shipped_weights(model_cfg.arch, model_cfg.pretrained) or model_cfg.pretrained
+    pretrained = shipped_weights(model_cfg.arch, model_cfg.weights) or model_cfg.weights  # None: random init
     if pretrained and not _is_weights_uri(pretrained) and model_cfg.arch in builtin_configs():
         folder = resources.files("near_ray.model") / "pretrained"
         shipped = sorted(p.name for p in (folder.iterdir() if folder.is_dir() else [])

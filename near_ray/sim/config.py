@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from near_ray.config import RunConfig, Section
+from near_ray.config import ModelConfig, RunConfig, Section
 
 
 class SynthConfig(Section):
@@ -32,3 +32,6 @@ class SynthConfig(Section):
 
 class DemoConfig(RunConfig):
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    # The stand-in world's CLIP: the near-tiny model near_ray ships, pretrained on the synthetic caption
+    # corpus (a production config names an open_clip tag; random init is only ever asked for by name).
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(arch="near-tiny", pretrained="synthetic"))

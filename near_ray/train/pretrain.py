@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from near_ray.config import RunConfig
+from near_ray.config import RANDOM_INIT, RunConfig
 from near_ray.errors import NearRayError
 from near_ray.runtime import ensure_ray
 from near_ray.storage import Storage, join, parent, storage_for
@@ -196,7 +196,7 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
         return {"skipped": True, "weights": out, **(st.read_json(info_uri) if st.exists(info_uri) else {})}
     ensure_ray()
     train_pairs, held = read_pairs(captions, st)
-    model_cfg = cfg.model.model_copy(update={"pretrained": None, "init_seed": cfg.train.seed})
+    model_cfg = cfg.model.model_copy(update={"pretrained": RANDOM_INIT, "init_seed": cfg.train.seed})
     clip = create_clip(model_cfg, st)
     ds = image_dataset([p["uri"] for p in train_pairs], st, clip.pixels)
     trainer = ray.train.torch.TorchTrainer(

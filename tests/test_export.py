@@ -321,9 +321,11 @@ def test_each_bad_export_is_one_line_before_anything_is_written(run, tmp_path, c
         ((run["config"], "--format", "fiftyone", "--out", run["workdir"]), "not empty"),
         ((str(empty), "--format", "labelstudio", "--source", "labels", "--out", str(tmp_path / "o3")),
          "no labels table"),
+        ((run["config"], "--format", "labelstudio", "--out", str(tmp_path / "o4"), "--local-root", str(tmp_path / "x")),
+         "not below the Label Studio document root"),
     ]  # fmt: skip
     for args, message in cases:
         assert export(*args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))

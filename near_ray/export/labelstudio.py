@@ -88,10 +88,11 @@ def write_labelstudio(rows: list[dict[str, Any]], out: str, st: Storage, local_r
     by_domain: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_domain[r["domain"]].append(r)
+    # every task is built before anything is written: an image outside the document root fails the export whole
+    built = {d: (tasks(drows, root), domain_names(drows, rankings)) for d, drows in sorted(by_domain.items())}
     projects = {}
-    for domain, drows in sorted(by_domain.items()):
-        names = domain_names(drows, rankings)
-        st.write_json(join(out, domain, "tasks.json"), tasks(drows, root))
+    for domain, (domain_tasks, names) in built.items():
+        st.write_json(join(out, domain, "tasks.json"), domain_tasks)
         st.write_text(join(out, domain, "labeling_config.xml"), labeling_config(names))
         projects[domain] = {"tasks": join(out, domain, "tasks.json"), "config": join(out, domain, "labeling_config.xml"),
                             "choices": len(names)}  # fmt: skip

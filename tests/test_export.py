@@ -132,10 +132,14 @@ def test_imagefolder_of_images_on_s3_is_copied_to_s3_or_a_folder(bucket, tmp_pat
     local = list((tmp_path / "local" / "flowers" / "Tulip").iterdir())
     assert len(local) == 3 and not any(p.is_symlink() for p in local)
     assert sorted(p.read_bytes() for p in local) == sorted(png(i) for i in (10, 11, 13))
+    gone = next(r["uri"] for r in rows if r.get("name") == "Tulip")
+    st.delete(gone)  # deleted since it was classified: counted, left out, the rest exported
     assert export(str(cfg), "--format", "imagefolder", "--out", f"{bucket}/exported") == 0
     on_s3 = [o.uri for o in st.list(f"{bucket}/exported/birds")]
     assert len(on_s3) == sum(1 for r in rows if r["domain"] == "birds" and r.get("name"))
-    assert st.read_json(f"{bucket}/exported/export.json")["copied"] == len(rows) - 1
+    assert len(list(st.list(f"{bucket}/exported/flowers/Tulip"))) == 2
+    summary = st.read_json(f"{bucket}/exported/export.json")
+    assert summary["copied"] == len(rows) - 2 and summary["missing"] == 1
 
 
 # ------------------------------------------------------------------------------------------ label studio

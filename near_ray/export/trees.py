@@ -5,6 +5,7 @@ on S3, or a tree on S3, are copied.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter, defaultdict
@@ -13,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from near_ray.export.rows import counts
-from near_ray.storage import Storage, is_s3, join
+from near_ray.storage import Storage, StorageError, is_s3, join
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def write_tree(rows: list[dict[str, Any]], out: str, st: Storage, copy: bool, fi
             if d not in missing:
                 by_domain[r["domain"]].append((r, PurePosixPath(d).name))
         for domain, items in by_domain.items():
-            st.write_json(join(out, domain, "labels.json"), fiftyone_labels(items))
+            st.write_text(join(out, domain, "labels.json"), json.dumps(fiftyone_labels(items)))  # compact: fast
     else:
         written["unnamed_folder"] = join(out, UNNAMED)
     return written
@@ -96,20 +97,26 @@ def _links(src: str, dest: str, copy: bool) -> bool:
 
 
 def _place(sources: list[str], dests: list[str], st: Storage, copy: bool) -> set[str]:
-    """Link or copy each image to its destination; returns the destinations whose local image is gone
-    (counted and left out: a dangling link would fail a loader later, far from here)."""
+    """Link or copy each image to its destination; returns the destinations whose image is gone (counted
+    and left out: a dangling link would fail a loader later, far from here)."""
     def one(src: str, dest: str) -> str | None:
         if not is_s3(src) and not os.path.exists(src):
             return dest
         if _links(src, dest, copy):
             Path(dest).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(os.path.abspath(src), dest)
-        else:
-            st.write_bytes(dest, st.read_bytes(src))
+            return None
+        try:
+            data = st.read_bytes(src)
+        except StorageError as e:
+            if "no such" in str(e):  # deleted since it was classified: like a local image that is gone
+                return dest
+            raise
+        st.write_bytes(dest, data)
         return None
 
     with ThreadPoolExecutor(max_workers=_COPY_THREADS) as pool:
         missing = {d for d in pool.map(one, sources, dests) if d is not None}
     if missing:
-        log.warning("export: %d local image(s) no longer exist and were left out", len(missing))
+        log.warning("export: %d image(s) no longer exist and were left out", len(missing))
     return missing

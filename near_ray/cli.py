@@ -152,6 +152,13 @@ def cmd_review(args: argparse.Namespace) -> dict[str, Any]:
     return {"review": write_review(_config(args), out=args.out)}
 
 
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from near_ray.export import run_export
+
+    return run_export(_config(args), args.format, args.out, source=args.source, domains=args.domain or None,
+                      copy=args.copy, local_root=args.local_root)  # fmt: skip
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.pipeline import run_pipeline
 
@@ -245,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default {workdir}/report)")
     p = add("review", cmd_review, "the review page: names, examples, merges, prunings, suspect images (static HTML)")
     p.add_argument("--out", default=None, help="where to write the page (default {workdir}/review/index.html)")
+    p = add("export", cmd_export, "the predictions (or labels) table as an ImageFolder tree, Label Studio tasks or a "
+            "FiftyOne dataset")  # fmt: skip
+    p.add_argument("--format", required=True, choices=["imagefolder", "labelstudio", "fiftyone"])
+    p.add_argument("--out", required=True, help="an empty folder or S3 prefix")
+    p.add_argument("--source", default="predictions", choices=["predictions", "labels"],
+                   help="the predictions table (default), or the labels table: each image's majority MLLM answer")
+    p.add_argument("--domain", action="append", default=[], help="only this domain (repeatable; default all)")
+    p.add_argument("--copy", action="store_true", help="copy local images instead of linking them")
+    p.add_argument("--local-root", default=None, help="labelstudio: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT for "
+                   "local images (default: the deepest folder holding them all)")  # fmt: skip
     p = add("run", cmd_run, "the whole pipeline: label → refine → train → evaluate (→ classify)")
     p.add_argument("--serve", action="store_true", help="start the Serve app at the end")
     p = add("demo", cmd_demo, "the offline end-to-end demo on the synthetic benchmark")

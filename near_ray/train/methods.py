@@ -53,7 +53,15 @@ METHODS: dict[str, Method] = {
         Method("naive", "naive fine-tuning (majority labels)", targets="majority", loss="ce"),
         Method("naive_prototypes", "naive fine-tuning (majority labels), neighbour-voted prototypes as NeaR's",
                targets="majority", loss="ce", graph_votes=True, overrides=(("prototype_vote", "neighbours"),)),
-        Method("near", "NeaR", targets="candidates", loss="near", gmm=True, neighbour_refinement=True),
+        # the product default, named for what it computes: NeaR's training on kNN candidate sets, and a
+        # classifier of image prototypes (frozen image tower by default) voted by refine's neighbours
+        Method("near", "NeaR labels, neighbour-voted prototypes (the default)", targets="candidates", loss="near",
+               gmm=True, neighbour_refinement=True),
+        # the paper's configuration as far as it is known: the fine-tuned CLIP (both towers) classifying with
+        # its text embeddings of the vocabulary, no prototypes; its candidate sets follow refine.neighbour_votes
+        Method("near_paper", "NeaR as published: fine-tuned CLIP, text classifier (both towers trained)",
+               targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
+               overrides=(("prototype_weight", 0.0), ("train_towers", "both")), by_default=False),
         Method("near_no_knn", "NeaR without kNN candidates", targets="own_labels", loss="near", gmm=True),
         Method("near_no_gmm", "NeaR without GMM clean/noisy split", targets="candidates", loss="pll"),
         Method("near_text_only", "NeaR classifying with text embeddings only (no image prototypes)",

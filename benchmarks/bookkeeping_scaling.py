@@ -77,12 +77,12 @@ def one_pass(cfg: Any, table: Any, partitions: int | None, block: int) -> dict[s
     import ray
 
     from near_ray.classify.table import copy_identical, resume_rule
-    from near_ray.label.stage import listing_chunks
+    from near_ray.label.stage import listing_chunks, listing_size
     from near_ray.parts import ResumeLedger
 
     t0 = time.monotonic()
     rows0 = table.rows_written
-    ledger = ResumeLedger.open(table, resume_rule({DOMAIN: VERSION}), partitions)
+    ledger = ResumeLedger.open(table, resume_rule({DOMAIN: VERSION}), partitions, listing_size(cfg, table.storage))
     t_open = time.monotonic() - t0
     listed = 0
     for chunk in listing_chunks(cfg, table.storage):

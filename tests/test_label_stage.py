@@ -326,7 +326,7 @@ def test_chat_client_retries_then_reports_the_uri(bench, tmp_path):
 def test_listing_streams_in_chunks_honours_manifests_and_max_images(tmp_path):
     import pyarrow as pa
 
-    from near_ray.label.stage import listing_chunks
+    from near_ray.label.stage import listing_chunks, listing_size
 
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
@@ -345,5 +345,8 @@ def test_listing_streams_in_chunks_honours_manifests_and_max_images(tmp_path):
     uris = [(r["domain"], Path(r["uri"]).name) for c in chunks for r in c]
     assert sorted(uris[:5]) == [("a", f"{i}.png") for i in range(5)]  # no hidden names, no other extensions
     assert uris[5:] == [("b", "1.png"), ("b", "3.png")]  # the manifest's images, relative paths under the prefix
+    assert listing_size(cfg, Storage()) == 4, "the manifest's rows, from its footer; a listed prefix is unknown"
     cfg.data.max_images = 4
     assert sum(len(c) for c in listing_chunks(cfg, Storage())) == 4
+    cfg.data.max_images = 3
+    assert listing_size(cfg, Storage()) == 3

@@ -142,3 +142,21 @@ def test_label_stage_and_cli_import_without_torch(module):
             "print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _code_strings(path: Path) -> list[str]:
+    """String constants of a module, docstrings left out (f-strings contribute their literal pieces)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}  # fmt: skip
+    return [n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]  # fmt: skip
+
+
+def test_only_the_part_table_names_part_files():
+    """Part files are named, found, replaced and repaired in one place (near_ray/parts): a stage that wrote
+    ``domain=<name>/part-…`` files itself would escape the newest-part rule and the resume ledger."""
+    naming = [module_name(p) for p in PACKAGE.rglob("*.py") if not module_name(p).startswith("near_ray.parts")
+              and any("part-" in s or "domain=" in s for s in _code_strings(p))]  # fmt: skip
+    assert naming == []

@@ -85,6 +85,13 @@ def test_a_resume_skips_what_the_table_holds_and_copies_identical_bytes(tmp_path
     assert len(ledger.stale_parts) == 1 and ledger.loaded["final_rows"] == 10
 
 
+def test_a_first_run_sizes_the_ledger_for_the_rows_it_may_write(tmp_path):
+    table = PartTable(str(tmp_path / "t"), Storage(), SCHEMA)  # empty: nothing to size it from but the listing
+    assert ResumeLedger.open(table, RULE, local=True).loaded["partitions"] == 1
+    ledger = ResumeLedger.open(table, RULE, expected_rows=25_000_000, local=True)
+    assert ledger.loaded["partitions"] == 3, "one partition per 10M rows the manifests say the run may write"
+
+
 def test_the_ledger_runs_as_ray_actors_loaded_by_tasks(ray_cluster, tmp_path):
     table = PartTable(str(tmp_path / "t"), Storage(), SCHEMA, part_rows=4)
     for i in range(0, 20, 4):

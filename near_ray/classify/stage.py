@@ -35,7 +35,7 @@ from near_ray.classify.tower import Target, tower_dataset
 from near_ray.config import DomainConfig, RunConfig
 from near_ray.console import Progress
 from near_ray.errors import NearRayError
-from near_ray.label.stage import check_domains, listing_chunks
+from near_ray.label.stage import check_domains, listing_chunks, listing_size
 from near_ray.model.bundle import FORMAT_VERSION, BundleError
 from near_ray.parts import ResumeLedger
 from near_ray.storage import Storage, join, storage_for
@@ -191,7 +191,7 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
 
     t = time.monotonic()
     versions = {d: tg.model_version for d, tg in targets.items()}
-    ledger = ResumeLedger.open(writer, resume_rule(versions), cc.ledger_partitions)
+    ledger = ResumeLedger.open(writer, resume_rule(versions), cc.ledger_partitions, listing_size(lcfg, st))
     first_row: float | None = None  # start-up (workers, actors, the model) ends here
     try:
         for chunk in listing_chunks(lcfg, st):

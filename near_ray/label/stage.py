@@ -78,7 +78,8 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
     out_uri = labels_uri(cfg)
     model = model_name(cfg.label)
     writer = labels_table(out_uri, storage, cfg.label.part_rows, cfg.label.flush_interval_s)
-    ledger = ResumeLedger.open(writer, resume_rule(cfg.label.prompt_version, model), cfg.label.ledger_partitions)
+    ledger = ResumeLedger.open(writer, resume_rule(cfg.label.prompt_version, model), cfg.label.ledger_partitions,
+                               expected_rows=listing_size(cfg, storage) * cfg.label.samples)  # fmt: skip
     stats = LabelStats(cfg.label.log_every_batches)
     stopping = False  # a stop was requested (`ray job stop`): the answers in flight land, nothing new is asked
     try:
@@ -170,6 +171,23 @@ def manifest_batches(manifest: str, storage: Storage) -> Iterator[list[str]]:
             yield [u for u in batch.column(0).to_pylist() if u]
     except (pa.ArrowInvalid, KeyError) as e:
         raise ManifestError(f"{manifest}: not a parquet/CSV table with a 'uri' column: {e}") from None
+
+
+def listing_size(cfg: RunConfig, storage: Storage) -> int:
+    """Rows of the domains' parquet manifests, read from their footers (0 for a listed prefix: unknown until
+    listed). Sizes a first run's resume ledger."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for d in cfg.data.domains:
+        if d.manifest and not d.manifest.lower().endswith(".csv"):
+            fs, path = storage.resolve(d.manifest)
+            try:
+                with fs.open_input_file(path) as f:
+                    total += pq.ParquetFile(f).metadata.num_rows
+            except (OSError, pa.ArrowInvalid):
+                continue  # the listing itself says what is wrong with the manifest
+    return min(total, cfg.data.max_images or total)
 
 
 def listing_chunks(cfg: RunConfig, storage: Storage) -> Iterator[list[dict[str, str]]]:

@@ -2,7 +2,7 @@
 
 A Python set of ``(domain, uri, image_id, sample)`` tuples costs some 400 bytes an entry; a key here
 costs 16 (24 with a value), so one process holds tens of millions. 128 bits make a false "already
-done" (a collision) as likely as never: about 10^-22 at 100 million rows.
+done" (a collision) as likely as never: below 10^-20 at 100 million rows.
 """
 
 from __future__ import annotations
@@ -49,10 +49,13 @@ def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
 
 def _sorted_unique(hi: np.ndarray, lo: np.ndarray, val: np.ndarray | None) -> tuple:
     order = np.lexsort((lo, hi))  # stable: of equal keys the earlier (older) one comes first and is kept
-    hi, lo = hi[order], lo[order]
+    hi, lo, val = hi[order], lo[order], None if val is None else val[order]
+    del order  # each copy is let go as soon as it is used: a merge peaks near 2.5x its run, not 5x
     first = np.ones(len(hi), dtype=bool)
     first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
-    return hi[first], lo[first], None if val is None else val[order][first]
+    if first.all():
+        return hi, lo, val
+    return hi[first], lo[first], None if val is None else val[first]
 
 
 class KeySet:
@@ -83,9 +86,11 @@ class KeySet:
             self._merge_last()
 
     def _merge_last(self) -> None:
-        (h1, l1, v1), (h2, l2, v2) = self._runs[-2], self._runs[-1]
-        val = None if v1 is None else np.concatenate([v1, v2])
-        self._runs[-2:] = [_sorted_unique(np.concatenate([h1, h2]), np.concatenate([l1, l2]), val)]
+        older, newer = self._runs.pop(-2), self._runs.pop()
+        hi, lo = np.concatenate([older[0], newer[0]]), np.concatenate([older[1], newer[1]])
+        val = None if older[2] is None else np.concatenate([older[2], newer[2]])
+        del older, newer  # the runs' arrays go before the sort's copies come
+        self._runs.append(_sorted_unique(hi, lo, val))
 
     def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found, value) for each key (value 0 where not found or the set keeps none)."""

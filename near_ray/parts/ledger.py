@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from near_ray.parts import keys as K
+import near_ray.parts.keys as K
 from near_ray.parts.table import PartTable, ResumeRule
 
 ROWS_PER_PARTITION = 10_000_000  # ~0.5 GB of keys (done, answered, claims) per partition actor
@@ -81,23 +81,21 @@ class LedgerPartition:
         done = self._done.get(K.with_sample(np.repeat(row_keys, samples, axis=0), s))[0].reshape(n, samples)
         answered = self._answered.get(K.with_sample(np.repeat(image_keys, samples, axis=0), s))[0].reshape(n, samples)
         open_ = np.flatnonzero(~done.all(axis=1))
-        known, owners = self._claimed.get(image_keys[open_])
-        claims: dict[tuple[int, int], int] = {}  # claimed by this batch
+        keys, me = image_keys[open_], row_keys[open_, 1]  # a URI is its (domain, uri, image_id) key
+        known, owner = self._claimed.get(keys)
+        # claimed by this batch: the first URI of the batch with those bytes (in the batch's order)
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        owner = np.where(known, owner, me[first][inverse.reshape(-1)])
+        new = first[~known[first]]
+        self._claimed.add(keys[new], me[new])
+        mine = (owner == me)[:, None] & ~answered[open_] & ~done[open_]
         out: list[list[int]] = [[] for _ in items]
-        for j, i in enumerate(open_):
-            me, key = int(row_keys[i, 1]), (int(image_keys[i, 0]), int(image_keys[i, 1]))
-            owner = int(owners[j]) if known[j] else claims.setdefault(key, me)
-            uri, domain, iid = items[i]
-            for k in range(samples):
-                if done[i, k]:
-                    continue
-                if owner != me or answered[i, k]:
-                    self._aliases.append({"uri": uri, "domain": domain, "image_id": iid, "sample": k})
-                    self.counts.samples_copied += 1
-                else:
-                    out[i].append(k)
-        if claims:
-            self._claimed.add(np.array(list(claims), dtype=np.uint64), np.array(list(claims.values()), np.uint64))
+        for j, k in zip(*np.nonzero(mine), strict=True):  # row-major: each image's samples in order
+            out[open_[j]].append(int(k))
+        for j, k in zip(*np.nonzero(~done[open_] & ~mine), strict=True):  # identical bytes: copied at the end
+            uri, domain, iid = items[open_[j]]
+            self._aliases.append({"uri": uri, "domain": domain, "image_id": iid, "sample": int(k)})
+            self.counts.samples_copied += 1
         skipped = done.sum(axis=1)
         self.counts.images_seen += n
         self.counts.images_skipped += int((skipped == samples).sum())
@@ -171,14 +169,14 @@ class ResumeLedger:
         return {"actors": self.actors, "remote": self.remote, "stale_parts": [], "loaded": {}}
 
     @classmethod
-    def open(cls, table: PartTable, rule: ResumeRule, partitions: int | None = None,
+    def open(cls, table: PartTable, rule: ResumeRule, partitions: int | None = None, expected_rows: int = 0,
              local: bool = False) -> ResumeLedger:  # fmt: skip
         """Start the partitions and load them from ``table`` (listed once). ``partitions`` None: one per
-        ``ROWS_PER_PARTITION`` rows the table may hold (its parts x ``part_rows``). ``local``: no Ray, one
-        process (tests, tools)."""
+        ``ROWS_PER_PARTITION`` rows the table may hold (its parts x ``part_rows``) or the run may compute
+        (``expected_rows``, when the listing's size is known). ``local``: no Ray, one process (tests, tools)."""
         files = [(d, f) for d, parts in sorted(table.part_files().items()) if rule.covers(d) for _, f in parts]
         reader = PartTable(table.uri, table.storage, table.schema)  # what the load tasks get: no buffered rows
-        n = partitions or max(1, math.ceil(len(files) * table.part_rows / ROWS_PER_PARTITION))
+        n = partitions or max(1, math.ceil(max(len(files) * table.part_rows, expected_rows) / ROWS_PER_PARTITION))
         if local:
             ledger = cls([_InProcess(LedgerPartition()) for _ in range(n)], remote=False)
             keys = load_keys(files, reader, rule, n)
@@ -192,10 +190,10 @@ class ResumeLedger:
             task = ray.remote(load_keys).options(num_returns=n + 1)
             pending = [task.remote(files[i : i + FILES_PER_LOAD_TASK], reader, rule, n)
                        for i in range(0, len(files), FILES_PER_LOAD_TASK)]  # fmt: skip
-            for refs in pending:  # parallel tasks; each partition takes its share of one output at a time
+            for i, refs in enumerate(pending):  # parallel tasks; the partitions take one output at a time
                 ray.get([a.load.remote(ref) for a, ref in zip(ledger.actors, refs[:n], strict=True)])
                 ledger.stale_parts.extend(ray.get(refs[n]))
-                del refs
+                pending[i] = refs = []  # the output leaves the object store once the partitions hold it
         states = ledger._get([a.ready.remote() for a in ledger.actors])
         ledger.loaded = {"partitions": n, "parts": len(files), "final_rows": sum(s["done"] for s in states),
                          "state_bytes": sum(s["bytes"] for s in states)}  # fmt: skip

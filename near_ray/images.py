@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from near_ray.errors import NearRayError
+
+if TYPE_CHECKING:
+    from near_ray.storage import Storage
 
 IMAGE_ID_CHARS = 20  # hex characters of the content hash: 80 bits, no collisions at billions of images
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -114,3 +117,22 @@ def to_rgb(im: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+READ_THREADS = 16  # concurrent object reads inside one task: storage latency, not CPU, bounds reading
+
+
+def fetch(storage: Storage, uris: list[str]) -> list[tuple[bytes | str, str]]:
+    """Each object's bytes (or a message saying why it cannot be read) and its image id, read concurrently.
+    An unreadable object gets an id of its URI, so that it is recorded once and retried on a re-run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(uri: str) -> tuple[bytes | str, str]:
+        try:
+            data = storage.read_bytes(uri)
+        except NearRayError as e:
+            return f"cannot read: {e}", image_id(f"unreadable:{uri}".encode())
+        return data, image_id(data)
+
+    with ThreadPoolExecutor(min(READ_THREADS, len(uris) or 1)) as pool:
+        return list(pool.map(one, uris))

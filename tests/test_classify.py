@@ -28,7 +28,7 @@ from near_ray.classify.calibration import (
 )
 from near_ray.classify.cascade import mllm_answers
 from near_ray.classify.stage import run_classify
-from near_ray.classify.table import part_files, read_predictions
+from near_ray.classify.table import predictions_table, read_predictions
 from near_ray.config import LabelConfig, ModelConfig, RunConfig, load_config
 from near_ray.images import decode_image, image_id
 from near_ray.model.bundle import load_bundle, save_bundle
@@ -155,14 +155,14 @@ def test_every_image_once_equal_to_bundle_classify_and_a_rerun_computes_nothing(
     on_disk = st.read_json(cfg.artifact("predictions/_summary.json"))
     assert on_disk["domains"]["birds"]["by_status"] == {"bad_image": 3, "ok": SPECIES * PER_SPECIES + 1}
     assert on_disk["domains"]["flowers"]["by_source"] == {"clip": SPECIES * PER_SPECIES}
-    assert all("/domain=birds/" in f or "/domain=flowers/" in f for ps in part_files(cfg.artifact("predictions"), st).values()
+    assert all("/domain=birds/" in f or "/domain=flowers/" in f for ps in predictions_table(cfg.artifact("predictions"), st).part_files().values()
                for _, f in ps)  # fmt: skip
 
-    files = {f for ps in part_files(cfg.artifact("predictions"), st).values() for _, f in ps}
+    files = {f for ps in predictions_table(cfg.artifact("predictions"), st).part_files().values() for _, f in ps}
     again = run_classify(cfg)
     assert again["images_computed"] == 0 and again["rows_written"] == 0
     assert again["images_skipped"] == len(expected)
-    assert {f for ps in part_files(cfg.artifact("predictions"), st).values() for _, f in ps} == files
+    assert {f for ps in predictions_table(cfg.artifact("predictions"), st).part_files().values() for _, f in ps} == files
     assert read_predictions(cfg.artifact("predictions"), st).equals(df)
 
     # A new bundle version at the same URI: everything is computed again, the old parts are dropped.
@@ -216,13 +216,13 @@ def test_a_killed_job_resumes_without_recomputing_what_it_wrote(ray_cluster, ben
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline and proc.poll() is None:
-                if sum(len(p) for p in part_files(out, st).values()) >= 3:
+                if sum(len(p) for p in predictions_table(out, st).part_files().values()) >= 3:
                     break
                 time.sleep(0.1)
         finally:
             proc.kill()
             proc.wait(timeout=30)
-    kept_files = {f: st.read_bytes(f) for ps in part_files(out, st).values() for _, f in ps}
+    kept_files = {f: st.read_bytes(f) for ps in predictions_table(out, st).part_files().values() for _, f in ps}
     kept = read_predictions(out, st)
     total = len(images_of(bench, list(DOMAINS)))
     assert 0 < len(kept) < total, (len(kept), (tmp_path / "driver.log").read_text()[-2000:])
@@ -408,7 +408,7 @@ def test_a_relative_domain_folder_gets_its_answers(monkeypatch, tmp_path):
     from near_ray.classify.tower import Target
     from near_ray.config import DomainConfig
     from near_ray.label.backends import model_name
-    from near_ray.label.table import LabelWriter
+    from near_ray.label.table import labels_table
 
     monkeypatch.chdir(tmp_path)
     st = Storage()
@@ -420,7 +420,7 @@ def test_a_relative_domain_folder_gets_its_answers(monkeypatch, tmp_path):
     assert sorted(listed) == [f"data/birds/{i}.png" for i in range(3)]  # relative, as the folder was given
 
     def label(label_cfg):  # the label stage, below the seam: the URIs it would read, each answered
-        w = LabelWriter(label_cfg.artifact("labels"), st, part_rows=100, flush_interval_s=60)
+        w = labels_table(label_cfg.artifact("labels"), st, part_rows=100, flush_interval_s=60)
         for d in label_cfg.data.domains:
             w.add([{"uri": u, "domain": d.name, "image_id": u, "sample": 0, "status": "ok", "label": "Song Sparrow",
                     "prompt_version": label_cfg.label.prompt_version, "model": model_name(label_cfg.label),
@@ -441,15 +441,19 @@ def test_a_relative_domain_folder_gets_its_answers(monkeypatch, tmp_path):
 def test_a_storage_error_on_the_predictions_table_is_raised_not_read_as_empty(tmp_path):
     """A listing error (S3 throttling, an endpoint blip) must not look like "nothing classified yet":
     the run would classify, and the cascade pay for, every image again."""
-    from near_ray.classify.ledger import ClassifyLedger
-    from near_ray.classify.table import PredictionWriter
+    from near_ray.classify.table import resume_rule
+    from near_ray.parts import ResumeLedger
     from near_ray.storage import StorageError
 
+    def ClassifyLedger(uri, storage, versions):  # noqa: N802 - the classify stage's ledger, in-process
+        return ResumeLedger.open(predictions_table(uri, storage), resume_rule(versions), local=True)
+
     uri = str(tmp_path / "predictions")
-    writer = PredictionWriter(uri, Storage(), part_rows=10, flush_interval_s=60)
+    writer = predictions_table(uri, Storage(), part_rows=10, flush_interval_s=60)
     writer.add([{"uri": "s3://b/a.jpg", "domain": "birds", "image_id": "A", "model_version": "v2", "status": "ok"}])
     writer.flush()
-    assert ClassifyLedger(uri, Storage(), {"birds": "v2"}).plan([("s3://b/a.jpg", "birds", "A")]) == ["skip"]
+    ledger = ClassifyLedger(uri, Storage(), {"birds": "v2"})
+    assert ledger.plan([("s3://b/a.jpg", "birds", "A")]) == [[]] and ledger.counts()["images_skipped"] == 1
 
     class Throttled(Storage):
         def list(self, *a, **k):
@@ -465,11 +469,10 @@ def test_the_summary_counts_each_image_once_beside_an_older_versions_parts(tmp_p
     """A capped run (classify.max_images) keeps the older bundle version's parts: the summary counts an
     image once, by its newest row, and the images only the older version named as other_versions."""
     from near_ray.classify.stage import _summary
-    from near_ray.classify.table import PredictionWriter
     from near_ray.classify.tower import Target
 
     uri, st = str(tmp_path / "predictions"), Storage()
-    writer = PredictionWriter(uri, st, part_rows=100, flush_interval_s=60)
+    writer = predictions_table(uri, st, part_rows=100, flush_interval_s=60)
     old = [{"uri": f"s3://b/{i}.jpg", "domain": "birds", "image_id": str(i), "model_version": "v1", "status": "ok",
             "source": "clip"} for i in range(4)]  # fmt: skip
     writer.add(old)
@@ -484,7 +487,6 @@ def test_the_summary_counts_each_image_once_beside_an_older_versions_parts(tmp_p
 
 
 def test_a_failed_part_write_keeps_its_rows_for_the_next_flush(tmp_path):
-    from near_ray.classify.table import PredictionWriter
     from near_ray.storage import StorageError
 
     class Flaky(Storage):
@@ -497,7 +499,7 @@ def test_a_failed_part_write_keeps_its_rows_for_the_next_flush(tmp_path):
             return super().write_parquet(uri, table)
 
     uri = str(tmp_path / "predictions")
-    writer = PredictionWriter(uri, Flaky(), part_rows=10, flush_interval_s=60)
+    writer = predictions_table(uri, Flaky(), part_rows=10, flush_interval_s=60)
     writer.add([{"uri": f"s3://b/{i}.jpg", "domain": "birds", "image_id": str(i), "model_version": "v",
                  "status": "ok"} for i in range(3)])  # fmt: skip
     with pytest.raises(StorageError):

@@ -13,7 +13,7 @@ from near_ray.config import DomainConfig, ModelConfig, RunConfig
 from near_ray.eval.cascade import evaluate_cascade, render_cascade
 from near_ray.eval.metrics import SemanticAccuracy
 from near_ray.label.backends import model_name
-from near_ray.label.table import LabelWriter
+from near_ray.label.table import labels_table
 from near_ray.model.bundle import load_bundle, save_bundle
 from near_ray.model.clip import create_clip
 from near_ray.storage import Storage, join
@@ -47,7 +47,7 @@ def test_curve_routes_the_least_confident_and_prices_what_the_mllm_was_paid(tmp_
     # from the configured MLLM (another model's rows would not vote).
     model, version = model_name(RunConfig().label), RunConfig().label.prompt_version
     labels_uri = join(workdir, "eval/direct_mllm/labels")
-    writer = LabelWriter(labels_uri, st, part_rows=100, flush_interval_s=60)
+    writer = labels_table(labels_uri, st, part_rows=100, flush_interval_s=60)
     for i, (uri, species) in enumerate(zip(uris, truth, strict=True)):
         for s, label in enumerate([species, f"{species.split()[0]} Fringilla"]):
             writer.add([{"image_id": f"id{i}", "uri": uri, "domain": "birds", "sample": s, "label": label,

@@ -26,7 +26,7 @@ from near_ray.config import load_config
 from near_ray.export import edits_from_label_studio, reviewed_names
 from near_ray.images import image_id
 from near_ray.label.backends import model_name
-from near_ray.label.table import LabelWriter
+from near_ray.label.table import labels_table
 from near_ray.storage import Storage, join
 
 NAMES = ["Crimson Warbler", "Sooty Grosbeak", "Azure Jay"]
@@ -299,7 +299,7 @@ def test_the_labels_table_exports_each_images_majority_answer(tmp_path):
                          "raw_answer": label or "I cannot tell", "label": label,
                          "status": "ok" if label else "unparsable", "model": model_name(cfg.label),
                          "prompt_version": cfg.label.prompt_version})  # fmt: skip
-    writer = LabelWriter(cfg.artifact("labels"), st, part_rows=100, flush_interval_s=60)
+    writer = labels_table(cfg.artifact("labels"), st, part_rows=100, flush_interval_s=60)
     writer.add(rows)
     writer.flush()
     (tmp_path / "run.yaml").write_text(f"storage:\n  workdir: {workdir}\n")

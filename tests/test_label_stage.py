@@ -19,10 +19,10 @@ from PIL import Image
 
 from near_ray.config import load_config
 from near_ray.label.backends.openai import ChatClient
-from near_ray.label.ledger import LabelLedger, copy_identical
 from near_ray.label.parse import parse_answer
 from near_ray.label.stage import EmptyDomainError, run_label
-from near_ray.label.table import LabelWriter, read_labels, read_labels_table
+from near_ray.label.table import copy_identical, labels_table, read_labels, read_labels_table, resume_rule
+from near_ray.parts import ResumeLedger
 from near_ray.sim.annotator import AnnotatorServer
 from near_ray.sim.synth import generate
 from near_ray.storage import Storage, join
@@ -240,9 +240,14 @@ def test_a_killed_run_resumes_paying_only_for_the_rest(ray_cluster, bench, tmp_p
 
 
 # ------------------------------------------------------------------------------------------ pieces
+def LabelLedger(uri: str, storage: Storage, prompt_version: str, model: str) -> ResumeLedger:  # noqa: N802
+    """The label stage's ledger, in-process: two partitions, so that routing by image is exercised too."""
+    return ResumeLedger.open(labels_table(uri, storage), resume_rule(prompt_version, model), partitions=2, local=True)
+
+
 def test_ledger_skips_final_rows_and_copies_identical_images(tmp_path):
     uri, storage = str(tmp_path / "labels"), Storage()
-    writer = LabelWriter(uri, storage, part_rows=100, flush_interval_s=60)
+    writer = labels_table(uri, storage, part_rows=100, flush_interval_s=60)
     base = {"domain": "d", "model": "m", "prompt_version": "v1", "input_tokens": 0, "output_tokens": 0, "latency_s": 0.0}
     writer.add([
         {**base, "uri": "a.png", "image_id": "A", "sample": 0, "status": "ok", "label": "X"},
@@ -253,7 +258,7 @@ def test_ledger_skips_final_rows_and_copies_identical_images(tmp_path):
     ledger = LabelLedger(uri, storage, "v1", "m")
     plans = ledger.plan([("a.png", "d", "A"), ("b.png", "d", "A"), ("c.png", "d", "C")], samples=2)
     assert plans == [[1], [], [0, 1]]  # a: only the failed sample; b: same bytes as a; c: new
-    assert [(x["uri"], x["sample"]) for x in ledger.aliases()] == [("b.png", 0), ("b.png", 1)]
+    assert [(x["uri"], x["sample"]) for b in ledger.aliases() for x in b] == [("b.png", 0), ("b.png", 1)]
     assert LabelLedger(uri, storage, "v2", "m").plan([("a.png", "d", "A")], 2) == [[0, 1]], "new prompt version"
 
     # A later ok row for a.png/1 supersedes the error in what downstream stages read.
@@ -270,13 +275,14 @@ def test_ledger_keeps_domains_apart(tmp_path):
     ledger = LabelLedger(uri, storage, "v1", "m")
     assert ledger.plan([("a.png", "birds", "A"), ("a.png", "warblers", "A"), ("b.png", "warblers", "A")], 1) == [
         [0], [0], []]  # fmt: skip
-    assert [(x["domain"], x["uri"]) for x in ledger.aliases()] == [("warblers", "b.png")]
-    writer = LabelWriter(uri, storage, part_rows=100, flush_interval_s=60)
+    aliases = [x for b in ledger.aliases() for x in b]
+    assert [(x["domain"], x["uri"]) for x in aliases] == [("warblers", "b.png")]
+    writer = labels_table(uri, storage, part_rows=100, flush_interval_s=60)
     base = {"model": "m", "prompt_version": "v1", "input_tokens": 1, "output_tokens": 1, "latency_s": 0.1,
             "uri": "a.png", "image_id": "A", "sample": 0, "status": "ok"}  # fmt: skip
     writer.add([{**base, "domain": "birds", "label": "Warbler"}, {**base, "domain": "warblers", "label": "Tennessee"}])
     writer.flush()
-    copied = copy_identical(ledger.aliases(), uri, storage, "v1", "m")
+    copied = copy_identical(aliases, writer, "v1", "m")
     assert [(r["uri"], r["domain"], r["label"]) for r in copied] == [("b.png", "warblers", "Tennessee")]
     again = LabelLedger(uri, storage, "v1", "m")
     assert again.plan([("a.png", "birds", "A"), ("a.png", "warblers", "A")], 1) == [[], []]
@@ -289,7 +295,7 @@ def test_a_stopping_ledger_plans_no_new_requests(tmp_path):
     assert ledger.plan([("a.png", "d", "A")], samples=2) == [[0, 1]]
     ledger.stop_asking()  # `ray job stop`: what was planned is still answered, nothing more is asked
     assert ledger.plan([("b.png", "d", "B"), ("c.png", "d", "C")], samples=2) == [[], []]
-    assert ledger.get_counts()["samples_asked"] == 2
+    assert ledger.counts()["samples_asked"] == 2
 
 
 def test_chat_client_retries_then_reports_the_uri(bench, tmp_path):
@@ -320,7 +326,7 @@ def test_chat_client_retries_then_reports_the_uri(bench, tmp_path):
 def test_listing_streams_in_chunks_honours_manifests_and_max_images(tmp_path):
     import pyarrow as pa
 
-    from near_ray.label.stage import listing_chunks
+    from near_ray.label.stage import listing_chunks, listing_size
 
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
@@ -339,5 +345,8 @@ def test_listing_streams_in_chunks_honours_manifests_and_max_images(tmp_path):
     uris = [(r["domain"], Path(r["uri"]).name) for c in chunks for r in c]
     assert sorted(uris[:5]) == [("a", f"{i}.png") for i in range(5)]  # no hidden names, no other extensions
     assert uris[5:] == [("b", "1.png"), ("b", "3.png")]  # the manifest's images, relative paths under the prefix
+    assert listing_size(cfg, Storage()) == 4, "the manifest's rows, from its footer; a listed prefix is unknown"
     cfg.data.max_images = 4
     assert sum(len(c) for c in listing_chunks(cfg, Storage())) == 4
+    cfg.data.max_images = 3
+    assert listing_size(cfg, Storage()) == 3

@@ -197,3 +197,21 @@ def test_batch_stages_take_nothing_from_the_server():
     offenders = {m: sorted(d for d in deps if d.startswith("near_ray.serve"))
                  for m, deps in edges.items() if m.startswith(stages)}
     assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def _code_strings(path: Path) -> list[str]:
+    """String constants of a module, docstrings left out (f-strings contribute their literal pieces)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}  # fmt: skip
+    return [n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]  # fmt: skip
+
+
+def test_only_the_part_table_names_part_files():
+    """Part files are named, found, replaced and repaired in one place (near_ray/parts): a stage that wrote
+    ``domain=<name>/part-…`` files itself would escape the newest-part rule and the resume ledger."""
+    naming = [module_name(p) for p in PACKAGE.rglob("*.py") if not module_name(p).startswith("near_ray.parts")
+              and any("part-" in s or "domain=" in s for s in _code_strings(p))]  # fmt: skip
+    assert naming == []

@@ -27,7 +27,7 @@ from near_ray.cli import main
 from near_ray.config import RunConfig
 from near_ray.eval.review import ReviewError, review_uri, write_review
 from near_ray.label.backends import model_name
-from near_ray.label.table import LabelWriter, labels_uri, read_labels
+from near_ray.label.table import labels_table, labels_uri, read_labels
 from near_ray.refine.candidates import candidate_sets
 from near_ray.refine.stage import own_labels
 from near_ray.refine.vocabulary import build_vocabulary
@@ -86,7 +86,7 @@ class Run:
 
     def _labels(self) -> None:
         lc = self.cfg.label
-        writer = LabelWriter(labels_uri(self.cfg), self.st, part_rows=10_000, flush_interval_s=1e9)
+        writer = labels_table(labels_uri(self.cfg), self.st, part_rows=10_000, flush_interval_s=1e9)
         rows = []
         for r in self.train.itertuples():
             for sample, (raw, label) in enumerate(self.answers(r.path, r.domain, r.species)):

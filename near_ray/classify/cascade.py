@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from near_ray.classify.table import as_table, iter_parts, read_part
+from near_ray.classify.table import as_table, predictions_table
 from near_ray.config import DomainConfig, RunConfig
 from near_ray.names import majority_label
 from near_ray.refine.vocabulary import Vocabulary
@@ -38,8 +38,8 @@ from near_ray.uri import is_s3
 if TYPE_CHECKING:
     import pandas as pd
 
-    from near_ray.classify.table import PredictionWriter
     from near_ray.classify.tower import Target
+    from near_ray.parts import PartTable
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def candidates(cfg: RunConfig, targets: dict[str, Target], pred_uri: str, st: St
     per_domain: dict[str, list[Candidate]] = defaultdict(list)
     state = {"routed": 0, "spent_usd": 0.0, "max_image_cost_usd": 0.0}
     answered: set[tuple[str, str]] = set()  # the MLLM named them: never asked again
-    for domain, pid, f, table in iter_parts(pred_uri, st, cols, domains=set(targets)):
+    for domain, pid, f, table in predictions_table(pred_uri, st).iter_parts(cols, set(targets)):
         for r in table.to_pylist():
             if r["model_version"] != targets[domain].model_version or r["status"] == "bad_image":
                 continue
@@ -160,7 +160,7 @@ def _failed_requests(cfg: RunConfig, st: Storage) -> set[str]:
 
 # ------------------------------------------------------------------------------------------ the cascade
 def run_cascade(cfg: RunConfig, targets: dict[str, Target], vocabularies: dict[str, list[dict[str, Any]]],
-                domains: dict[str, DomainConfig], pred_uri: str, writer: PredictionWriter, st: Storage
+                domains: dict[str, DomainConfig], pred_uri: str, writer: PartTable, st: Storage
                 ) -> dict[str, Any]:  # fmt: skip
     """Route what the rule and the caps allow; returns the cascade's part of the run summary."""
     cc = cfg.classify
@@ -269,7 +269,7 @@ def _manifest_entry(uri: str, folder: str) -> str:
     return uri[len(prefix):] if uri.startswith(prefix) else os.path.abspath(uri)
 
 
-def apply_answers(batch: list[Candidate], answers: dict[tuple[str, str], Answer], writer: PredictionWriter,
+def apply_answers(batch: list[Candidate], answers: dict[tuple[str, str], Answer], writer: PartTable,
                   st: Storage, files: dict[tuple[str, str], str]) -> None:  # fmt: skip
     """Rewrite the parts holding the batch's rows with the MLLM's answers (same part id, newer file);
     ``files`` maps (domain, part id) to the part's current file and is kept up to date."""
@@ -279,7 +279,7 @@ def apply_answers(batch: list[Candidate], answers: dict[tuple[str, str], Answer]
     for (domain, pid), cands in by_part.items():
         part = files.setdefault((domain, pid), cands[0].part)
         uris = {c.uri for c in cands}
-        rows = read_part(part, st).to_pylist()
+        rows = writer.read_part(part).to_pylist()
         for r in rows:
             if r["uri"] in uris and (domain, r["uri"]) in answers:
                 r.update(_routed(r, answers[(domain, r["uri"])]))

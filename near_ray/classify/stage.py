@@ -24,15 +24,21 @@ import pyarrow as pa
 
 from near_ray.classify.calibration import calibration_report, fit_temperature
 from near_ray.classify.cascade import routing_enabled, run_cascade
-from near_ray.classify.ledger import ClassifyLedger, copy_identical
-from near_ray.classify.table import PredictionWriter, iter_parts, predictions_uri, read_part, read_predictions, repair
+from near_ray.classify.table import (
+    copy_identical,
+    predictions_table,
+    predictions_uri,
+    read_predictions,
+    resume_rule,
+)
 from near_ray.classify.tower import Target, tower_dataset
 from near_ray.config import DomainConfig, RunConfig
 from near_ray.console import Progress
 from near_ray.errors import NearRayError
-from near_ray.label.stage import check_domains, listing_chunks
+from near_ray.label.stage import check_domains, listing_chunks, listing_size
 from near_ray.model.bundle import FORMAT_VERSION, BundleError
 from near_ray.model.preprocess import bundle_pixel_spec
+from near_ray.parts import ResumeLedger
 from near_ray.storage import Storage, join, storage_for
 
 log = logging.getLogger(__name__)
@@ -166,8 +172,6 @@ def _fit(cfg: RunConfig, uri: str, target: Target, vocabulary: list[dict[str, An
 # ------------------------------------------------------------------------------------------ the stage
 def run_classify(cfg: RunConfig) -> dict[str, Any]:
     """Name every image of every classify domain; resumable (see the module docstring). Returns the summary."""
-    import ray
-
     from near_ray.runtime import ensure_ray
 
     t0 = time.monotonic()
@@ -178,7 +182,8 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
     targets, vocabularies = resolve_targets(cfg, lcfg.data.domains, st)
     ensure_ray()
     out = predictions_uri(cfg)
-    repaired = repair(out, st)
+    writer = predictions_table(out, st, cc.part_rows, cc.flush_interval_s)
+    repaired = writer.repair()
     timings: dict[str, float] = {}
 
     t = time.monotonic()
@@ -188,8 +193,7 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
 
     t = time.monotonic()
     versions = {d: tg.model_version for d, tg in targets.items()}
-    ledger = ray.remote(ClassifyLedger).options(num_cpus=0).remote(out, st, versions)
-    writer = PredictionWriter(out, st, cc.part_rows, cc.flush_interval_s)
+    ledger = ResumeLedger.open(writer, resume_rule(versions), cc.ledger_partitions, listing_size(lcfg, st))
     first_row: float | None = None  # start-up (workers, actors, the model) ends here
     try:
         for chunk in listing_chunks(lcfg, st):
@@ -203,14 +207,19 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
             bar.update(done=len(chunk))  # images already in the table were skipped without a row
             bar.close()
         writer.flush()
-        copies, uncopied = copy_identical(ray.get(ledger.aliases.remote()), out, st, versions)
-        writer.add(copies)
+        uncopied = 0
+        for aliases in ledger.aliases():
+            copies, missing = copy_identical(aliases, writer, versions)
+            writer.add(copies)
+            uncopied += len(missing)
         writer.flush()
-        counts = ray.get(ledger.get_counts.remote())
-        stale_parts = ray.get(ledger.stale_parts.remote())
+        c = ledger.counts()
+        counts = {"images_seen": c["images_seen"], "images_skipped": c["images_skipped"],
+                  "images_copied": c["samples_copied"], "images_computed": c["samples_asked"]}  # fmt: skip
+        stale_parts = ledger.stale_parts
     finally:
         writer.flush()  # on any failure too: answers already computed are kept
-        ray.kill(ledger)
+        ledger.close()
     timings["classify_s"] = round(time.monotonic() - t, 3)
     timings["first_row_s"] = round(first_row - t, 3) if first_row else None
     if cc.max_images is None:  # every listed image has a row of the current version: older parts go
@@ -228,7 +237,7 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
     timings["total_s"] = round(time.monotonic() - t0, 3)
 
     summary = _summary(out, st, targets, {**counts, **written}, calibration, cascade, timings)
-    summary.update(repaired_parts=repaired, stale_parts_removed=stale, uncopied_aliases=len(uncopied))
+    summary.update(repaired_parts=repaired, stale_parts_removed=stale, uncopied_aliases=uncopied)
     st.write_json(join(out, "_summary.json"), summary)
     for d, s in summary["domains"].items():
         log.info("classify %s: %d images, by status %s, by source %s", d, s["images"], s["by_status"], s["by_source"])
@@ -252,17 +261,19 @@ def _summary(out: str, st: Storage, targets: dict[str, Target], counts: dict[str
             into.update({str(v["values"]): int(v["counts"]) for v in part[column].value_counts().to_pylist()
                          if v["values"] is not None})
 
-    for d, _, f, part in iter_parts(out, st, ["status", "source", "model_version"], domains=set(targets)):
+    table = predictions_table(out, st)
+    listed = table.part_files()  # listed once
+    for d, _, f, part in table.iter_parts(["status", "source", "model_version"], set(targets), listed):
         if part.num_rows and part["model_version"][0].as_py() != targets[d].model_version:
             older[d].append(f)
         else:
             count(d, part)
     for d, files in older.items():  # rare: the URIs of this domain's current rows, to count each image once
-        seen = {u for _, _, _, t in iter_parts(out, st, ["uri", "model_version"], domains={d})
+        seen = {u for _, _, _, t in table.iter_parts(["uri", "model_version"], {d}, listed)
                 if t.num_rows and t["model_version"][0].as_py() == targets[d].model_version
                 for u in t["uri"].to_pylist()}  # fmt: skip
         for f in reversed(files):
-            part = read_part(f, st, ["uri", "status", "source"])
+            part = table.read_part(f, ["uri", "status", "source"])
             keep = [u not in seen for u in part["uri"].to_pylist()]
             seen.update(part["uri"].to_pylist())
             part = part.filter(pa.array(keep, pa.bool_()))
@@ -280,7 +291,7 @@ def _summary(out: str, st: Storage, targets: dict[str, Target], counts: dict[str
         }
     computed = counts.get("images_computed", 0)
     return {
-        "predictions": out,
+        "predictions": table.uri,
         "domains": domains,
         **counts,
         "images_per_s": round(computed / timings["classify_s"], 3) if timings["classify_s"] > 0 else 0.0,

@@ -1,34 +1,24 @@
-"""The predictions table on storage: schema, the incremental part writer, readers and part rewrites.
+"""The predictions table: its row contract, the rule that says which rows a re-run skips, and its readers.
 
-Layout: ``{workdir}/predictions/domain=<name>/part-<time>-<id>.parquet``, one row per image. Parts
-are written whole and atomically (a killed job keeps every part it finished), each holds the rows of
-one domain and one bundle version. The cascade changes rows after they are written: it writes the
-part again under the same ``<id>`` with a newer ``<time>`` and then deletes the old file, so a part
-id names one set of images for good. A job killed between the two steps leaves two files with one
-id: readers take the newer and ``repair`` deletes the older, so no image is ever counted twice.
+Layout: a part table (``near_ray.parts``), ``{workdir}/predictions/domain=<name>/part-<time>-<id>.parquet``,
+one row per image. Each part holds the rows of one domain and one bundle version. The cascade changes
+rows after they are written by rewriting their part under the same id (``PartTable.write``), so a part
+id names one set of images for good.
 """
 
 from __future__ import annotations
 
-import io
-import logging
-import re
-import time
-import uuid
-from collections import Counter, defaultdict
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from near_ray.storage import Storage, join
+from near_ray.parts import PartTable, ResumeRule, best_rows
+from near_ray.storage import Storage
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from near_ray.config import RunConfig
-
-log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema(
     [
@@ -50,20 +40,20 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = SCHEMA.names
-_PART = re.compile(r"part-(\d+)-([0-9a-f]+)\.parquet$")
 
 
 def predictions_uri(cfg: RunConfig) -> str:
     return cfg.artifact("predictions")
 
 
-def part_name(part_id: str | None = None) -> str:
-    """A new part file name; the same ``part_id`` with a newer time replaces a part."""
-    return f"part-{time.time_ns():020d}-{part_id or uuid.uuid4().hex[:8]}.parquet"
+def predictions_table(uri: str, storage: Storage, part_rows: int = 5000, flush_interval_s: float = 30.0) -> PartTable:
+    return PartTable(uri, storage, SCHEMA, part_rows, flush_interval_s)
 
 
-def empty_table() -> pa.Table:
-    return SCHEMA.empty_table()
+def resume_rule(versions: dict[str, str]) -> ResumeRule:
+    """A (domain, uri, image_id) with a row of the domain's current bundle version is never computed again;
+    a new bundle version has no rows yet, so everything is computed again."""
+    return ResumeRule(version_column="model_version", versions=versions)
 
 
 def as_table(rows: list[dict[str, Any]] | pa.Table) -> pa.Table:
@@ -72,117 +62,24 @@ def as_table(rows: list[dict[str, Any]] | pa.Table) -> pa.Table:
     return pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)
 
 
-class PredictionWriter:
-    """Buffers prediction rows per domain and writes them as atomic parquet parts."""
-
-    def __init__(self, uri: str, storage: Storage, part_rows: int, flush_interval_s: float) -> None:
-        self.uri, self.storage = uri, storage
-        self.part_rows, self.flush_interval_s = part_rows, flush_interval_s
-        self._buffers: dict[str, list[pa.Table]] = defaultdict(list)
-        self._sizes: Counter[str] = Counter()
-        self._last_flush = time.monotonic()
-        self.parts_written = 0
-        self.rows_written = 0
-
-    def add(self, rows: list[dict[str, Any]] | pa.Table) -> None:
-        import pyarrow.compute as pc
-
-        table = as_table(rows)
-        if table.num_rows == 0:
-            return
-        for domain in pc.unique(table["domain"]).to_pylist():
-            part = table.filter(pc.equal(table["domain"], domain))
-            self._buffers[domain].append(part)
-            self._sizes[domain] += part.num_rows
-        if any(n >= self.part_rows for n in self._sizes.values()):
-            self.flush(only_full=True)
-        if time.monotonic() - self._last_flush >= self.flush_interval_s:
-            self.flush()
-
-    def flush(self, only_full: bool = False) -> None:
-        for domain in list(self._buffers):
-            if self._sizes[domain] and (not only_full or self._sizes[domain] >= self.part_rows):
-                # the rows leave the buffer only once their part is on storage: a failed write keeps
-                # them for the next flush (the stage's final one)
-                self.write(domain, pa.concat_tables(self._buffers[domain]))
-                del self._buffers[domain]
-                self._sizes[domain] = 0
-        if not only_full:
-            self._last_flush = time.monotonic()
-
-    def write(self, domain: str, table: pa.Table, part_id: str | None = None) -> str:
-        uri = join(self.uri, f"domain={domain}", part_name(part_id))
-        self.storage.write_parquet(uri, table)
-        self.parts_written += 1
-        self.rows_written += table.num_rows
-        log.debug("wrote %d prediction rows for domain %s", table.num_rows, domain)
-        return uri
-
-
-# ------------------------------------------------------------------------------------------ reading
-def part_files(uri: str, storage: Storage) -> dict[str, list[tuple[str, str]]]:
-    """Per domain folder: [(part id, file URI)], the newest file of each id, oldest part first.
-
-    Only a table that does not exist is empty: any other storage error is raised, never read as "no
-    rows" (a resumed run would classify, and the cascade pay for, every image again)."""
-    return _newest(_listed(uri, storage))
-
-
-def _listed(uri: str, storage: Storage) -> list[str]:
-    return [o.uri for o in storage.list(uri, suffixes=[".parquet"])] if storage.exists(uri) else []
-
-
-def _newest(files: list[str]) -> dict[str, list[tuple[str, str]]]:
-    newest: dict[tuple[str, str], tuple[str, str]] = {}
-    for f in files:
-        m = _PART.search(f)
-        domain = _domain_of(f)
-        if m is None or domain is None:
+def copy_identical(
+    aliases: list[dict[str, Any]], table: PartTable, versions: dict[str, str]
+) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """Rows for URIs whose bytes equal an image already classified (its row, with this URI), and the
+    aliases whose original has no row yet (a failed run: the next run computes them)."""
+    if not aliases:
+        return as_table([]), []
+    source = best_rows(table, resume_rule(versions), aliases)
+    rows, missing = [], []
+    for a in aliases:
+        src = source.get((a["domain"], a["image_id"], 0))
+        if src is None:
+            missing.append(a)
             continue
-        key = (domain, m.group(2))
-        if key not in newest or m.group(1) > newest[key][0]:
-            newest[key] = (m.group(1), f)
-    out: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for (domain, pid), (_stamp, f) in sorted(newest.items(), key=lambda kv: kv[1][0]):
-        out[domain].append((pid, f))
-    return dict(out)
-
-
-def _domain_of(uri: str) -> str | None:
-    for piece in uri.split("/"):
-        if piece.startswith("domain="):
-            return piece[len("domain=") :]
-    return None
-
-
-def repair(uri: str, storage: Storage) -> int:
-    """Delete the older file of every part written twice (a rewrite killed before its delete)."""
-    files = _listed(uri, storage)  # one listing for both: what is there, and the newest of each part
-    keep = {f for parts in _newest(files).values() for _, f in parts}
-    stale = [f for f in files if _PART.search(f) and f not in keep]
-    for f in stale:
-        storage.delete(f)
-    if stale:
-        log.info("classify: removed %d superseded part file(s) under %s", len(stale), uri)
-    return len(stale)
-
-
-def read_part(uri: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
-    return table.cast(pa.schema([SCHEMA.field(c) for c in table.column_names]))
-
-
-def iter_parts(
-    uri: str, storage: Storage, columns: list[str] | None = None, domains: set[str] | None = None
-) -> Iterator[tuple[str, str, str, pa.Table]]:
-    """(domain, part id, file URI, rows) for every current part, oldest first within a domain."""
-    for domain, parts in sorted(part_files(uri, storage).items()):
-        if domains is not None and domain not in domains:
-            continue
-        for pid, f in parts:
-            yield domain, pid, f, read_part(f, storage, columns)
+        error = src.get("error")
+        rows.append({**src, "uri": a["uri"], "error": error.replace(src["uri"], a["uri"]) if error else error,
+                     "mllm_cost_usd": 0.0})  # fmt: skip
+    return as_table(rows), missing
 
 
 def read_predictions(uri: str, storage: Storage | None = None, columns: list[str] | None = None) -> pd.DataFrame:
@@ -192,7 +89,7 @@ def read_predictions(uri: str, storage: Storage | None = None, columns: list[str
     storage = storage or Storage()
     cols = list(columns or COLUMNS)
     cols += [c for c in ("domain", "uri") if c not in cols]
-    frames = [t.to_pandas() for _, _, _, t in iter_parts(uri, storage, cols)]
+    frames = [t.to_pandas() for _, _, _, t in predictions_table(uri, storage).iter_parts(cols)]
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
     df = pd.concat(frames, ignore_index=True)

@@ -13,7 +13,6 @@ decoded becomes a ``bad_image`` row naming the file.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,21 +20,18 @@ import numpy as np
 import pyarrow as pa
 
 from near_ray.classify.calibration import temperature_scale
-from near_ray.classify.ledger import COMPUTE
 from near_ray.classify.table import SCHEMA, as_table
 from near_ray.errors import NearRayError
-from near_ray.images import decode_image, image_id
+from near_ray.images import decode_image, fetch
 from near_ray.model.preprocess import PixelSpec, encode_pixels, preprocessor
 from near_ray.runtime import on_compute_thread
 from near_ray.storage import Storage
 
 if TYPE_CHECKING:
-    import ray.actor
     import ray.data
 
     from near_ray.config import RunConfig
-
-READ_THREADS = 16  # concurrent object reads inside one task: storage latency, not CPU, bounds reading
+    from near_ray.parts import ResumeLedger
 
 PIXELS_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("uri", pa.string()), ("domain", pa.string()), ("pixels", pa.binary()),
@@ -60,26 +56,18 @@ def read_images(
     *,
     storage: Storage,
     targets: dict[str, Target],
-    ledger: ray.actor.ActorHandle | None,
+    ledger: ResumeLedger | None,
     max_pixels: int,
     min_side: int,
 ) -> pa.Table:
     """Read, hash, plan, decode: pixel rows for what is still to do (error rows for bad files)."""
-    import ray
-
     items = batch.select(["uri", "domain"]).to_pylist()
-    with ThreadPoolExecutor(min(READ_THREADS, len(items) or 1)) as pool:
-        blobs = list(pool.map(lambda it: _read(storage, it["uri"]), items))
-    ids = [image_id(b) if isinstance(b, bytes) else image_id(f"unreadable:{it['uri']}".encode())
-           for it, b in zip(items, blobs, strict=True)]  # fmt: skip
-    plans = (
-        ray.get(ledger.plan.remote([(it["uri"], it["domain"], i) for it, i in zip(items, ids, strict=True)]))
-        if ledger is not None
-        else [COMPUTE] * len(items)
-    )
+    fetched = fetch(storage, [it["uri"] for it in items])
+    plans = (ledger.plan([(it["uri"], it["domain"], i) for it, (_, i) in zip(items, fetched, strict=True)])
+             if ledger is not None else [[0]] * len(items))  # fmt: skip
     rows = []
-    for it, blob, iid, plan in zip(items, blobs, ids, plans, strict=True):
-        if plan != COMPUTE:
+    for it, (blob, iid), plan in zip(items, fetched, plans, strict=True):
+        if not plan:  # skipped (a row of this version exists) or copied (identical bytes)
             continue
         row = {"image_id": iid, "uri": it["uri"], "domain": it["domain"], "pixels": b"", "error": None}
         if not isinstance(blob, bytes):
@@ -94,13 +82,6 @@ def read_images(
                 row["error"] = f"{it['uri']}: cannot prepare the image: {type(e).__name__}: {e}"
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=PIXELS_SCHEMA)
-
-
-def _read(storage: Storage, uri: str) -> bytes | str:
-    try:
-        return storage.read_bytes(uri)
-    except NearRayError as e:
-        return f"cannot read: {e}"
 
 
 # ------------------------------------------------------------------------------------------ the actor
@@ -187,7 +168,7 @@ def tower_dataset(
     storage: Storage,
     *,
     temperatures: dict[str, float] | None = None,
-    ledger: ray.actor.ActorHandle | None = None,
+    ledger: ResumeLedger | None = None,
     with_probs: bool = False,
 ) -> ray.data.Dataset:
     """``items`` ({"uri", "domain"}) -> a dataset of prediction rows (SCHEMA, plus ``probs`` when asked)."""

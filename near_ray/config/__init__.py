@@ -202,6 +202,8 @@ class ClassifyConfig(Section):
     read_cpus: float = Field(1.0, gt=0)  # per read/decode task: decoding is CPU work (and each task's worker loads torch)
     part_rows: int = Field(5000, ge=1)  # rows per predictions part file (per domain)
     flush_interval_s: float = Field(30.0, gt=0)  # write a part at least this often: a killed job keeps its work
+    # resume-ledger actors (near_ray.parts.ledger); None = one per 10M rows the predictions table may hold
+    ledger_partitions: int | None = Field(None, ge=1)
     # The cascade: the least confident images go to the MLLM (the label stage). Neither set = no cascade.
     route_below: float | None = Field(None, ge=0, le=1)  # calibrated confidence threshold
     route_fraction: float | None = Field(None, ge=0, le=1)  # or: the least confident fraction of each domain

@@ -121,4 +121,6 @@ class LabelConfig(Section):
     listing_chunk: int = Field(100_000, ge=1)
     part_rows: int = Field(2000, ge=1)  # rows per labels part file (per domain)
     flush_interval_s: float = Field(30.0, gt=0)  # write a part at least this often: a killed job keeps its work
+    # resume-ledger actors (near_ray.parts.ledger); None = one per 10M rows the labels table may hold
+    ledger_partitions: int | None = Field(None, ge=1)
     log_every_batches: int = Field(20, ge=1)

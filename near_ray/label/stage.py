@@ -21,50 +21,32 @@ import io
 import logging
 import math
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from near_ray.config import DomainConfig, LabelConfig, RunConfig
 from near_ray.console import Progress
 from near_ray.errors import NearRayError
-from near_ray.label.backends import get_backend, model_name
-from near_ray.label.images import BadImageError, image_id, prepare_image
-from near_ray.label.ledger import LabelLedger, copy_identical
+from near_ray.images import fetch
+from near_ray.label.backends import REQUEST_SCHEMA, get_backend, model_name
+from near_ray.label.images import BadImageError, prepare_image
 from near_ray.label.parse import parse_answer
 from near_ray.label.prompts import prompt_for, sample_seed, schema_text
 from near_ray.label.stats import LabelStats
-from near_ray.label.table import LabelWriter, labels_uri, read_labels
+from near_ray.label.table import copy_identical, labels_table, labels_uri, read_labels, resume_rule
+from near_ray.parts import ResumeLedger
+from near_ray.parts.keys import KeySet, digests
 from near_ray.storage import Storage, inside, is_s3, join, storage_for
 
 if TYPE_CHECKING:
-    import ray.actor
     import ray.data
 
 __all__ = ["run_label", "read_labels"]
 
 log = logging.getLogger(__name__)
-
-READ_THREADS = 16  # concurrent object reads inside one task: S3 latency, not CPU, bounds reading
-
-REQUEST_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("uri", pa.string()),
-        ("domain", pa.string()),
-        ("sample", pa.int32()),
-        ("seed", pa.int64()),
-        ("temperature", pa.float64()),
-        ("system_prompt", pa.string()),
-        ("user_prompt", pa.string()),
-        ("json_schema", pa.string()),
-        ("image", pa.binary()),
-        ("mime", pa.string()),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class RequestSpec:
@@ -87,8 +69,6 @@ class ManifestError(NearRayError):
 # ------------------------------------------------------------------------------------------ the stage
 def run_label(cfg: RunConfig) -> dict[str, Any]:
     """Label every image of every domain; resumable, see the module docstring. Returns the run summary."""
-    import ray
-
     from near_ray.runtime import ensure_ray, stoppable
 
     storage = storage_for(cfg)
@@ -97,8 +77,9 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
     label_dataset = get_backend(cfg.label.backend)
     out_uri = labels_uri(cfg)
     model = model_name(cfg.label)
-    ledger = ray.remote(LabelLedger).options(num_cpus=0).remote(out_uri, storage, cfg.label.prompt_version, model)
-    writer = LabelWriter(out_uri, storage, cfg.label.part_rows, cfg.label.flush_interval_s)
+    writer = labels_table(out_uri, storage, cfg.label.part_rows, cfg.label.flush_interval_s)
+    ledger = ResumeLedger.open(writer, resume_rule(cfg.label.prompt_version, model), cfg.label.ledger_partitions,
+                               expected_rows=listing_size(cfg, storage) * cfg.label.samples)  # fmt: skip
     stats = LabelStats(cfg.label.log_every_batches)
     stopping = False  # a stop was requested (`ray job stop`): the answers in flight land, nothing new is asked
     try:
@@ -108,7 +89,7 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
                 bar = Progress("label", len(chunk) * cfg.label.samples, "answers")
                 for batch in answers.iter_batches(batch_format="pyarrow", batch_size=None):
                     if stop.requested and not stopping:
-                        ray.get(ledger.stop_asking.remote())
+                        ledger.stop_asking()
                         stopping = True
                         log.info("label: stopping: no new requests; writing the answers to those already built")
                     rows = label_rows(batch, cfg.label.prompt_version, model)
@@ -116,18 +97,19 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
                     writer.add(rows)
                     bar.update(len(rows), f"{stats.calls} MLLM calls, {writer.rows_written} rows written")
                     if stats.due():
-                        writer.add(ray.get(ledger.drain_bad.remote()))
+                        writer.add(ledger.drain_bad())
                 bar.close()
                 if stop.requested:
-                    writer.add(ray.get(ledger.drain_bad.remote()))
+                    writer.add(ledger.drain_bad())
                     raise KeyboardInterrupt("label: stopped; every answer received is on storage")
-        writer.add(ray.get(ledger.drain_bad.remote()))
+        writer.add(ledger.drain_bad())
         writer.flush()
-        writer.add(copy_identical(ray.get(ledger.aliases.remote()), out_uri, storage, cfg.label.prompt_version, model))
-        counts = ray.get(ledger.get_counts.remote())
+        for aliases in ledger.aliases():
+            writer.add(copy_identical(aliases, writer, cfg.label.prompt_version, model))
+        counts = ledger.counts()
     finally:
         writer.flush()  # on any failure too: answers already paid for are kept
-        ray.kill(ledger)
+        ledger.close()
     summary_uri = cfg.artifact("labels/_summary.json")
     if storage.exists(summary_uri):  # a resumed run that asked nothing still knows who answered before
         stats.fingerprints.update(storage.read_json(summary_uri).get("system_fingerprints") or [])
@@ -158,36 +140,64 @@ def domain_uris(d: DomainConfig, cfg: RunConfig, storage: Storage) -> Iterator[s
         for obj in storage.list(d.uri, suffixes=cfg.data.image_extensions):
             yield obj.uri
         return
-    seen: set[str] = set()
+    seen = KeySet()  # 16 bytes a URI, not a Python string: a manifest of 100M rows fits one driver
     outside = 0
-    for uri in manifest_uris(d.manifest, storage):
-        full = uri if is_s3(uri) or uri.startswith("/") else join(d.uri, uri)
-        if not is_s3(full) and not is_s3(d.uri) and not inside(full, d.uri):
-            outside += 1  # the listing's rule: a local path (links resolved) outside the domain's folder is not read
-            continue
-        if full not in seen:
-            seen.add(full)
-            yield full
+    for batch in manifest_batches(d.manifest, storage):
+        full = []
+        for uri in batch:
+            uri = uri if is_s3(uri) or uri.startswith("/") else join(d.uri, uri)
+            if not is_s3(uri) and not is_s3(d.uri) and not inside(uri, d.uri):
+                outside += 1  # the listing's rule: a local path (links resolved) outside the domain's folder is not read
+                continue
+            full.append(uri)
+        keys = digests(full)
+        known, new = seen.get(keys)[0], {}
+        for uri, key, old in zip(full, map(tuple, keys.tolist()), known, strict=True):
+            if not old and key not in new:
+                new[key] = uri
+                yield uri
+        seen.add(np.array(list(new), dtype=np.uint64).reshape(-1, 2))
     if outside:
         log.warning("data.domains[%s]: skipped %d path%s of manifest %s outside the domain's folder %s (links "
                     "resolved)", d.name, outside, "" if outside == 1 else "s", d.manifest, d.uri)
 
 
-def manifest_uris(manifest: str, storage: Storage) -> Iterator[str]:
-    """The ``uri`` column of a parquet or CSV manifest, in order."""
+def manifest_batches(manifest: str, storage: Storage) -> Iterator[list[str]]:
+    """The ``uri`` column of a parquet or CSV manifest, in order, in batches."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     data = storage.read_bytes(manifest)
     try:
         if manifest.lower().endswith(".csv"):
-            table = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(include_columns=["uri"]))
-        else:
-            table = pq.read_table(io.BytesIO(data), columns=["uri"])
+            opts = pacsv.ConvertOptions(include_columns=["uri"])
+            batches = iter(pacsv.read_csv(io.BytesIO(data), convert_options=opts).to_batches(max_chunksize=10_000))
+        else:  # streamed: a manifest of 100M rows is never decoded whole
+            file = pq.ParquetFile(io.BytesIO(data))
+            if "uri" not in file.schema_arrow.names:
+                raise KeyError(f"columns {file.schema_arrow.names}")
+            batches = file.iter_batches(batch_size=10_000, columns=["uri"])
+        for batch in batches:
+            yield [u for u in batch.column(0).to_pylist() if u]
     except (pa.ArrowInvalid, KeyError) as e:
         raise ManifestError(f"{manifest}: not a parquet/CSV table with a 'uri' column: {e}") from None
-    for batch in table.to_batches(max_chunksize=10_000):
-        yield from (u for u in batch.column(0).to_pylist() if u)
+
+
+def listing_size(cfg: RunConfig, storage: Storage) -> int:
+    """Rows of the domains' parquet manifests, read from their footers (0 for a listed prefix: unknown until
+    listed). Sizes a first run's resume ledger."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for d in cfg.data.domains:
+        if d.manifest and not d.manifest.lower().endswith(".csv"):
+            fs, path = storage.resolve(d.manifest)
+            try:
+                with fs.open_input_file(path) as f:
+                    total += pq.ParquetFile(f).metadata.num_rows
+            except (OSError, pa.ArrowInvalid):
+                continue  # the listing itself says what is wrong with the manifest
+    return min(total, cfg.data.max_images or total)
 
 
 def listing_chunks(cfg: RunConfig, storage: Storage) -> Iterator[list[dict[str, str]]]:
@@ -209,7 +219,7 @@ def listing_chunks(cfg: RunConfig, storage: Storage) -> Iterator[list[dict[str, 
 
 # ------------------------------------------------------------------------------------------ requests
 def request_dataset(
-    chunk: list[dict[str, str]], cfg: RunConfig, ledger: ray.actor.ActorHandle, storage: Storage
+    chunk: list[dict[str, str]], cfg: RunConfig, ledger: ResumeLedger, storage: Storage
 ) -> ray.data.Dataset:
     """One chunk of URIs -> request rows (the backend seam's input), built in Ray Data tasks."""
     import ray.data
@@ -240,27 +250,18 @@ def request_dataset(
 def build_requests(
     batch: pa.Table,
     *,
-    ledger: ray.actor.ActorHandle,
+    ledger: ResumeLedger,
     storage: Storage,
     spec: RequestSpec,
 ) -> pa.Table:
     """Read, hash, plan, decode: request rows for what is still to do; bad images go to the ledger."""
-    import ray
-
     items = batch.select(["uri", "domain"]).to_pylist()
-    with ThreadPoolExecutor(min(READ_THREADS, len(items) or 1)) as pool:
-        blobs = list(pool.map(lambda it: _read(storage, it["uri"]), items))
-    ids = [
-        image_id(b) if isinstance(b, bytes) else _unreadable_id(it["uri"]) for it, b in zip(items, blobs, strict=True)
-    ]
-    plans = ray.get(
-        ledger.plan.remote(
-            [(it["uri"], it["domain"], i) for it, i in zip(items, ids, strict=True)], spec.label.samples
-        )
-    )
+    fetched = fetch(storage, [it["uri"] for it in items])
+    plans = ledger.plan([(it["uri"], it["domain"], i) for it, (_, i) in zip(items, fetched, strict=True)],
+                        spec.label.samples)  # fmt: skip
     requests: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
-    for it, blob, iid, ask in zip(items, blobs, ids, plans, strict=True):
+    for it, (blob, iid), ask in zip(items, fetched, plans, strict=True):
         if not ask:
             continue
         if not isinstance(blob, bytes):
@@ -289,20 +290,8 @@ def build_requests(
                 }
             )
     if bad:
-        ray.get(ledger.add_bad.remote(bad))  # recorded before this task's output counts as done
+        ledger.add_bad(bad)  # recorded before this task's output counts as done
     return pa.Table.from_pylist(requests, schema=REQUEST_SCHEMA)
-
-
-def _read(storage: Storage, uri: str) -> bytes | str:
-    """The object's bytes, or a message saying why it cannot be read."""
-    try:
-        return storage.read_bytes(uri)
-    except NearRayError as e:
-        return f"cannot read: {e}"
-
-
-def _unreadable_id(uri: str) -> str:
-    return image_id(f"unreadable:{uri}".encode())
 
 
 def _bad_rows(item: dict[str, str], iid: str, samples: list[int], error: str, spec: RequestSpec) -> list[dict]:

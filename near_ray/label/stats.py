@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from near_ray.config import RunConfig
-    from near_ray.label.table import LabelWriter
+    from near_ray.parts import PartTable
 
 
 class LabelStats:
@@ -41,7 +41,7 @@ class LabelStats:
         """Time to write the bad-image rows the ledger collected (every ``label.log_every_batches``)."""
         return self.batches % self.drain_every == 0
 
-    def summary(self, cfg: RunConfig, counts: dict[str, int], writer: LabelWriter) -> dict[str, Any]:
+    def summary(self, cfg: RunConfig, counts: dict[str, int], writer: PartTable) -> dict[str, Any]:
         wall = time.monotonic() - self.start
         cost = cfg.label.prices.mllm_usd(self.tokens_in, self.tokens_out, self.calls)
         by_status, by_domain = writer.status_counts()

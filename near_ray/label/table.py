@@ -1,30 +1,24 @@
-"""The labels table on storage: schema, incremental part writer and reader.
+"""The labels table: its row contract, the rule that says which rows a re-run skips, and its readers.
 
-Layout: ``{workdir}/labels/domain=<name>/part-<time>-<id>.parquet``, one row per image x sample.
-Parts are written whole and atomically, so a job killed half-way leaves only complete parts; part
-names sort by write time, so when a re-run adds a row for a key that already has one (a retried
-``mllm_error``), the reader keeps the final, newest answer.
+Layout: a part table (``near_ray.parts``), ``{workdir}/labels/domain=<name>/part-<time>-<id>.parquet``,
+one row per image x sample. When a re-run adds a row for a key that already has one (a retried
+``mllm_error``), readers keep the final, newest answer.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-import uuid
-from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from near_ray.errors import NearRayError
-from near_ray.storage import Storage, StorageError, join, storage_for
+from near_ray.parts import PartTable, ResumeRule, best_rows
+from near_ray.storage import Storage, storage_for
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from near_ray.config import RunConfig
-
-log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema(
     [
@@ -57,63 +51,48 @@ def labels_uri(cfg: RunConfig) -> str:
     return cfg.artifact("labels")
 
 
-class LabelWriter:
-    """Buffers label rows per domain and writes them as atomic parquet parts."""
+def labels_table(uri: str, storage: Storage, part_rows: int = 2000, flush_interval_s: float = 30.0) -> PartTable:
+    return PartTable(uri, storage, SCHEMA, part_rows, flush_interval_s)
 
-    def __init__(self, uri: str, storage: Storage, part_rows: int, flush_interval_s: float) -> None:
-        self.uri = uri
-        self.storage = storage
-        self.part_rows = part_rows
-        self.flush_interval_s = flush_interval_s
-        self._buffers: dict[str, list[dict[str, Any]]] = {}
-        self._last_flush = time.monotonic()
-        self.parts_written = 0
-        self.rows_written = 0
-        self._by_domain: dict[str, Counter[str]] = defaultdict(Counter)
 
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            self._buffers.setdefault(row["domain"], []).append(row)
-        if any(len(b) >= self.part_rows for b in self._buffers.values()):
-            self.flush(only_full=True)
-        if time.monotonic() - self._last_flush >= self.flush_interval_s:
-            self.flush()
-
-    def flush(self, only_full: bool = False) -> None:
-        for domain, rows in list(self._buffers.items()):
-            if rows and (not only_full or len(rows) >= self.part_rows):
-                self._write(domain, rows)
-                self._buffers[domain] = []
-        if not only_full:
-            self._last_flush = time.monotonic()
-
-    def _write(self, domain: str, rows: list[dict[str, Any]]) -> None:
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=SCHEMA)
-        self.storage.write_parquet(join(self.uri, f"domain={domain}", name), table)
-        self.parts_written += 1
-        self.rows_written += len(rows)
-        self._by_domain[domain].update(r["status"] for r in rows)
-        log.debug("wrote %d label rows for domain %s", len(rows), domain)
-
-    def status_counts(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-        """Rows written so far: (by status, by domain and status)."""
-        total: Counter[str] = Counter()
-        for c in self._by_domain.values():
-            total.update(c)
-        return dict(total), {d: dict(c) for d, c in self._by_domain.items()}
+def resume_rule(prompt_version: str, model: str) -> ResumeRule:
+    """A (domain, uri, image_id, sample) with a final row of this prompt version and model is never asked again."""
+    return ResumeRule(equal={"prompt_version": prompt_version, "model": model}, final_statuses=FINAL_STATUSES,
+                      sample_column="sample")  # fmt: skip
 
 
 def read_labels_table(uri: str, storage: Storage) -> pa.Table | None:
     """Every row of every part below ``uri`` (None when there is no table yet)."""
-    try:
-        if not storage.exists(uri):
-            return None
-        return storage.read_parquet(uri).select(COLUMNS).cast(SCHEMA)
-    except StorageError as e:
-        if "no parquet files" in str(e):
-            return None
-        raise
+    return labels_table(uri, storage).read()
+
+
+def copy_identical(
+    aliases: list[dict[str, Any]], table: PartTable, prompt_version: str, model: str
+) -> list[dict[str, Any]]:
+    """Rows for URIs whose bytes equal an image already asked about: its answers, copied at no cost."""
+    if not aliases:
+        return []
+    source = best_rows(table, resume_rule(prompt_version, model), aliases)
+    rows = []
+    for a in aliases:
+        src = source.get((a["domain"], a["image_id"], a["sample"]))
+        if src is None:  # the original was never answered: a re-run asks again
+            src = {"status": "mllm_error", "error": f"{a['uri']}: no answer for identical image {a['image_id']}"}
+            src.update(raw_answer=None, label=None, seed=None, uri=a["uri"])
+        error = src.get("error")
+        rows.append(
+            {
+                **src,
+                **a,
+                "error": error.replace(src["uri"], a["uri"]) if isinstance(error, str) else error,
+                "model": model,
+                "prompt_version": prompt_version,
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "latency_s": 0.0,
+            }
+        )
+    return rows
 
 
 def read_labels(

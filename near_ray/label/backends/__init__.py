@@ -22,6 +22,8 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+
 from near_ray.errors import NearRayError
 
 if TYPE_CHECKING:
@@ -29,19 +31,23 @@ if TYPE_CHECKING:
 
     from near_ray.config import LabelConfig
 
-INPUT_COLUMNS = (
-    "image_id",
-    "uri",
-    "domain",
-    "sample",
-    "seed",
-    "temperature",
-    "system_prompt",
-    "user_prompt",
-    "json_schema",
-    "image",
-    "mime",
+# The request row contract (the label stage builds these rows, every backend reads them).
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("domain", pa.string()),
+        ("sample", pa.int32()),
+        ("seed", pa.int64()),
+        ("temperature", pa.float64()),
+        ("system_prompt", pa.string()),
+        ("user_prompt", pa.string()),
+        ("json_schema", pa.string()),
+        ("image", pa.binary()),
+        ("mime", pa.string()),
+    ]
 )
+INPUT_COLUMNS = tuple(REQUEST_SCHEMA.names)
 
 _MODULES = {"openai": "near_ray.label.backends.openai", "vllm": "near_ray.label.backends.vllm"}
 

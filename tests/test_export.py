@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from near_ray.classify.table import PredictionWriter, read_predictions
+from near_ray.classify.table import predictions_table, read_predictions
 from near_ray.cli import main
 from near_ray.config import load_config
 from near_ray.export import edits_from_label_studio, reviewed_names
@@ -40,7 +40,7 @@ def png(seed: int) -> bytes:
 
 def write_predictions(uri: str, rows: list[dict]) -> None:
     """The classify stage's writer: parts per domain under ``uri``, as a real run leaves them."""
-    writer = PredictionWriter(uri, Storage(), part_rows=4, flush_interval_s=60)
+    writer = predictions_table(uri, Storage(), part_rows=4, flush_interval_s=60)
     writer.add(rows)
     writer.flush()
 

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from near_ray.classify.table import PredictionWriter, predictions_uri
+from near_ray.classify.table import predictions_table, predictions_uri
 from near_ray.cli import main
 from near_ray.config import RunConfig
 from near_ray.eval.review import ReviewError, review_uri, write_review
@@ -145,7 +145,7 @@ class Run:
 
     def _predictions(self) -> None:
         """classify over the discovery images: the CLIP follows the candidates; one image went to the MLLM."""
-        writer = PredictionWriter(predictions_uri(self.cfg), self.st, part_rows=10_000, flush_interval_s=1e9)
+        writer = predictions_table(predictions_uri(self.cfg), self.st, part_rows=10_000, flush_interval_s=1e9)
         rows = []
         for uri, domain, names, confs in zip(self.candidates["uri"], self.candidates["domain"],
                                              self.candidates["candidates"], self.candidates["confidences"],

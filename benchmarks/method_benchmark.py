@@ -204,8 +204,23 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+def uncommitted_changes() -> bool | None:
+    """Whether the code differs from its commit (then the commit alone does not reproduce a run)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def write_frozen(path: str, config: dict[str, Any], draws: list[int]) -> dict[str, Any]:
-    frozen = {"config_hash": config_hash(config), "commit": git_commit(), "dev_draws": draws, "config": config}
+    """The frozen configuration: its sha256, the commit it was chosen at (and whether the code had
+    uncommitted changes then), the dev draws it was chosen on, and the configuration itself."""
+    frozen = {"config_hash": config_hash(config), "commit": git_commit(), "uncommitted_changes": uncommitted_changes(),
+              "dev_draws": draws, "config": config}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(frozen, indent=1, sort_keys=True) + "\n")
     return frozen
@@ -663,7 +678,8 @@ def write_results(args: argparse.Namespace, runs: list[dict], setup: dict, metho
     models = args.models.split(",")
     expected = len(args.draw_list) * len(args.seeds.split(",")) * len(args.profiles.split(",")) * len(models)
     result = {"draws": {args.draws: args.draw_list}, "frozen": args.frozen_record,
-              "config_hash": config_hash(args.config), "commit": args.commit, **summarize(runs, methods, preds),
+              "config_hash": config_hash(args.config), "commit": args.commit,
+              "uncommitted_changes": args.uncommitted, **summarize(runs, methods, preds),
               "default_method": DEFAULT_METHOD,
               "held_out_profiles": [p for p in args.profile_names if p not in DEFAULT_PROFILES],
               "seeds": [int(s) for s in args.seeds.split(",")], "models": models, "methods": methods, "setup": setup,
@@ -698,7 +714,10 @@ def markdown(result: dict[str, Any]) -> str:
               "upper_bound_supervised": "ceiling: fine-tuned on the true labels",
               "upper_bound_prototypes": "ceiling: image prototypes of the true labels"}
     lines = []
-    draws = ", ".join(f"{k} draws {','.join(map(str, v))}" for k, v in result.get("draws", {"dev": [0]}).items())
+    draws = ", ".join(f"{k} draws {','.join(map(str, v))}" for k, v in result.get("draws", {"synthesis": [0]}).items())
+    if result.get("frozen"):
+        lines += [f"Configuration frozen on dev draws: sha256 {result['frozen']['config_hash'][:12]}, commit "
+                  f"{result['frozen']['commit'][:12]}.", ""]
     for profile, table in result["profiles"].items():
         runs = [r for r in result["runs"] if r["profile"] == profile]
         units = len({_unit(r) for r in runs})
@@ -784,7 +803,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--draws test needs --frozen FILE: the configuration chosen on dev draws (written by --freeze)")
     args.draw_list = draw_seeds(args.draws, args.draw_seeds)
     args.profile_names = [profile_name(p) for p in args.profiles.split(",")]
-    args.config, args.commit = run_config(args), git_commit()
+    args.config, args.commit, args.uncommitted = run_config(args), git_commit(), uncommitted_changes()
     # A test run is refused here, before any benchmark is generated or model trained.
     frozen = check_frozen(args.frozen, args.config) if args.frozen else None
     args.frozen_record = {"config_hash": frozen["config_hash"], "commit": frozen["commit"]} if frozen else None
@@ -795,6 +814,8 @@ def main() -> None:
     args = parse_args()
     if args.markdown:
         result = json.loads(Path(args.out).read_text())
+        if "draws" not in result and "runs" in result:  # made before units: re-paired by unit (t intervals)
+            result.update(summarize(result["runs"], result["methods"]))
         print(against_text(result["against"]) if "against" in result else markdown(result))
         return
     keep = parse_keep(args.keep)

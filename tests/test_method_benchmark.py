@@ -71,6 +71,8 @@ def test_a_test_run_needs_the_frozen_configuration_and_gets_it(bench, tmp_path):
     written = bench.write_frozen(str(frozen), dev.config, dev.draw_list)
     assert written["config_hash"] == bench.config_hash(dev.config) and len(written["config_hash"]) == 64
     assert written["commit"] == bench.git_commit() != ""
+    if written["commit"] != "unknown":  # in a git checkout: a hex commit, and whether the tree differed from it
+        assert len(written["commit"]) == 40 and isinstance(written["uncommitted_changes"], bool)
     on_disk = json.loads(frozen.read_text())
     assert on_disk["config"]["set"] == ["train.epochs=3"] and on_disk["config"]["train"]["epochs"] == 3
     assert set(on_disk["config"]["default_profiles"]) == {"appearance-strong", "appearance-weak"}

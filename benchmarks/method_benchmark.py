@@ -98,11 +98,15 @@ NOT_FROZEN = {
               "pretrain_epochs", "pretrain_lr", "pretrain_batch_size"},
     "refine": {"index", "exact_max_n", "use_gpu", "knn_gpus", "knn_cpus", "embed_batch_size", "embed_actors",
                "embed_actor_cpus", "embed_gpus"},
-    "label": {"seed", "backend", "openai", "vllm", "prices", "pool_size", "actor_cpus", "batch_size",
+    "label": {"seed", "vllm", "prices", "pool_size", "actor_cpus", "batch_size",
               "batches_per_actor", "prepare_cpus", "listing_chunk", "part_rows", "flush_interval_s",
               "log_every_batches"},
     "model": {"pretrained"},  # the starting CLIPs are frozen as `models`
 }
+# ... and of the OpenAI-compatible client, what only decides where and how fast it asks (the benchmark
+# points it at its own simulated annotator): its model name and answer format stay frozen.
+NOT_FROZEN_CLIENT = {"base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_base_s",
+                     "backoff_max_s"}
 
 
 def base_config(work: str, root: str, taxonomy: dict, model: str, args: argparse.Namespace) -> DemoConfig:
@@ -179,6 +183,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
                       schema=DemoConfig)
     sections = {k: {f: v for f, v in getattr(cfg, k).model_dump(mode="json").items() if f not in NOT_FROZEN[k]}
                 for k in ("train", "refine", "label", "model")}
+    sections["label"]["openai"] = {f: v for f, v in sections["label"]["openai"].items() if f not in NOT_FROZEN_CLIENT}
     return {"methods": sorted(args.methods.split(",")), "set": sorted(args.set), **sections,
             "models": args.models.split(","),
             "benchmark": {"domains": args.domains.split(","), "species": args.species, "discovery": args.discovery,

@@ -47,7 +47,8 @@ def test_a_test_draw_and_a_dev_draw_share_no_image_and_no_taxonomy(bench, tmp_pa
     for domain in ("birds", "flowers"):
         dev_names = sorted(dev.loc[dev["domain"] == domain, "species"].unique())
         test_names = sorted(test.loc[test["domain"] == domain, "species"].unique())
-        assert dev_names != test_names and len(set(dev_names) & set(test_names)) <= 1
+        # names come from a finite pool: at 16 species a single name can recur by chance, on another species
+        assert not set(dev_names) & set(test_names)
         assert dev_tax["domains"][domain] != test_tax["domains"][domain]
     # generating a draw again reuses it, byte for byte
     bench.make_draw(str(tmp_path), bench.DRAWS["dev"][0], args, st)

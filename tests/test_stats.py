@@ -31,8 +31,8 @@ def _benchmark():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "near_vs_naive.py"
-    spec = importlib.util.spec_from_file_location("near_vs_naive", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "method_benchmark.py"
+    spec = importlib.util.spec_from_file_location("method_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -44,7 +44,7 @@ def _run(model, seed, **cacc):
 
 
 def test_a_screened_candidate_is_paired_only_where_the_reference_is_reproduced():
-    """`near_vs_naive.py --against`: a candidate's NeaR against a finished benchmark's runs, paired run by
+    """`method_benchmark.py --against`: a candidate's NeaR against a finished benchmark's runs, paired run by
     run; a run whose untouched figures (the teacher, the ceilings) differ from the reference's is not
     paired, because then the two runs did not see the same labels."""
     bench = _benchmark()
@@ -104,12 +104,14 @@ def test_kept_methods_are_carried_only_into_runs_made_from_the_same_labels_and_m
     with pytest.raises(SystemExit, match="other training settings \\(epochs\\)"):
         bench.kept_setup(bench.parse_keep([f"{ref}:naive"]), {"epochs": 3}, {})
     untouched = {"direct_mllm": scores(0.3), "upper_bound_supervised": scores(0.6)}
-    got = bench.carried(keep, ("a", "weak", 0), untouched, ["naive", "near"])
+    got = bench.carried(keep, (0, "a", "weak", 0), untouched, ["naive", "near"])
     assert got == {"naive": (str(ref), scores(0.44))}  # near is in the file but was not asked for
-    assert bench.carried(keep, ("a", "weak", 0), untouched, ["near"]) == {}  # not wanted in this run
+    assert bench.carried(keep, (0, "a", "weak", 0), untouched, ["near"]) == {}  # not wanted in this run
     # another teacher (labels) or a run the file lacks: trained, not carried
-    assert bench.carried(keep, ("a", "weak", 1), untouched, ["naive"]) == {}
-    assert bench.carried(keep, ("b", "weak", 0), untouched, ["naive"]) == {}
+    assert bench.carried(keep, (0, "a", "weak", 1), untouched, ["naive"]) == {}
+    assert bench.carried(keep, (0, "b", "weak", 0), untouched, ["naive"]) == {}
+    # a file made before draws existed holds synthesis seed 0: a run on another draw never takes its figures
+    assert bench.carried(keep, (100, "a", "weak", 0), untouched, ["naive"]) == {}
     with pytest.raises(SystemExit, match="naiv: .*not a trained method"):
         bench.parse_keep([f"{ref}:naiv"])
     with pytest.raises(SystemExit, match="cannot read the runs of .*missing.json"):

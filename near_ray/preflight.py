@@ -303,7 +303,7 @@ def checks_for(cfg: RunConfig, command: str, write_config: bool = False, caption
         "classify": ["classify domains", "workdir", "bundles", *(["backend", "mllm"] if routes else [])],
         "evaluate": ["workdir", "truth", *(["backend", "mllm"] if DIRECT_MLLM in cfg.eval.methods else [])],
         "serve": [] if write_config else ["serve bundles"],
-        "review": ["workdir", "refine outputs"],
+        "review": ["workdir", "labels", "refine outputs"],
         "export": [],  # the table it exports is checked by the export itself, before any file is written
         "run": ["domains", *(["classify domains"] if classifies else []), "workdir", "backend", "model",
                 "cpu estimate", "mllm"],

@@ -80,7 +80,7 @@ class Edits:
         body = sorted(json.dumps([e.kind, [_key(n) for n in e.names], e.target, e.domain]) for e in self.edits)
         return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
 
-    def error(self, edit: Edit | int, message: str) -> EditsError:  # file:line, as editors and terminals link them
+    def error(self, edit: Edit | int, message: str) -> EditsError:  # file:line: editors and terminals link it
         return EditsError(f"{self.source}:{edit if isinstance(edit, int) else edit.line}: {message}")
 
     def in_scope(self, domain: str) -> list[Edit]:
@@ -202,8 +202,10 @@ def _check_scope(edits: Edits, scope: list[Edit], where: str) -> None:
         while k in moves:
             k = moves[k][0]
             if k in path:
-                cycle = " → ".join(_display(scope, x) for x in [*path[path.index(k):], k])
-                raise edits.error(moves[path[-1]][1], f"the renames and merges go round in a cycle{where}: {cycle}")
+                ring = path[path.index(k):]  # named at its last edit: the one that closed the cycle
+                last = max((moves[x][1] for x in ring), key=lambda e: e.line)
+                cycle = " → ".join(_display(scope, x) for x in [*ring, k])
+                raise edits.error(last, f"the renames and merges go round in a cycle{where}: {cycle}")
             path.append(k)
         return k
 
@@ -308,8 +310,7 @@ class DomainPlan:
                 named.setdefault(dst, (e.target or "", e))
                 send(src, dst, e)
             elif e.kind == "merge":
-                dst = node(_key(e.target or ""))
-                named.setdefault(dst, (e.target or "", e))
+                named.setdefault(dst := node(_key(e.target or "")), (e.target or "", e))
                 for n in e.names:
                     send(node(_key(n)), dst, e)
 
@@ -318,15 +319,15 @@ class DomainPlan:
             while n in out:
                 n = out[n][0]
                 if n in path:
-                    raise err(out[path[-1]][1], "the renames and merges go round in a cycle in domain "
-                                                f"'{self.domain}': " + " → ".join(label(x) for x in [*path[path.index(n):], n]))
+                    ring = path[path.index(n):]
+                    raise err(max((out[x][1] for x in ring), key=lambda e: e.line), "the renames and merges go round "
+                              f"in a cycle in domain '{self.domain}': " + " → ".join(label(x) for x in [*ring, n]))
                 path.append(n)
             return n
 
         clusters: dict[Node, EditedGroup] = {}
         for i in range(len(groups)):
-            s = sink(("g", i))
-            clusters.setdefault(s, EditedGroup([])).members.append(i)
+            clusters.setdefault(sink(("g", i)), EditedGroup([])).members.append(i)
         for src, (_, e) in out.items():
             clusters[sink(src)].edits.append(e)
         for n, (name, e) in named.items():

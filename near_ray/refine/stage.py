@@ -2,8 +2,10 @@
 
 Writes under ``{workdir}/refine/``: vocabulary.json, merges.json, embeddings.parquet,
 neighbors.parquet, candidates.parquet and, last, _summary.json. The summary carries fingerprints of
-the inputs (labels content, model, refine config), so a re-run with unchanged inputs does nothing,
-and a re-run that only changes vocabulary or kNN settings reuses the embeddings already on storage.
+the inputs (labels content, model, refine config, the vocabulary edits), so a re-run with unchanged
+inputs does nothing, a re-run that only changes vocabulary or kNN settings reuses the embeddings
+already on storage, and one that only changes the vocabulary (edits, merging) or candidate-set
+settings reuses the kNN graph too.
 """
 
 from __future__ import annotations

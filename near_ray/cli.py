@@ -35,7 +35,10 @@ def _config(args: argparse.Namespace) -> RunConfig:
         from near_ray.sim.config import DemoConfig
 
         return load_config(args.config, args.set, schema=DemoConfig)
-    return load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)
+    if getattr(args, "edits", None):  # --edits FILE: refine.edits
+        cfg.refine.edits = args.edits
+    return cfg
 
 
 def _source(args: argparse.Namespace) -> str:
@@ -159,10 +162,12 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
                       copy=args.copy, local_root=args.local_root)  # fmt: skip
 
 
-def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    from near_ray.pipeline import run_pipeline
+def cmd_run(args: argparse.Namespace) -> None:
+    """The closing summary is for a person; the JSON one is at {workdir}/run_summary.json."""
+    from near_ray.pipeline import closing_summary, run_pipeline
 
-    return run_pipeline(_config(args), serve=args.serve)
+    cfg = _config(args)
+    print("\n" + closing_summary(cfg, run_pipeline(cfg, serve=args.serve)))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -237,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faults", default=None, help="fault injection as JSON or a file, e.g. '{\"rate_429\": 0.1}'")
 
     add("label", cmd_label, "label images with an MLLM (Ray Data + vLLM / OpenAI-compatible endpoint)")
-    add("refine", cmd_refine, "vocabulary, CLIP embeddings, kNN and candidate sets")
+    p = add("refine", cmd_refine, "vocabulary, CLIP embeddings, kNN and candidate sets")
+    p.add_argument("--edits", default=None, help="vocabulary edits (YAML) to apply: refine.edits, see docs/refine.md")
     p = add("pretrain", cmd_pretrain, "contrastive CLIP pretraining on an image-caption table")
     p.add_argument("--captions", required=True, help="URI of captions.parquet (from `near-ray synth`)")
     p.add_argument("--out", default=None, help="where to write the weights (default {workdir}/pretrained)")
@@ -245,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", default=[], choices=list(METHODS),
                    help="train these methods one after the other (repeatable; default train.method)")  # fmt: skip
     p.add_argument("--pretrain-captions", default=None, help="captions.parquet: contrastive pretraining of the initial CLIP first")
+    p.add_argument("--edits", default=None, help="vocabulary edits refine applied (refine.edits): checked, their names kept")
     p = add("classify", cmd_classify, "name a whole collection with a bundle (Ray Data), the CLIP -> MLLM cascade")
     p.add_argument("--bundle", default=None, help="one bundle URI for every domain, in place of classify.bundle and classify.bundles "
                    "(default: those, else {workdir}/bundles/<train.method>)")
@@ -262,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy", action="store_true", help="copy local images instead of linking them")
     p.add_argument("--local-root", default=None, help="labelstudio: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT for "
                    "local images (default: the deepest folder holding them all)")  # fmt: skip
-    p = add("run", cmd_run, "the whole pipeline: label → refine → train → evaluate (→ classify)")
+    p = add("run", cmd_run, "the whole pipeline: label → refine → train → evaluate (with truth) → classify → review")
     p.add_argument("--serve", action="store_true", help="start the Serve app at the end")
+    p.add_argument("--edits", default=None, help="vocabulary edits (YAML) to apply: refine.edits, see docs/refine.md")
     p = add("demo", cmd_demo, "the offline end-to-end demo on the synthetic benchmark")
     p.add_argument("--out", default="demo_out", help="output folder")
     p = add("serve", cmd_serve, "serve a model bundle with Ray Serve")

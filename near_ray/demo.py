@@ -2,9 +2,10 @@
 
 synthetic benchmark (≥ 2 domains) → small CLIP pretrained on its captions → labels from the simulated
 MLLM annotator over real HTTP (S > 1 samples) → vocabulary → embeddings → kNN → candidate sets →
-NeaR training with Ray Train (2 workers) and the baselines → evaluation → model bundle → Ray Serve on
-127.0.0.1, a few test images classified over HTTP → results table. A second run reuses everything
-already on storage. Every MLLM answer in it is simulated, and the report says so.
+NeaR training with Ray Train (2 workers) and the baselines → evaluation → model bundle → the held-back
+test split named by `classify` (the predictions table, a user's deliverable) → Ray Serve on 127.0.0.1,
+a few test images classified over HTTP → results table. A second run reuses everything already on
+storage. Every MLLM answer in it is simulated, and the report says so.
 """
 
 from __future__ import annotations
@@ -99,6 +100,20 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_predictions(predictions: Any, root: str, n: int = 8) -> str:
+    """The first ``n`` rows of the predictions table as an aligned text table (image, name, score, source)."""
+    rows = [("image", "name", "score", "source")]
+    for r in predictions.head(n).itertuples():
+        image = r.uri[len(root) :].lstrip("/") if r.uri.startswith(root) else r.uri
+        score = f"{r.score:.3f}" if isinstance(r.score, float) and r.score == r.score else "–"
+        rows.append((image, r.name if isinstance(r.name, str) else f"({r.status})", score, str(r.source)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    # the score column is right-aligned so its decimals line up
+    cells = [[c.rjust(w) if i == 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+             for row in rows]
+    return "\n".join("  ".join(row).rstrip() for row in cells)
+
+
 def run_demo(out: str = "demo_out", overrides: list[str] | None = None, config: str | None = None) -> dict[str, Any]:
     from near_ray.pipeline import run_pipeline
     from near_ray.runtime import ensure_ray
@@ -126,6 +141,8 @@ def run_demo(out: str = "demo_out", overrides: list[str] | None = None, config: 
         )
         for d in cfg.synth.domains
     ]
+    # the held-back test split is the collection the demo names: images no stage trained on
+    cfg.classify.domains = [DomainConfig(name=d, uri=join(root, "images", d, "test")) for d in cfg.synth.domains]
     if not cfg.model.pretrained:
         t = time.monotonic()
         cfg.model.pretrained = pretrain_on_synthetic_corpus(cfg, corpus=join(out, "pretrain_corpus"))
@@ -153,5 +170,14 @@ def run_demo(out: str = "demo_out", overrides: list[str] | None = None, config: 
     print("\nnear_ray demo — synthetic benchmark, simulated MLLM annotator (all MLLM answers are simulated)")
     print(format_table(report))
     print(f"\nserved over HTTP: {json.dumps(summary['served'], indent=None)}")
+    from near_ray.classify.table import read_predictions
+
+    named = summary["classify"]
+    predictions = read_predictions(named["predictions"], st)
+    print(f"\nthe held-back test split named by `classify` ({len(predictions)} images, "
+          f"{named['mllm_calls']} MLLM calls): the first rows of the predictions table")
+    print(format_predictions(predictions, root))
+    print(f"predictions table: {named['predictions']}")
+    print(f"review page: {summary['review']}  (names, examples, merges, prunings, suspect images)")
     print(f"report: {join(out, 'report.md')}  ({time.monotonic() - t0:.0f} s)")
     return report

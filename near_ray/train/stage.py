@@ -40,8 +40,9 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
     from near_ray.model.clip import create_clip
     from near_ray.train.data import TrainPixels, image_dataset, load_training_set, neighbour_graph
 
-    ensure_ray()
     st = storage_for(cfg)
+    refined = _refine_summary(cfg, st)  # before Ray: refine's outputs must carry the configured edits
+    ensure_ray()
     method = cfg.train.method
     if overrides := dict(get_method(method).overrides):  # an ablation: its options, whatever the config says
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=overrides)})
@@ -61,19 +62,18 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         pixels=TrainPixels.for_model(clip, cfg.train.augment),
         fault=fault,
     )
-    summary_uri = cfg.artifact("refine/_summary.json")
-    refined = st.read_json(summary_uri).get("fingerprint") if st.exists(summary_uri) else None
     learns = get_method(method)  # what the run learns from its definition, not from the method's name
     definition = [learns.targets, learns.loss, learns.gmm, learns.neighbour_refinement]
-    name = run_name(learns.loss, cfg, definition, refined)  # this config's (and these refine outputs') run
+    name = run_name(learns.loss, cfg, definition, refined.get("fingerprint"))  # this config's (and refine outputs') run
     t0 = time.monotonic()
     checkpoint = (_fit_in_process if in_process else _fit_ray_train)(cfg, job, ds, st, name)
     elapsed = time.monotonic() - t0
     state, meta = load_trained_state(checkpoint, clip)
     history = meta["history"]
     cand_idx, weights = ts.arrays.cand_idx, state["W"].numpy()
+    edits = refined.get("edits")
     vocabulary, pruned = prune_vocabulary(ts.vocabulary, label_support(cand_idx, weights, len(names)),
-                                          cfg.train.min_label_support)
+                                          cfg.train.min_label_support, keep=edited_names(edits))
     kept = [i for i, v in enumerate(ts.vocabulary) if (v.get("domain"), v["name"]) in
             {(k.get("domain"), k["name"]) for k in vocabulary}]
     metrics = {
@@ -85,6 +85,8 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         "vocabulary_size": len(names),
         "bundle_vocabulary_size": len(vocabulary),
         "pruned_names": pruned,
+        "refine_fingerprint": refined.get("fingerprint"),
+        "edits": edits,  # the vocabulary edits refine applied (None: none)
         "workers": 1 if in_process else cfg.train.num_workers,
         "train_time_s": round(elapsed, 2),
         "epoch_time_s_mean": round(float(np.mean([h["epoch_time_s"] for h in history])), 3) if history else None,
@@ -156,6 +158,28 @@ def _fit_in_process(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage, name
     return ray.train.Checkpoint.from_directory(folder)
 
 
+def _refine_summary(cfg: RunConfig, st: Storage) -> dict[str, Any]:
+    """Refine's summary ({} before refine ran). With ``refine.edits`` set, refine's outputs must have been
+    made with those edits (train reads them, it does not redo them): else one error saying what to run."""
+    uri = cfg.artifact("refine/_summary.json")
+    summary = st.read_json(uri) if st.exists(uri) else {}
+    if cfg.refine.edits:
+        from near_ray.refine.edits import check, read_edits
+
+        edits = read_edits(cfg.refine.edits, st)
+        check(edits, [d.name for d in cfg.data.domains])
+        if (summary.get("edits") or {}).get("fingerprint") != edits.fingerprint:
+            raise TrainError(f"{uri}: refine's outputs were not made with the edits in {cfg.refine.edits}; run "
+                             f"`near-ray refine --edits {cfg.refine.edits}` first (no MLLM call: embeddings are reused)")
+    return summary
+
+
+def edited_names(edits: dict[str, Any] | None) -> set[tuple[str, str]]:
+    """(domain, name) of the names a person's edits asked for (renamed, merged into, kept apart): never pruned."""
+    return {(a.get("domain") or "", a["name"]) for a in (edits or {}).get("applied", [])
+            if a["kind"] in ("rename", "merge", "keep_apart") and "name" in a}
+
+
 def label_support(cand_idx: np.ndarray, confidences: np.ndarray, vocabulary_size: int) -> np.ndarray:
     """Per vocabulary entry: the training images whose final label (their most confident candidate) it is."""
     return np.bincount(final_labels(cand_idx, confidences), minlength=vocabulary_size)
@@ -167,13 +191,14 @@ def final_labels(cand_idx: np.ndarray, confidences: np.ndarray) -> np.ndarray:
 
 
 def prune_vocabulary(
-    vocabulary: list[dict[str, Any]], support: np.ndarray, min_support: int
+    vocabulary: list[dict[str, Any]], support: np.ndarray, min_support: int, keep: set[tuple[str, str]] | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The bundle's vocabulary: names that at least ``min_support`` training images ended up labelled
     with (``train_support`` added to each entry), and the pruned ones. Refinement concentrates an
     image's labels on the names its neighbours share; a name no image kept is a stray answer (a
     synonym, a coarser name, a one-off error) that would only take test images from a real class.
-    Each domain keeps at least its best-supported name. ``min_support`` 0 keeps every name."""
+    Each domain keeps at least its best-supported name, and the names in ``keep`` (a person's edits
+    asked for them). ``min_support`` 0 keeps every name."""
     best: dict[str, int] = {}
     for i, v in enumerate(vocabulary):
         d = v.get("domain") or ""
@@ -181,7 +206,7 @@ def prune_vocabulary(
             best[d] = i
     kept, pruned = [], []
     for i, v in enumerate(vocabulary):
-        if support[i] >= min_support or i in best.values():
+        if support[i] >= min_support or i in best.values() or (v.get("domain") or "", v["name"]) in (keep or ()):
             kept.append({**v, "train_support": int(support[i])})
         else:
             pruned.append({"name": v["name"], "domain": v.get("domain"), "train_support": int(support[i])})

@@ -200,6 +200,15 @@ def check_truth(ctx: Context) -> str:
     return f"truth tables of {', '.join(n for n, _ in truths)} present"
 
 
+def check_edits(ctx: Context) -> str:
+    """The vocabulary edits file (refine.edits): read and checked, its names against the labels table when
+    there is one; a bad line is named before anything else runs."""
+    from near_ray.refine.stage import check_edits as check_edits_file
+
+    edits = check_edits_file(ctx.cfg)
+    return f"{ctx.cfg.refine.edits}: {len(edits.edits) if edits is not None else 0} edit(s)"
+
+
 def check_captions(ctx: Context) -> str:
     flag = "--pretrain-captions" if ctx.command == "train" else "--captions"
     if ctx.captions and not ctx.storage.exists(ctx.captions):
@@ -284,7 +293,7 @@ CHECKS: dict[str, Callable[[Context], str]] = {
     "storage endpoint": check_storage_endpoint, "domains": check_domains, "classify domains": check_classify_domains,
     "workdir": check_workdir, "backend": check_backend, "labels": check_labels, "refine outputs": check_refined,
     "bundles": check_classify_bundles, "serve bundles": check_serve_bundles, "truth": check_truth,
-    "captions": check_captions, "model": check_model, "cpu estimate": check_estimate, "mllm": check_mllm,
+    "captions": check_captions, "edits": check_edits, "model": check_model, "cpu estimate": check_estimate, "mllm": check_mllm,
 }
 
 
@@ -308,7 +317,11 @@ def checks_for(cfg: RunConfig, command: str, write_config: bool = False, caption
         "run": ["domains", *(["classify domains"] if classifies else []), "workdir", "backend", "model",
                 "cpu estimate", "mllm"],
     }
-    return ["storage endpoint", *plans[command]] if command in plans else []
+    if command not in plans:
+        return []
+    # a bad line of the edits file is the user's last change: named first, before checks of older work
+    edits = ["edits"] if cfg.refine.edits and command in ("refine", "train", "run") else []
+    return ["storage endpoint", *edits, *plans[command]]
 
 
 def run_checks(ctx: Context, names: list[str], stop_at_first: bool = True) -> list[Check]:

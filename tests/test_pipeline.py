@@ -95,7 +95,7 @@ def test_run_without_truth_trains_one_method_names_the_collection_and_reads_edit
             "storage": {"workdir": workdir},
             "data": {"domains": [{"name": "birds", "uri": collection, "meta_class": "bird"}]},  # no truth
             "label": {"samples": 2, "openai": {"base_url": annotator.base_url, "api_key_env": None}},
-            "model": {"arch": "near-tiny"},
+            "model": {"arch": "near-tiny", "pretrained": "random"},
             "refine": {"k": 3, "merge_encoder": "none"},
             "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},
             "classify": {"batch_size": 8},

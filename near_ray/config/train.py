@@ -19,63 +19,78 @@ class TrackingConfig(Section):
     ``uri`` (None = MLFLOW_TRACKING_URI or MLflow's local ./mlruns).
     """
 
-    backend: Literal["none", "tensorboard", "mlflow"] = "none"
-    uri: str | None = None
-    experiment: str = "near_ray"
+    backend: Literal["none", "tensorboard", "mlflow"] = Field("none", description="where epoch metrics also go")
+    uri: str | None = Field(None, description="tensorboard: a folder below which event files go; mlflow: the "
+                            "tracking server; null = each backend's default (above)")
+    experiment: str = Field("near_ray", description="the MLflow experiment")
 
 
 class TrainConfig(Section):
-    method: str = "near"  # one of near_ray.train.methods.TRAINED
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    accelerator_type: str | None = None  # with use_gpu: workers only on nodes with this GPU ("A10G", "H100")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    epochs: int = Field(10, ge=1)
-    warmup_epochs: int = Field(2, ge=0)
-    batch_size: int = Field(64, ge=1)  # global batch size, split across workers
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    lambda_noisy: float = Field(1.0, ge=0)
-    refine_alpha: float = Field(0.5, ge=0, le=1)  # own prediction vs neighbours' in the refined target
-    refine_k: int | None = Field(None, ge=1)  # nearest neighbours in the refined target (None = refine.k)
-    # where the refined target's neighbours come from: refine's graph over the pretrained image
-    # embeddings (the method as published), or found again after every epoch from warm-up on, in the
-    # fine-tuned classifier's view of each image (its centred logits over its domain's vocabulary)
-    neighbour_space: Literal["pretrained", "fine_tuned"] = "pretrained"
-    gmm_clean_threshold: float = Field(0.5, ge=0, le=1)
-    # the bundle keeps the names at least this many training images are finally labelled with (0 = all)
-    min_label_support: int = Field(1, ge=0)
-    # the classifier: each name's text mixed with this share of its image prototype, the mean of its training
-    # images weighted by confidence, times (neighbours) their neighbours' share in the name. docs/train.md
-    prototype_weight: float = Field(1.0, ge=0, le=1)
-    prototype_vote: Literal["confidence", "neighbours"] = "neighbours"
-    prototype_clusters: bool = False  # prototypes moved to the centres of the image clusters they seed
-    # clean samples after warm-up: the PLL loss on their confidences W (soft), or CE on argmax W (hard)
-    clean_loss: Literal["hard", "soft"] = "soft"
-    # PRODEN updates: new confidence ∝ p * initial_confidence ** prior_power / mean_prediction ** balance
-    # (0 and 0 = plain PRODEN); against self-training collapsing onto a few popular names
-    prior_power: float = Field(1.0, ge=0)
-    balance: float = Field(0.5, ge=0)
-    # text: the name embeddings adapt to the images (measured best for small discovery sets, where
-    # fine-tuning the image tower on a few noisy labels per class collapses onto a few names)
-    train_towers: Literal["image", "text", "both"] = "text"
-    # gradient checkpointing (both towers' blocks): every step sends the whole vocabulary through the text
-    # tower, whose kept activations grow with it (ViT-B-16: ~17 MiB a name in bf16 without, ~2 with);
-    # None: on when the text tower trains and the vocabulary has more than 512 names
-    grad_checkpointing: bool | None = None
-    augment: bool = True
-    # rows each worker shuffles per epoch (Ray Data's local shuffle buffer; a new seeded order every
-    # epoch); 0 = the dataset's order. Above N it is a full shuffle of the worker's shard.
-    shuffle_buffer: int = Field(4096, ge=0)
-    seed: int = 0
-    max_failures: int = Field(2, ge=0)
-    torch_threads: int | None = Field(None, ge=1)  # intra-op threads per worker; None = Ray's (the worker's CPUs)
-    prefetch_batches: int | None = Field(None, ge=0)  # Ray Data's batches ahead; None: runner.prefetch_batches
-    checkpoint_keep: int = Field(2, ge=1)
-    pretrain_epochs: int = Field(12, ge=1)  # contrastive pretraining (`near-ray pretrain`)
-    pretrain_lr: float = Field(2e-3, gt=0)  # peak of a warm-up + cosine schedule
-    pretrain_batch_size: int = Field(128, ge=2)  # global; InfoNCE negatives are per worker
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Fine-tuning CLIP on the refined candidate labels (NeaR, its ablations, the baselines) with Ray Train."""
+
+    method: str = Field("near", description="the training method: one of near_ray.train.methods.TRAINED")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    accelerator_type: str | None = Field(
+        None, description='with use_gpu: workers only on nodes with this GPU ("A10G", "H100")')
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves")
+    epochs: int = Field(10, ge=1, description="training epochs, warm-up included")
+    warmup_epochs: int = Field(2, ge=0, description="epochs of warm-up before NeaR's clean/noisy split")
+    batch_size: int = Field(64, ge=1, description="global batch size, split across workers")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    lambda_noisy: float = Field(1.0, ge=0, description="weight of the noisy samples' loss on their refined target")
+    refine_alpha: float = Field(
+        0.5, ge=0, le=1, description="own prediction vs neighbours' in the refined target")
+    refine_k: int | None = Field(
+        None, ge=1, description="nearest neighbours in the refined target (null = refine.k)")
+    neighbour_space: Literal["pretrained", "fine_tuned"] = Field(
+        "pretrained", description="where the refined target's neighbours come from: refine's graph over the "
+        "pretrained image embeddings (the method as published), or found again after every epoch from warm-up on, "
+        "in the fine-tuned classifier's view of each image (its centred logits over its domain's vocabulary)")
+    gmm_clean_threshold: float = Field(
+        0.5, ge=0, le=1, description="a sample is clean when the low-loss GMM component's posterior is above this")
+    min_label_support: int = Field(
+        1, ge=0, description="the bundle keeps the names at least this many training images are finally labelled "
+        "with (0 = all)")
+    prototype_weight: float = Field(
+        1.0, ge=0, le=1, description="the classifier: each name's text mixed with this share of its image "
+        "prototype, the mean of its training images weighted by confidence (docs/train.md)")
+    prototype_vote: Literal["confidence", "neighbours"] = Field(
+        "neighbours", description="prototype weights: confidence alone, or times the neighbours' share in the name")
+    prototype_clusters: bool = Field(
+        False, description="prototypes moved to the centres of the image clusters they seed")
+    clean_loss: Literal["hard", "soft"] = Field(
+        "soft", description="clean samples after warm-up: the PLL loss on their confidences W (soft), or CE on "
+        "argmax W (hard)")
+    # against self-training collapsing onto a few popular names
+    prior_power: float = Field(
+        1.0, ge=0, description="PRODEN updates: new confidence ∝ p * initial_confidence ** prior_power / "
+        "mean_prediction ** balance (0 and 0 = plain PRODEN)")
+    balance: float = Field(0.5, ge=0, description="the exponent of the mean prediction in the update (above)")
+    # text: fine-tuning the image tower on a few noisy labels per class collapses onto a few names in small
+    # discovery sets, while the name embeddings can adapt to the images
+    train_towers: Literal["image", "text", "both"] = Field("text", description="which CLIP towers are fine-tuned")
+    # every step sends the whole vocabulary through the text tower, whose kept activations grow with it
+    grad_checkpointing: bool | None = Field(
+        None, description="gradient checkpointing (both towers' blocks); null: on when the text tower trains and "
+        "the vocabulary has more than 512 names")
+    augment: bool = Field(True, description="random training augmentations of the images")
+    shuffle_buffer: int = Field(
+        4096, ge=0, description="rows each worker shuffles per epoch (Ray Data's local shuffle buffer; a new seeded "
+        "order every epoch); 0 = the dataset's order; above N, a full shuffle of the worker's shard")
+    seed: int = Field(0, description="seed of initialization, shuffling and augmentation")
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from (from a checkpoint)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per worker; null = Ray's (the worker's CPUs)")
+    prefetch_batches: int | None = Field(
+        None, ge=0, description="Ray Data's batches ahead; null: one on a GPU or a one-thread CPU worker, else none")
+    checkpoint_keep: int = Field(2, ge=1, description="checkpoints Ray Train keeps")
+    pretrain_epochs: int = Field(12, ge=1, description="epochs of contrastive pretraining (`near-ray pretrain`)")
+    pretrain_lr: float = Field(2e-3, gt=0, description="pretraining's peak of a warm-up + cosine schedule")
+    pretrain_batch_size: int = Field(128, ge=2, description="pretraining's global batch; InfoNCE negatives are "
+                                     "per worker")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="where epoch metrics also go")
 
     @field_validator("method")
     @classmethod

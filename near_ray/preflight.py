@@ -271,6 +271,10 @@ def check_mllm(ctx: Context) -> str:
     lc = ctx.cfg.label
     if lc.backend != "openai":
         return "vllm: not probed (the engine loads in the label actors)"
+    if ctx.command == "run" and ctx.cfg.refine.edits and ctx.storage.exists(ctx.cfg.artifact("labels/_summary.json")):
+        # a re-run after the review pays no MLLM call: its labels are on storage, and an image still
+        # missing one is asked by the label stage, whose failures are rows a later run asks again
+        return "not probed: a re-run with vocabulary edits over the labels already on storage"
     try:
         result = probe(lc.openai, lc.prices)
     except ProbeError as e:

@@ -105,7 +105,8 @@ def test_run_without_truth_trains_one_method_names_the_collection_and_reads_edit
         assert main(["run", "--config", str(path)]) == 0
         out = capsys.readouterr().out
         requests = annotator.stats()["requests"]
-        assert requests == images * 2  # the discovery set only: no direct-MLLM baseline without truth
+        # the discovery set only (no direct-MLLM baseline without truth), and preflight's one-token probe
+        assert requests == images * 2 + 1
 
         summary = st.read_json(f"{workdir}/run_summary.json")
         assert list(summary["train"]) == ["near"] and "evaluate" not in summary
@@ -122,7 +123,7 @@ def test_run_without_truth_trains_one_method_names_the_collection_and_reads_edit
         assert not out.lstrip().startswith("{") and "\n{" not in out
         (birds,) = _count_lines(out, "named (predictions table):")
         assert birds.split()[0] == "birds" and f"over {images} images" in birds
-        assert f"MLLM this run: {requests} calls" in out and "trainings: 1 (near)" in out
+        assert f"MLLM this run: {images * 2} calls" in out and "trainings: 1 (near)" in out
         for where in (summary["classify"]["predictions"], f"{workdir}/bundles/near", f"{workdir}/run_summary.json"):
             assert where in out
 

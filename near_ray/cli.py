@@ -167,7 +167,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from near_ray.pipeline import closing_summary, run_pipeline
 
     cfg = _config(args)
-    print("\n" + closing_summary(cfg, run_pipeline(cfg, serve=args.serve)))
+    args.summary = run_pipeline(cfg, serve=args.serve)  # a job's last line reads its facts
+    print("\n" + closing_summary(cfg, args.summary))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -344,8 +345,8 @@ def main(argv: list[str] | None = None, job: bool = False) -> int:
         raise
     if result is not None:
         _print(result)
-    if record:
-        record.finish("SUCCEEDED", result=result)
+    if record:  # a command that prints for a person (run) leaves its summary on args for the job's line
+        record.finish("SUCCEEDED", result=result if result is not None else getattr(args, "summary", None))
     return 0
 
 

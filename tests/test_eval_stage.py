@@ -142,7 +142,7 @@ def test_run_evaluate_reports_every_bundle_method(tmp_path: Path) -> None:
     on_disk = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert on_disk["methods"]["near"]["cacc"] == pytest.approx(near["cacc"])
     md = (out / "report.md").read_text()
-    assert "| NeaR |" in md and "zero-shot CLIP" in md and "naive: no bundle" in md and "birds_broken.png" in md
+    assert "| NeaR labels, neighbour-voted prototypes (the default) |" in md and "zero-shot CLIP" in md and "naive: no bundle" in md and "birds_broken.png" in md
     for name in ("accuracy_by_method", "candidate_set_sizes", "clean_fraction", "confusions_near"):
         assert report["plots"][name].endswith(".png"), report["plots"][name]
         assert Path(report["plots"][name]).read_bytes()[:4] == b"\x89PNG"

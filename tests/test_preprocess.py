@@ -43,7 +43,7 @@ def bundle_uri(tmp_path_factory) -> str:
     from near_ray.model.clip import create_clip, encode_texts
 
     uri = str(tmp_path_factory.mktemp("bundle") / "b")
-    clip = create_clip(ModelConfig(arch="near-tiny"))
+    clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random"))
     text = encode_texts(clip, [v["name"] for v in VOCAB], "a photo of a {}.")
     save_bundle(uri, clip, VOCAB, text, prompt_template="a photo of a {}.", logit_scale=50.0)
     return uri
@@ -98,7 +98,7 @@ def test_every_stage_sees_the_same_pixels_and_embedding(width, height, mode, bun
     assert np.array_equal(encode_pixels(bundle.clip.model, x, "cpu"), embedding)
 
     # refine: the embedder's read threads and its batch
-    embedder = ImageEmbedder(ModelConfig(arch="near-tiny"), st, max_pixels=10_000_000)
+    embedder = ImageEmbedder(ModelConfig(arch="near-tiny", pretrained="random"), st, max_pixels=10_000_000)
     assert np.array_equal(embedder._load(uri), pixels)
     out = embedder({"image_id": np.array(["a"]), "uri": np.array([uri]), "domain": np.array(["birds"])})
     assert out["error"][0] == "" and np.array_equal(out["embedding"], embedding)

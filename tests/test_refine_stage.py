@@ -11,7 +11,7 @@ from PIL import Image
 from near_ray.config import load_config
 from near_ray.errors import NearRayError
 from near_ray.label.backends import model_name
-from near_ray.label.table import SCHEMA
+from near_ray.label.table import SCHEMA, labels_table
 from near_ray.refine.stage import OUTPUTS, run_refine
 from near_ray.storage import Storage
 
@@ -57,7 +57,7 @@ def _write_run(bucket, st, cfg):
                          "input_tokens": 10, "output_tokens": 5, "latency_s": 0.1})
     for domain in ("birds", "flowers"):
         part = pa.Table.from_pylist([r for r in rows if r["domain"] == domain], schema=SCHEMA)
-        st.write_parquet(cfg.artifact(f"labels/domain={domain}/part-0.parquet"), part)
+        labels_table(cfg.artifact("labels"), st).write(domain, part)
     return uris
 
 

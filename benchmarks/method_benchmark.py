@@ -90,6 +90,10 @@ DRAWS = {"dev": (100, 101, 102), "test": (200, 201, 202, 203, 204)}
 OUT = {"dev": RESULTS.with_name("method_benchmark_dev.json"), "test": RESULTS}
 DEFAULT_PROFILES = ("appearance-strong", "appearance-weak")
 DEFAULT_METHOD = "near"  # the product's default: every other method is paired against it
+CHOICE = "label_free_choice"  # the row of the product's label-free choice (train.select), also paired against all
+# train.select's candidates when the config names none: the paper's configuration, the prototype classifier on
+# NeaR's labels and on majority labels, and a text/image mix
+SELECT = ("near_paper", "near", "naive_prototypes", "near_equal_mix")
 # Settings that cannot change a figure (where and how fast it runs) or that each run sets itself
 # (method, seed): left out of the frozen configuration, so a test run on another machine matches it.
 NOT_FROZEN = {
@@ -390,8 +394,32 @@ def one_cell(cfg: DemoConfig, label_work: str, cache: str, scorer: Scorer, metho
             timings[f"{method}_s"] = round(time.monotonic() - t0, 1)
         preds[method] = scorer.predictions(load_bundle(cfg.artifact(f"bundles/{method}"), st))
     metrics = {m: scorer.score(p) for m, p in preds.items()}
-    return {"metrics": metrics, "preds": preds, "timings": timings,
-            "refine": {k: refine.get(k) for k in ("vocabulary_size", "images", "embeddings_reused", "domains")}}
+    out = {"metrics": metrics, "preds": preds, "timings": timings,
+           "refine": {k: refine.get(k) for k in ("vocabulary_size", "images", "embeddings_reused", "domains")}}
+    candidates = list(cfg.train.select) or list(SELECT)
+    if all(m in metrics for m in candidates):  # the product's label-free choice among the trained candidates
+        t0 = time.monotonic()
+        out["selection"] = label_free_choice(cfg, candidates, metrics)
+        timings["select_s"] = round(time.monotonic() - t0, 1)
+        chosen = out["selection"]["chosen"]
+        metrics[CHOICE], preds[CHOICE] = metrics[chosen], preds[chosen]
+    return out
+
+
+def label_free_choice(cfg: DemoConfig, candidates: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The product's choice among ``candidates`` without labels (near_ray.train.select: each trained on 80%
+    of the discovery set, scored by agreement with the MLLM on the rest), and its regret: the best
+    candidate's test cACC (trained on everything, as the rows) minus the chosen one's."""
+    from near_ray.train.select import run_select
+
+    scfg = cfg.model_copy(deep=True)
+    scfg.train.select = candidates
+    choice = run_select(scfg, in_process=True)
+    best = max(metrics[m]["cacc"] for m in candidates)
+    return {"chosen": choice["chosen"], "held_out": choice["held_out"],
+            "agreement": {m: s["agreement"] for m, s in choice["candidates"].items()},
+            "best_in_hindsight": [m for m in candidates if metrics[m]["cacc"] == best],
+            "regret": round(best - metrics[choice["chosen"]]["cacc"], 6)}
 
 
 def ceilings(cfg: DemoConfig, frame: Any, cache: str, scorer: Scorer, seed: int) -> dict[str, list]:
@@ -616,8 +644,9 @@ def encode_predictions(domains: list[str], truth: list[str], preds: dict[str, li
     return {"truth": code(list(truth)), **{m: code(p) for m, p in preds.items()}}
 
 
-def paired_entry(runs: list[dict[str, Any]], method: str, preds: dict[tuple, dict] | None = None) -> dict[str, Any]:
-    """The default method minus ``method`` over ``runs``, paired and clustered by unit: n counts units
+def paired_entry(runs: list[dict[str, Any]], method: str, preds: dict[tuple, dict] | None = None,
+                 base: str = DEFAULT_METHOD) -> dict[str, Any]:
+    """``base`` (the default method) minus ``method`` over ``runs``, paired and clustered by unit: n counts units
     (a unit's runs, its starting CLIPs, are averaged first), ``runs`` the runs. With the runs' test
     predictions the cACC interval is the hierarchical bootstrap (it carries the test images' variance),
     else a t interval over units; sACC's is a t interval over units."""
@@ -628,15 +657,15 @@ def paired_entry(runs: list[dict[str, Any]], method: str, preds: dict[tuple, dic
         by_unit.setdefault(_unit(r), []).append(r)
 
     def diffs(key: str) -> dict[tuple, list[float]]:
-        return {u: [r["metrics"][DEFAULT_METHOD][key] - r["metrics"][method][key] for r in rs]
+        return {u: [r["metrics"][base][key] - r["metrics"][method][key] for r in rs]
                 for u, rs in by_unit.items()}
 
     c = clustered_difference(diffs("cacc"))
     entry: dict[str, Any] = {"mean_diff": c["mean_diff"], "ci95": c["ci95"], "n": c["n"], "runs": c["runs"],
                              "interval": "t over units"}
-    if preds is not None and all(_run_key(r) in preds and {method, DEFAULT_METHOD} <= preds[_run_key(r)].keys()
+    if preds is not None and all(_run_key(r) in preds and {method, base} <= preds[_run_key(r)].keys()
                                  for r in runs):
-        units = [[(preds[_run_key(r)]["truth"], preds[_run_key(r)][DEFAULT_METHOD], preds[_run_key(r)][method])
+        units = [[(preds[_run_key(r)]["truth"], preds[_run_key(r)][base], preds[_run_key(r)][method])
                   for r in rs] for rs in by_unit.values()]
         b = bootstrap_difference(units, cacc_codes, n_boot=N_BOOT, seed=0)
         entry.update(ci95=b["ci95"], interval=BOOTSTRAP, n_boot=b["n_boot"], t_ci95=c["ci95"])
@@ -650,11 +679,12 @@ def summarize(runs: list[dict[str, Any]], methods: list[str], preds: dict[tuple,
     default method minus every other, paired by unit (``paired_entry``)."""
     from near_ray.eval.stats import mean_std
 
-    out: dict[str, Any] = {"profiles": {}, "paired": {}, "units": {}}
+    out: dict[str, Any] = {"profiles": {}, "paired": {}, "paired_choice": {}, "selection": {}, "units": {}}
     for profile in sorted({r["profile"] for r in runs}):
         rs = sorted((r for r in runs if r["profile"] == profile), key=lambda r: (_unit(r), r["model"]))
         table: dict[str, Any] = {}
         paired: dict[str, Any] = {}
+        choice_paired: dict[str, Any] = {}
         for m in methods:
             have = [r for r in rs if m in r["metrics"]]  # ablations may run on fewer seeds (--ablation-seeds)
             if not have:
@@ -668,8 +698,25 @@ def summarize(runs: list[dict[str, Any]], methods: list[str], preds: dict[tuple,
             both = [r for r in have if DEFAULT_METHOD in r["metrics"]]
             if m != DEFAULT_METHOD and both:
                 paired[m] = paired_entry(both, m, preds)
+            chose = [r for r in have if CHOICE in r["metrics"]]
+            if m not in (CHOICE,) and chose:
+                choice_paired[m] = paired_entry(chose, m, preds, base=CHOICE)
         out["profiles"][profile] = table
         out["paired"][profile] = paired
+        if choice_paired:
+            out["paired_choice"][profile] = choice_paired
+        picked = [r for r in rs if r.get("selection")]
+        if picked:
+            regrets: dict[tuple, list[float]] = {}
+            for r in picked:
+                regrets.setdefault(_unit(r), []).append(r["selection"]["regret"])
+            per_unit = [float(np.mean(v)) for v in regrets.values()]
+            chosen: dict[str, int] = {}
+            for r in picked:
+                chosen[r["selection"]["chosen"]] = chosen.get(r["selection"]["chosen"], 0) + 1
+            out["selection"][profile] = {"regret_mean": float(np.mean(per_unit)), "regret_max": float(max(per_unit)),
+                                         "regret_per_unit": [round(x, 4) for x in per_unit], "n": len(per_unit),
+                                         "chosen": chosen}
         units: dict[tuple, list[str]] = {}
         for r in rs:
             units.setdefault(_unit(r), []).append(r["model"])
@@ -717,7 +764,8 @@ def markdown(result: dict[str, Any]) -> str:
 
     titles = {**TITLES, "upper_bound_true_names": "ceiling: zero-shot over the true names",
               "upper_bound_supervised": "ceiling: fine-tuned on the true labels",
-              "upper_bound_prototypes": "ceiling: image prototypes of the true labels"}
+              "upper_bound_prototypes": "ceiling: image prototypes of the true labels",
+              CHOICE: "the label-free choice (train.select: agreement with the MLLM on held-out discovery images)"}
     lines = []
     draws = ", ".join(f"{k} draws {','.join(map(str, v))}" for k, v in result.get("draws", {"synthesis": [0]}).items())
     if result.get("frozen"):
@@ -742,6 +790,13 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {v['cacc_mean']:.3f} ± {v['cacc_std']:.3f} | {v['sacc_mean']:.3f} ± "
                          f"{v['sacc_std']:.3f} | {_interval(d)} | {_interval(d and d.get('sacc'))} |")
         lines.append("")
+        if sel := result.get("selection", {}).get(profile):
+            choice = result.get("paired_choice", {}).get(profile, {})
+            chosen = ", ".join(f"{m} {n}" for m, n in sorted(sel["chosen"].items(), key=lambda x: -x[1]))
+            lines += [f"Label-free choice: chose {chosen} (runs); selection regret {sel['regret_mean']:.3f} cACC on "
+                      f"average, {sel['regret_max']:.3f} at most (n={sel['n']} units). Choice − method, cACC: "
+                      + "; ".join(f"{m} {_interval(choice.get(m))}" for m in ("direct_mllm", "naive_prototypes", "naive",
+                                                                           "near") if m in choice), ""]
     return "\n".join(lines)
 
 
@@ -839,7 +894,7 @@ def main() -> None:
     t_start = time.monotonic()
     ensure_ray()
     methods = args.methods.split(",")
-    table_methods = ["direct_mllm", "zero_shot", *methods, *CEILINGS]
+    table_methods = ["direct_mllm", "zero_shot", *methods, CHOICE, *CEILINGS]
     sacc = SemanticAccuracy()
     runs: list[dict[str, Any]] = []
     preds: dict[tuple, dict[str, Any]] = {}

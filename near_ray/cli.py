@@ -111,6 +111,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = _config(args)
     if not args.method and not args.pretrain_captions:
+        if cfg.train.select:  # chosen without labels among the candidates, then trained on everything
+            from near_ray.train.select import run_select
+
+            choice = run_select(cfg)
+            cfg.train.method = choice["chosen"]
+            return {"select": choice, cfg.train.method: run_train(cfg)}
         return run_train(cfg)
     out: dict[str, Any] = {}
     if args.pretrain_captions:  # the initial CLIP first, then fine-tune from it

@@ -5,7 +5,8 @@ What it trains and names depends on what the user has. With a truth table (``dat
 it is a benchmark run: ``train.method`` and the baselines and ablations ``eval.methods`` names, then
 the evaluation. Without one (a user's own images) it does the user's job only: ``train.method``, then
 ``classify`` names the whole collection (``eval.baselines`` and ``classify.enabled`` override both).
-It ends with a closing summary a person reads (``closing_summary``), and writes the JSON one to
+With ``train.select`` it first chooses which of those candidate methods to train, without labels
+(``near_ray.train.select``), and the rest of the run uses the chosen one. It ends with a closing summary a person reads (``closing_summary``), and writes the JSON one to
 ``{workdir}/run_summary.json``.
 
 Each stage reads the previous stage's artifact from storage and skips work already done there, so a
@@ -82,6 +83,11 @@ def run_pipeline(cfg: RunConfig, serve: bool = False) -> dict[str, Any]:
     summary: dict[str, Any] = {"workdir": cfg.storage.workdir, "wall_s": wall, "truth": has_truth(cfg)}
     summary["label"] = _timed("label", run_label, cfg, wall=wall)
     summary["refine"] = _timed("refine", run_refine, cfg, wall=wall)
+    if cfg.train.select:  # the classifier chosen without labels; then trained on the whole discovery set
+        from near_ray.train.select import run_select
+
+        summary["select"] = _timed("select", run_select, cfg, wall=wall)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"method": summary["select"]["chosen"]})})
     summary["train"] = {}
     for method in methods_to_train(cfg):
         if _bundle_current(cfg, st, method, summary["refine"].get("fingerprint")):
@@ -171,6 +177,11 @@ def closing_summary(cfg: RunConfig, summary: dict[str, Any], shown: int = 6) -> 
     kept = [m for m, t in trained.items() if t.get("skipped")]
     lines.append(f"trainings: {len(done)} ({', '.join(done) or 'none'})" + (f"; kept from storage: {', '.join(kept)}"
                                                                              if kept else ""))
+    if select := summary.get("select"):
+        scores = ", ".join(f"{m} {s['agreement']:.3f}" for m, s in select.get("candidates", {}).items())
+        lines.append(f"classifier chosen without labels: {select['chosen']}" + (
+            f" (agreement with the MLLM on {select['held_out']} held-out images: {scores})" if scores
+            else f" ({select.get('why', '')})"))
     if edits := refine.get("edits"):
         lines.append(f"vocabulary edits applied: {len(edits.get('applied', []))} from {edits.get('file')}")
     if evaluate := summary.get("evaluate"):

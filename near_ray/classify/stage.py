@@ -65,7 +65,9 @@ def bundle_for(cfg: RunConfig, domain: str) -> str:
         if domain not in cc.bundles:
             raise ClassifyError(f"classify.bundles: no bundle for domain '{domain}' (it maps {sorted(cc.bundles)})")
         return cc.bundles[domain]
-    return cc.bundle or cfg.artifact(f"bundles/{cfg.train.method}")
+    from near_ray.train.select import served_method
+
+    return cc.bundle or cfg.artifact(f"bundles/{served_method(cfg)}")
 
 
 def resolve_targets(

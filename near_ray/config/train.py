@@ -29,6 +29,13 @@ class TrainConfig(Section):
     """Fine-tuning CLIP on the refined candidate labels (NeaR, its ablations, the baselines) with Ray Train."""
 
     method: str = Field("near", description="the training method: one of near_ray.train.methods.TRAINED")
+    select: list[str] = Field(
+        default_factory=list, description="candidate methods the run chooses among without labels: each trained "
+        "on most of the discovery set and scored by agreement with the MLLM on the rest, the best then trained on "
+        "all of it (docs/train.md); empty: train.method as set")
+    select_holdout: float = Field(
+        0.2, gt=0, lt=1, description="with select: the share of the discovery set held out to score the "
+        "candidates, stratified by the MLLM's majority name")
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
     use_gpu: bool = Field(False, description="one GPU per worker")
     accelerator_type: str | None = Field(
@@ -97,4 +104,11 @@ class TrainConfig(Section):
     def _known_method(cls, v: str) -> str:
         if v not in TRAINED:
             raise ValueError(f"unknown training method '{v}' (one of {', '.join(TRAINED)})")
+        return v
+
+    @field_validator("select")
+    @classmethod
+    def _known_candidates(cls, v: list[str]) -> list[str]:
+        if unknown := [m for m in v if m not in TRAINED]:
+            raise ValueError(f"unknown training method(s) {', '.join(map(repr, unknown))} (one of {', '.join(TRAINED)})")
         return v

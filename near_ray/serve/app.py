@@ -97,7 +97,9 @@ def resolved_settings(cfg: RunConfig) -> ServeConfig:
     """The serve section with the default bundle filled in: ``{workdir}/bundles/<train.method>``."""
     settings = cfg.serve.model_copy()
     if not settings.bundles and not settings.bundle:
-        settings.bundle = cfg.artifact(f"bundles/{cfg.train.method}")
+        from near_ray.train.select import served_method
+
+        settings.bundle = cfg.artifact(f"bundles/{served_method(cfg)}")
     return settings
 
 

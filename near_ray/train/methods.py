@@ -62,6 +62,11 @@ METHODS: dict[str, Method] = {
         Method("near_paper", "NeaR as published: fine-tuned CLIP, text classifier (both towers trained)",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
                overrides=(("prototype_weight", 0.0), ("train_towers", "both")), by_default=False),
+        # the default's classifier from a fine-tuned image tower: both towers trained, the prototypes recomputed
+        # with the fine-tuned image tower (and test images embedded by it)
+        Method("near_both_towers", "NeaR labels, neighbour-voted prototypes of the fine-tuned image tower (both towers)",
+               targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
+               overrides=(("train_towers", "both"),), by_default=False),
         Method("near_no_knn", "NeaR without kNN candidates", targets="own_labels", loss="near", gmm=True),
         Method("near_no_gmm", "NeaR without GMM clean/noisy split", targets="candidates", loss="pll"),
         Method("near_text_only", "NeaR classifying with text embeddings only (no image prototypes)",

@@ -127,3 +127,18 @@ def test_run_chooses_without_truth_trains_the_choice_on_everything_and_follows_t
         assert f"trainings: 1 ({other})" in out
         assert st.read_json(f"{workdir}/run_summary.json")["classify"]["domains"]["birds"]["bundle"] == \
             f"{workdir}/bundles/{other}"
+
+
+def test_the_report_says_what_was_chosen_and_the_agreement_behind_it():
+    from near_ray.eval.report import render_markdown
+
+    report = {"dataset": "birds", "test_images": 3, "sacc_model": "m",
+              "domains": [{"name": "birds", "test_images": 3, "classes": 2}],
+              "methods": {"near": {"cacc": 0.5, "sacc": 0.6, "nmi": 0.1, "ari": 0.1}},
+              "selection": {"chosen": "near", "held_out": 6,
+                            "candidates": {"near": {"agreement": 0.53}, "naive_prototypes": {"agreement": 0.41}}}}
+    text = render_markdown(report)
+    assert "Chosen without labels (`train.select`): **`near`**" in text
+    assert "on 6 held-out discovery images: `near` 53.0%, `naive_prototypes` 41.0%." in text
+    del report["selection"]
+    assert "Chosen without labels" not in render_markdown(report)

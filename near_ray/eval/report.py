@@ -48,6 +48,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {TITLES.get(m, m)} | {_pct(r.get('cacc'))} | {_pct(r.get('sacc'))} | {_pct(r.get('nmi'))} | "
             f"{_pct(r.get('ari'))} | {_num(r.get('cost_per_1k'), '.4f')} | {_num(r.get('latency_ms'), '.1f')} |"
         )
+    if sel := report.get("selection"):
+        scores = ", ".join(f"`{m}` {_pct(c['agreement'])}%" for m, c in sel.get("candidates", {}).items())
+        lines += ["", f"Chosen without labels (`train.select`): **`{sel['chosen']}`** ({TITLES.get(sel['chosen'], '')})"
+                  + (f", by agreement with the MLLM on {sel['held_out']} held-out discovery images: {scores}."
+                     if scores else ".")]
     lines += _spread_lines(report, methods)
     if len(report["domains"]) > 1:
         lines += [

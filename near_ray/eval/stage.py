@@ -293,6 +293,8 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
                            "spread": prediction_spread(domains, truth, preds[method])}
         log.info("evaluate %s: cACC %.3f sACC %.3f", method, methods[method]["cacc"], methods[method]["sacc"])
     report = _report(cfg, st, test, methods, bundles, skipped, bad, sacc, preds)
+    if cfg.train.select and st.exists(choice := cfg.artifact("select/choice.json")):
+        report["selection"] = st.read_json(choice)  # the classifier the run chose without labels, and why
     if DIRECT_MLLM in methods and probs:  # the cascade: the CLIP's least confident images to the MLLM
         cascade = evaluate_cascade(cfg, st, test, bundles[cfg.train.method], probs[cfg.train.method],
                                    {**extra[DIRECT_MLLM], **methods[DIRECT_MLLM]}, sacc, out if cfg.eval.plots else None)

@@ -69,6 +69,7 @@ bench-smoke: $(STAMP)
 	$(PY) benchmarks/train_state_scaling.py --sizes 2000x200 --out $(BENCH_SMOKE)/train_state.json
 	$(PY) benchmarks/classify_throughput.py --images 64 --arch near-tiny --image-size 64 --out $(BENCH_SMOKE)/classify.json
 	$(PY) benchmarks/bookkeeping_scaling.py --sizes 2000 --out $(BENCH_SMOKE)/bookkeeping.json
+	$(PY) benchmarks/serve_soak.py --minutes 0.5 --rpm 120 --out $(BENCH_SMOKE)/serve_soak.json
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)

@@ -410,16 +410,19 @@ def label_free_choice(cfg: DemoConfig, candidates: list[str], metrics: dict[str,
     """The product's choice among ``candidates`` without labels (near_ray.train.select: each trained on 80%
     of the discovery set, scored by agreement with the MLLM on the rest), and its regret: the best
     candidate's test cACC (trained on everything, as the rows) minus the chosen one's."""
-    from near_ray.train.select import run_select
+    from near_ray.train.select import RULES, choose, run_select
 
     scfg = cfg.model_copy(deep=True)
     scfg.train.select = candidates
     choice = run_select(scfg, in_process=True)
     best = max(metrics[m]["cacc"] for m in candidates)
-    return {"chosen": choice["chosen"], "held_out": choice["held_out"],
+    by_rule = {rule: choose(choice["candidates"], candidates, rule) for rule in RULES}  # the rules compared on dev
+    return {"chosen": choice["chosen"], "rule": choice["rule"], "held_out": choice["held_out"],
             "agreement": {m: s["agreement"] for m, s in choice["candidates"].items()},
+            "grouping": {m: s["grouping"] for m, s in choice["candidates"].items()},
             "best_in_hindsight": [m for m in candidates if metrics[m]["cacc"] == best],
-            "regret": round(best - metrics[choice["chosen"]]["cacc"], 6)}
+            "regret": round(best - metrics[choice["chosen"]]["cacc"], 6),
+            "by_rule": {r: {"chosen": m, "regret": round(best - metrics[m]["cacc"], 6)} for r, m in by_rule.items()}}
 
 
 def ceilings(cfg: DemoConfig, frame: Any, cache: str, scorer: Scorer, seed: int) -> dict[str, list]:

@@ -53,6 +53,21 @@ def test_agreement_weighs_each_image_by_the_mllms_consistency_and_the_better_can
     assert choose({"x": good, "y": dict(good)}, ["y", "x"]) == "y"  # a tie: the first listed
 
 
+def test_the_grouping_rule_scores_how_predictions_group_the_images_whatever_their_names():
+    from near_ray.train.select import grouping_agreement
+
+    own = {"a1": ["A", "A"], "a2": ["A", "A"], "b1": ["B", "B"], "b2": ["B", "C"]}
+    domain = dict.fromkeys(own, "birds")
+    renamed = {"a1": "X", "a2": "X", "b1": "Y", "b2": "Y"}  # the MLLM's grouping under other names
+    assert agreement(renamed, own)["agreement"] == 0
+    assert grouping_agreement(renamed, own, domain) == 1
+    merged = {"a1": "X", "a2": "X", "b1": "X", "b2": "X"}  # one name for all: only one group can match
+    assert grouping_agreement(merged, own, domain) == pytest.approx(2 / 3.5)
+    scores = {"renamed": {"agreement": 0.0, "grouping": 1.0}, "merged": {"agreement": 0.5, "grouping": 0.57}}
+    assert choose(scores, ["merged", "renamed"], "grouping") == "renamed"
+    assert choose(scores, ["merged", "renamed"], "names") == "merged"
+
+
 def test_select_is_checked_when_the_config_loads(tmp_path):
     with pytest.raises(Exception, match="unknown training method.*'nearr'"):
         load_config(None, ["storage.workdir=.", "train.select=[near,nearr]"])

@@ -36,6 +36,10 @@ class TrainConfig(Section):
     select_holdout: float = Field(
         0.2, gt=0, lt=1, description="with select: the share of the discovery set held out to score the "
         "candidates, stratified by the MLLM's majority name")
+    select_rule: Literal["names", "grouping"] = Field(
+        "names", description="with select: what the candidates are scored by: agreement with the MLLM's names "
+        "(consistency-weighted), or how well their predictions group the held-out images as the MLLM's majority "
+        "answers do, whatever the names (docs/train.md)")
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
     use_gpu: bool = Field(False, description="one GPU per worker")
     accelerator_type: str | None = Field(

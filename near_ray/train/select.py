@@ -12,8 +12,12 @@ about each one:
 where a_i(m) is the share of image i's parsed answers that name what m predicts and c_i the share
 of its answers that name its majority answer (1 when all samples agree, 1/S when none do). An image
 the MLLM keeps changing its mind about counts little; an image it answers the same way every time
-counts fully. The candidate with the highest agreement is chosen (ties: the first listed), and the run
-then trains it on the whole discovery set as usual. No truth table is read anywhere on this path.
+counts fully. That is ``train.select_rule: names``. With ``grouping`` the names themselves do not have to match:
+a candidate scores by how well its predictions group the held-out images as the MLLM's majority
+answers do (the best one-to-one matching of its names to those answers in each domain, each image
+weighing c_i), as cACC scores clusters rather than names. The candidate with the highest score under
+the rule is chosen (ties: the first listed), and the run then trains it on the whole discovery set
+as usual. No truth table is read anywhere on this path.
 
 Held-out images are held out of refine's neighbour votes too: the fit slice's candidate sets are
 recomputed from refine's graph with the held-out images removed, so a held-out image's own answers
@@ -83,9 +87,36 @@ def agreement(predicted: dict[str, str | None], own: dict[str, list[str]]) -> di
             "majority_match": round(plain / len(predicted), 6) if predicted else 0.0, "images": len(predicted)}
 
 
-def choose(scores: dict[str, dict[str, Any]], order: list[str]) -> str:
-    """The candidate with the highest agreement; ties go to the one listed first."""
-    return max(order, key=lambda m: (scores[m]["agreement"], -order.index(m)))
+def grouping_agreement(predicted: dict[str, str | None], own: dict[str, list[str]], domain: dict[str, str]) -> float:
+    """How well a candidate's names *group* the held-out images as the MLLM's majority answers do, whatever
+    the names: in each domain, the best one-to-one matching of predicted names to majority answers
+    (Hungarian, as cACC matches clusters to classes), each image weighing its consistency c_i; the
+    matched weight over the total."""
+    from scipy.optimize import linear_sum_assignment
+
+    matched = total = 0.0
+    for d in sorted(set(domain.values())):
+        ids = [i for i in predicted if domain[i] == d]
+        preds = sorted({str(predicted[i]) for i in ids})
+        majors = sorted({Counter(own[i]).most_common(1)[0][0] for i in ids})
+        w = np.zeros((len(preds), len(majors)))
+        for i in ids:
+            c = consistency(own[i])
+            w[preds.index(str(predicted[i])), majors.index(Counter(own[i]).most_common(1)[0][0])] += c
+            total += c
+        rows, cols = linear_sum_assignment(w, maximize=True)
+        matched += float(w[rows, cols].sum())
+    return round(matched / total, 6) if total else 0.0
+
+
+RULES = ("names", "grouping")  # train.select_rule: which agreement chooses
+
+
+def choose(scores: dict[str, dict[str, Any]], order: list[str], rule: str = "names") -> str:
+    """The candidate with the highest agreement under ``rule`` ("names": ``agreement``, "grouping":
+    ``grouping_agreement``); ties go to the one listed first."""
+    key = "agreement" if rule == "names" else "grouping"
+    return max(order, key=lambda m: (scores[m][key], -order.index(m)))
 
 
 # ------------------------------------------------------------------------------------------ the fit slice
@@ -185,6 +216,7 @@ def run_select(cfg: RunConfig, in_process: bool = False) -> dict[str, Any]:
     rows = [r for r in cands if r["image_id"] in held_out]
     images = [decode_image(st.read_bytes(r["uri"]), r["uri"]) for r in rows]
     own = {r["image_id"]: list(r["own_labels"]) for r in rows}
+    domain = {r["image_id"]: r["domain"] or "" for r in rows}
     scores: dict[str, dict[str, Any]] = {}
     for method in order:
         mcfg = sel.model_copy(deep=True)
@@ -194,16 +226,17 @@ def run_select(cfg: RunConfig, in_process: bool = False) -> dict[str, Any]:
         metrics_uri = join(bundle_uri, "metrics.json")
         if not (st.exists(metrics_uri) and st.read_json(metrics_uri).get("refine_fingerprint") == fp):
             run_train(mcfg, in_process=in_process)
-        scores[method] = agreement(_held_out_names(load_bundle(bundle_uri, st), rows, images), own)
-        log.info("select: %s agrees %.3f with the MLLM on %d held-out images", method, scores[method]["agreement"],
-                 len(rows))
-    chosen = choose(scores, order)
+        names = _held_out_names(load_bundle(bundle_uri, st), rows, images)
+        scores[method] = {**agreement(names, own), "grouping": grouping_agreement(names, own, domain)}
+        log.info("select: %s agrees %.3f with the MLLM's names (grouping %.3f) on %d held-out images", method,
+                 scores[method]["agreement"], scores[method]["grouping"], len(rows))
+    chosen = choose(scores, order, cfg.train.select_rule)
     choice = {"chosen": chosen, "candidates": scores, "order": order, "held_out": len(held_out),
               "fit_images": st.read_json(sel.artifact("refine/_summary.json")).get("fit_images"),
-              "holdout_fraction": cfg.train.select_holdout,
-              "rule": "consistency-weighted agreement with the MLLM's answers on held-out discovery images"}
+              "holdout_fraction": cfg.train.select_holdout, "rule": cfg.train.select_rule}
     st.write_json(cfg.artifact(f"{FOLDER}/{CHOICE}"), choice)
-    log.info("select: %s chosen (%s)", chosen, ", ".join(f"{m} {s['agreement']:.3f}" for m, s in scores.items()))
+    log.info("select: %s chosen by %s (%s)", chosen, cfg.train.select_rule,
+             ", ".join(f"{m} {s['agreement']:.3f}/{s['grouping']:.3f}" for m, s in scores.items()))
     return choice
 
 

@@ -573,3 +573,43 @@ def test_text_checkpointing_keeps_the_gradients_and_drops_the_vocabularys_activa
     assert not text_checkpointing(clip.model, "image", 10 * CHECKPOINT_ABOVE, None), "the text tower is frozen"
     on = RunConfig.model_validate({"train": {"grad_checkpointing": True}})
     assert run_name("near", on) == run_name("near", RunConfig()), "same gradients: the same run"
+
+
+def test_the_text_tower_sees_only_the_names_of_the_batchs_domains_with_the_same_loss_and_gradients():
+    """With many domains a step sends only the names of the domains in its batch through the text tower:
+    the other names' logits are masked anyway, so the loss and gradients are unchanged and the tower's
+    work drops with the share of names the batch can be given."""
+    import torch
+
+    from near_ray.config import ModelConfig
+    from near_ray.model.clip import create_clip
+    from near_ray.train import loss as L
+    from near_ray.train.loop import _text_features, freeze_towers
+
+    names, domains = 48, 4  # 12 names a domain
+    mask = torch.zeros(domains, names, dtype=torch.bool)
+    for d in range(domains):
+        mask[d, d * 12:(d + 1) * 12] = True
+    domain_of = torch.tensor([1, 1, 3, 1, 3, 3])  # the batch holds two of the four domains
+
+    def step(bounded: bool) -> tuple[float, int, list[torch.Tensor]]:
+        clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random", init_seed=0))
+        freeze_towers(clip.model, "text")
+        tokens = clip.tokenizer([f"a photo of a species number {i}." for i in range(names)])
+        x = torch.randn(len(domain_of), 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        seen = []
+        hook = clip.model.token_embedding.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+        active = mask[domain_of].any(dim=0)
+        img, txt = _text_features(clip.model, tokens, None, x, active if bounded else None)
+        hook.remove()
+        logp = torch.log_softmax(L.clip_logits(img.float(), txt.float(), torch.tensor(50.0), mask[domain_of]), dim=1)
+        loss = -logp[torch.arange(len(domain_of)), domain_of * 12].sum()
+        loss.backward()
+        return float(loss.detach()), seen[0], [p.grad.clone() for p in clip.model.parameters() if p.requires_grad]
+
+    full_loss, full_rows, full_grads = step(False)
+    loss, rows, grads = step(True)
+    assert (full_rows, rows) == (names, 24)
+    assert loss == pytest.approx(full_loss, rel=1e-5)
+    for a, b in zip(full_grads, grads, strict=True):  # the same sums in another order: float rounding only
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))

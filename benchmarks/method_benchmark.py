@@ -98,7 +98,7 @@ SELECT = ("near_paper", "near", "naive_prototypes", "near_equal_mix")
 # (method, seed): left out of the frozen configuration, so a test run on another machine matches it.
 NOT_FROZEN = {
     "train": {"method", "seed", "num_workers", "use_gpu", "accelerator_type", "cpus_per_worker", "max_failures",
-              "torch_threads", "prefetch_batches", "checkpoint_keep", "tracking", "grad_checkpointing",
+              "torch_threads", "prefetch_batches", "checkpoint_keep", "tracking", "grad_checkpointing", "materialize_gib",
               "pretrain_epochs", "pretrain_lr", "pretrain_batch_size"},
     "refine": {"index", "exact_max_n", "use_gpu", "knn_gpus", "knn_cpus", "embed_batch_size", "embed_actors",
                "embed_actor_cpus", "embed_gpus"},

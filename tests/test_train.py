@@ -613,3 +613,40 @@ def test_the_text_tower_sees_only_the_names_of_the_batchs_domains_with_the_same_
     assert loss == pytest.approx(full_loss, rel=1e-5)
     for a, b in zip(full_grads, grads, strict=True):  # the same sums in another order: float rounding only
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
+
+
+def test_a_training_set_too_large_to_hold_decoded_streams_with_the_same_rows_in_the_same_order(ray_cluster, tmp_path):
+    """The decoded images stay in the object store only while they fit ``train.materialize_gib``: a set of
+    100 k images at 224 px (15 GB decoded) is streamed, nothing read until an epoch runs, and a streamed
+    set gives the rows a materialized one gives, in the same order, epoch after epoch."""
+    from PIL import Image
+    from ray.data.dataset import MaterializedDataset
+
+    from near_ray.model.preprocess import PixelSpec
+    from near_ray.storage import Storage
+    from near_ray.train.data import decoded_bytes, image_dataset
+
+    st = Storage()
+    big = image_dataset([f"{tmp_path}/absent/{i}.png" for i in range(100_000)], st, PixelSpec(size=224))
+    assert decoded_bytes(100_000, PixelSpec(size=224)) > 4 * 2**30
+    assert not isinstance(big, MaterializedDataset)  # lazy: none of the (absent) files was opened
+
+    rng = np.random.default_rng(0)
+    uris = []
+    for i in range(40):
+        uris.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(uris[-1])
+    spec = PixelSpec(size=32)
+    held = image_dataset(uris, st, spec)
+    streamed = image_dataset(uris, st, spec, materialize_gib=0)
+    assert isinstance(held, MaterializedDataset) and not isinstance(streamed, MaterializedDataset)
+
+    def rows(ds) -> tuple[list[int], np.ndarray]:
+        batches = list(ds.iter_batches(batch_size=8))
+        return [int(i) for b in batches for i in b["idx"]], np.concatenate([b["image"] for b in batches])
+
+    want = rows(held)
+    assert want[0] == list(range(40))
+    for _ in range(2):  # two epochs: each decodes again, the same pixels in the same order
+        got = rows(streamed)
+        assert got[0] == want[0] and np.array_equal(got[1], want[1])

@@ -87,6 +87,9 @@ class TrainConfig(Section):
         None, description="gradient checkpointing (both towers' blocks); null: on when the text tower trains and "
         "the vocabulary has more than 512 names")
     augment: bool = Field(True, description="random training augmentations of the images")
+    materialize_gib: float = Field(
+        4.0, ge=0, description="the decoded training images are kept in the object store (decoded once) when they "
+        "take at most this many GiB; above, each epoch decodes them again as it streams")
     shuffle_buffer: int = Field(
         4096, ge=0, description="rows each worker shuffles per epoch (Ray Data's local shuffle buffer; a new seeded "
         "order every epoch); 0 = the dataset's order; above N, a full shuffle of the worker's shard")

@@ -198,7 +198,7 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
     train_pairs, held = read_pairs(captions, st)
     model_cfg = cfg.model.model_copy(update={"pretrained": RANDOM_INIT, "init_seed": cfg.train.seed})
     clip = create_clip(model_cfg, st)
-    ds = image_dataset([p["uri"] for p in train_pairs], st, clip.pixels)
+    ds = image_dataset([p["uri"] for p in train_pairs], st, clip.pixels, cfg.train.materialize_gib)
     trainer = ray.train.torch.TorchTrainer(
         pretrain_loop,
         train_loop_config={"job": PretrainJob(

@@ -36,7 +36,7 @@ class TrainError(NearRayError):
 STATE_FORMAT = 2
 NOT_LEARNED = {"method", "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures",
                "checkpoint_keep", "accelerator_type", "tracking", "prototype_weight", "min_label_support",
-               "prototype_clusters", "prototype_vote", "grad_checkpointing"}  # same gradients, less memory
+               "prototype_clusters", "prototype_vote", "grad_checkpointing", "materialize_gib"}  # same gradients, less memory
 
 
 def run_name(kind: str, cfg: RunConfig, *inputs: Any) -> str:

@@ -202,6 +202,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def cmd_stage_weights(args: argparse.Namespace) -> dict[str, Any]:
+    from near_ray.model.weights import stage_weights
+    from near_ray.storage import storage_for
+
+    cfg = _config(args)
+    out = stage_weights(cfg.model, args.out, storage_for(cfg))
+    log.info("stage-weights: written %s; read them with model.arch: %s and model.pretrained: %s", args.out,
+             out["arch"], args.out)
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any] | None:
     from near_ray.serve.app import run_serve
 
@@ -239,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="default synth.image_size")
     p.add_argument("--test-fraction", type=float, help="default synth.test_fraction")
     p.add_argument("--seed", type=int, help="default synth.seed")
+
+    p = add("stage-weights", cmd_stage_weights, "fetch the starting CLIP's weights once (model.arch, model.pretrained) "
+            "and write them as one safetensors file, for model.pretrained: s3://… (read once per node)")
+    p.add_argument("--out", required=True, help="where the weights go (s3://…/name.safetensors or a local path)")
 
     p = add("annotator", cmd_annotator, "run the simulated MLLM annotator (OpenAI-compatible HTTP server)")
     p.add_argument("--truth", required=True, help="URI of a synthetic benchmark (or its truth.parquet)")

@@ -261,7 +261,8 @@ def hub_weights(arch: str, tag: str) -> str:
             raise Failed(f"model.pretrained: '{tag}' weights of {arch} are not in the Hugging Face cache "
                          f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: stage them (docs/configuration.md)")
         return (f"{arch} '{tag}': fetched from the Hugging Face hub (hf-hub:{hub}) by each process that builds the "
-                f"model, into {constants.HF_HUB_CACHE}; not checked here (no download)")
+                f"model, into {constants.HF_HUB_CACHE}; not checked here (no download). On a cluster, stage them once: "
+                "`near-ray stage-weights --out s3://…/weights.safetensors`, then model.pretrained: that file")
     return f"{arch} '{tag}': fetched from {source.get('url')} at first use; not checked here (no download)"
 
 

@@ -197,6 +197,23 @@ class Storage:
                 raise self._s3_error(uri, e) from e
         return Path(uri).exists()
 
+    def info(self, uri: str) -> ObjectInfo | None:
+        """One object's size and ETag (local: mtime_ns); None when there is no such object."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                head = self.s3.head_object(Bucket=bucket, Key=key)
+            except Exception as e:
+                if getattr(e, "response", {}).get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise self._s3_error(uri, e) from e
+            return ObjectInfo(uri, int(head["ContentLength"]), str(head.get("ETag", "")).strip('"'))
+        path = Path(uri)
+        if not path.is_file():
+            return None
+        st = path.stat()
+        return ObjectInfo(uri, st.st_size, str(st.st_mtime_ns))
+
     def read_bytes(self, uri: str) -> bytes:
         if is_s3(uri):
             bucket, key = split_s3(uri)

@@ -350,3 +350,25 @@ def test_listing_streams_in_chunks_honours_manifests_and_max_images(tmp_path):
     assert sum(len(c) for c in listing_chunks(cfg, Storage())) == 4
     cfg.data.max_images = 3
     assert listing_size(cfg, Storage()) == 3
+
+
+def _labeler_actors() -> set[str]:
+    """The ids of every labeler actor this cluster ever started (alive or gone), from the GCS."""
+    import ray
+
+    return {aid for aid, a in ray._private.state.actors().items() if "Labeler" in a.get("ActorClassName", "")}
+
+
+def test_a_listing_of_many_chunks_starts_the_labeler_pool_once(ray_cluster, bench, tmp_path, perfect_profile):
+    """The listing is read a chunk at a time (label.listing_chunk), but one labeler pipeline serves all of
+    it: its actors (a vLLM engine each in production) start once, not once per chunk."""
+    truth = _truth(bench)
+    with AnnotatorServer(bench, profile=perfect_profile, seed=0) as ann:
+        cfg = _cfg(str(tmp_path / "run"), ann.base_url, _domains(bench), "label.listing_chunk=4", "label.pool_size=1")
+        before = _labeler_actors()
+        summary = run_label(cfg)
+        started = _labeler_actors() - before
+        assert len(truth) > 2 * 4  # three chunks or more
+        assert len(started) == 1, f"{len(started)} labeler actors for one pool of 1"
+        assert summary["mllm_calls"] == len(truth) * SAMPLES == ann.stats()["requests"]
+        assert set(read_labels(cfg)["uri"]) == set(truth)

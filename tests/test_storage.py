@@ -131,3 +131,40 @@ def test_wrong_credentials_named(monkeypatch):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_s3_weights_are_read_once_per_node_and_again_when_the_file_changes(bucket, tmp_path, monkeypatch):
+    """model.pretrained: s3://… — the first process on a node reads S3 and keeps a copy, which the next
+    builds on the node read instead of S3; a replaced object (new ETag) is read again, a removed one is
+    an error, never a stale copy."""
+    import numpy as np
+    from PIL import Image
+
+    from near_ray.config import ModelConfig
+    from near_ray.model.clip import create_clip, encode_images, save_weights
+    from near_ray.model.weights import CACHE_ENV, stage_weights
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    st = Storage()
+    uri = f"{bucket}/weights/near-tiny.safetensors"
+    staged = stage_weights(ModelConfig(arch="near-tiny", pretrained="synthetic"), uri, st)
+    assert staged == {**staged, "arch": "near-tiny", "pretrained": uri, "pixels_match": True}
+    images = [Image.fromarray(np.full((64, 64, 3), v, dtype=np.uint8)) for v in (30, 200)]
+    shipped = encode_images(create_clip(ModelConfig(arch="near-tiny", pretrained="synthetic")), images)
+    np.testing.assert_array_equal(encode_images(create_clip(ModelConfig(arch="near-tiny", pretrained=uri), st), images),
+                                  shipped)
+    (copy,) = (tmp_path / "cache").glob("*.safetensors")
+
+    random = create_clip(ModelConfig(arch="near-tiny", pretrained="random"))
+    copy.write_bytes(save_weights(random.model))  # the node's copy made recognisable: the next build reads it
+    again = encode_images(create_clip(ModelConfig(arch="near-tiny", pretrained=uri), st), images)
+    np.testing.assert_array_equal(again, encode_images(random, images))
+
+    other = ModelConfig(arch="near-tiny", pretrained="random", init_seed=5)
+    stage_weights(other, uri, st)  # the file replaced by other weights: a new ETag, read again
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    np.testing.assert_array_equal(encode_images(create_clip(ModelConfig(arch="near-tiny", pretrained=uri), st), images),
+                                  encode_images(create_clip(other), images))
+    st.delete(uri)
+    with pytest.raises(Exception, match="near-tiny.safetensors"):
+        create_clip(ModelConfig(arch="near-tiny", pretrained=uri), st)

@@ -84,9 +84,12 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
     stopping = False  # a stop was requested (`ray job stop`): the answers in flight land, nothing new is asked
     try:
         with stoppable() as stop:
-            for chunk in listing_chunks(cfg, storage):
-                answers = label_dataset(request_dataset(chunk, cfg, ledger, storage), cfg.label)
-                bar = Progress("label", len(chunk) * cfg.label.samples, "answers")
+            # One dataset over the whole listing, so one labeler pipeline: its engines (vLLM) or clients
+            # start once, not once per listing chunk (ten cold starts and pool drains at 1 M images).
+            items, listed = listing_dataset(cfg, storage)
+            if items is not None:
+                answers = label_dataset(request_dataset(items, cfg, ledger, storage), cfg.label)
+                bar = Progress("label", listed * cfg.label.samples, "answers")
                 for batch in answers.iter_batches(batch_format="pyarrow", batch_size=None):
                     if stop.requested and not stopping:
                         ledger.stop_asking()
@@ -218,10 +221,28 @@ def listing_chunks(cfg: RunConfig, storage: Storage) -> Iterator[list[dict[str, 
 
 
 # ------------------------------------------------------------------------------------------ requests
+def listing_dataset(cfg: RunConfig, storage: Storage) -> tuple[ray.data.Dataset | None, int]:
+    """The whole listing as one dataset of {uri, domain} rows, and its size (None, 0 when empty). The
+    driver holds one listing chunk (``label.listing_chunk``) at a time: each goes to the object store
+    as its own blocks, and the chunks are joined. One block = the images of about one labeler batch:
+    blocks flow to the actors (and answers back to the driver, which writes them) a batch at a time."""
+    import ray.data
+
+    per_block = max(1, cfg.label.batch_size // cfg.label.samples)
+    parts, listed = [], 0
+    for chunk in listing_chunks(cfg, storage):
+        parts.append(ray.data.from_items(chunk, override_num_blocks=math.ceil(len(chunk) / per_block)))
+        listed += len(chunk)
+    if not parts:
+        return None, 0
+    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), listed
+
+
 def request_dataset(
-    chunk: list[dict[str, str]], cfg: RunConfig, ledger: ResumeLedger, storage: Storage
+    items: list[dict[str, str]] | ray.data.Dataset, cfg: RunConfig, ledger: ResumeLedger, storage: Storage
 ) -> ray.data.Dataset:
-    """One chunk of URIs -> request rows (the backend seam's input), built in Ray Data tasks."""
+    """URIs ({uri, domain} rows, or a list of them) -> request rows (the backend seam's input), built in
+    Ray Data tasks."""
     import ray.data
 
     lc = cfg.label
@@ -231,11 +252,10 @@ def request_dataset(
         json_schema=schema_text(lc.openai.structured_output if lc.backend == "openai" else lc.vllm.guided_decoding),
         model=model_name(lc),
     )
-    # One block = the images of about one labeler batch: blocks flow to the actors (and answers back to
-    # the driver, which writes them) a batch at a time instead of a whole chunk at once.
-    per_block = max(1, lc.batch_size // lc.samples)
-    ds = ray.data.from_items(chunk, override_num_blocks=math.ceil(len(chunk) / per_block))
-    return ds.map_batches(
+    if isinstance(items, list):
+        per_block = max(1, lc.batch_size // lc.samples)
+        items = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block))
+    return items.map_batches(
         build_requests,
         fn_kwargs={"ledger": ledger, "storage": storage, "spec": spec},
         batch_size=None,

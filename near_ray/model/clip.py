@@ -152,10 +152,11 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
         return Clip(model, PixelSpec.for_model_config(config, tag_cfg), tokenizer, config)
     clip = clip_from_config(cfg, model_cfg.init_seed)
     if pretrained:
+        from near_ray.model.weights import read_weights
         from near_ray.storage import Storage as _Storage
 
-        try:
-            state = load_state_dict_bytes((storage or _Storage()).read_bytes(pretrained))
+        try:  # an s3:// file once per node (near_ray.model.weights)
+            state = load_state_dict_bytes(read_weights(pretrained, storage or _Storage()))
         except NearRayError as e:
             raise ModelError(f"model.pretrained: {e}") from e
         missing, unexpected = clip.model.load_state_dict(state, strict=False)

@@ -246,6 +246,22 @@ def test_fine_tuning_defaults_to_bf16_autocast_on_gpu() -> None:
     assert RunConfig().model.precision == "amp"  # the loop autocasts only on CUDA: CPU runs stay fp32
 
 
+def test_gpus_without_fast_bf16_get_fp16_autocast_with_a_gradient_scaler() -> None:
+    """model.precision: amp_fp16 (T4, V100): fp16 autocast and a scaled loss on CUDA; bf16 for amp; CPU
+    training stays fp32 whatever the setting."""
+    import torch
+
+    from near_ray.config import RunConfig
+    from near_ray.train.loop import autocast_settings
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert autocast_settings("amp", cuda) == (True, torch.bfloat16, False)
+    assert autocast_settings("amp_fp16", cuda) == (True, torch.float16, True)
+    assert autocast_settings("fp32", cuda) == (False, torch.float32, False)
+    assert {autocast_settings(p, cpu) for p in ("amp", "amp_fp16", "fp32")} == {(False, torch.float32, False)}
+    assert RunConfig.model_validate({"model": {"precision": "amp_fp16"}}).model.precision == "amp_fp16"
+
+
 # ------------------------------------------------------------------------------------------ the GPU check
 def test_the_gpu_check_skips_every_path_on_a_machine_without_a_gpu(tmp_path: Path) -> None:
     out = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--json", str(tmp_path / "r.json")],

@@ -100,8 +100,9 @@ class ModelConfig(Section):
         'the model, or from its cache), a tag near_ray ships ("synthetic" for near-tiny), a weights URI (local or '
         's3:// .safetensors), or "random" for random init')
     prompt_template: str = Field("a photo of a {}.", description="the text each name is encoded in ({} = the name)")
-    precision: Literal["fp32", "amp"] = Field(
-        "amp", description="amp: bf16 autocast where training runs on CUDA (fp32 on CPU); fp32 everywhere otherwise")
+    precision: Literal["fp32", "amp", "amp_fp16"] = Field(
+        "amp", description="amp: bf16 autocast where training runs on CUDA (fp32 on CPU); amp_fp16: fp16 autocast "
+        "with a gradient scaler, for GPUs without fast bf16 (T4, V100); fp32 everywhere otherwise")
     init_seed: int = Field(
         0, description="initialization of whatever the weights do not cover (all of it with `pretrained: random`)")
 

@@ -111,6 +111,20 @@ class EpochContext:
     amp: bool
     pixels: TrainPixels
     cached_text: torch.Tensor | None = None
+    amp_dtype: torch.dtype = torch.bfloat16
+    # fp16 autocast needs its loss scaled (its gradients underflow otherwise); disabled, it passes through
+    scaler: Any = None
+
+
+def autocast_settings(precision: str, device: torch.device) -> tuple[bool, torch.dtype, bool]:
+    """(autocast on, its dtype, gradient scaling on) for ``model.precision`` on ``device``: bf16 autocast on
+    CUDA for "amp" (Ampere and later); fp16 autocast with a gradient scaler for "amp_fp16" (GPUs without
+    fast bf16: T4, V100); fp32 on CPU and for "fp32"."""
+    if device.type != "cuda" or precision == "fp32":
+        return False, torch.float32, False
+    if precision == "amp_fp16":
+        return True, torch.float16, True
+    return True, torch.bfloat16, False
 
 
 def _maybe_fail(fault: FaultInjection | None, epoch: int) -> None:
@@ -283,7 +297,7 @@ def run_epoch(model, optimizer, shard, state: NearState, job: FineTuneJob, epoch
         all_reduce_(count)  # the global batch size, so that DDP's gradient mean is a mean over samples
         # the names of this batch's domains (all of them when the neighbours are found again in the text space)
         active = None if refresh else state.domain_mask[state.domain_of[idx]].any(dim=0)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+        with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.amp):
             img, txt = _text_features(model, ctx.tokens, ctx.cached_text, x,
                                       None if active is None or bool(active.all()) else active)
         logits = L.clip_logits(img.float(), txt.float(), ctx.scale, state.domain_mask[state.domain_of[idx]])
@@ -300,8 +314,13 @@ def run_epoch(model, optimizer, shard, state: NearState, job: FineTuneJob, epoch
             per, new_w = L.near_batch_loss(logp, w, cand, state.clean[idx], nb, tc.refine_alpha, tc.lambda_noisy,
                                            prior, tc.clean_loss)
         optimizer.zero_grad(set_to_none=True)
-        (per.sum() * ctx.world_size / count.clamp_min(1)).backward()
-        optimizer.step()
+        if ctx.scaler is not None:
+            ctx.scaler.scale(per.sum() * ctx.world_size / count.clamp_min(1)).backward()
+            ctx.scaler.step(optimizer)  # a step whose gradients overflowed is skipped, and the scale lowered
+            ctx.scaler.update()
+        else:
+            (per.sum() * ctx.world_size / count.clamp_min(1)).backward()
+            optimizer.step()
         probs = logp.detach().exp()
         W_new[idx] += state.at_sets(new_w.detach(), idx)
         own[idx] += state.at_sets(probs, idx)
@@ -376,8 +395,10 @@ def train_loop(config: dict[str, Any], session: Any = None) -> None:
     start = meta["epoch"] + 1
     meta["starts"] = meta["starts"] + [start]
     model = session.prepare_model(clip.model)
+    amp, amp_dtype, scaled = autocast_settings(job.model.precision, device)
     ctx = EpochContext(device=device, world_size=session.world_size, rank=session.rank, tokens=tokens, scale=scale,
-                       amp=device.type == "cuda" and job.model.precision == "amp", pixels=job.pixels)
+                       amp=amp, amp_dtype=amp_dtype, pixels=job.pixels,
+                       scaler=torch.amp.GradScaler("cuda") if scaled else None)  # a resume starts a new scale
     if tc.train_towers == "image":
         with torch.no_grad():  # frozen text tower: embed the vocabulary once
             ctx.cached_text = F.normalize(unwrap(model).encode_text(tokens).float(), dim=-1)

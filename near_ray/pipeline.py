@@ -167,6 +167,14 @@ def closing_summary(cfg: RunConfig, summary: dict[str, Any], shown: int = 6) -> 
         top = ", ".join(f"{n} {c}" for n, c in counts[:shown]) + (f", … {len(counts) - shown} more"
                                                                    if len(counts) > shown else "")
         lines.append(f"  {d:<{width}}  {len(counts)} names over {sum(c for _, c in counts)} images: {top}")
+    from near_ray.eval.collapse import collapse, collapse_message
+
+    vocab_uri = f"{(summary.get('outputs') or {}).get('bundle')}/vocabulary.json"
+    vocab = st.read_json(vocab_uri) if "classify" in summary and st.exists(vocab_uri) else []
+    warnings = [collapse_message(d, c, summary.get("select")) for d, counts in sorted(names.items())
+                if (c := collapse(counts, sum((v.get("domain") or "") == d for v in vocab)))]
+    if warnings:
+        lines.append("\nwarning: " + "\nwarning: ".join(warnings))
     label, refine = summary.get("label") or {}, summary.get("refine") or {}
     cascade = (summary.get("classify") or {}).get("mllm_spend_usd", 0.0)
     lines.append(f"\nimages labelled by the MLLM: {refine.get('images', '?')} (discovery set); MLLM this run: "

@@ -349,3 +349,41 @@ def test_page_in_headless_chromium(run_without_truth, tmp_path):
     keep = os.environ.get("NEAR_RAY_REVIEW_SCREENSHOT")  # where to copy the screenshot for a person to look at
     if keep:
         shutil.copy(shot, keep)
+
+
+def _named(domain_names: list[str], counts: dict[str, int]):
+    from collections import Counter
+
+    from near_ray.eval.review.gather import DomainData, ImageView
+
+    images = {}
+    for name, n in counts.items():
+        for i in range(n):
+            uri = f"/c/{name}-{i}.png"
+            images[uri] = ImageView(uri, said=[name, name], name=name, named_by="classify", clip={name: 0.9})
+    return DomainData("parts", "part", domain_names, [{"name": n, "domain": "parts", "support": 1} for n in domain_names],
+                      {}, [], "/b", images, {n: Counter() for n in domain_names}, {}, {}, None, False)
+
+
+def test_a_collapsed_classifier_is_called_out_with_its_likely_cause_and_the_fix():
+    """One name for most of the collection, no truth needed: the review's "Check these" box says so (the
+    run's closing summary prints the same message); a spread of names does not trip it."""
+    import html
+
+    from near_ray.eval.collapse import collapse, collapse_message
+    from near_ray.eval.review.evidence import review_domain
+    from near_ray.eval.review.page import _check_box
+
+    names = ["Bent Bolt", "Cracked Washer", "Rusty Nut", "Worn Gear"]
+    r = review_domain(_named(names, {"Rusty Nut": 34, "Bent Bolt": 4, "Worn Gear": 2}), {"refine": 1, "train": 1}, 5)
+    assert r.collapse == {"name": "Rusty Nut", "share": 0.85, "images": 40, "names_used": 3, "vocabulary": 4}
+    box = html.unescape(_check_box(r, "d0", {}))
+    assert "One name for most images." in box and "'Rusty Nut' names 85% of 40 images (3 of 4 names in use)" in box
+    assert "model.arch / model.pretrained" in box
+    spread = review_domain(_named(names, {"Rusty Nut": 14, "Bent Bolt": 12, "Worn Gear": 14}), {"refine": 1, "train": 1}, 5)
+    assert spread.collapse is None and "One name for most images" not in _check_box(spread, "d0", {})
+    assert collapse([("A", 8), ("B", 1)], 5) is None  # too few images to tell
+    assert collapse([("A", 90), ("B", 10)], 2) is None  # a two-name vocabulary is left alone
+    held = {"chosen": "near", "held_out": 20, "candidates": {"near": {"agreement": 0.31}}}
+    assert "agreed with the MLLM on 31% of 20 held-out discovery images" in collapse_message(
+        "parts", collapse([("A", 90), ("B", 10)], 5), held)

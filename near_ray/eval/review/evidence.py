@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from near_ray.eval.collapse import collapse
 from near_ray.eval.metrics import contingency
 from near_ray.eval.review.gather import DomainData, ImageView
 from near_ray.names import majority_label
@@ -65,6 +66,7 @@ class DomainReview:
     suspect_count: int  # every image under the threshold
     unnamed: int
     accuracy: dict[str, Any] | None
+    collapse: dict[str, Any] | None = None  # one name for most images (near_ray.eval.collapse)
 
 
 def _share(names: list[str]) -> dict[str, float]:
@@ -184,6 +186,8 @@ def review_domain(data: DomainData, cfg_min: dict[str, int], suspects: int) -> D
         accuracy = {"images": len(with_truth), "correct": correct,
                     "cacc": correct / len(with_truth) if with_truth else None,
                     "suspects_wrong": sum(v.truth != match.get(v.name or "") for v in ranked[:suspects] if v.truth)}
+    counts = sorted(((s.name, len(s.images)) for s in summaries), key=lambda x: (-x[1], x[0]))
     return DomainReview(data, summaries, _changes(data, cfg_min), ranked[:suspects], len(ranked),
-                        sum(v.name is None for v in data.images.values()), accuracy)
+                        sum(v.name is None for v in data.images.values()), accuracy,
+                        collapse(counts, len(data.names)) if any(v.named_by == "classify" for v in named) else None)
 

@@ -92,6 +92,11 @@ def _pruned_first(r: DomainReview) -> list[Change]:
 
 def _check_box(r: DomainReview, did: str, thumbs: dict[str, str | None]) -> str:
     items = []
+    if r.collapse:
+        from near_ray.eval.collapse import collapse_message
+
+        items.append(f'<li class="check-collapse"><b>One name for most images.</b> '
+                     f"{esc(collapse_message(r.data.name, r.collapse))}</li>")
     pruned = _pruned_first(r)
     lost = [c for c in pruned if c.majority >= LOST_CLASS_IMAGES][:CHECK_PRUNED]
     for c in lost:

@@ -288,3 +288,34 @@ def test_the_gpu_check_rehearses_every_path_on_cpus(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr[-6000:]
     assert [r["status"] for r in report["paths"].values()] == ["ok"] * len(paths.split(",")), report
     assert "16/16" in report["paths"].get("vllm", {"result": "16/16"})["result"]
+
+
+# ------------------------------------------------------------------------------------------ the first tier
+def test_the_first_tier_runs_the_compute_core_without_ray_on_cpus(tmp_path: Path) -> None:
+    """scripts/gpu_check_core.py, rehearsed on the CPU at toy sizes: every section runs the product's own
+    functions (the device rule, the embedder path, exact kNN, the training loop in process with a resume,
+    a bundle round trip), writes its JSON, and never imports ray."""
+    out = tmp_path / "core.json"
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check_core.py"), "--rehearse-on-cpu",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(out.read_text())
+    assert report["ray_imported"] is False
+    sections = report["sections"]
+    assert list(sections) == ["device", "embed", "knn", "train", "bundle"]
+    assert {s["status"] for s in sections.values()} == {"ok"}
+    assert sections["knn"]["2000"]["recall_at_10"] == 1.0  # exact search
+    assert sections["train"]["resume"] == {"starts": [0, 1], "epochs": 2}
+    assert sections["bundle"]["top1_agreement_with_cpu_fp32"] == 1.0
+
+
+def test_the_wheel_list_for_a_bare_gpu_machine_is_pinned_and_small() -> None:
+    run = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check_wheels.sh"), "/nonexistent", "--dry-run"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    pins = [line for line in run.stdout.splitlines() if "==" in line and " " not in line]
+    assert {p.split("==")[0].lower().replace("_", "-") for p in pins} >= {"open-clip-torch", "ftfy", "wcwidth",
+                                                                          "pydantic", "pydantic-core"}
+    constraints = (REPO / "constraints" / "cpu.txt").read_text().lower()
+    assert all(p.lower() in constraints for p in pins)  # the project's own pins
+    assert "pip download --no-deps --only-binary=:all:" in run.stdout and not Path("/nonexistent").exists()

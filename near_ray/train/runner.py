@@ -199,10 +199,10 @@ class InProcessSession:
     Checkpoints are copied to ``folder`` (latest kept), so the run still resumes and exports the same way.
     """
 
-    def __init__(self, dataset: Any, folder: str) -> None:
+    def __init__(self, dataset: Any, folder: str, device: str = "cpu") -> None:
         import torch
 
-        self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
+        self.rank, self.world_size, self.device = 0, 1, torch.device(device)
         self._dataset, self.folder = dataset, Path(folder)
 
     def checkpoint_dir(self) -> Any:
@@ -221,6 +221,29 @@ class InProcessSession:
             shutil.copytree(folder, tmp)
             shutil.rmtree(self.folder, ignore_errors=True)
             tmp.rename(self.folder)
+
+
+class MemoryShard:
+    """A worker's shard held in memory, for the loops without Ray Data (the GPU check's first tier, which
+    runs on a machine with torch and no Ray): ``iter_batches`` as Ray Data's, its local shuffle a seeded
+    permutation of the whole shard."""
+
+    def __init__(self, columns: dict[str, Any]) -> None:
+        self.columns = columns
+        self.rows = len(next(iter(columns.values())))
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = False,
+                     prefetch_batches: int = 0, local_shuffle_buffer_size: int | None = None,
+                     local_shuffle_seed: int | None = None) -> Any:
+        import numpy as np
+
+        order = (np.random.default_rng(local_shuffle_seed).permutation(self.rows) if local_shuffle_buffer_size
+                 else np.arange(self.rows))
+        for i in range(0, self.rows, batch_size):
+            rows = order[i : i + batch_size]
+            if drop_last and len(rows) < batch_size:
+                break
+            yield {k: v[rows] for k, v in self.columns.items()}
 
 
 def set_threads(tc: TrainConfig) -> None:

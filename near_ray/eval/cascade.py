@@ -22,7 +22,7 @@ from near_ray.classify.calibration import expected_calibration_error, temperatur
 from near_ray.classify.cascade import mllm_answers
 from near_ray.config import RunConfig
 from near_ray.errors import NearRayError
-from near_ray.eval.metrics import by_domain, contingency
+from near_ray.eval.metrics import by_domain, hungarian_match
 from near_ray.storage import Storage, is_s3, join
 
 if TYPE_CHECKING:
@@ -120,15 +120,11 @@ def _test_ece(domains: list[str], truth: list[str], clip: list[str | None], conf
               bundle: Bundle, probs: list[np.ndarray | None]) -> dict[str, Any]:  # fmt: skip
     """ECE of the raw and the calibrated confidence on the test split; an answer is correct when its
     name is matched to the true class by the Hungarian assignment (the one cACC counts)."""
-    from scipy.optimize import linear_sum_assignment
-
     if not readable:
         return {}
     true = [f"{domains[i]}/{truth[i]}" for i in readable]
     pred = [f"{domains[i]}/{clip[i]}" for i in readable]
-    counts, pred_labels, true_labels = contingency(true, pred)
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    match = {pred_labels[r]: true_labels[c] for r, c in zip(rows, cols, strict=True)}
+    match = hungarian_match(true, pred)[0]
     correct = np.array([match.get(p) == t for p, t in zip(pred, true, strict=True)], dtype=float)
     raw = np.array([float(np.max(probs[i])) for i in readable])
     return {"test_ece_before": round(expected_calibration_error(raw, correct), 6),

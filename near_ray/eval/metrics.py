@@ -25,15 +25,30 @@ log = logging.getLogger(__name__)
 NO_PREDICTION = "<none>"
 
 
-def contingency(y_true: Sequence[Any], y_pred: Sequence[Any]) -> tuple[np.ndarray, list, list]:
-    """Counts [n_pred, n_true] and the label lists of both axes (labels may be strings)."""
+def contingency(y_true: Sequence[Any], y_pred: Sequence[Any],
+                weights: Sequence[float] | None = None) -> tuple[np.ndarray, list, list]:
+    """Counts [n_pred, n_true] (or summed ``weights``) and the label lists of both axes (labels may be strings)."""
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} true labels but {len(y_pred)} predictions")
     pred_labels, pi = np.unique(np.array([_key(p) for p in y_pred], dtype=object), return_inverse=True)
     true_labels, ti = np.unique(np.array([_key(t) for t in y_true], dtype=object), return_inverse=True)
-    counts = np.zeros((len(pred_labels), len(true_labels)), dtype=np.int64)
-    np.add.at(counts, (pi, ti), 1)
+    counts = np.zeros((len(pred_labels), len(true_labels)), dtype=np.int64 if weights is None else np.float64)
+    np.add.at(counts, (pi, ti), 1 if weights is None else np.asarray(weights, dtype=np.float64))
     return counts, list(pred_labels), list(true_labels)
+
+
+def hungarian_match(y_true: Sequence[Any], y_pred: Sequence[Any],
+                    weights: Sequence[float] | None = None) -> tuple[dict[str, str], float]:
+    """cACC's matching: the one-to-one assignment of predicted labels to true ones that covers the most images
+    (or weight). Returns predicted -> true for the pairs sharing at least one image, and the matched count."""
+    from scipy.optimize import linear_sum_assignment
+
+    if len(y_true) == 0:
+        return {}, 0.0
+    counts, pred, true = contingency(y_true, y_pred, weights)
+    rows, cols = linear_sum_assignment(counts, maximize=True)  # rectangular matrices are fine
+    return ({str(pred[r]): str(true[c]) for r, c in zip(rows, cols, strict=True) if counts[r, c] > 0},
+            float(counts[rows, cols].sum()))
 
 
 def _key(label: Any) -> str:
@@ -42,13 +57,9 @@ def _key(label: Any) -> str:
 
 def cluster_accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
     """cACC: matched images / N under the Hungarian one-to-one assignment of predicted names to classes."""
-    from scipy.optimize import linear_sum_assignment
-
     if len(y_true) == 0:
         return float("nan")
-    counts, _, _ = contingency(y_true, y_pred)
-    rows, cols = linear_sum_assignment(counts, maximize=True)  # rectangular matrices are fine
-    return float(counts[rows, cols].sum() / len(y_true))
+    return hungarian_match(y_true, y_pred)[1] / len(y_true)
 
 
 def nmi(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:

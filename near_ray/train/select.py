@@ -92,20 +92,15 @@ def grouping_agreement(predicted: dict[str, str | None], own: dict[str, list[str
     the names: in each domain, the best one-to-one matching of predicted names to majority answers
     (Hungarian, as cACC matches clusters to classes), each image weighing its consistency c_i; the
     matched weight over the total."""
-    from scipy.optimize import linear_sum_assignment
+    from near_ray.eval.metrics import hungarian_match
 
     matched = total = 0.0
     for d in sorted(set(domain.values())):
         ids = [i for i in predicted if domain[i] == d]
-        preds = sorted({str(predicted[i]) for i in ids})
-        majors = sorted({Counter(own[i]).most_common(1)[0][0] for i in ids})
-        w = np.zeros((len(preds), len(majors)))
-        for i in ids:
-            c = consistency(own[i])
-            w[preds.index(str(predicted[i])), majors.index(Counter(own[i]).most_common(1)[0][0])] += c
-            total += c
-        rows, cols = linear_sum_assignment(w, maximize=True)
-        matched += float(w[rows, cols].sum())
+        weights = [consistency(own[i]) for i in ids]
+        matched += hungarian_match([Counter(own[i]).most_common(1)[0][0] for i in ids],
+                                   [predicted[i] for i in ids], weights)[1]
+        total += sum(weights)
     return round(matched / total, 6) if total else 0.0
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from near_ray.eval.collapse import collapse
-from near_ray.eval.metrics import contingency
+from near_ray.eval.metrics import hungarian_match
 from near_ray.eval.review.gather import DomainData, ImageView
 from near_ray.names import majority_label
 
@@ -104,14 +104,8 @@ def score_images(data: DomainData) -> None:
 
 def _truth_match(named: list[ImageView]) -> dict[str, str]:
     """Name -> the true class the Hungarian matching (cACC's) gives it, over the images with truth."""
-    from scipy.optimize import linear_sum_assignment
-
     pairs = [(v.name or NO_NAME, v.truth) for v in named if v.truth is not None]
-    if not pairs:
-        return {}
-    counts, pred, true = contingency([t for _, t in pairs], [p for p, _ in pairs])
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    return {str(pred[r]): str(true[c]) for r, c in zip(rows, cols, strict=True) if counts[r, c] > 0}
+    return hungarian_match([t for _, t in pairs], [p for p, _ in pairs])[0]
 
 
 def _destinations(images: list[ImageView]) -> Counter:

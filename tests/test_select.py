@@ -87,6 +87,8 @@ def _rotate_names(st: Storage, bundle: str) -> None:
     st.write_json(f"{bundle}/vocabulary.json", vocab)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # two whole runs and four trainings: minutes alone, more beside other work
 def test_run_chooses_without_truth_trains_the_choice_on_everything_and_follows_the_agreement(ray_cluster, tmp_path,
                                                                                              capsys):
     st = Storage()

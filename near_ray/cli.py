@@ -203,7 +203,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_stage_weights(args: argparse.Namespace) -> dict[str, Any]:
-    from near_ray.model.weights import stage_weights
+    from near_ray.model.staging import stage_weights
     from near_ray.storage import storage_for
 
     cfg = _config(args)

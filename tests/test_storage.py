@@ -142,7 +142,8 @@ def test_s3_weights_are_read_once_per_node_and_again_when_the_file_changes(bucke
 
     from near_ray.config import ModelConfig
     from near_ray.model.clip import create_clip, encode_images, save_weights
-    from near_ray.model.weights import CACHE_ENV, stage_weights
+    from near_ray.model.staging import stage_weights
+    from near_ray.model.weights import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     st = Storage()

@@ -65,7 +65,7 @@ def bundle_for(cfg: RunConfig, domain: str) -> str:
         if domain not in cc.bundles:
             raise ClassifyError(f"classify.bundles: no bundle for domain '{domain}' (it maps {sorted(cc.bundles)})")
         return cc.bundles[domain]
-    from near_ray.train.select import served_method
+    from near_ray.chosen import served_method
 
     return cc.bundle or cfg.artifact(f"bundles/{served_method(cfg)}")
 

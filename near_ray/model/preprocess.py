@@ -190,3 +190,16 @@ def encode_pixels(model: Any, pixels: torch.Tensor, device: Any) -> np.ndarray:
 
 def _device_type(device: Any) -> str:
     return getattr(device, "type", None) or str(device).split(":")[0]
+
+
+def autocast_settings(precision: str, device: Any) -> tuple[bool, Any, bool]:
+    """Training's precision rule (``model.precision``; inference follows ``precision`` above): (autocast on,
+    its dtype, gradient scaling on) on ``device``. bf16 autocast on CUDA for "amp" (Ampere and later); fp16
+    autocast with a gradient scaler for "amp_fp16" (GPUs without fast bf16: T4); fp32 on CPU and for "fp32"."""
+    import torch
+
+    if _device_type(device) != "cuda" or precision == "fp32":
+        return False, torch.float32, False
+    if precision == "amp_fp16":
+        return True, torch.float16, True
+    return True, torch.bfloat16, False

@@ -97,7 +97,7 @@ def resolved_settings(cfg: RunConfig) -> ServeConfig:
     """The serve section with the default bundle filled in: ``{workdir}/bundles/<train.method>``."""
     settings = cfg.serve.model_copy()
     if not settings.bundles and not settings.bundle:
-        from near_ray.train.select import served_method
+        from near_ray.chosen import served_method
 
         settings.bundle = cfg.artifact(f"bundles/{served_method(cfg)}")
     return settings

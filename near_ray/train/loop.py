@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from near_ray.model.preprocess import autocast_settings
 from near_ray.train import loss as L
 from near_ray.train.checkpoint import load_checkpoint, unwrap
 from near_ray.train.data import CandidateArrays, TrainPixels, to_pixels
@@ -112,19 +113,7 @@ class EpochContext:
     pixels: TrainPixels
     cached_text: torch.Tensor | None = None
     amp_dtype: torch.dtype = torch.bfloat16
-    # fp16 autocast needs its loss scaled (its gradients underflow otherwise); disabled, it passes through
-    scaler: Any = None
-
-
-def autocast_settings(precision: str, device: torch.device) -> tuple[bool, torch.dtype, bool]:
-    """(autocast on, its dtype, gradient scaling on) for ``model.precision`` on ``device``: bf16 autocast on
-    CUDA for "amp" (Ampere and later); fp16 autocast with a gradient scaler for "amp_fp16" (GPUs without
-    fast bf16: T4, V100); fp32 on CPU and for "fp32"."""
-    if device.type != "cuda" or precision == "fp32":
-        return False, torch.float32, False
-    if precision == "amp_fp16":
-        return True, torch.float16, True
-    return True, torch.bfloat16, False
+    scaler: Any = None  # fp16 autocast: its loss scaled (its gradients underflow otherwise)
 
 
 def _maybe_fail(fault: FaultInjection | None, epoch: int) -> None:
@@ -246,12 +235,9 @@ def _reverse(neighbours: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
 
 def _text_features(model: torch.nn.Module, tokens: torch.Tensor, cached: torch.Tensor | None, x: torch.Tensor,
                    active: torch.Tensor | None = None):
-    """(image features, text features): through the (DDP) forward so gradients of both towers sync.
-
-    ``active`` ([V] bool, the names of the batch's domains) sends only those names through the text
-    tower; the others' rows are zeros, which no logit reads (each sample's logits are masked to its own
-    domain's names), so the loss and its gradients are the same at a fraction of the cost: with many
-    domains, the text tower's work and kept activations per step are bounded by the batch's domains."""
+    """(image features, text features), through the (DDP) forward so both towers' gradients sync. ``active``
+    ([V] bool: the batch's domains' names) sends only those through the text tower; the other rows are
+    zeros no logit reads (logits are masked to a sample's domain): the same loss and gradients."""
     if cached is not None:
         img, _, _ = model(x, None)[:3]
         return img, cached
@@ -295,8 +281,7 @@ def run_epoch(model, optimizer, shard, state: NearState, job: FineTuneJob, epoch
         x = to_pixels(batch["image"], idx, ctx.pixels, tc.seed, epoch)
         count = torch.tensor([float(len(idx))], device=device)
         all_reduce_(count)  # the global batch size, so that DDP's gradient mean is a mean over samples
-        # the names of this batch's domains (all of them when the neighbours are found again in the text space)
-        active = None if refresh else state.domain_mask[state.domain_of[idx]].any(dim=0)
+        active = None if refresh else state.domain_mask[state.domain_of[idx]].any(dim=0)  # the batch's domains
         with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.amp):
             img, txt = _text_features(model, ctx.tokens, ctx.cached_text, x,
                                       None if active is None or bool(active.all()) else active)
@@ -314,13 +299,10 @@ def run_epoch(model, optimizer, shard, state: NearState, job: FineTuneJob, epoch
             per, new_w = L.near_batch_loss(logp, w, cand, state.clean[idx], nb, tc.refine_alpha, tc.lambda_noisy,
                                            prior, tc.clean_loss)
         optimizer.zero_grad(set_to_none=True)
-        if ctx.scaler is not None:
-            ctx.scaler.scale(per.sum() * ctx.world_size / count.clamp_min(1)).backward()
-            ctx.scaler.step(optimizer)  # a step whose gradients overflowed is skipped, and the scale lowered
-            ctx.scaler.update()
-        else:
-            (per.sum() * ctx.world_size / count.clamp_min(1)).backward()
-            optimizer.step()
+        loss = per.sum() * ctx.world_size / count.clamp_min(1)
+        (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
+        ctx.scaler.step(optimizer) if ctx.scaler else optimizer.step()  # fp16: an overflowed step is skipped
+        ctx.scaler.update() if ctx.scaler else None
         probs = logp.detach().exp()
         W_new[idx] += state.at_sets(new_w.detach(), idx)
         own[idx] += state.at_sets(probs, idx)

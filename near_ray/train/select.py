@@ -35,13 +35,12 @@ from typing import Any
 
 import numpy as np
 
+from near_ray.chosen import CHOICE, FOLDER
 from near_ray.config import RunConfig
 from near_ray.storage import Storage, join, storage_for
 
 log = logging.getLogger(__name__)
 
-FOLDER = "select"
-CHOICE = "choice.json"
 
 
 # ------------------------------------------------------------------------------------------ the split
@@ -233,13 +232,3 @@ def run_select(cfg: RunConfig, in_process: bool = False) -> dict[str, Any]:
     log.info("select: %s chosen by %s (%s)", chosen, cfg.train.select_rule,
              ", ".join(f"{m} {s['agreement']:.3f}/{s['grouping']:.3f}" for m, s in scores.items()))
     return choice
-
-
-def served_method(cfg: RunConfig, st: Storage | None = None) -> str:
-    """The method whose bundle a run serves and names the collection with: the label-free choice when
-    ``train.select`` is set and a choice was made, else ``train.method``."""
-    if not cfg.train.select:
-        return cfg.train.method
-    st = st or storage_for(cfg)
-    uri = cfg.artifact(f"{FOLDER}/{CHOICE}")
-    return st.read_json(uri).get("chosen", cfg.train.method) if st.exists(uri) else cfg.train.method

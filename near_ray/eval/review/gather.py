@@ -88,7 +88,7 @@ def _read_json(st: Storage, uri: str, default: Any = None) -> Any:
 def _bundle_uri(cfg: RunConfig, domain: str) -> str:
     # classify's routing rule (near_ray.classify.stage.bundle_for), without importing that stage's Ray code
     cc = cfg.classify
-    from near_ray.train.select import served_method
+    from near_ray.chosen import served_method
 
     return cc.bundles.get(domain) or cc.bundle or cfg.artifact(f"bundles/{served_method(cfg)}")
 

@@ -212,13 +212,13 @@ def run_select(cfg: RunConfig, in_process: bool = False) -> dict[str, Any]:
     own = {r["image_id"]: list(r["own_labels"]) for r in rows}
     domain = {r["image_id"]: r["domain"] or "" for r in rows}
     scores: dict[str, dict[str, Any]] = {}
+    fit_summary = st.read_json(sel.artifact("refine/_summary.json"))  # read once: every candidate checks it
     for method in order:
         mcfg = sel.model_copy(deep=True)
         mcfg.train.method = method
         bundle_uri = mcfg.artifact(f"bundles/{method}")
-        fp = st.read_json(sel.artifact("refine/_summary.json"))["fingerprint"]
         metrics_uri = join(bundle_uri, "metrics.json")
-        if not (st.exists(metrics_uri) and st.read_json(metrics_uri).get("refine_fingerprint") == fp):
+        if not (st.exists(metrics_uri) and st.read_json(metrics_uri).get("refine_fingerprint") == fit_summary["fingerprint"]):
             run_train(mcfg, in_process=in_process)
         names = _held_out_names(load_bundle(bundle_uri, st), rows, images)
         scores[method] = {**agreement(names, own), "grouping": grouping_agreement(names, own, domain)}
@@ -226,7 +226,7 @@ def run_select(cfg: RunConfig, in_process: bool = False) -> dict[str, Any]:
                  scores[method]["agreement"], scores[method]["grouping"], len(rows))
     chosen = choose(scores, order, cfg.train.select_rule)
     choice = {"chosen": chosen, "candidates": scores, "order": order, "held_out": len(held_out),
-              "fit_images": st.read_json(sel.artifact("refine/_summary.json")).get("fit_images"),
+              "fit_images": fit_summary.get("fit_images"),
               "holdout_fraction": cfg.train.select_holdout, "rule": cfg.train.select_rule}
     st.write_json(cfg.artifact(f"{FOLDER}/{CHOICE}"), choice)
     log.info("select: %s chosen by %s (%s)", chosen, cfg.train.select_rule,

@@ -183,8 +183,9 @@ def bench(s3_endpoint):
     root = f"s3://{name}/bench"
     generate(out=root, domains=["birds", "flowers"], species=3, images_per_species=4, image_size=64, seed=0,
              test_fraction=0.5, storage=Storage())
-    # Slow answers (2 in flight, 1.5 s each) keep the labeling going long enough to stop it half-way.
-    with AnnotatorServer(root, profile="strong", seed=0, faults={"latency_s": 1.5}) as annotator:
+    # Slow answers (2 in flight, 2.5 s each: 30 s for the 24) keep the labeling going long enough to
+    # stop it half-way, however slowly `ray job stop` starts on a loaded machine.
+    with AnnotatorServer(root, profile="strong", seed=0, faults={"latency_s": 2.5}) as annotator:
         yield {"bucket": f"s3://{name}", "root": root, "annotator": annotator}
 
 
@@ -196,8 +197,8 @@ def run_config(bench: dict[str, Any], workdir: str) -> dict[str, Any]:
             {"name": d, "uri": f"{root}/images/{d}/train", "meta_class": m, "truth": f"{root}/truth.parquet"}
             for d, m in (("birds", "bird"), ("flowers", "flower"))
         ]},
-        # Listing chunks of 4 images: a stop lets the chunk in flight finish (Ray Data builds a tiny
-        # chunk's requests at once) and asks nothing of the chunks after it.
+        # Ray Data builds every request of so small a listing at once: a stop must still ask only
+        # what the labeler already sent (its batches in flight), nothing of what waits for it.
         "label": {"samples": 2, "batch_size": 2, "batches_per_actor": 1, "flush_interval_s": 1.0, "listing_chunk": 4,
                   "openai": {"base_url": bench["annotator"].base_url, "api_key_env": None, "concurrency": 2}},
         "model": {"arch": "near-tiny", "pretrained": "random"},

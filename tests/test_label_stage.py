@@ -372,3 +372,38 @@ def test_a_listing_of_many_chunks_starts_the_labeler_pool_once(ray_cluster, benc
         assert len(started) == 1, f"{len(started)} labeler actors for one pool of 1"
         assert summary["mllm_calls"] == len(truth) * SAMPLES == ann.stats()["requests"]
         assert set(read_labels(cfg)["uri"]) == set(truth)
+
+
+def test_a_stop_pays_only_for_the_requests_in_flight(ray_cluster, bench, tmp_path, perfect_profile):
+    """`ray job stop` while labeling: Ray Data has built every request of this small listing ahead of
+    the labeler, yet the stop asks nothing more than the batches the labeler had already sent; every
+    answer paid for is on storage, and a re-run asks exactly the rest."""
+    import threading
+
+    from near_ray.runtime import request_stop
+
+    truth = _truth(bench)
+    # 1.5 s an answer, 2 at a time: 18 s for the 24 requests without a stop.
+    with AnnotatorServer(bench, profile=perfect_profile, seed=0, faults={"latency_s": 1.5}) as ann:
+        cfg = _cfg(str(tmp_path / "run"), ann.base_url, _domains(bench), "label.pool_size=1", "label.batch_size=2",
+                   "label.batches_per_actor=1", "label.openai.concurrency=2", "label.flush_interval_s=0.5")
+
+        def stop_after_the_first_answers() -> None:
+            deadline = time.monotonic() + 120
+            while ann.stats()["requests"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            while not request_stop() and time.monotonic() < deadline:  # once the stage can wind down
+                time.sleep(0.05)
+
+        stopper = threading.Thread(target=stop_after_the_first_answers, daemon=True)
+        stopper.start()
+        with pytest.raises(KeyboardInterrupt, match="every answer received is on storage"):
+            run_label(cfg)
+        stopper.join()
+        paid = ann.stats()["requests"]
+        on_storage = len(read_labels(cfg))
+        assert paid == on_storage, "an answer paid for was not written"
+        assert paid <= 3 * SAMPLES, f"{paid} of {len(truth) * SAMPLES} requests paid after a stop in the first batch"
+        summary = run_label(cfg)
+        assert summary["mllm_calls"] == len(truth) * SAMPLES - paid == ann.stats()["requests"] - paid
+        assert len(read_labels(cfg)) == len(truth) * SAMPLES

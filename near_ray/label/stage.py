@@ -69,7 +69,7 @@ class ManifestError(NearRayError):
 # ------------------------------------------------------------------------------------------ the stage
 def run_label(cfg: RunConfig) -> dict[str, Any]:
     """Label every image of every domain; resumable, see the module docstring. Returns the run summary."""
-    from near_ray.runtime import ensure_ray, stoppable
+    from near_ray.runtime import StopSignal, ensure_ray, stoppable
 
     storage = storage_for(cfg)
     check_domains(cfg, storage)  # before starting anything
@@ -88,20 +88,23 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
             # start once, not once per listing chunk (ten cold starts and pool drains at 1 M images).
             items, listed = listing_dataset(cfg, storage)
             if items is not None:
-                answers = label_dataset(request_dataset(items, cfg, ledger, storage), cfg.label)
-                bar = Progress("label", listed * cfg.label.samples, "answers")
-                for batch in answers.iter_batches(batch_format="pyarrow", batch_size=None):
-                    if stop.requested and not stopping:
-                        ledger.stop_asking()
-                        stopping = True
-                        log.info("label: stopping: no new requests; writing the answers to those already built")
-                    rows = label_rows(batch, cfg.label.prompt_version, model)
-                    stats.add_calls(rows, batch)
-                    writer.add(rows)
-                    bar.update(len(rows), f"{stats.calls} MLLM calls, {writer.rows_written} rows written")
-                    if stats.due():
-                        writer.add(ledger.drain_bad())
-                bar.close()
+                # Ray Data builds requests ahead of the labelers; on a stop the labelers drop what
+                # they have not sent, so the stop pays for the requests in flight only.
+                with StopSignal().following(stop) as signal:
+                    answers = label_dataset(request_dataset(items, cfg, ledger, storage), cfg.label, signal)
+                    bar = Progress("label", listed * cfg.label.samples, "answers")
+                    for batch in answers.iter_batches(batch_format="pyarrow", batch_size=None):
+                        if stop.requested and not stopping:
+                            ledger.stop_asking()
+                            stopping = True
+                            log.info("label: stopping: no new requests; writing the answers to those in flight")
+                        rows = label_rows(batch, cfg.label.prompt_version, model)
+                        stats.add_calls(rows, batch)
+                        writer.add(rows)
+                        bar.update(len(rows), f"{stats.calls} MLLM calls, {writer.rows_written} rows written")
+                        if stats.due():
+                            writer.add(ledger.drain_bad())
+                    bar.close()
                 if stop.requested:
                     writer.add(ledger.drain_bad())
                     raise KeyboardInterrupt("label: stopped; every answer received is on storage")

@@ -1,6 +1,8 @@
-"""MLLM backends behind one seam: ``label_dataset(ds, cfg) -> ds``.
+"""MLLM backends behind one seam: ``label_dataset(ds, cfg, stop) -> ds``.
 
-A backend module exposes ``label_dataset(ds: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset``.
+A backend module exposes ``label_dataset(ds: ray.data.Dataset, cfg: LabelConfig, stop: StopSignal | None)
+-> ray.data.Dataset``. Once ``stop`` is set (the job is stopping) it asks nothing new: rows it has not
+sent yet are dropped, not answered, so a resumed run asks them.
 
 Input rows (one per image x sample), built by the label stage:
     image_id, uri, domain, sample, seed, temperature, system_prompt, user_prompt,
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from near_ray.config import LabelConfig
+    from near_ray.runtime import StopSignal
 
 # The request row contract (the label stage builds these rows, every backend reads them).
 REQUEST_SCHEMA = pa.schema(
@@ -51,7 +54,7 @@ INPUT_COLUMNS = tuple(REQUEST_SCHEMA.names)
 
 _MODULES = {"openai": "near_ray.label.backends.openai", "vllm": "near_ray.label.backends.vllm"}
 
-LabelDataset = Callable[["ray.data.Dataset", "LabelConfig"], "ray.data.Dataset"]
+LabelDataset = Callable[["ray.data.Dataset", "LabelConfig", "StopSignal | None"], "ray.data.Dataset"]
 
 
 class BackendError(NearRayError):
@@ -72,3 +75,9 @@ def get_backend(name: str) -> LabelDataset:
 def model_name(cfg: LabelConfig) -> str:
     """The model recorded in the labels table, part of each label's identity for resuming."""
     return cfg.openai.model if cfg.backend == "openai" else cfg.vllm.model_source
+
+
+def stop_gate(batch: pa.Table, stop: StopSignal) -> pa.Table:
+    """Ray Data map: the batch, or no rows once the job is stopping (for backends that cannot check
+    the stop inside their own workers)."""
+    return batch.slice(0, 0) if stop.is_set() else batch

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from near_ray.config import LabelConfig, OpenAIBackendConfig
+    from near_ray.runtime import StopSignal
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -195,8 +196,9 @@ def _result(answer: str | None, error: str | None, usage: dict[str, Any], latenc
 class OpenAILabeler:
     """Ray Data actor: one event loop, one HTTP session, concurrent requests for every batch it holds."""
 
-    def __init__(self, cfg: OpenAIBackendConfig) -> None:
+    def __init__(self, cfg: OpenAIBackendConfig, stop: StopSignal | None = None) -> None:
         self.cfg = cfg
+        self.stop = stop
         self._client: ChatClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -204,6 +206,8 @@ class OpenAILabeler:
         if self._client is None:  # the session must be created on the loop that uses it
             self._client = ChatClient(self.cfg)
             self._loop = asyncio.get_running_loop()
+        if self.stop is not None and await self.stop.is_set_async():
+            return with_results(batch.slice(0, 0), [])  # the job is stopping: this batch is not asked
         rows = batch.select(list(INPUT_COLUMNS)).to_pylist()
         results = await asyncio.gather(*(self._client.label(r) for r in rows))
         return with_results(batch, results)
@@ -225,14 +229,15 @@ def with_results(batch: pa.Table, results: list[dict[str, Any]]) -> pa.Table:
     return out
 
 
-def label_dataset(ds: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset:
-    """The backend seam (see near_ray.label.backends): ask the endpoint about every row of ``ds``."""
+def label_dataset(ds: ray.data.Dataset, cfg: LabelConfig, stop: StopSignal | None = None) -> ray.data.Dataset:
+    """The backend seam (see near_ray.label.backends): ask the endpoint about every row of ``ds``; once
+    ``stop`` is set, a batch not yet sent is dropped (no row: a resumed run asks it)."""
     import ray.data
 
     per_actor = max(cfg.batches_per_actor, math.ceil(cfg.openai.concurrency / cfg.batch_size) * 2)
     return ds.map_batches(
         OpenAILabeler,
-        fn_constructor_kwargs={"cfg": cfg.openai},
+        fn_constructor_kwargs={"cfg": cfg.openai, "stop": stop},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,

@@ -38,7 +38,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from near_ray.errors import NearRayError
-from near_ray.label.backends import INPUT_COLUMNS, model_name
+from near_ray.label.backends import INPUT_COLUMNS, model_name, stop_gate
 from near_ray.label.backends.chat_format import chat_content_format, system_message
 from near_ray.label.prompts import chat_messages
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from near_ray.config import LabelConfig, VLLMBackendConfig
+    from near_ray.runtime import StopSignal
 
 PASSTHROUGH_COLUMNS = tuple(c for c in INPUT_COLUMNS if c != "image")
 _ERROR_COLUMN = "__inference_error__"  # set by ray.data.llm on rows whose request failed
@@ -210,8 +211,10 @@ def answer_row(row: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ entry
-def label_dataset(ds: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset:
-    """Answer every request row with a vLLM engine pool; see ``near_ray.label.backends`` for the rows."""
+def label_dataset(ds: ray.data.Dataset, cfg: LabelConfig, stop: StopSignal | None = None) -> ray.data.Dataset:
+    """Answer every request row with a vLLM engine pool; see ``near_ray.label.backends`` for the rows.
+    Once ``stop`` is set, blocks not yet past the gate before the engines are dropped (the engines'
+    own queue, a few batches an engine, still finishes)."""
     try:
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     except ImportError as e:  # vllm is imported by the engine actors; ray.data.llm needs ray[llm]'s deps
@@ -238,6 +241,9 @@ def label_dataset(ds: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset:
         preprocess_map_kwargs={"num_cpus": cfg.actor_cpus},
         postprocess_map_kwargs={"num_cpus": cfg.actor_cpus},
     )
+    if stop is not None:
+        ds = ds.map_batches(stop_gate, fn_kwargs={"stop": stop}, batch_format="pyarrow", batch_size=None,
+                            zero_copy_batch=True, num_cpus=cfg.actor_cpus)  # fmt: skip
     # Failed rows bypass the postprocess: a second, idempotent pass gives every row one schema.
     return processor(ds).map(functools.partial(_finalize, model=model), num_cpus=cfg.actor_cpus)
 

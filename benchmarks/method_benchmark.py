@@ -89,7 +89,7 @@ log = logging.getLogger("method_benchmark")
 DRAWS = {"dev": (100, 101, 102), "test": (200, 201, 202, 203, 204)}
 OUT = {"dev": RESULTS.with_name("method_benchmark_dev.json"), "test": RESULTS}
 DEFAULT_PROFILES = ("appearance-strong", "appearance-weak")
-DEFAULT_METHOD = "near"  # the product's default: every other method is paired against it
+BASE_METHOD = "near"  # NeaR, the method under measurement: every other method is paired against it
 CHOICE = "label_free_choice"  # the row of the product's label-free choice (train.select), also paired against all
 # train.select's candidates when the config names none: the paper's configuration, the prototype classifier on
 # NeaR's labels and on majority labels, and a text/image mix
@@ -648,7 +648,7 @@ def encode_predictions(domains: list[str], truth: list[str], preds: dict[str, li
 
 
 def paired_entry(runs: list[dict[str, Any]], method: str, preds: dict[tuple, dict] | None = None,
-                 base: str = DEFAULT_METHOD) -> dict[str, Any]:
+                 base: str = BASE_METHOD) -> dict[str, Any]:
     """``base`` (the default method) minus ``method`` over ``runs``, paired and clustered by unit: n counts units
     (a unit's runs, its starting CLIPs, are averaged first), ``runs`` the runs. With the runs' test
     predictions the cACC interval is the hierarchical bootstrap (it carries the test images' variance),
@@ -698,8 +698,8 @@ def summarize(runs: list[dict[str, Any]], methods: list[str], preds: dict[tuple,
                 row[f"{key}_mean"], row[f"{key}_std"] = mean, std
             row["cacc_per_run"] = [round(r["metrics"][m]["cacc"], 4) for r in have]
             table[m] = row
-            both = [r for r in have if DEFAULT_METHOD in r["metrics"]]
-            if m != DEFAULT_METHOD and both:
+            both = [r for r in have if BASE_METHOD in r["metrics"]]
+            if m != BASE_METHOD and both:
                 paired[m] = paired_entry(both, m, preds)
             chose = [r for r in have if CHOICE in r["metrics"]]
             if m not in (CHOICE,) and chose:
@@ -735,7 +735,7 @@ def write_results(args: argparse.Namespace, runs: list[dict], setup: dict, metho
     result = {"draws": {args.draws: args.draw_list}, "frozen": args.frozen_record,
               "config_hash": config_hash(args.config), "commit": args.commit,
               "uncommitted_changes": args.uncommitted, **summarize(runs, methods, preds),
-              "default_method": DEFAULT_METHOD,
+              "paired_against": BASE_METHOD,
               "held_out_profiles": [p for p in args.profile_names if p not in DEFAULT_PROFILES],
               "seeds": [int(s) for s in args.seeds.split(",")], "models": models, "methods": methods, "setup": setup,
               "by_model": {m: summarize([r for r in runs if r["model"] == m], methods) for m in models
@@ -787,7 +787,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "|---|---|---|---|---|"]
         for m, v in table.items():
             d = paired.get(m)
-            name = f"**{titles.get(m, m)}**" if m == DEFAULT_METHOD else titles.get(m, m)
+            name = f"**{titles.get(m, m)}**" if m == BASE_METHOD else titles.get(m, m)
             if v.get("runs", len(runs)) < len(runs):
                 name += f" ({v['runs']} runs)"
             lines.append(f"| {name} | {v['cacc_mean']:.3f} ± {v['cacc_std']:.3f} | {v['sacc_mean']:.3f} ± "

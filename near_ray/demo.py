@@ -83,7 +83,7 @@ def format_table(report: dict[str, Any]) -> str:
     Latency is a wall-clock measure of this machine at this moment, so it is printed apart."""
     from near_ray.eval.report import ordered_methods
 
-    methods = report.get("methods", {})
+    methods, served = report.get("methods", {}), report.get("served")
     lines = ["| method | cACC | sACC | NMI | ARI | names / classes | cost / 1k images ($) |",
              "|---|---|---|---|---|---|---|"]
     for m in ordered_methods(methods):
@@ -92,7 +92,8 @@ def format_table(report: dict[str, Any]) -> str:
         names = f"{sum(s['distinct_names'] for s in spread.values())} / {sum(s['classes'] for s in spread.values())}"
         cells = [f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "–" for k in ("cacc", "sacc", "nmi", "ari")]
         cost = f"{r['cost_per_1k']:.3f}" if isinstance(r.get("cost_per_1k"), (int, float)) else "–"
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {names if spread else '–'} | {cost} |")
+        name = f"{m} (served)" if m == served else m
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {names if spread else '–'} | {cost} |")
     latency = {m: r["latency_ms"] for m, r in methods.items() if isinstance(r.get("latency_ms"), (int, float))}
     cond = report.get("latency_conditions") or {}
     where = f", load average {cond['load_average_1m']} on {cond['cpus']} CPUs" if cond else ""

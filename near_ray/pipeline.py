@@ -55,7 +55,7 @@ def runs_classify(cfg: RunConfig) -> bool:
 
 
 def methods_to_train(cfg: RunConfig) -> list[str]:
-    """``train.method`` (NeaR by default) always; the baselines and ablations the evaluation asks for when
+    """``train.method`` (majority labels with NeaR's classifier by default) always; the baselines and ablations the evaluation asks for when
     ``runs_baselines``."""
     if not runs_baselines(cfg):
         return [cfg.train.method]

@@ -115,6 +115,7 @@ def test_run_evaluate_reports_the_cascade_and_asks_nothing_more(tmp_path: Path, 
     cfg.data.domains = [DomainConfig(name=d, uri=f"{bench}/images/{d}/train", meta_class=d[:-1],
                                      truth=f"{bench}/truth.parquet") for d in ("birds", "flowers")]  # fmt: skip
     cfg.eval.methods = ["direct_mllm", "near"]
+    cfg.train.method = "near"  # the run's classifier, whose least confident images the cascade routes
     cfg.label.samples = 2
     with AnnotatorServer(bench, profile=str(tmp_path / "perfect.yaml"), seed=0) as ann:
         cfg.label.openai.base_url = ann.base_url

@@ -108,6 +108,7 @@ def test_run_evaluate_reports_every_bundle_method(tmp_path: Path) -> None:
         pa.table({"image_id": ["a", "b", "c"], "candidates": [["x"], ["x", "y"], ["x", "y", "z"]]}),
     )
     cfg = make_config(root, workdir, ["zero_shot", "naive", "near"])
+    cfg.train.method = "near"  # the run's classifier: the report marks it and plots its confusions
 
     report = run_evaluate(cfg)
 
@@ -142,8 +143,9 @@ def test_run_evaluate_reports_every_bundle_method(tmp_path: Path) -> None:
     on_disk = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert on_disk["methods"]["near"]["cacc"] == pytest.approx(near["cacc"])
     md = (out / "report.md").read_text()
-    assert "| NeaR labels, neighbour-voted prototypes (the default) |" in md and "zero-shot CLIP" in md and "naive: no bundle" in md and "birds_broken.png" in md
-    for name in ("accuracy_by_method", "candidate_set_sizes", "clean_fraction", "confusions_near"):
+    assert "| NeaR labels, neighbour-voted prototypes (served) |" in md and "zero-shot CLIP" in md and "naive: no bundle" in md and "birds_broken.png" in md
+    assert report["served"] == "near" and report["plots"]["confusions"].endswith("confusions_near.png")
+    for name in ("accuracy_by_method", "candidate_set_sizes", "clean_fraction", "confusions"):
         assert report["plots"][name].endswith(".png"), report["plots"][name]
         assert Path(report["plots"][name]).read_bytes()[:4] == b"\x89PNG"
     preds = st.read_parquet(str(out / "predictions.parquet")).to_pandas()
@@ -165,7 +167,7 @@ def test_run_evaluate_on_s3_skips_plots_without_inputs(bucket: str) -> None:
     assert st.read_bytes(f"{bucket}/reports/first/accuracy_by_method.png")[:4] == b"\x89PNG"
     assert report["plots"]["candidate_set_sizes"].startswith("skipped: no candidate sets")
     assert report["plots"]["clean_fraction"].startswith("skipped")
-    assert report["plots"]["confusions_near"].startswith("skipped")
+    assert report["plots"]["confusions"].startswith("skipped")
     assert "candidate_set_sizes: skipped" in st.read_text(f"{bucket}/reports/first/report.md")
 
 

@@ -205,7 +205,7 @@ def run_config(bench: dict[str, Any], workdir: str) -> dict[str, Any]:
         "refine": {"k": 3, "merge_encoder": "none"},
         "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 2, "warmup_epochs": 1, "batch_size": 8,
                   "tracking": {"backend": "tensorboard"}},
-        "eval": {"methods": ["zero_shot", "near"], "plots": False},
+        "eval": {"methods": ["zero_shot", "naive_prototypes"], "plots": False},
         "serve": {"cpus_per_replica": 0.25, "max_replicas": 1},
     }
 
@@ -273,13 +273,13 @@ def test_pipeline_job_writes_labels_bundle_report_and_training_metrics(pipeline_
     final = labels.drop_duplicates(["uri", "sample"])
     assert len(final) == 12 * 2 and set(final["status"]) <= {"ok", "unparsable"}  # every answer final
     assert set(final["domain"]) == {"birds", "flowers"}
-    assert st.exists(f"{workdir}/bundles/near/model.safetensors")
-    assert len(st.read_json(f"{workdir}/bundles/near/vocabulary.json")) >= 2
+    assert st.exists(f"{workdir}/bundles/naive_prototypes/model.safetensors")
+    assert len(st.read_json(f"{workdir}/bundles/naive_prototypes/vocabulary.json")) >= 2
     report = st.read_json(f"{workdir}/report/report.json")
-    assert set(report["methods"]) == {"zero_shot", "near"}
-    assert 0.0 <= report["methods"]["near"]["cacc"] <= 1.0
+    assert set(report["methods"]) == {"zero_shot", "naive_prototypes"}
+    assert 0.0 <= report["methods"]["naive_prototypes"]["cacc"] <= 1.0
     # TensorBoard event files on S3 carry one loss point per epoch.
-    events = [o.uri for o in st.list(f"{workdir}/tensorboard/near") if "tfevents" in o.uri]
+    events = [o.uri for o in st.list(f"{workdir}/tensorboard/naive_prototypes") if "tfevents" in o.uri]
     assert events, "no TensorBoard event file written"
     steps = {step for tag, step, _ in scalars(st.read_bytes(events[0])) if tag == "train/loss"}
     assert steps == {0, 1}
@@ -287,7 +287,7 @@ def test_pipeline_job_writes_labels_bundle_report_and_training_metrics(pipeline_
     assert f"config {pipeline_run['config']}, workdir {workdir}" in logs
     assert "holds no credentials" in logs and "AWS_SECRET_ACCESS_KEY" not in logs
     last = [line for line in logs.splitlines() if line.split(" ", 1)[-1].startswith("job run ")][-1]
-    assert "SUCCEEDED" in last and "near cACC" in last and "bundles near" in last
+    assert "SUCCEEDED" in last and "naive_prototypes cACC" in last and "bundles naive_prototypes" in last
 
 
 @pytest.mark.slow
@@ -314,7 +314,7 @@ def test_serve_job_deploys_the_bundle_and_exits_leaving_it_serving(head, bench, 
     logs = head.logs(sid)
     assert info["status"] == "SUCCEEDED", logs[-4000:]
     assert "job serve SUCCEEDED" in logs
-    vocabulary = {v["name"] for v in Storage().read_json(f"{pipeline_run['workdir']}/bundles/near/vocabulary.json")}
+    vocabulary = {v["name"] for v in Storage().read_json(f"{pipeline_run['workdir']}/bundles/naive_prototypes/vocabulary.json")}
     image = next(o.uri for o in Storage().list(f"{bench['root']}/images/birds/test"))
     try:
         r = httpx.post(f"http://127.0.0.1:{port}/v1/classify", content=Storage().read_bytes(image),

@@ -33,7 +33,7 @@ def test_run_end_to_end_on_s3_and_rerun_reuses_everything(bucket, ray_cluster, t
             "model": {"arch": "near-tiny", "pretrained": "random"},
             "refine": {"k": 3, "merge_encoder": "none"},
             "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},
-            "eval": {"methods": ["direct_mllm", "zero_shot", "naive", "near"], "plots": True},
+            "eval": {"methods": ["direct_mllm", "zero_shot", "naive_prototypes", "near"], "plots": True},
         }
         path = tmp_path / "run.yaml"
         path.write_text(yaml.safe_dump(run_cfg))
@@ -45,22 +45,23 @@ def test_run_end_to_end_on_s3_and_rerun_reuses_everything(bucket, ray_cluster, t
         assert annotator.stats()["outcomes"]["unknown_image"] == 1
 
         report = st.read_json(f"{workdir}/report/report.json")
-        assert set(report["methods"]) == {"direct_mllm", "zero_shot", "naive", "near"}
+        assert set(report["methods"]) == {"direct_mllm", "zero_shot", "naive_prototypes", "near"}
+        assert report["served"] == "naive_prototypes"  # train.method's default
         for method, m in report["methods"].items():
             for key in ("cacc", "sacc", "nmi", "ari", "cost_per_1k", "latency_ms"):
                 assert isinstance(m[key], (int, float)), (method, key)
             assert 0.0 <= m["cacc"] <= 1.0
         assert report["simulated_annotator"] is True
-        assert report["methods"]["near"]["cost_per_1k"] < report["methods"]["direct_mllm"]["cost_per_1k"]
+        assert report["methods"]["naive_prototypes"]["cost_per_1k"] < report["methods"]["direct_mllm"]["cost_per_1k"]
         assert st.exists(f"{workdir}/report/report.md")
-        for method in ("near", "naive", "zero_shot"):
+        for method in ("naive_prototypes", "near", "zero_shot"):
             assert st.exists(f"{workdir}/bundles/{method}/model.safetensors")
         metrics = st.read_json(f"{workdir}/bundles/near/metrics.json")
         assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
 
         # With truth it is a benchmark run: the baselines trained, evaluated, the collection not named.
         summary = st.read_json(f"{workdir}/run_summary.json")
-        assert set(summary["train"]) == {"near", "naive", "zero_shot"} and "classify" not in summary
+        assert set(summary["train"]) == {"naive_prototypes", "near", "zero_shot"} and "classify" not in summary
 
         # The same run again: no MLLM call is paid twice and no model is retrained.
         capsys.readouterr()
@@ -70,7 +71,7 @@ def test_run_end_to_end_on_s3_and_rerun_reuses_everything(bucket, ray_cluster, t
         out = capsys.readouterr().out
         assert "evaluated (cACC): " in out and "near_ray run done" in out
         summary = st.read_json(f"{workdir}/run_summary.json")
-        assert summary["train"]["near"]["skipped"] is True
+        assert summary["train"]["naive_prototypes"]["skipped"] is True and summary["train"]["near"]["skipped"] is True
 
 
 def _count_lines(text: str, start: str) -> list[str]:
@@ -109,22 +110,22 @@ def test_run_without_truth_trains_one_method_names_the_collection_and_reads_edit
         assert requests == images * 2 + 1
 
         summary = st.read_json(f"{workdir}/run_summary.json")
-        assert list(summary["train"]) == ["near"] and "evaluate" not in summary
+        assert list(summary["train"]) == ["naive_prototypes"] and "evaluate" not in summary
         assert [o.uri.split("/bundles/")[1].split("/")[0] for o in st.list(f"{workdir}/bundles")
-                if o.uri.endswith("/config.json")] == ["near"]  # one bundle written
+                if o.uri.endswith("/config.json")] == ["naive_prototypes"]  # one bundle written
         from near_ray.classify.table import read_predictions
 
         predictions = read_predictions(summary["classify"]["predictions"], st)
         assert len(predictions) == images and predictions["uri"].is_unique  # every image once
-        vocabulary = {v["name"] for v in st.read_json(f"{workdir}/bundles/near/vocabulary.json")}
+        vocabulary = {v["name"] for v in st.read_json(f"{workdir}/bundles/naive_prototypes/vocabulary.json")}
         assert set(predictions["name"].dropna()) <= vocabulary
 
         # The closing block, not a JSON dump: names with counts, images, spend, where the outputs are.
         assert not out.lstrip().startswith("{") and "\n{" not in out
         (birds,) = _count_lines(out, "named (predictions table):")
         assert birds.split()[0] == "birds" and f"over {images} images" in birds
-        assert f"MLLM this run: {images * 2} calls" in out and "trainings: 1 (near)" in out
-        for where in (summary["classify"]["predictions"], f"{workdir}/bundles/near", f"{workdir}/run_summary.json"):
+        assert f"MLLM this run: {images * 2} calls" in out and "trainings: 1 (naive_prototypes)" in out
+        for where in (summary["classify"]["predictions"], f"{workdir}/bundles/naive_prototypes", f"{workdir}/run_summary.json"):
             assert where in out
 
         # The review's edits, written against the names the run found.
@@ -152,12 +153,12 @@ def test_run_without_truth_trains_one_method_names_the_collection_and_reads_edit
             (1, "rename"), (3, "merge"), (5, "drop"), (6, "ban")]
         after = {v["name"] for v in st.read_json(f"{workdir}/refine/vocabulary.json")}
         assert "Renamed Grosbeak" in after and names[2] in after and not after & {names[0], names[1], names[3]}
-        metrics = st.read_json(f"{workdir}/bundles/near/metrics.json")
+        metrics = st.read_json(f"{workdir}/bundles/naive_prototypes/metrics.json")
         assert metrics["edits"]["fingerprint"] == refine["edits"]["fingerprint"]  # the bundle records its edits
         assert metrics["refine_fingerprint"] == refine["fingerprint"]
         summary = st.read_json(f"{workdir}/run_summary.json")
-        assert not summary["train"]["near"].get("skipped")  # retrained on the edited candidates
-        bundle = {v["name"] for v in st.read_json(f"{workdir}/bundles/near/vocabulary.json")}
+        assert not summary["train"]["naive_prototypes"].get("skipped")  # retrained on the edited candidates
+        bundle = {v["name"] for v in st.read_json(f"{workdir}/bundles/naive_prototypes/vocabulary.json")}
         assert {"Renamed Grosbeak", names[2]} <= bundle  # edited names are never pruned
         predictions = read_predictions(summary["classify"]["predictions"], st)
         assert len(predictions) == images and set(predictions["name"].dropna()) <= bundle

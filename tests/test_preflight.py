@@ -168,7 +168,7 @@ def test_a_rejected_api_key_is_one_line_after_one_request(tmp_path):
 def test_classify_without_a_bundle_names_it(tmp_path):
     cfg = label_config(tmp_path, "http://127.0.0.1:9/v1")
     rc, err, _, ray = cli("classify", "-c", write_config(tmp_path, cfg), cwd=tmp_path)
-    assert_refused(rc, err, ray, "classify", "classify.bundle", str(tmp_path / "run" / "bundles" / "near"),
+    assert_refused(rc, err, ray, "classify", "classify.bundle", str(tmp_path / "run" / "bundles" / "naive_prototypes"),
                    "domain 'birds'", "no config.json")
 
 

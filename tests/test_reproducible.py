@@ -42,7 +42,7 @@ def _demo_config(workdir: str, seed: int = 0):
         f"storage.workdir={workdir}", f"train.seed={seed}", "train.num_workers=2", "train.cpus_per_worker=0.5",
         "train.pretrain_epochs=2", "train.pretrain_batch_size=32", "train.epochs=2", "train.warmup_epochs=1",
         "synth.pretrain_domains=[birds, flowers]", "synth.pretrain_species=3", "synth.pretrain_images_per_species=8",
-        "refine.k=3", "eval.methods=[zero_shot, naive, near]", "eval.plots=false", "eval.latency_probes=1",
+        "refine.k=3", "eval.methods=[zero_shot, naive_prototypes, near]", "eval.plots=false", "eval.latency_probes=1",
     ], schema=DemoConfig)
 
 
@@ -81,7 +81,7 @@ def test_the_whole_pipeline_twice_gives_identical_bundles_and_report(ray_cluster
         runs.append(cfg)
     a, b = runs
     assert st.read_json(a.artifact("refine/vocabulary.json")) == st.read_json(b.artifact("refine/vocabulary.json"))
-    for method in ("near", "naive", "zero_shot"):
+    for method in ("naive_prototypes", "near", "zero_shot"):
         assert _same_weights(_weights(a.artifact(f"bundles/{method}/model.safetensors")),
                              _weights(b.artifact(f"bundles/{method}/model.safetensors"))), method
         assert (st.read_bytes(a.artifact(f"bundles/{method}/text_embeddings.safetensors"))

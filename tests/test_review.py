@@ -135,7 +135,7 @@ class Run:
         self.candidates = cand
 
     def _bundle(self) -> None:
-        uri = self.cfg.artifact("bundles/near")
+        uri = self.cfg.artifact(f"bundles/{self.cfg.train.method}")  # the served bundle
         kept = [dict(v, train_support=v["support"]) for v in self.vocabulary if v["name"] != TRAIN_PRUNED]
         self.st.write_json(join(uri, "config.json"), {"format_version": 1})
         self.st.write_json(join(uri, "vocabulary.json"), kept)

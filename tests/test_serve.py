@@ -356,7 +356,7 @@ def test_written_deploy_config_passes_serves_schema_and_builds(tmp_path):
     schema = ServeDeploySchema.model_validate(doc)
     app = schema.applications[0]
     assert app.import_path == "near_ray.serve.app:build_app"
-    assert app.args["bundle"] == str(tmp_path / "run" / "bundles" / "near")
+    assert app.args["bundle"] == str(tmp_path / "run" / "bundles" / "naive_prototypes")  # train.method's default
     model = next(d for d in app.deployments if d.name == "Classifier")
     assert (model.ray_actor_options.num_cpus, model.ray_actor_options.num_gpus) == (0.5, 1.0)
     assert model.user_config["max_batch_size"] == 32

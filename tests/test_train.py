@@ -68,8 +68,9 @@ def write_refine_artifacts(workdir: str, per_class: int = 6, seed: int = 0, stra
 
 
 def _cfg(workdir: str, **train) -> RunConfig:
-    base = dict(num_workers=1, cpus_per_worker=0.5, epochs=3, warmup_epochs=1, batch_size=16, lr=1e-3,
-                augment=False, seed=0)
+    """NeaR's training (its phases, clean split, refreshed graph) unless a test names another method."""
+    base = dict(method="near", num_workers=1, cpus_per_worker=0.5, epochs=3, warmup_epochs=1, batch_size=16,
+                lr=1e-3, augment=False, seed=0)
     return RunConfig.model_validate({"storage": {"workdir": workdir}, "model": {"arch": "near-tiny", "pretrained": "random"},
                                      "train": {**base, **train}})
 

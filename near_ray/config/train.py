@@ -28,7 +28,10 @@ class TrackingConfig(Section):
 class TrainConfig(Section):
     """Fine-tuning CLIP on the refined candidate labels (NeaR, its ablations, the baselines) with Ray Train."""
 
-    method: str = Field("near", description="the training method: one of near_ray.train.methods.TRAINED")
+    method: str = Field(
+        "naive_prototypes", description="the training method: one of near_ray.train.methods.TRAINED. The default, "
+        "chosen on dev draws, trains on the MLLM's majority labels with NeaR's neighbour-voted prototype "
+        "classifier; `near` trains on NeaR's refined candidate sets (docs/method.md)")
     select: list[str] = Field(
         default_factory=list, description="candidate methods the run chooses among without labels: each trained "
         "on most of the discovery set and scored by agreement with the MLLM on the rest, the best then trained on "

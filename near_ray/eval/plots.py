@@ -145,7 +145,7 @@ def write_plots(
     methods: dict[str, dict[str, Any]],
     candidates_uri: str,
     bundle_uris: dict[str, str],
-    confusion_input: tuple[list[str], list[str | None]] | None,
+    confusion_input: tuple[str, list[str], list[str | None]] | None,
     top_classes: int = 15,
 ) -> dict[str, str]:
     """Every plot whose input exists: {plot name: PNG URI, or 'skipped: why'}."""
@@ -179,15 +179,16 @@ def write_plots(
             raise _Skip("no bundle's metrics.json has epochs with clean_fraction")
         return clean_fraction(curves, join(out, "clean_fraction.png"), storage)
 
-    def confusion() -> str:
+    def confusion() -> str:  # the served method's (``confusion_input``: its name, truth, predictions)
         if confusion_input is None:
-            raise _Skip("the near method was not evaluated")
-        return confusions(*confusion_input, join(out, "confusions_near.png"), storage, top=top_classes)
+            raise _Skip("the served method was not evaluated")
+        method, truth, preds = confusion_input
+        return confusions(truth, preds, join(out, f"confusions_{method}.png"), storage, top=top_classes)
 
     attempt("accuracy_by_method", accuracy)
     attempt("candidate_set_sizes", candidates)
     attempt("clean_fraction", clean)
-    attempt("confusions_near", confusion)
+    attempt("confusions", confusion)
     return result
 
 

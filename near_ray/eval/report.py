@@ -28,7 +28,7 @@ def ordered_methods(methods: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    methods = report["methods"]
+    methods, served = report["methods"], report.get("served") or "–"
     lines = [f"# Evaluation: {report['dataset']}", ""]
     if report.get("simulated_annotator"):
         lines += [
@@ -45,7 +45,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for m in ordered_methods(methods):
         r = methods[m]
         lines.append(
-            f"| {TITLES.get(m, m)} | {_pct(r.get('cacc'))} | {_pct(r.get('sacc'))} | {_pct(r.get('nmi'))} | "
+            f"| {TITLES.get(m, m)}{' (served)' if m == served else ''} | {_pct(r.get('cacc'))} | {_pct(r.get('sacc'))} | {_pct(r.get('nmi'))} | "
             f"{_pct(r.get('ari'))} | {_num(r.get('cost_per_1k'), '.4f')} | {_num(r.get('latency_ms'), '.1f')} |"
         )
     if sel := report.get("selection"):
@@ -74,11 +74,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Domains",
         "",
-        "| domain | meta-class | test images | true classes | vocabulary (near) |",
+        f"| domain | meta-class | test images | true classes | vocabulary ({served}) |",
         "|---|---|---:|---:|---:|",
     ]
     for d in report["domains"]:
-        vocab = report.get("vocabulary_sizes", {}).get("near", {}).get(d["name"], "–")
+        vocab = report.get("vocabulary_sizes", {}).get(served, {}).get(d["name"], "–")
         lines.append(f"| {d['name']} | {d.get('meta_class') or '–'} | {d['test_images']} | {d['classes']} | {vocab} |")
     if report.get("skipped"):
         lines += ["", "## Not evaluated", ""] + [f"- {m}: {why}" for m, why in report["skipped"].items()]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from near_ray.chosen import served_method
 from near_ray.config import DomainConfig, RunConfig
 from near_ray.errors import NearRayError
 from near_ray.eval.cascade import evaluate_cascade, uri_key
@@ -278,7 +279,8 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
     test = load_test_sets(cfg, st)
     log.info("evaluate: %d test images in %d domain(s)", len(test), test["domain"].nunique())
     bundles, skipped = _load_bundles(cfg, st)
-    probs: dict[str, list[Any]] = {cfg.train.method: []} if cfg.train.method in bundles else {}
+    served = served_method(cfg, st)  # the run's classifier: its cascade, its confusions
+    probs: dict[str, list[Any]] = {served: []} if served in bundles else {}
     preds, seconds, bad = bundle_predictions(cfg, bundles, test, st, probs) if bundles else ({}, {}, [])
     extra = _clip_costs(cfg, bundles, test, st, seconds, len(test) - len(bad))
     if DIRECT_MLLM in cfg.eval.methods:
@@ -293,22 +295,23 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
                            "spread": prediction_spread(domains, truth, preds[method])}
         log.info("evaluate %s: cACC %.3f sACC %.3f", method, methods[method]["cacc"], methods[method]["sacc"])
     report = _report(cfg, st, test, methods, bundles, skipped, bad, sacc, preds)
+    report["served"] = served
     if cfg.train.select and st.exists(choice := cfg.artifact("select/choice.json")):
         report["selection"] = st.read_json(choice)  # the classifier the run chose without labels, and why
     if DIRECT_MLLM in methods and probs:  # the cascade: the CLIP's least confident images to the MLLM
-        cascade = evaluate_cascade(cfg, st, test, bundles[cfg.train.method], probs[cfg.train.method],
+        cascade = evaluate_cascade(cfg, st, test, bundles[served], probs[served],
                                    {**extra[DIRECT_MLLM], **methods[DIRECT_MLLM]}, sacc, out if cfg.eval.plots else None)
         report.update({k: v for k, v in cascade.items() if k != "cascade_plot"})
     _write_predictions(out, st, test, preds)
     if cfg.eval.plots:
-        near = (truth, preds["near"]) if "near" in preds else None
+        confusion = (served, truth, preds[served]) if served in preds else None
         report["plots"] = write_plots(
             out,
             st,
             methods,
             cfg.artifact("refine/candidates.parquet"),
             {m: b.uri for m, b in bundles.items()},
-            near,
+            confusion,
             cfg.eval.confusion_classes,
         )
         if DIRECT_MLLM in methods and probs:

@@ -51,11 +51,13 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("zero_shot", "zero-shot CLIP over the MLLM vocabulary", targets="none", loss="none"),
         Method("naive", "naive fine-tuning (majority labels)", targets="majority", loss="ce"),
-        Method("naive_prototypes", "naive fine-tuning (majority labels), neighbour-voted prototypes as NeaR's",
+        # the product default (train.method), chosen on dev draws (docs/method.md, "The dev screen"): the
+        # MLLM's majority labels, and NeaR's classifier of image prototypes voted by refine's neighbours
+        Method("naive_prototypes", "majority labels, neighbour-voted prototypes (NeaR's classifier)",
                targets="majority", loss="ce", graph_votes=True, overrides=(("prototype_vote", "neighbours"),)),
-        # the product default, named for what it computes: NeaR's training on kNN candidate sets, and a
-        # classifier of image prototypes (frozen image tower by default) voted by refine's neighbours
-        Method("near", "NeaR labels, neighbour-voted prototypes (the default)", targets="candidates", loss="near",
+        # NeaR, named for what it computes: training on kNN candidate sets, and a classifier of image
+        # prototypes (frozen image tower by default) voted by refine's neighbours
+        Method("near", "NeaR labels, neighbour-voted prototypes", targets="candidates", loss="near",
                gmm=True, neighbour_refinement=True),
         # the paper's configuration as far as it is known: the fine-tuned CLIP (both towers) classifying with
         # its text embeddings of the vocabulary, no prototypes; its candidate sets follow refine.neighbour_votes

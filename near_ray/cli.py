@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pretrain", cmd_pretrain, "contrastive CLIP pretraining on an image-caption table")
     p.add_argument("--captions", required=True, help="URI of captions.parquet (from `near-ray synth`)")
     p.add_argument("--out", default=None, help="where to write the weights (default {workdir}/pretrained)")
-    p = add("train", cmd_train, "NeaR fine-tuning with Ray Train and model bundle export")
+    p = add("train", cmd_train, "CLIP fine-tuning (train.method) with Ray Train and model bundle export")
     p.add_argument("--method", action="append", default=[], choices=list(METHODS),
                    help="train these methods one after the other (repeatable; default train.method)")  # fmt: skip
     p.add_argument("--pretrain-captions", default=None, help="captions.parquet: contrastive pretraining of the initial CLIP first")

@@ -55,8 +55,8 @@ def runs_classify(cfg: RunConfig) -> bool:
 
 
 def methods_to_train(cfg: RunConfig) -> list[str]:
-    """``train.method`` (majority labels with NeaR's classifier by default) always; the baselines and ablations the evaluation asks for when
-    ``runs_baselines``."""
+    """``train.method`` (majority labels with NeaR's classifier by default) always; the baselines and
+    ablations the evaluation asks for when ``runs_baselines``."""
     if not runs_baselines(cfg):
         return [cfg.train.method]
     return [cfg.train.method] + [m for m in cfg.eval.methods if m in TRAINED and m != cfg.train.method]

@@ -221,3 +221,44 @@ def test_only_the_part_table_names_part_files():
     naming = [module_name(p) for p in PACKAGE.rglob("*.py") if not module_name(p).startswith("near_ray.parts")
               and any(_names_a_part(s) for s in _code_strings(p))]  # fmt: skip
     assert naming == []
+
+
+# The compute core: what a GPU box (or a notebook) runs before any cluster image is installed. The Ray
+# Data / Train / Serve adapters (the stages, serve.app, train.stage) call into it; it never needs ray.
+COMPUTE_CORE = ("near_ray.model.clip", "near_ray.model.preprocess", "near_ray.model.bundle", "near_ray.refine.embed",
+                "near_ray.refine.knn", "near_ray.train.loop", "near_ray.train.loss", "near_ray.train.data",
+                "near_ray.train.runner", "near_ray.train.methods", "near_ray.eval.metrics")
+
+
+def test_the_compute_core_imports_and_runs_with_ray_unimportable(tmp_path):
+    """Embed, exact kNN, a bundle saved, loaded and asked to classify: in a process where `import ray` fails."""
+    code = f"""
+import sys
+sys.modules["ray"] = None  # any `import ray` (or ray.data, ray.train) now raises ImportError
+import importlib
+for m in {COMPUTE_CORE!r}:
+    importlib.import_module(m)
+import numpy as np
+from PIL import Image
+from near_ray.config import ModelConfig
+from near_ray.model.bundle import load_bundle, save_bundle
+from near_ray.model.clip import create_clip, encode_images, encode_texts
+from near_ray.refine.knn import exact_knn
+from near_ray.storage import Storage
+
+clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random"))
+rng = np.random.default_rng(0)
+images = [Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) for _ in range(6)]
+emb = encode_images(clip, images)
+ids, _ = exact_knn(emb, 2)
+names = ["Red Finch", "Blue Finch"]
+vocab = [{{"name": n, "domain": "birds", "synonyms": [n], "support": 3}} for n in names]
+uri = {str(tmp_path / "bundle")!r}
+save_bundle(uri, clip, vocab, encode_texts(clip, names, "a photo of a {{}}."), prompt_template="a photo of a {{}}.",
+            logit_scale=10.0, storage=Storage())
+predicted = load_bundle(uri, Storage()).predict(images, domain="birds")
+assert emb.shape[0] == 6 and ids.shape == (6, 2) and len(predicted) == 6
+print("core ok without ray")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0 and "core ok without ray" in out.stdout, out.stdout + out.stderr[-3000:]

@@ -77,7 +77,7 @@ def one_pass(cfg: Any, table: Any, partitions: int | None, block: int) -> dict[s
     import ray
 
     from near_ray.classify.table import copy_identical, resume_rule
-    from near_ray.label.stage import listing_chunks, listing_size
+    from near_ray.data.collections import listing_chunks, listing_size
     from near_ray.parts import ResumeLedger
 
     t0 = time.monotonic()
@@ -140,7 +140,7 @@ def run_size(n: int, partitions: int | None, block: int) -> dict[str, Any]:
 
     from near_ray.classify.table import predictions_table
     from near_ray.config import RunConfig
-    from near_ray.label.stage import listing_chunks
+    from near_ray.data.collections import listing_chunks
     from near_ray.storage import Storage
 
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, _node_ip_address="127.0.0.1",

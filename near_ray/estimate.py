@@ -29,7 +29,7 @@ TIMED_BATCH = 2  # images per timed batch: enough for a per-image time, cheap fo
 
 def count_images(cfg: RunConfig, storage: Storage) -> tuple[int, bool]:
     """(images the run will embed, whether the count stopped early) from the domains' listings."""
-    from near_ray.label.stage import domain_uris
+    from near_ray.data.collections import domain_uris
 
     cap = min(cfg.data.max_images or COUNT_LIMIT, COUNT_LIMIT)
     n, deadline = 0, time.monotonic() + COUNT_SECONDS

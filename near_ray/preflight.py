@@ -71,7 +71,7 @@ def check_storage_endpoint(ctx: Context) -> str:
 
 
 def _domains(ctx: Context, field_name: str, domains: list[Any]) -> str:
-    from near_ray.label.stage import domain_uris
+    from near_ray.data.collections import domain_uris
 
     if not domains:
         if ctx.bare:

@@ -404,6 +404,7 @@ def test_a_relative_domain_folder_gets_its_answers(monkeypatch, tmp_path):
     """The cascade's manifests name images the way the label stage reads them back: with a local domain
     folder given as a relative path, every answer lands on the row it was asked for."""
     import near_ray.classify.cascade as cascade
+    import near_ray.data.collections as collections
     import near_ray.label.stage as label_stage
     from near_ray.classify.tower import Target
     from near_ray.config import DomainConfig
@@ -425,7 +426,7 @@ def test_a_relative_domain_folder_gets_its_answers(monkeypatch, tmp_path):
             w.add([{"uri": u, "domain": d.name, "image_id": u, "sample": 0, "status": "ok", "label": "Song Sparrow",
                     "prompt_version": label_cfg.label.prompt_version, "model": model_name(label_cfg.label),
                     "input_tokens": 10, "output_tokens": 1, "latency_s": 0.1}
-                   for u in label_stage.domain_uris(d, label_cfg, st)])  # fmt: skip
+                   for u in collections.domain_uris(d, label_cfg, st)])  # fmt: skip
         w.flush()
         return {"mllm_calls": 3}
 

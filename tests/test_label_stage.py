@@ -18,9 +18,10 @@ import yaml
 from PIL import Image
 
 from near_ray.config import load_config
+from near_ray.data.collections import EmptyDomainError
 from near_ray.label.backends.openai import ChatClient
 from near_ray.label.parse import parse_answer
-from near_ray.label.stage import EmptyDomainError, run_label
+from near_ray.label.stage import run_label
 from near_ray.label.table import copy_identical, labels_table, read_labels, read_labels_table, resume_rule
 from near_ray.parts import ResumeLedger
 from near_ray.sim.annotator import AnnotatorServer
@@ -326,7 +327,7 @@ def test_chat_client_retries_then_reports_the_uri(bench, tmp_path):
 def test_listing_streams_in_chunks_honours_manifests_and_max_images(tmp_path):
     import pyarrow as pa
 
-    from near_ray.label.stage import listing_chunks, listing_size
+    from near_ray.data.collections import listing_chunks, listing_size
 
     for d in ("a", "b"):
         (tmp_path / d).mkdir()

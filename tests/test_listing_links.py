@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from near_ray.config import load_config
-from near_ray.label.stage import domain_uris, listing_chunks
+from near_ray.data.collections import domain_uris, listing_chunks
 from near_ray.storage import Storage
 
 
@@ -53,7 +53,7 @@ def test_a_manifest_cannot_name_a_path_out_of_the_domain_folder(tmp_path, caplog
     Storage().write_parquet(str(manifest), pa.table({"uri": [
         "0.png", "fifo.png", "../elsewhere/other.png", str(outside / "other.png"), "escape/other.png", "sub/1.png"]}))
     cfg = load_config(None, [f"data.domains={json.dumps([{'name': 'birds', 'uri': str(root), 'manifest': str(manifest)}])}"])
-    with caplog.at_level("WARNING", logger="near_ray.label.stage"):
+    with caplog.at_level("WARNING", logger="near_ray.data.collections"):
         uris = list(domain_uris(cfg.data.domains[0], cfg, Storage()))
     assert [Path(u).name for u in uris] == ["0.png", "1.png"]
     assert "data.domains[birds]: skipped 4 paths of manifest" in caplog.text

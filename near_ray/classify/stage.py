@@ -34,8 +34,8 @@ from near_ray.classify.table import (
 from near_ray.classify.tower import Target, tower_dataset
 from near_ray.config import DomainConfig, RunConfig
 from near_ray.console import Progress
+from near_ray.data.collections import check_domains, listing_chunks, listing_size
 from near_ray.errors import NearRayError
-from near_ray.label.stage import check_domains, listing_chunks, listing_size
 from near_ray.model.bundle import FORMAT_VERSION, BundleError
 from near_ray.model.preprocess import bundle_pixel_spec
 from near_ray.parts import ResumeLedger

@@ -1,1 +1,2 @@
-"""Readers for image collections in the field's native dataset layouts (CUB, Cars, Dogs, Flowers, Pets, folders)."""
+"""A run's image collections: the domains' listings and manifests (``collections``), and readers for the
+field's native dataset layouts (``readers``: CUB, Cars, Dogs, Flowers, Pets, folders)."""

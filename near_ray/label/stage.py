@@ -17,19 +17,16 @@ network once and compressed. Failures never stop the run: unreadable or invalid 
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 
-from near_ray.config import DomainConfig, LabelConfig, RunConfig
+from near_ray.config import LabelConfig, RunConfig
 from near_ray.console import Progress
-from near_ray.errors import NearRayError
+from near_ray.data.collections import check_domains, listing_chunks, listing_size
 from near_ray.images import fetch
 from near_ray.label.backends import REQUEST_SCHEMA, get_backend, model_name
 from near_ray.label.images import BadImageError, prepare_image
@@ -38,8 +35,7 @@ from near_ray.label.prompts import prompt_for, sample_seed, schema_text
 from near_ray.label.stats import LabelStats
 from near_ray.label.table import copy_identical, labels_table, labels_uri, read_labels, resume_rule
 from near_ray.parts import ResumeLedger
-from near_ray.parts.keys import KeySet, digests
-from near_ray.storage import Storage, inside, is_s3, join, storage_for
+from near_ray.storage import Storage, storage_for
 
 if TYPE_CHECKING:
     import ray.data
@@ -56,14 +52,6 @@ class RequestSpec:
     prompts: dict[str, tuple[str, str]]  # domain -> (system prompt, user prompt)
     json_schema: str  # "" = free-text answers
     model: str  # as recorded in the labels table
-
-
-class EmptyDomainError(NearRayError):
-    """A domain whose prefix (or manifest) holds no images."""
-
-
-class ManifestError(NearRayError):
-    """A domain manifest that cannot be read."""
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -123,104 +111,6 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
     storage.write_json(summary_uri, summary)
     log.info("label: %s", {k: summary[k] for k in ("rows_written", "by_status", "mllm_calls", "images_per_s")})
     return summary
-
-
-def check_domains(cfg: RunConfig, storage: Storage) -> None:
-    """Fail before any work when a domain has no images (one listing page, or its manifest, each)."""
-    if not cfg.data.domains:
-        raise EmptyDomainError("data.domains: no domains configured (name, uri, meta_class)")
-    for d in cfg.data.domains:
-        if next(iter(domain_uris(d, cfg, storage)), None) is None:
-            where = (
-                f"manifest {d.manifest}"
-                if d.manifest
-                else f"{d.uri} (extensions {', '.join(cfg.data.image_extensions)})"
-            )
-            raise EmptyDomainError(f"data.domains[{d.name}]: no images in {where}")
-
-
-def domain_uris(d: DomainConfig, cfg: RunConfig, storage: Storage) -> Iterator[str]:
-    """A domain's image URIs: its manifest's ``uri`` column when it has one (each URI once, in the order
-    of its first row: a repeated row would be asked and paid for twice), else the listing of its prefix."""
-    if not d.manifest:
-        for obj in storage.list(d.uri, suffixes=cfg.data.image_extensions):
-            yield obj.uri
-        return
-    seen = KeySet()  # 16 bytes a URI, not a Python string: a manifest of 100M rows fits one driver
-    outside = 0
-    for batch in manifest_batches(d.manifest, storage):
-        full = []
-        for uri in batch:
-            uri = uri if is_s3(uri) or uri.startswith("/") else join(d.uri, uri)
-            if not is_s3(uri) and not is_s3(d.uri) and not inside(uri, d.uri):
-                outside += 1  # the listing's rule: a local path (links resolved) outside the domain's folder is not read
-                continue
-            full.append(uri)
-        keys = digests(full)
-        known, new = seen.get(keys)[0], {}
-        for uri, key, old in zip(full, map(tuple, keys.tolist()), known, strict=True):
-            if not old and key not in new:
-                new[key] = uri
-                yield uri
-        seen.add(np.array(list(new), dtype=np.uint64).reshape(-1, 2))
-    if outside:
-        log.warning("data.domains[%s]: skipped %d path%s of manifest %s outside the domain's folder %s (links "
-                    "resolved)", d.name, outside, "" if outside == 1 else "s", d.manifest, d.uri)
-
-
-def manifest_batches(manifest: str, storage: Storage) -> Iterator[list[str]]:
-    """The ``uri`` column of a parquet or CSV manifest, in order, in batches."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    data = storage.read_bytes(manifest)
-    try:
-        if manifest.lower().endswith(".csv"):
-            opts = pacsv.ConvertOptions(include_columns=["uri"])
-            batches = iter(pacsv.read_csv(io.BytesIO(data), convert_options=opts).to_batches(max_chunksize=10_000))
-        else:  # streamed: a manifest of 100M rows is never decoded whole
-            file = pq.ParquetFile(io.BytesIO(data))
-            if "uri" not in file.schema_arrow.names:
-                raise KeyError(f"columns {file.schema_arrow.names}")
-            batches = file.iter_batches(batch_size=10_000, columns=["uri"])
-        for batch in batches:
-            yield [u for u in batch.column(0).to_pylist() if u]
-    except (pa.ArrowInvalid, KeyError) as e:
-        raise ManifestError(f"{manifest}: not a parquet/CSV table with a 'uri' column: {e}") from None
-
-
-def listing_size(cfg: RunConfig, storage: Storage) -> int:
-    """Rows of the domains' parquet manifests, read from their footers (0 for a listed prefix: unknown until
-    listed). Sizes a first run's resume ledger."""
-    import pyarrow.parquet as pq
-
-    total = 0
-    for d in cfg.data.domains:
-        if d.manifest and not d.manifest.lower().endswith(".csv"):
-            fs, path = storage.resolve(d.manifest)
-            try:
-                with fs.open_input_file(path) as f:
-                    total += pq.ParquetFile(f).metadata.num_rows
-            except (OSError, pa.ArrowInvalid):
-                continue  # the listing itself says what is wrong with the manifest
-    return min(total, cfg.data.max_images or total)
-
-
-def listing_chunks(cfg: RunConfig, storage: Storage) -> Iterator[list[dict[str, str]]]:
-    """Every domain's image URIs, in chunks of ``label.listing_chunk``, capped at ``data.max_images``."""
-    chunk: list[dict[str, str]] = []
-    left = cfg.data.max_images if cfg.data.max_images is not None else math.inf
-    for d in cfg.data.domains:
-        for uri in domain_uris(d, cfg, storage):
-            if left <= 0:
-                break
-            left -= 1
-            chunk.append({"uri": uri, "domain": d.name})
-            if len(chunk) >= cfg.label.listing_chunk:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
 
 
 # ------------------------------------------------------------------------------------------ requests

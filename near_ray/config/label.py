@@ -136,9 +136,9 @@ class LabelConfig(Section):
     batches_per_actor: int = Field(
         4, ge=1, description="batches in flight per labeler actor: keeps its request slots full")
     prepare_cpus: float = Field(0.25, gt=0, description="CPUs per read/decode/resize task")
-    # the driver never holds a whole listing (100k URIs ~ 10-20 MB); each chunk starts its own actor pool
-    # (seconds), so chunks should be large next to what a pool labels in that time
-    listing_chunk: int = Field(100_000, ge=1, description="image URIs per Ray dataset")
+    # the driver never holds a whole listing (100k URIs ~ 10-20 MB): it lists a chunk at a time into the
+    # object store; one labeler pipeline serves every chunk
+    listing_chunk: int = Field(100_000, ge=1, description="image URIs the driver lists at a time (its memory bound)")
     part_rows: int = Field(2000, ge=1, description="rows per labels part file (per domain)")
     flush_interval_s: float = Field(
         30.0, gt=0, description="write a part at least this often: a killed job keeps its work")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,9 +20,10 @@ import numpy as np
 from near_ray.classify.calibration import expected_calibration_error, temperature_scale
 from near_ray.classify.cascade import mllm_answers
 from near_ray.config import RunConfig
+from near_ray.data.truth import uri_key
 from near_ray.errors import NearRayError
 from near_ray.eval.metrics import by_domain, hungarian_match
-from near_ray.storage import Storage, is_s3, join
+from near_ray.storage import Storage, join
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,11 +32,6 @@ if TYPE_CHECKING:
     from near_ray.model.bundle import Bundle
 
 log = logging.getLogger(__name__)
-
-
-def uri_key(uri: str) -> str:
-    """One spelling per image: the label stage joins relative manifest paths, a truth table may not."""
-    return uri if is_s3(uri) else str(Path(uri).resolve())
 
 
 def evaluate_cascade(

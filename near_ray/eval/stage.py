@@ -12,7 +12,6 @@ optional ``domain`` and ``split``; rows with split == "test" are used).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import posixpath
@@ -21,15 +20,15 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from near_ray.chosen import served_method
 from near_ray.config import DomainConfig, RunConfig
+from near_ray.data.truth import TruthError, truth_table, uri_key
 from near_ray.errors import NearRayError
-from near_ray.eval.cascade import evaluate_cascade, uri_key
+from near_ray.eval.cascade import evaluate_cascade
 from near_ray.eval.metrics import SemanticAccuracy, by_domain, prediction_spread
 from near_ray.eval.plots import write_plots
 from near_ray.eval.report import write_report
@@ -49,46 +48,16 @@ class EvaluationError(NearRayError):
 
 
 # ------------------------------------------------------------------------------------------ test set
-def read_table(uri: str, storage: Storage) -> pd.DataFrame:
-    if uri.lower().endswith(".csv"):
-        try:
-            return pd.read_csv(io.BytesIO(storage.read_bytes(uri)))
-        except NearRayError:
-            raise
-        except Exception as e:
-            raise EvaluationError(f"{uri}: not a readable CSV table ({e})") from e
-    return storage.read_parquet(uri).to_pandas()
-
-
-def _resolve(path: str, base: str) -> str:
-    return path if is_s3(path) or path.startswith("/") else join(base, path)
-
-
 def test_set(domain: DomainConfig, storage: Storage) -> pd.DataFrame:
-    """The domain's test images: columns uri, domain, species."""
-    assert domain.truth
-    truth = read_table(domain.truth, storage)
-    where = f"data.domains[{domain.name}].truth {domain.truth}"
-    species_col = next((c for c in ("species", "class_name") if c in truth.columns), None)
-    path_col = next((c for c in ("uri", "path") if c in truth.columns), None)
-    if species_col is None or path_col is None:
-        raise EvaluationError(
-            f"{where}: needs columns species (or class_name) and path (or uri); has {list(truth.columns)}"
-        )
-    if "domain" in truth.columns:
-        truth = truth[truth["domain"] == domain.name]
-    if "split" in truth.columns:
-        truth = truth[truth["split"] == "test"]
-    if truth.empty:
-        raise EvaluationError(f"{where}: no test rows for domain '{domain.name}' (split == 'test')")
-    base = posixpath.dirname(domain.truth) if is_s3(domain.truth) else str(Path(domain.truth).parent)
-    return pd.DataFrame(
-        {
-            "uri": [_resolve(str(p), base) for p in truth[path_col]],
-            "domain": domain.name,
-            "species": truth[species_col].astype(str).to_numpy(),
-        }
-    )
+    """The domain's test images (split == "test"): columns uri, domain, species."""
+    try:
+        test = truth_table(domain, storage, split="test")
+    except TruthError as e:
+        raise EvaluationError(str(e)) from e
+    if test.empty:
+        raise EvaluationError(f"data.domains[{domain.name}].truth {domain.truth}: no test rows for domain "
+                              f"'{domain.name}' (split == 'test')")
+    return test
 
 
 def load_test_sets(cfg: RunConfig, storage: Storage) -> pd.DataFrame:

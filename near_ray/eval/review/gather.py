@@ -14,19 +14,18 @@ when there is no bundle yet).
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from near_ray.classify.table import predictions_uri, read_predictions
+from near_ray.data.truth import TruthError, truth_table, uri_key
 from near_ray.errors import NearRayError
-from near_ray.eval.cascade import uri_key
 from near_ray.label.parse import _is_refusal  # the label stage's own rule for "the answer declines to name"
 from near_ray.label.table import LabelsNotFoundError, read_labels
 from near_ray.names import clean_surface, name_key
-from near_ray.storage import Storage, is_s3, join
+from near_ray.storage import Storage, join
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -109,29 +108,14 @@ def _bundle(cfg: RunConfig, st: Storage, domain: str) -> tuple[str | None, list[
 
 def read_truth(cfg: RunConfig, st: Storage) -> dict[str, dict[str, str]]:
     """Per domain with a truth table: uri key -> true class, every split (the discovery images are "train")."""
-    import pandas as pd
-
     out: dict[str, dict[str, str]] = {}
     for d in cfg.data.domains:
-        if not d.truth:
-            continue
-        where = f"data.domains[{d.name}].truth {d.truth}"
-        try:
-            table = (pd.read_csv(io.BytesIO(st.read_bytes(d.truth))) if d.truth.lower().endswith(".csv")
-                     else st.read_parquet(d.truth).to_pandas())  # fmt: skip
-        except NearRayError as e:
-            raise ReviewError(f"{where}: {e}") from e
-        except Exception as e:  # a CSV pandas cannot parse
-            raise ReviewError(f"{where}: not a readable table ({e})") from e
-        species = next((c for c in ("species", "class_name") if c in table.columns), None)
-        path = next((c for c in ("uri", "path") if c in table.columns), None)
-        if species is None or path is None:
-            raise ReviewError(f"{where}: needs columns species (or class_name) and path (or uri); has {list(table.columns)}")
-        if "domain" in table.columns:
-            table = table[table["domain"] == d.name]
-        base = d.truth.rsplit("/", 1)[0]
-        out[d.name] = {uri_key(p if is_s3(p) or p.startswith("/") else join(base, p)): str(s)
-                       for p, s in zip(table[path].astype(str), table[species], strict=True)}  # fmt: skip
+        if d.truth:
+            try:
+                table = truth_table(d, st)
+            except TruthError as e:
+                raise ReviewError(str(e)) from e
+            out[d.name] = {uri_key(u): s for u, s in zip(table["uri"], table["species"], strict=True)}
     return out
 
 

@@ -177,6 +177,20 @@ def cmd_run(args: argparse.Namespace) -> None:
     print("\n" + closing_summary(cfg, args.summary))
 
 
+def cmd_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from near_ray.data.benchmark import prepare_benchmark
+
+    cfg = _config(args)
+    out: dict[str, Any] = {"benchmark": prepare_benchmark(cfg, args.dataset, args.root, args.domain)}
+    if not args.prepare_only:  # the domains are the dataset's now: the run's checks, then the run
+        from near_ray.pipeline import run_pipeline
+        from near_ray.preflight import preflight
+
+        preflight(cfg, "run", _source(args))
+        out["pipeline"] = run_pipeline(cfg)
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from near_ray.demo import run_demo
 
@@ -294,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "the whole pipeline: label → refine → train → evaluate (with truth) → classify → review")
     p.add_argument("--serve", action="store_true", help="start the Serve app at the end")
     p.add_argument("--edits", default=None, help="vocabulary edits (YAML) to apply: refine.edits, see docs/refine.md")
+    p = add("benchmark", cmd_benchmark, "FineR's protocol on a fine-grained dataset in its native layout: discovery "
+            "manifest, test truth, then label -> refine -> train -> evaluate")  # fmt: skip
+    p.add_argument("--dataset", required=True, help="cub200, stanford_cars, stanford_dogs, flowers102, oxford_pets, folder or auto")
+    p.add_argument("--root", required=True, help="the dataset's root folder (s3://… or local), in its native layout")
+    p.add_argument("--domain", default=None, help="domain name (default: birds, cars, dogs, flowers, pets)")
+    p.add_argument("--prepare-only", action="store_true", help="write the discovery manifest and truth, then stop")
     p = add("demo", cmd_demo, "the offline end-to-end demo on the synthetic benchmark")
     p.add_argument("--out", default="demo_out", help="output folder")
     p = add("serve", cmd_serve, "serve a model bundle with Ray Serve")

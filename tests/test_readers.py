@@ -255,15 +255,6 @@ def test_cub200_and_stanford_dogs_on_s3(bucket: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ benchmark harness
-def _job(repo_root: Path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_fgvr", repo_root / "jobs" / "benchmark_fgvr.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_shipped_config_loads(repo_root: Path) -> None:
     from near_ray.config import load_config
 
@@ -326,18 +317,19 @@ def test_benchmark_job_prepares_discovery_manifest_and_test_truth(tmp_path: Path
     assert (truth["split"] == "test").all() and set(truth["species"]) == {"Black footed Albatross", "Laysan Albatross"}
 
     bad = subprocess.run(cmd[:3] + ["imagenet"] + cmd[4:], capture_output=True, text=True, timeout=120, cwd=repo_root)
-    assert bad.returncode == 1 and "unknown dataset layout 'imagenet'" in bad.stderr
+    assert bad.returncode == 2 and "near-ray benchmark: error:" in bad.stderr and "unknown dataset layout 'imagenet'" in bad.stderr
 
 
 def test_benchmark_preparation_on_s3_feeds_the_evaluation(bucket: str, repo_root: Path) -> None:
     from near_ray.config import RunConfig
+    from near_ray.data.benchmark import prepare_benchmark
     from near_ray.eval.stage import load_test_sets
 
     st = Storage()
     write_pets(Tree(f"{bucket}/pets", st))
     cfg = RunConfig()
     cfg.storage.workdir = f"{bucket}/run"
-    summary = _job(repo_root).prepare_benchmark(cfg, "auto", f"{bucket}/pets")
+    summary = prepare_benchmark(cfg, "auto", f"{bucket}/pets")
     assert summary["dataset"] == "oxford_pets" and summary["discovery_images"] == 2
     (domain,) = cfg.data.domains
     assert (domain.name, domain.meta_class, domain.manifest) == ("pets", "pet", summary["manifest"])

@@ -24,7 +24,7 @@ from near_ray.config.label import (
     VLLMBackendConfig,
 )
 from near_ray.config.serve import ServeConfig
-from near_ray.config.train import TrackingConfig, TrainConfig
+from near_ray.config.train import TrackingConfig, TrainConfig, text_side_rule
 from near_ray.errors import NearRayError
 from near_ray.train.methods import DEFAULT_EVALUATED, EVALUATED
 from near_ray.uri import join
@@ -93,7 +93,9 @@ RANDOM_INIT = "random"  # model.pretrained: start from random weights, on purpos
 class ModelConfig(Section):
     """The CLIP model: an open_clip architecture with pretrained tag, or local/s3 weights."""
 
-    arch: str = Field("ViT-B-16", description="an open_clip model name, or a path to a model config JSON")
+    arch: str = Field("ViT-B-16", description="an open_clip model name, a path to a model config JSON, or "
+                      "timm:<name>: a timm image network as the image tower with no text side (image-prototype "
+                      "classifiers only; near_ray.model.backbone)")
     # A random CLIP's names mean nothing, so null is refused: random init is only ever asked for by name.
     pretrained: str = Field(
         "openai", description='open_clip pretrained tag ("openai": fetched from the hub by each process that builds '
@@ -119,6 +121,11 @@ class ModelConfig(Section):
     def weights(self) -> str | None:
         """What ``pretrained`` names, None for random init (how the model factory reads it)."""
         return None if self.pretrained == RANDOM_INIT else self.pretrained
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the model's text side means something before training: not for a timm backbone."""
+        return not self.arch.startswith("timm:")
 
 
 # --------------------------------------------------------------------------------------------- refine
@@ -273,6 +280,10 @@ class RunConfig(Section):
         if dupes:
             raise ValueError(f"data.domains: duplicate domain names {dupes}")
         return self
+
+    @model_validator(mode="after")
+    def _text_where_there_is_one(self) -> RunConfig:
+        return text_side_rule(self)
 
     # Where each stage's artifact lives: one convention, so every stage can run alone.
     def artifact(self, name: str) -> str:

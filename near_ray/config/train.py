@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from near_ray.config.base import Section
-from near_ray.train.methods import TRAINED
+from near_ray.train.methods import TRAINED, needs_text
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -122,3 +122,26 @@ class TrainConfig(Section):
         if unknown := [m for m in v if m not in TRAINED]:
             raise ValueError(f"unknown training method(s) {', '.join(map(repr, unknown))} (one of {', '.join(TRAINED)})")
         return v
+
+
+def text_side_rule(cfg: Any) -> Any:
+    """A run config whose model has no text side (a timm backbone: near_ray.model.backbone) serves
+    image-prototype classifiers only: a choice that reads the names' text embeddings is refused at load,
+    before any work; eval.methods' default just leaves such methods out."""
+    if cfg.model.has_text:
+        return cfg
+    weight = cfg.train.prototype_weight
+    why = f"model.arch {cfg.model.arch} has no text side (image-prototype classifiers only): "
+    if weight < 1:
+        raise ValueError(why + f"train.prototype_weight {weight} mixes in the names' text embeddings; set it to 1")
+    if cfg.refine.merge_encoder == "clip":
+        raise ValueError(why + "refine.merge_encoder 'clip' needs CLIP's text tower; use 'sbert' or 'none'")
+    for field, chosen in (("train.method", [cfg.train.method]), ("train.select", cfg.train.select)):
+        if bad := [m for m in chosen if needs_text(m, weight)]:
+            raise ValueError(why + f"{field} {', '.join(bad)} classifies with text embeddings; choose a prototype "
+                             "classifier (e.g. naive_prototypes, near)")
+    text_methods = [m for m in cfg.eval.methods if needs_text(m, weight)]
+    if text_methods and "methods" in cfg.eval.model_fields_set:
+        raise ValueError(why + f"eval.methods {', '.join(text_methods)} classify with text embeddings")
+    cfg.eval.methods = [m for m in cfg.eval.methods if m not in text_methods]
+    return cfg

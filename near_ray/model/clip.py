@@ -4,8 +4,9 @@
 near_ray (``near_ray/model/configs/*.json``, e.g. "near-tiny"), or a URI of such a JSON file.
 ``ModelConfig.pretrained`` is an open_clip pretrained tag ("openai", "laion2b_s34b_b88k"), a tag of
 weights near_ray ships for one of its configs ("synthetic" for near-tiny: ``near_ray/model/pretrained``),
-a URI of safetensors weights, or "random" for random init. Configs are data; nothing here downloads
-unless an open_clip pretrained tag asks for it.
+a URI of safetensors weights, or "random" for random init. ``timm:<name>`` makes a timm image network
+the image tower, with no text side (``near_ray.model.backbone``). Configs are data; nothing here
+downloads unless an open_clip pretrained tag asks for it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Clip:
     pixels: PixelSpec  # how images become its input (near_ray.model.preprocess)
     tokenizer: Any
     model_config: dict  # the open_clip config (JSON-able), so a bundle can rebuild the model offline
+    text: str = "clip"  # "none": the text side means nothing untrained (a timm backbone: near_ray.model.backbone)
 
     @property
     def image_size(self) -> int:
@@ -62,6 +64,10 @@ def resolve_model_config(arch: str, storage: Storage | None = None, pretrained: 
     """
     import open_clip
 
+    from near_ray.model.backbone import backbone_config, is_backbone
+
+    if is_backbone(arch):
+        return backbone_config(arch)
     if arch in builtin_configs():
         return json.loads(_CONFIGS.joinpath(f"{arch}.json").read_text())
     if arch.endswith(".json"):
@@ -131,7 +137,12 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
     """Build the model a run config names: an open_clip name + pretrained tag, or a config + safetensors weights."""
     import open_clip
 
+    from near_ray.model.backbone import is_backbone
+
     pretrained = shipped_weights(model_cfg.arch, model_cfg.weights) or model_cfg.weights  # None: random init
+    if pretrained and not _is_weights_uri(pretrained) and is_backbone(model_cfg.arch):
+        raise ModelError(f"model.pretrained: '{pretrained}' is not a weights file; a timm backbone ({model_cfg.arch}) "
+                         "reads its weights from a safetensors file (local or s3://), or starts from 'random'")
     if pretrained and not _is_weights_uri(pretrained) and model_cfg.arch in builtin_configs():
         folder = resources.files("near_ray.model") / "pretrained"
         shipped = sorted(p.name for p in (folder.iterdir() if folder.is_dir() else [])
@@ -159,6 +170,11 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
             state = load_state_dict_bytes(read_weights(pretrained, storage or _Storage()))
         except NearRayError as e:
             raise ModelError(f"model.pretrained: {e}") from e
+        if is_backbone(model_cfg.arch):  # the image network's own weights, into the image tower
+            from near_ray.model.backbone import load_backbone_weights
+
+            load_backbone_weights(clip.model, state, pretrained)
+            return clip
         missing, unexpected = clip.model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.startswith("text.")]:
             raise ModelError(
@@ -180,6 +196,7 @@ def clip_from_config(model_config: dict, init_seed: int = 0, pixels: PixelSpec |
     cfg = dict(model_config)
     spec = pixels or PixelSpec.for_model_config(cfg)
     cfg.pop("preprocess_cfg", None)
+    text = cfg.pop("text", "clip")
     tokenizer_cfg = cfg.pop("tokenizer", None) or {}
     context_length = cfg.get("text_cfg", {}).get("context_length", 77)
     if "bpe_subset" in tokenizer_cfg:  # a small text tower: its own token embedding rows
@@ -191,7 +208,9 @@ def clip_from_config(model_config: dict, init_seed: int = 0, pixels: PixelSpec |
         torch.manual_seed(init_seed)
         model = open_clip.CLIP(**cfg)
     full_cfg = dict(cfg, tokenizer=tokenizer_cfg) if tokenizer_cfg else cfg
-    return Clip(model, spec, tokenizer, full_cfg)
+    if text != "clip":
+        full_cfg["text"] = text
+    return Clip(model, spec, tokenizer, full_cfg, text)
 
 
 def save_weights(model: Any) -> bytes:

@@ -100,6 +100,16 @@ class PixelSpec:
                    interpolation, cfg.get("resize_mode") or "shortest")
 
 
+def timm_preprocess_cfg(pretrained_cfg: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """A timm network's input size and its preprocessing as open_clip's ``preprocess_cfg`` (mean, std,
+    interpolation; ImageNet's where timm records none). timm's ``crop_pct`` is not applied: the short
+    side goes to the input size and the centre square is kept, as for every model here."""
+    size = (pretrained_cfg.get("input_size") or (3, 224, 224))[-1]
+    return int(size), {"mean": list(pretrained_cfg.get("mean") or (0.485, 0.456, 0.406)),
+                       "std": list(pretrained_cfg.get("std") or (0.229, 0.224, 0.225)),
+                       "interpolation": pretrained_cfg.get("interpolation") or "bicubic"}
+
+
 def bundle_pixel_spec(config: dict[str, Any]) -> PixelSpec:
     """A bundle's spec from its config.json: "preprocess", else (bundles written before it was stored
     whole) "image_mean", "image_std" and the vision tower's size, with bicubic, shortest side, RGB:

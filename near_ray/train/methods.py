@@ -103,6 +103,18 @@ DEFAULT_EVALUATED = (DIRECT_MLLM, *(name for name, m in METHODS.items() if m.by_
 TITLES = {DIRECT_MLLM: "direct MLLM (per test image)", **{name: m.title for name, m in METHODS.items()}}
 
 
+def needs_text(name: str, prototype_weight: float) -> bool:
+    """Whether a method's classifier reads the text tower's embeddings of the names: zero-shot, and every
+    method whose class vectors keep a text share (``train.prototype_weight`` below 1, its own or the
+    run's). A model whose text side means nothing untrained (a timm backbone) cannot serve them."""
+    if name == DIRECT_MLLM:
+        return False
+    m = get_method(name)
+    if m.targets == "none":
+        return True
+    return float(dict(m.overrides).get("prototype_weight", prototype_weight)) < 1
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise KeyError(f"unknown method '{name}' (known: {', '.join(METHODS)})")

@@ -1,0 +1,134 @@
+"""A timm image network as the image tower (model.arch: timm:<name>): its own weights and preprocessing,
+no text side, and the bundle it trains into served, classified and read like any other."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from test_serve import deploy, serve_http_port, settings
+from test_train import CLASSES, write_refine_artifacts
+
+from near_ray.config import ConfigError, ModelConfig, load_config
+from near_ray.images import decode_image
+from near_ray.storage import Storage, join
+
+ARCH = "timm:test_efficientnet"  # timm's smallest EfficientNet (random init: no weights download)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_backbones_own_weights_give_its_own_features_and_a_wrong_file_is_named(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from near_ray.errors import NearRayError
+    from near_ray.model.clip import create_clip, encode_images
+
+    torch.manual_seed(3)
+    net = timm.create_model("test_efficientnet", pretrained=False).eval()  # with its classifier head
+    weights = tmp_path / "net.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    clip = create_clip(ModelConfig(arch=ARCH, pretrained=str(weights)))
+    # the network's preprocessing, from timm's pretrained config
+    assert (clip.pixels.size, clip.pixels.mean) == (160, (0.485, 0.456, 0.406)) and clip.text == "none"
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray(rng.integers(0, 255, (200, 240), dtype=np.uint8), "L")
+    ours = encode_images(clip, [grey])
+    from near_ray.model.preprocess import preprocessor
+
+    x = preprocessor(clip.pixels).batch([preprocessor(clip.pixels).pixels(grey)])
+    with torch.no_grad():
+        theirs = torch.nn.functional.normalize(net.forward_head(net.forward_features(x), pre_logits=True), dim=-1)
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5)
+    # a grey image is its RGB copy on the one pixel path
+    np.testing.assert_allclose(ours, encode_images(clip, [grey.convert("RGB")]), atol=1e-6)
+
+    other = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(other))
+    with pytest.raises(NearRayError, match="other.safetensors"):
+        create_clip(ModelConfig(arch=ARCH, pretrained=str(other)))
+    with pytest.raises(NearRayError, match="not a weights file"):
+        create_clip(ModelConfig(arch=ARCH, pretrained="imagenet"))
+    with pytest.raises(NearRayError, match="not a timm model"):
+        create_clip(ModelConfig(arch="timm:no_such_net", pretrained="random"))
+
+
+@pytest.mark.parametrize("override,field", [
+    ("train.method=near_text_only", "train.method near_text_only"),
+    ("train.select=[near,near_paper]", "train.select near_paper"),
+    ("eval.methods=[near,zero_shot]", "eval.methods zero_shot"),
+    ("train.prototype_weight=0.5", "train.prototype_weight 0.5"),
+    ("refine.merge_encoder=clip", "refine.merge_encoder 'clip'"),
+])
+def test_a_model_without_text_refuses_text_classifiers_at_load(tmp_path, override, field):
+    base = [f"storage.workdir={tmp_path}", f"model.arch={ARCH}", "model.pretrained=random"]
+    with pytest.raises(ConfigError, match="has no text side") as e:
+        load_config(None, [*base, override])
+    assert field in str(e.value)
+    cfg = load_config(None, base)  # the default list of evaluated methods just leaves them out
+    assert cfg.train.method == "naive_prototypes"
+    assert "zero_shot" not in cfg.eval.methods and "near_text_only" not in cfg.eval.methods
+    assert "near" in cfg.eval.methods
+
+
+def test_a_backbone_bundle_trains_serves_and_classifies_like_any_other(ray_cluster, tmp_path, capsys):
+    """train (Ray Train) -> bundle -> Ray Serve over HTTP and the classify stage, grey images included."""
+    from near_ray.classify.stage import run_classify
+    from near_ray.classify.table import read_predictions
+    from near_ray.cli import main
+    from near_ray.model.bundle import load_bundle
+
+    workdir, st = str(tmp_path), Storage()
+    write_refine_artifacts(workdir, per_class=3)
+    sets = [f"storage.workdir={workdir}", f"model.arch={ARCH}", "model.pretrained=random", "train.num_workers=1",
+            "train.cpus_per_worker=0.5", "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=16",
+            "train.augment=false"]
+    assert main(["train", *(x for s in sets for x in ("--set", s)), "--method", "naive_prototypes"]) == 0
+    out = json.JSONDecoder().raw_decode(capsys.readouterr().out.lstrip())[0]
+    uri = out["naive_prototypes"]["bundle"]
+    bundle = load_bundle(uri)
+    config = st.read_json(join(uri, "config.json"))
+    assert config["model_config"]["vision_cfg"]["timm_model_name"] == "test_efficientnet"
+    assert config["model_config"]["text"] == "none" and config["preprocess"]["size"] == 160
+    assert sorted(bundle.names) == sorted(n for names in CLASSES.values() for n in names)
+
+    # grey images of the classes' colours, as PNG files of their own folder
+    rng = np.random.default_rng(1)
+    folder = join(workdir, "new", "birds")
+    greys = [_png(rng.integers(0, 255, (48, 64), dtype=np.uint8)) for _ in range(4)]
+    for i, data in enumerate(greys):
+        st.write_bytes(join(folder, f"g{i}.png"), data)
+    want = bundle.classify([decode_image(b) for b in greys], top_k=3, domain="birds")
+
+    port = serve_http_port()
+    from ray import serve
+
+    deploy("near_backbone", settings(bundle=uri))
+    try:
+        for data, pred in zip(greys, want, strict=True):
+            r = httpx.post(f"http://127.0.0.1:{port}/near_backbone/v1/classify?domain=birds&top_k=3",
+                           files={"file": ("g.png", data, "image/png")}, timeout=60)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert [p["name"] for p in body["predictions"]] == pred.names
+            np.testing.assert_allclose([p["score"] for p in body["predictions"]], pred.scores, atol=1e-5)
+            assert body["model_version"] == bundle.model_version
+    finally:
+        serve.delete("near_backbone")
+
+    cfg = load_config(None, [*sets, f"classify.bundle={uri}", "classify.top_k=3",
+                             f'data.domains=[{{"name": "birds", "uri": "{folder}", "meta_class": "bird"}}]'])
+    summary = run_classify(cfg)
+    assert summary["images_computed"] == 4
+    df = read_predictions(cfg.artifact("predictions"), st).sort_values("uri")
+    assert df["name"].tolist() == [p.names[0] for p in want]

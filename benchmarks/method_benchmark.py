@@ -77,7 +77,7 @@ import numpy as np
 from near_ray.config import DomainConfig
 from near_ray.sim.config import DemoConfig
 from near_ray.storage import Storage, join
-from near_ray.train.methods import METHODS, TRAINED
+from near_ray.train.methods import METHODS, TRAINED, needs_text
 
 RESULTS = Path(__file__).resolve().parent / "results" / "method_benchmark.json"
 # what --against pairs a candidate with, and the figures that must match the reference's exactly
@@ -120,7 +120,9 @@ def base_config(work: str, root: str, taxonomy: dict, model: str, args: argparse
 
     # The demo takes 12 optimizer steps an epoch (192 images, batch 16); this benchmark's discovery set
     # is 3x larger, so its batch is too: the same schedule. `--set train.batch_size=…` overrides it.
-    cfg = load_config(default_config(), [f"storage.workdir={work}", f"model.pretrained={model}",
+    arch, _, weights = model.rpartition("@")  # "arch@weights" names another network than near-tiny
+    cfg = load_config(default_config(), [f"storage.workdir={work}", f"model.pretrained={weights}",
+                                         *([f"model.arch={arch}"] if arch else []),
                                          f"train.batch_size={3 * 16}", *args.set], schema=DemoConfig)
     cfg.data.domains = [DomainConfig(name=d, uri=join(root, "images", d, "train"), meta_class=t["meta_class"],
                                      truth=join(root, "truth.parquet")) for d, t in taxonomy["domains"].items()]
@@ -160,6 +162,10 @@ def make_draw(work: str, synth_seed: int, args: argparse.Namespace, st: Storage)
     from near_ray.sim.synth import generate
 
     root = join(work, f"draw{synth_seed}", "benchmark")
+    if args.collection == "elpv":  # real pixels: the elpv cells of the draw's modules (benchmarks/elpv.py)
+        from elpv import write_draw
+
+        return write_draw(root, synth_seed, st)
     per_species = args.discovery + args.test
     if not st.exists(join(root, "truth.parquet")):
         generate(out=root, domains=args.domains.split(","), species=args.species, images_per_species=per_species,
@@ -190,9 +196,24 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     sections["label"]["openai"] = {f: v for f, v in sections["label"]["openai"].items() if f not in NOT_FROZEN_CLIENT}
     return {"methods": sorted(args.methods.split(",")), "set": sorted(args.set), **sections,
             "models": args.models.split(","),
-            "benchmark": {"domains": args.domains.split(","), "species": args.species, "discovery": args.discovery,
-                          "test": args.test},
+            "benchmark": collection_setup(args),
             "default_profiles": {p: load_profile(p).model_dump(mode="json") for p in DEFAULT_PROFILES}}
+
+
+def collection_setup(args: argparse.Namespace) -> dict[str, Any]:
+    """What the benchmark's images are: the synthetic draws' size, or the real-pixel collection's split."""
+    if args.collection == "elpv":
+        from elpv import DISCOVERY_SHARE, DOMAIN, MODULE_CELLS
+
+        return {"collection": "elpv", "domains": [DOMAIN], "module_cells": MODULE_CELLS,
+                "discovery_share_of_modules": round(DISCOVERY_SHARE, 4)}
+    return {"domains": args.domains.split(","), "species": args.species, "discovery": args.discovery,
+            "test": args.test}
+
+
+# A configuration frozen on the synthetic dev draws is run as is on another collection: there its images
+# and starting networks differ by design, every setting a figure depends on must not.
+COLLECTION_KEYS = ("benchmark", "models")
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -235,13 +256,17 @@ def write_frozen(path: str, config: dict[str, Any], draws: list[int]) -> dict[st
     return frozen
 
 
-def check_frozen(path: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The frozen configuration a test run must match; a clear refusal naming what differs otherwise."""
+def check_frozen(path: str, config: dict[str, Any], other_collection: bool = False) -> dict[str, Any]:
+    """The frozen configuration a test run must match; a clear refusal naming what differs otherwise.
+    On another collection (``other_collection``) its images and starting networks are left out."""
     try:
         frozen = json.loads(Path(path).read_text())
         want = frozen["config_hash"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--frozen {path}: cannot read a frozen configuration ({e})") from None
+    if other_collection:
+        config = {k: v for k, v in config.items() if k not in COLLECTION_KEYS}
+        want = config_hash({k: v for k, v in frozen.get("config", {}).items() if k not in COLLECTION_KEYS})
     got = config_hash(config)
     if got != want:
         theirs = frozen.get("config", {})
@@ -293,8 +318,11 @@ class Scorer:
 
 
 def _label(model: str) -> str:
-    """A model's name in folders and tables: its tag, or its weights file's stem."""
-    return Path(model).stem if "/" in model else model
+    """A model's name in folders and tables: its tag, its weights file's stem, or a timm network's name."""
+    arch, _, weights = model.rpartition("@")
+    if arch:
+        return arch.removeprefix("timm:")
+    return Path(weights).stem if "/" in weights else weights
 
 
 def _visual_fingerprint(model: Any) -> str:
@@ -382,9 +410,11 @@ def one_cell(cfg: DemoConfig, label_work: str, cache: str, scorer: Scorer, metho
     t0 = time.monotonic()
     refine = run_refine(cfg)
     timings = {"refine_s": round(time.monotonic() - t0, 1)}
-    if not st.exists(cfg.artifact("bundles/zero_shot/config.json")):
-        export_zero_shot(cfg)
-    preds = {"zero_shot": scorer.predictions(load_bundle(cfg.artifact("bundles/zero_shot"), st))}
+    preds = {}
+    if cfg.model.has_text:  # a network without a text side has no zero-shot classifier
+        if not st.exists(cfg.artifact("bundles/zero_shot/config.json")):
+            export_zero_shot(cfg)
+        preds["zero_shot"] = scorer.predictions(load_bundle(cfg.artifact("bundles/zero_shot"), st))
     for method in methods:
         if not st.exists(cfg.artifact(f"bundles/{method}/config.json")):
             mcfg = cfg.model_copy(deep=True)
@@ -396,7 +426,8 @@ def one_cell(cfg: DemoConfig, label_work: str, cache: str, scorer: Scorer, metho
     metrics = {m: scorer.score(p) for m, p in preds.items()}
     out = {"metrics": metrics, "preds": preds, "timings": timings,
            "refine": {k: refine.get(k) for k in ("vocabulary_size", "images", "embeddings_reused", "domains")}}
-    candidates = list(cfg.train.select) or list(SELECT)
+    candidates = [m for m in list(cfg.train.select) or list(SELECT)
+                  if cfg.model.has_text or not needs_text(m, cfg.train.prototype_weight)]
     if all(m in metrics for m in candidates):  # the product's label-free choice among the trained candidates
         t0 = time.monotonic()
         out["selection"] = label_free_choice(cfg, candidates, metrics)
@@ -444,9 +475,10 @@ def ceilings(cfg: DemoConfig, frame: Any, cache: str, scorer: Scorer, seed: int)
         "own_labels": [[s] for s in frame["label"]], "majority_label": frame["label"].tolist(),
         "candidates": [[s] for s in frame["label"]], "confidences": [[1.0] for _ in range(len(frame))]}))
     out = {}
-    if not st.exists(cfg.artifact("bundles/zero_shot/config.json")):
-        export_zero_shot(cfg)
-    out["upper_bound_true_names"] = scorer.predictions(load_bundle(cfg.artifact("bundles/zero_shot"), st))
+    if cfg.model.has_text:
+        if not st.exists(cfg.artifact("bundles/zero_shot/config.json")):
+            export_zero_shot(cfg)
+        out["upper_bound_true_names"] = scorer.predictions(load_bundle(cfg.artifact("bundles/zero_shot"), st))
     mcfg = cfg.model_copy(deep=True)
     mcfg.train.method, mcfg.train.seed = "naive", seed
     if not st.exists(cfg.artifact("bundles/naive/config.json")):
@@ -831,7 +863,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2,3,4", help="annotator (and training) seeds")
     parser.add_argument("--profiles", default=",".join(DEFAULT_PROFILES),
                         help="annotator profiles (names or YAML files); strong, weak, confuser, cautious stay selectable")
-    parser.add_argument("--models", default="synthetic,synthetic-alt", help="near-tiny pretrained tags")
+    parser.add_argument("--models", default="synthetic,synthetic-alt",
+                        help="near-tiny pretrained tags, or ARCH@WEIGHTS for another network (e.g. "
+                             "timm:tf_efficientnet_lite0@lite0.safetensors: benchmarks/elpv.py --stage-weights)")
+    parser.add_argument("--collection", choices=("synthetic", "elpv"), default="synthetic",
+                        help="synthetic draws, or real solar-cell images (benchmarks/elpv.py; the `bench` extra)")
     parser.add_argument("--domains", default="birds,flowers,butterflies")
     parser.add_argument("--species", type=int, default=16, help="species per domain")
     parser.add_argument("--discovery", type=int, default=12, help="discovery (unlabeled train) images per species")
@@ -852,7 +888,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "them, run by run where its untouched figures match (for a change that cannot reach them)")
     parser.add_argument("--markdown", action="store_true", help="print the tables of --out as markdown and exit")
     args = parser.parse_args(argv)
-    args.out = args.out or str(OUT[args.draws])
+    default_out = OUT[args.draws]
+    if args.collection != "synthetic":
+        default_out = default_out.with_name(default_out.stem + f"_{args.collection}.json")
+    args.out = args.out or str(default_out)
     if args.markdown:
         return args
     for m in args.methods.split(","):
@@ -868,7 +907,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.profile_names = [profile_name(p) for p in args.profiles.split(",")]
     args.config, args.commit, args.uncommitted = run_config(args), git_commit(), uncommitted_changes()
     # A test run is refused here, before any benchmark is generated or model trained.
-    frozen = check_frozen(args.frozen, args.config) if args.frozen else None
+    frozen = check_frozen(args.frozen, args.config, args.collection != "synthetic") if args.frozen else None
     args.frozen_record = {"config_hash": frozen["config_hash"], "commit": frozen["commit"]} if frozen else None
     return args
 
@@ -915,8 +954,7 @@ def main() -> None:
             base = base_config(join(dwork, _label(model)), root, taxonomy, model, args)
             scorer = Scorer(base, st, sacc)
             models[model] = (base, scorer, embeddings_cache(base, frame, st))
-            setup = {"domains": args.domains.split(","), "species_per_domain": args.species,
-                     "discovery_per_species": args.discovery, "test_per_species": args.test,
+            setup = {**collection_setup(args), "discovery_images": len(frame),
                      "test_images": len(scorer.test), "label_samples": base.label.samples, "annotator": "simulated",
                      "labels": "real label stage over HTTP", "train": base.train.model_dump(),
                      "refine": base.refine.model_dump(), "workers": "1 (in-process loop)",
@@ -937,8 +975,9 @@ def main() -> None:
                     direct = labels_for(root, label_work, base, profile, seed, scorer)
                     cfg = base_config(join(cells_at, _label(model), f"{pname}_s{seed}"), root, taxonomy, model, args)
                     cfg.label.seed, cfg.train.seed = seed, seed
-                    cell_methods = [m for m in methods if ablation_seeds is None or seed in ablation_seeds
-                                    or m not in ablations]
+                    cell_methods = [m for m in methods if (ablation_seeds is None or seed in ablation_seeds
+                                    or m not in ablations) and (base.model.has_text
+                                                                 or not needs_text(m, base.train.prototype_weight))]
                     untouched = {m: v for m, v in {"direct_mllm": direct["metrics"], **ceiling_metrics}.items()
                                  if m in UNTOUCHED}
                     kept = carried(keep, (draw, model, pname, seed), untouched, cell_methods)

@@ -126,6 +126,15 @@ class LabelConfig(Section):
     temperature: float = Field(0.7, ge=0, description="sampling temperature of the answers")
     seed: int = Field(0, description="seed of the sampled answers")
     prompt_version: str = Field("v1", description="the labeling prompt's version (part of each label's identity)")
+    # data.max_images caps the images asked about; which ones is this rule's (near_ray.label.select)
+    select: Literal["random", "first", "diversity"] = Field(
+        "random", description="which images a capped run (data.max_images) asks about: random (a seeded uniform "
+        "sample, the cap split across domains by size), first (the listing's first, as runs before this option), "
+        "diversity (k-center greedy in the model's image-embedding space, per domain); without a cap: every image")
+    select_seed: int = Field(0, description="seed of the random sample (random; diversity's candidates)")
+    select_pool: int = Field(
+        10, ge=1, description="diversity: candidates embedded per chosen image (a seeded random sample of this × the "
+        "domain's share, or the whole domain when smaller)")
     image: ImageConfig = Field(default_factory=ImageConfig, description="image checks and re-encoding")
     prices: PriceConfig = Field(default_factory=PriceConfig, description="costs for the summaries (USD)")
     pool_size: int = Field(1, ge=1, description="labeler actors")

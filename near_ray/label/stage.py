@@ -9,9 +9,10 @@ Data flow, per chunk of the listing::
     driver: iter_batches -> parse -> labels parts on storage, written as results stream in
 
 Why listing chunks through ``from_items`` rather than ``read_binary_files``: the driver never holds
-more than one chunk of URIs, our listing rules (extensions, hidden names, ``max_images``) stay in
-one place (Storage.list), and bytes are fetched by the task that decodes them, so they cross the
-network once and compressed. Failures never stop the run: unreadable or invalid images become
+more than one chunk of URIs, our listing rules (extensions, hidden names) stay in one place
+(Storage.list), and bytes are fetched by the task that decodes them, so they cross the network once
+and compressed. Which images a capped run (``data.max_images``) asks about is
+near_ray.label.select's: ``label.select``. Failures never stop the run: unreadable or invalid images become
 ``bad_image`` rows, failed requests ``mllm_error`` rows, answers without a name ``unparsable``.
 """
 
@@ -26,12 +27,13 @@ import pyarrow as pa
 
 from near_ray.config import LabelConfig, RunConfig
 from near_ray.console import Progress
-from near_ray.data.collections import check_domains, listing_chunks, listing_size
+from near_ray.data.collections import check_domains, listing_size
 from near_ray.images import fetch
 from near_ray.label.backends import REQUEST_SCHEMA, get_backend, model_name
 from near_ray.label.images import BadImageError, prepare_image
 from near_ray.label.parse import parse_answer
 from near_ray.label.prompts import prompt_for, sample_seed, schema_text
+from near_ray.label.select import check_select, selected_chunks
 from near_ray.label.stats import LabelStats
 from near_ray.label.table import copy_identical, labels_table, labels_uri, read_labels, resume_rule
 from near_ray.parts import ResumeLedger
@@ -61,6 +63,7 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
 
     storage = storage_for(cfg)
     check_domains(cfg, storage)  # before starting anything
+    check_select(cfg)
     ensure_ray()
     label_dataset = get_backend(cfg.label.backend)
     out_uri = labels_uri(cfg)
@@ -115,15 +118,16 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ requests
 def listing_dataset(cfg: RunConfig, storage: Storage) -> tuple[ray.data.Dataset | None, int]:
-    """The whole listing as one dataset of {uri, domain} rows, and its size (None, 0 when empty). The
-    driver holds one listing chunk (``label.listing_chunk``) at a time: each goes to the object store
-    as its own blocks, and the chunks are joined. One block = the images of about one labeler batch:
+    """The whole listing (under ``data.max_images``: the images ``label.select`` chose) as one dataset of
+    {uri, domain} rows, and its size (None, 0 when empty). The driver holds one listing chunk
+    (``label.listing_chunk``) at a time: each goes to the object store as its own blocks, and the chunks
+    are joined. One block = the images of about one labeler batch:
     blocks flow to the actors (and answers back to the driver, which writes them) a batch at a time."""
     import ray.data
 
     per_block = max(1, cfg.label.batch_size // cfg.label.samples)
     parts, listed = [], 0
-    for chunk in listing_chunks(cfg, storage):
+    for chunk in selected_chunks(cfg, storage):
         parts.append(ray.data.from_items(chunk, override_num_blocks=math.ceil(len(chunk) / per_block)))
         listed += len(chunk)
     if not parts:

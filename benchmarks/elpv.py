@@ -76,15 +76,22 @@ def cells() -> list[dict[str, Any]]:
     import elpv_dataset
 
     root = Path(elpv_dataset.__file__).parent / "data"
-    rows, module, run_type, in_module = [], -1, None, MODULE_CELLS
-    for line in (root / "labels.csv").read_text().splitlines():
-        path, probability, kind = line.split()
+    lines = [line.split() for line in (root / "labels.csv").read_text().splitlines() if line.strip()]
+    modules = assign_modules([kind for _, _, kind in lines])
+    return [{"file": str(root / path), "probability": float(p), "type": kind, "module": m,
+             "species": class_name(float(p), kind)} for (path, p, kind), m in zip(lines, modules, strict=True)]
+
+
+def assign_modules(kinds: list[str]) -> list[int]:
+    """Each cell's module, from the cells' types in the dataset's order: a new module where the type
+    changes or the current one has MODULE_CELLS cells."""
+    modules, module, run_type, in_module = [], -1, None, MODULE_CELLS
+    for kind in kinds:
         if kind != run_type or in_module == MODULE_CELLS:
             module, in_module, run_type = module + 1, 0, kind
         in_module += 1
-        rows.append({"file": str(root / path), "probability": float(probability), "type": kind, "module": module,
-                     "species": class_name(float(probability), kind)})
-    return rows
+        modules.append(module)
+    return modules
 
 
 def split_modules(rows: list[dict[str, Any]], seed: int, half: str) -> tuple[set[int], set[int]]:

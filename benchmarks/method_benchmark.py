@@ -163,9 +163,7 @@ def make_draw(work: str, synth_seed: int, args: argparse.Namespace, st: Storage)
 
     root = join(work, f"draw{synth_seed}", "benchmark")
     if args.collection == "elpv":  # real pixels: the elpv cells of the draw's modules (benchmarks/elpv.py)
-        from elpv import write_draw
-
-        return write_draw(root, synth_seed, st)
+        return elpv().write_draw(root, synth_seed, st)
     per_species = args.discovery + args.test
     if not st.exists(join(root, "truth.parquet")):
         generate(out=root, domains=args.domains.split(","), species=args.species, images_per_species=per_species,
@@ -200,13 +198,25 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
             "default_profiles": {p: load_profile(p).model_dump(mode="json") for p in DEFAULT_PROFILES}}
 
 
+def elpv() -> Any:
+    """benchmarks/elpv.py (the real-pixel collection), wherever this script is imported from."""
+    import importlib.util
+    import sys
+
+    if "elpv" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("elpv", Path(__file__).with_name("elpv.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["elpv"] = module
+    return sys.modules["elpv"]
+
+
 def collection_setup(args: argparse.Namespace) -> dict[str, Any]:
     """What the benchmark's images are: the synthetic draws' size, or the real-pixel collection's split."""
     if args.collection == "elpv":
-        from elpv import DISCOVERY_SHARE, DOMAIN, MODULE_CELLS
-
-        return {"collection": "elpv", "domains": [DOMAIN], "module_cells": MODULE_CELLS,
-                "discovery_share_of_modules": round(DISCOVERY_SHARE, 4)}
+        real = elpv()
+        return {"collection": "elpv", "domains": [real.DOMAIN], "module_cells": real.MODULE_CELLS,
+                "discovery_share_of_modules": round(real.DISCOVERY_SHARE, 4)}
     return {"domains": args.domains.split(","), "species": args.species, "discovery": args.discovery,
             "test": args.test}
 
@@ -269,7 +279,7 @@ def check_frozen(path: str, config: dict[str, Any], other_collection: bool = Fal
         want = config_hash({k: v for k, v in frozen.get("config", {}).items() if k not in COLLECTION_KEYS})
     got = config_hash(config)
     if got != want:
-        theirs = frozen.get("config", {})
+        theirs = {k: v for k, v in frozen.get("config", {}).items() if not (other_collection and k in COLLECTION_KEYS)}
         differ = sorted(k for k in theirs.keys() | config.keys() if theirs.get(k) != config.get(k))
         raise SystemExit(f"--frozen {path}: this run's configuration (sha256 {got[:12]}) is not the frozen one "
                          f"({want[:12]}, commit {frozen.get('commit')}); it differs in: {', '.join(differ) or '?'}. "

@@ -32,7 +32,7 @@ TINY = ["--domains", "birds,flowers", "--species", "4", "--discovery", "2", "--t
 
 
 def test_a_test_draw_and_a_dev_draw_share_no_image_and_no_taxonomy(bench, tmp_path):
-    args = argparse.Namespace(domains="birds,flowers", species=4, discovery=2, test=2)
+    args = argparse.Namespace(domains="birds,flowers", species=4, discovery=2, test=2, collection="synthetic")
     st = Storage()
     draws = {}
     for seed in (bench.DRAWS["dev"][0], bench.DRAWS["test"][0]):
@@ -91,6 +91,54 @@ def test_a_test_run_needs_the_frozen_configuration_and_gets_it(bench, tmp_path):
                           "near,naive,naive_prototypes"])
     with pytest.raises(SystemExit, match="cannot read a frozen configuration"):
         bench.parse_args(["--draws", "test", "--frozen", str(tmp_path / "none.json"), *TINY])
+
+
+@pytest.fixture(scope="module")
+def elpv():
+    spec = importlib.util.spec_from_file_location("elpv", SCRIPT.with_name("elpv.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_real_pixel_collection_keeps_each_module_on_one_side_of_every_split(elpv):
+    """elpv: modules (runs of <= 60 cells of one type) are split, never cells; dev and test draws use
+    disjoint halves of the modules; every draw has both cell types among its discovery modules."""
+    kinds = ["mono"] * 130 + ["poly"] * 300 + ["mono"] * 50 + ["poly"] * 75
+    modules = elpv.assign_modules(kinds)
+    assert modules[:130] == [0] * 60 + [1] * 60 + [2] * 10  # a module ends at 60 cells or where the type changes
+    assert modules[130] == 3 and modules[430] == 8 and max(modules) == 10
+    rows = [{"module": m, "type": k} for m, k in zip(modules, kinds, strict=True)]
+    halves = {}
+    for half, seeds in (("dev", elpv.DEV_SEEDS), ("test", elpv.TEST_SEEDS)):
+        seen = set()
+        for seed in seeds:
+            discovery, test = elpv.split_modules(rows, seed, half)
+            assert discovery and test and not discovery & test
+            assert {r["type"] for r in rows if r["module"] in discovery} == {"mono", "poly"}
+            seen |= discovery | test
+        halves[half] = seen
+    assert not halves["dev"] & halves["test"] and halves["dev"] | halves["test"] == set(modules)
+    assert elpv.split_modules(rows, 200, "test") != elpv.split_modules(rows, 201, "test")  # a draw is its seed's
+    with pytest.raises(SystemExit, match="dev draws are"):
+        elpv.half_of(7)
+    species = elpv.taxonomy()["domains"]["solar_cells"]["species"]
+    assert len(species) == 8 and elpv.class_name(1 / 3, "poly") == "possibly defective polycrystalline cell"
+    for name, entry in species.items():  # siblings: the same cell type's other defect levels, nearest first
+        assert all(s.split()[-2] == name.split()[-2] for s in entry["siblings"]) and len(entry["siblings"]) == 3
+
+
+def test_a_configuration_frozen_on_synthetic_draws_runs_on_real_pixels_unchanged(bench, tmp_path):
+    frozen = tmp_path / "frozen.json"
+    dev = bench.parse_args(["--draws", "dev", "--freeze", str(frozen), *TINY])
+    written = bench.write_frozen(str(frozen), dev.config, dev.draw_list)
+    real = ["--collection", "elpv", "--models", "synthetic,timm:tf_efficientnet_lite0@lite0.safetensors"]
+    test = bench.parse_args(["--draws", "test", "--frozen", str(frozen), *TINY, *real])
+    assert test.frozen_record["config_hash"] == written["config_hash"]
+    assert test.out.endswith("method_benchmark_elpv.json") and test.config["benchmark"]["collection"] == "elpv"
+    assert bench._label("timm:tf_efficientnet_lite0@lite0.safetensors") == "tf_efficientnet_lite0"
+    with pytest.raises(SystemExit, match="differs in: set, train"):  # a setting a figure depends on is still refused
+        bench.parse_args(["--draws", "test", "--frozen", str(frozen), *TINY, *real, "--set", "train.epochs=4"])
 
 
 def test_the_script_refuses_an_unfrozen_test_run_before_any_work(tmp_path):

@@ -16,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-fast test-faults bench bench-smoke lint setup setup-vllm gpu-check clean
+.PHONY: demo test test-fast test-faults bench bench-smoke bench-elpv lint setup setup-vllm gpu-check clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,19 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/train_state_scaling.py
 	$(PY) benchmarks/classify_throughput.py
+
+# The method benchmark on real pixels (benchmarks/elpv.py; docs/method.md): the `bench` extra's solar-cell
+# images (CC BY-NC-SA 4.0) and EfficientNet-Lite0 weights, the configuration frozen on the synthetic dev
+# draws, EfficientNet-Lite0 beside the synthetic small CLIP. About 25 minutes a draw on 2 cores.
+ELPV_WORK ?= /tmp/near_ray_elpv
+ELPV_DRAWS ?= 200,201,202
+bench-elpv: $(STAMP)
+	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[bench]'
+	$(PY) benchmarks/elpv.py --stage-weights $(ELPV_WORK)/lite0.safetensors
+	$(PY) benchmarks/method_benchmark.py --draws test --frozen benchmarks/results/method_benchmark_frozen.json \
+		--methods naive,naive_prototypes,near,near_both_towers,near_equal_mix,near_paper --collection elpv \
+		--draw-seeds $(ELPV_DRAWS) --seeds 0 --profiles appearance-strong \
+		--models synthetic,timm:tf_efficientnet_lite0@$(ELPV_WORK)/lite0.safetensors --work $(ELPV_WORK)/work
 
 # The same scripts at toy sizes, written to a scratch folder: checks that they run, measures nothing.
 BENCH_SMOKE ?= /tmp/near_ray_bench_smoke

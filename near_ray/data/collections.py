@@ -9,7 +9,6 @@ folder the same way.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections.abc import Iterator
@@ -78,17 +77,22 @@ def domain_uris(d: DomainConfig, cfg: RunConfig, storage: Storage) -> Iterator[s
 
 
 def manifest_batches(manifest: str, storage: Storage) -> Iterator[list[str]]:
-    """The ``uri`` column of a parquet or CSV manifest, in order, in batches."""
+    """The ``uri`` column of a parquet or CSV manifest, in order, in batches, streamed from storage: a
+    parquet manifest a row group at a time, a CSV one a block at a time, so a manifest of 100 M rows is
+    never held whole (in bytes or decoded) by the process that walks it."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    data = storage.read_bytes(manifest)
+    if not storage.exists(manifest):
+        storage.read_bytes(manifest)  # the storage's own "no such file" error, naming the manifest
+    fs, path = storage.resolve(manifest)
     try:
         if manifest.lower().endswith(".csv"):
-            opts = pacsv.ConvertOptions(include_columns=["uri"])
-            batches = iter(pacsv.read_csv(io.BytesIO(data), convert_options=opts).to_batches(max_chunksize=10_000))
-        else:  # streamed: a manifest of 100M rows is never decoded whole
-            file = pq.ParquetFile(io.BytesIO(data))
+            stream = fs.open_input_stream(path)
+            batches = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=4 << 20),
+                                     convert_options=pacsv.ConvertOptions(include_columns=["uri"]))
+        else:
+            file = pq.ParquetFile(fs.open_input_file(path))
             if "uri" not in file.schema_arrow.names:
                 raise KeyError(f"columns {file.schema_arrow.names}")
             batches = file.iter_batches(batch_size=10_000, columns=["uri"])
@@ -96,6 +100,8 @@ def manifest_batches(manifest: str, storage: Storage) -> Iterator[list[str]]:
             yield [u for u in batch.column(0).to_pylist() if u]
     except (pa.ArrowInvalid, KeyError) as e:
         raise ManifestError(f"{manifest}: not a parquet/CSV table with a 'uri' column: {e}") from None
+    except OSError as e:
+        raise ManifestError(f"{manifest}: cannot be read: {e}") from None
 
 
 def listing_size(cfg: RunConfig, storage: Storage) -> int:

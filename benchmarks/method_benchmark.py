@@ -780,7 +780,7 @@ def write_results(args: argparse.Namespace, runs: list[dict], setup: dict, metho
               "paired_against": BASE_METHOD,
               "held_out_profiles": [p for p in args.profile_names if p not in DEFAULT_PROFILES],
               "seeds": [int(s) for s in args.seeds.split(",")], "models": models, "methods": methods, "setup": setup,
-              "by_model": {m: summarize([r for r in runs if r["model"] == m], methods) for m in models
+              "by_model": {m: summarize([r for r in runs if r["model"] == m], methods, preds) for m in models
                            if any(r["model"] == m for r in runs)},
               "complete": len(runs) == expected,
               "runs": runs,
@@ -816,6 +816,20 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("frozen"):
         lines += [f"Configuration frozen on dev draws: sha256 {result['frozen']['config_hash'][:12]}, commit "
                   f"{result['frozen']['commit'][:12]}.", ""]
+    models = result["models"]
+    if len(models) > 1 and result.get("by_model") and result.get("setup", {}).get("collection"):
+        # another collection: the starting networks differ in kind (a CLIP, an image network), one table each
+        for model, summary in result["by_model"].items():
+            lines += [f"### {_label(model)}", "", *_tables({**result, **summary, "models": [model],
+                                                           "runs": [r for r in result["runs"] if r["model"] == model]},
+                                                          titles, draws)]
+        return "\n".join(lines)
+    return "\n".join(lines + _tables(result, titles, draws))
+
+
+def _tables(result: dict[str, Any], titles: dict[str, str], draws: str) -> list[str]:
+    """One table per profile (``markdown``)."""
+    lines: list[str] = []
     for profile, table in result["profiles"].items():
         runs = [r for r in result["runs"] if r["profile"] == profile]
         units = len({_unit(r) for r in runs})
@@ -842,7 +856,7 @@ def markdown(result: dict[str, Any]) -> str:
                       f"average, {sel['regret_max']:.3f} at most (n={sel['n']} units). Choice − method, cACC: "
                       + "; ".join(f"{m} {_interval(choice.get(m))}" for m in ("direct_mllm", "naive_prototypes", "naive",
                                                                            "near") if m in choice), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def against_text(result: dict[str, Any]) -> str:

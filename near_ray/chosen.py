@@ -6,9 +6,6 @@ from __future__ import annotations
 from near_ray.config import RunConfig
 from near_ray.storage import Storage, storage_for
 
-FOLDER = "select"  # {workdir}/select: the fit slice's refine outputs, the candidates' bundles, the choice
-CHOICE = "choice.json"
-
 
 def served_method(cfg: RunConfig, st: Storage | None = None) -> str:
     """The method whose bundle a run serves and names the collection with: the label-free choice when
@@ -16,5 +13,5 @@ def served_method(cfg: RunConfig, st: Storage | None = None) -> str:
     if not cfg.train.select:
         return cfg.train.method
     st = st or storage_for(cfg)
-    uri = cfg.artifact(f"{FOLDER}/{CHOICE}")
+    uri = cfg.paths.choice
     return st.read_json(uri).get("chosen", cfg.train.method) if st.exists(uri) else cfg.train.method

@@ -162,10 +162,10 @@ def run_demo(out: str = "demo_out", overrides: list[str] | None = None, config: 
     summary["wall_s"] = {**before, **summary.get("wall_s", {}), "serve": round(time.monotonic() - t, 2),
                          "total": round(time.monotonic() - t0, 2)}
 
-    report = st.read_json(join(cfg.artifact("report"), "report.json"))
+    report = st.read_json(cfg.paths.report_json)
     report_dir = Path(out) if "://" not in out else None
     if report_dir is not None:  # the report also lands at DIR/report.* for a person to open
-        for name in [o.uri for o in st.list(cfg.artifact("report"))]:
+        for name in [o.uri for o in st.list(cfg.paths.report)]:
             st.write_bytes(str(report_dir / Path(name).name), st.read_bytes(name))
     st.write_json(join(out, "demo_summary.json"), summary)
     print("\nnear_ray demo — synthetic benchmark, simulated MLLM annotator (all MLLM answers are simulated)")

@@ -64,7 +64,7 @@ def methods_to_train(cfg: RunConfig) -> list[str]:
 
 def _bundle_current(cfg: RunConfig, st: Storage, method: str, refined: str | None) -> bool:
     """A bundle on storage trained on these refine outputs (after vocabulary edits, it is not)."""
-    uri = cfg.artifact(f"bundles/{method}")
+    uri = cfg.paths.bundle(method)
     if not st.exists(f"{uri}/config.json") or not st.exists(f"{uri}/metrics.json"):
         return False
     return st.read_json(f"{uri}/metrics.json").get("refine_fingerprint") == refined
@@ -92,7 +92,7 @@ def run_pipeline(cfg: RunConfig, serve: bool = False) -> dict[str, Any]:
     for method in methods_to_train(cfg):
         if _bundle_current(cfg, st, method, summary["refine"].get("fingerprint")):
             log.info("train %s: bundle already on storage, skipped", method)
-            summary["train"][method] = {"skipped": True, "bundle": cfg.artifact(f"bundles/{method}")}
+            summary["train"][method] = {"skipped": True, "bundle": cfg.paths.bundle(method)}
             continue
         method_cfg = cfg.model_copy(deep=True)
         method_cfg.train.method = method  # type: ignore[assignment]
@@ -115,7 +115,7 @@ def run_pipeline(cfg: RunConfig, serve: bool = False) -> dict[str, Any]:
     summary["review"] = _timed("review", write_review, cfg, wall=wall)
     wall["total"] = round(time.monotonic() - t0, 2)
     summary["outputs"] = run_outputs(cfg, summary)
-    st.write_json(cfg.artifact("run_summary.json"), summary)
+    st.write_json(cfg.paths.run_summary, summary)
     if serve:
         from near_ray.serve.app import run_serve
 
@@ -126,13 +126,13 @@ def run_pipeline(cfg: RunConfig, serve: bool = False) -> dict[str, Any]:
 def run_outputs(cfg: RunConfig, summary: dict[str, Any]) -> dict[str, str]:
     """Where a person finds what the run made, in the order they would open it."""
     out = {"review page": summary["review"]} if "review" in summary else {}
-    out["bundle"] = cfg.classify.bundle or cfg.artifact(f"bundles/{cfg.train.method}")
+    out["bundle"] = cfg.classify.bundle or cfg.paths.bundle(cfg.train.method)
     if "classify" in summary:
         out["predictions table"] = summary["classify"]["predictions"]
     if "evaluate" in summary:
-        out["report"] = cfg.artifact("report/report.md")
-    out["vocabulary"] = cfg.artifact("refine/vocabulary.json")
-    out["run summary"] = cfg.artifact("run_summary.json")
+        out["report"] = cfg.paths.report_md
+    out["vocabulary"] = cfg.paths.vocabulary
+    out["run summary"] = cfg.paths.run_summary
     return out
 
 

@@ -150,18 +150,17 @@ def check_backend(ctx: Context) -> str:
 
 
 def check_labels(ctx: Context) -> str:
-    uri = ctx.cfg.artifact("labels")
+    uri = ctx.cfg.paths.labels
     if not ctx.storage.exists(uri):
         raise Failed(f"{uri}: no labels table for refine to read: run `near-ray label` first (same storage.workdir)")
     return f"{uri}: present"
 
 
 def check_refined(ctx: Context) -> str:
-    for name in ("vocabulary.json", "candidates.parquet"):
-        uri = ctx.cfg.artifact(f"refine/{name}")
+    for uri in (ctx.cfg.paths.vocabulary, ctx.cfg.paths.candidates):
         if not ctx.storage.exists(uri):
             raise Failed(f"{uri}: refine's outputs are missing: run `near-ray refine` first (same storage.workdir)")
-    return f"{ctx.cfg.artifact('refine')}: vocabulary and candidate sets present"
+    return f"{ctx.cfg.paths.refine}: vocabulary and candidate sets present"
 
 
 def _bundles_present(ctx: Context, bundles: dict[str, str], field_name: str) -> str:
@@ -187,7 +186,7 @@ def check_serve_bundles(ctx: Context) -> str:
     s = ctx.cfg.serve
     if s.bundles:
         return _bundles_present(ctx, {f" for domain '{d}'": u for d, u in s.bundles.items()}, "serve.bundles")
-    return _bundles_present(ctx, {"": s.bundle or ctx.cfg.artifact(f"bundles/{ctx.cfg.train.method}")}, "serve.bundle")
+    return _bundles_present(ctx, {"": s.bundle or ctx.cfg.paths.bundle(ctx.cfg.train.method)}, "serve.bundle")
 
 
 def check_truth(ctx: Context) -> str:
@@ -272,7 +271,7 @@ def check_mllm(ctx: Context) -> str:
     lc = ctx.cfg.label
     if lc.backend != "openai":
         return "vllm: not probed (the engine loads in the label actors)"
-    if ctx.command == "run" and ctx.cfg.refine.edits and ctx.storage.exists(ctx.cfg.artifact("labels/_summary.json")):
+    if ctx.command == "run" and ctx.cfg.refine.edits and ctx.storage.exists(ctx.cfg.paths.label_summary):
         # a re-run after the review pays no MLLM call: its labels are on storage, and an image still
         # missing one is asked by the label stage, whose failures are rows a later run asks again
         return "not probed: a re-run with vocabulary edits over the labels already on storage"

@@ -97,3 +97,31 @@ def test_config_reference_is_current_and_describes_every_field():
     assert "| `name` | str | required |" in text
     assert "| `openai` | section | [label.openai](#labelopenai) |" in text
     assert [p for p, _ in sections()][:3] == ["storage", "data", "data.domains[]"]
+
+
+@pytest.mark.parametrize("workdir", ["s3://bucket/run/", "/data/run"])
+def test_run_paths_keep_the_layout_on_disk(workdir):
+    """``cfg.paths`` names the files existing workdirs hold: a renamed member must not move one."""
+    cfg = RunConfig(storage={"workdir": workdir})
+    p = cfg.paths
+    layout = {
+        p.labels: "labels", p.label_summary: "labels/_summary.json", p.label_selection: "labels/_selection.json",
+        p.manifest("birds-0001"): "manifests/birds-0001.parquet", p.refine: "refine",
+        p.refine_file("merges.json"): "refine/merges.json", p.vocabulary: "refine/vocabulary.json",
+        p.merges: "refine/merges.json", p.candidates: "refine/candidates.parquet",
+        p.neighbors: "refine/neighbors.parquet", p.embeddings: "refine/embeddings.parquet",
+        p.embeddings_record: "refine/_embeddings.json", p.neighbors_record: "refine/_neighbors.json",
+        p.refine_summary: "refine/_summary.json", p.pretrained: "pretrained/model.safetensors", p.train: "train",
+        p.checkpoints("near-abc"): "train/near-abc", p.tensorboard: "tensorboard", p.bundles: "bundles",
+        p.bundle("zero_shot"): "bundles/zero_shot", p.select: "select", p.choice: "select/choice.json",
+        p.predictions: "predictions", p.calibration("v1"): "classify/calibration/v1.json",
+        p.cascade: "classify/mllm", p.cascade_labels: "classify/mllm/labels", p.direct_mllm: "eval/direct_mllm",
+        p.benchmark_manifest("cub"): "benchmark/cub/discovery.parquet",
+        p.benchmark_truth("cub"): "benchmark/cub/truth.parquet", p.report: "report",
+        p.report_json: "report/report.json", p.report_md: "report/report.md", p.review: "review/index.html",
+        p.run_summary: "run_summary.json",
+    }  # fmt: skip
+    assert {uri: cfg.artifact(rel) for uri, rel in layout.items()} == {uri: uri for uri in layout}
+    assert p.vocabulary.startswith(workdir.rstrip("/") + "/refine/")
+    cfg.storage.workdir = "/elsewhere"
+    assert cfg.paths.labels == "/elsewhere/labels"  # the paths follow the config's workdir

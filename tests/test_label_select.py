@@ -18,7 +18,6 @@ import pytest
 from near_ray.config import load_config
 from near_ray.data.collections import listing_chunks
 from near_ray.label.select import (
-    SELECTION,
     BottomK,
     choose_diverse,
     fingerprint,
@@ -29,6 +28,7 @@ from near_ray.label.select import (
 from near_ray.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
+SELECTION = "labels/_selection.json"  # below the workdir: the on-disk layout, pinned (RunPaths.label_selection)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -262,3 +262,24 @@ print("core ok without ray")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0 and "core ok without ray" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+PATHS_HOME = PACKAGE / "config"
+
+
+def artifact_literals(path: Path) -> list[str]:
+    """Where ``path`` names an artifact by a string: ``….artifact("…")`` or ``….artifact(f"…")``."""
+    return [f"{path.relative_to(ROOT)}:{n.lineno}: artifact({ast.unparse(n.args[0])})"
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "artifact" and n.args
+            and (isinstance(n.args[0], ast.JoinedStr)
+                 or (isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str)))]  # fmt: skip
+
+
+def test_artifacts_are_named_in_one_place():
+    """Every stage finds what another wrote through ``cfg.paths`` (near_ray/config/paths.py): the on-disk
+    layout, which resume and existing workdirs depend on, is spelled once, not as strings across the stages."""
+    offenders = [hit for p in sorted(PACKAGE.rglob("*.py")) if PATHS_HOME not in p.parents
+                 for hit in artifact_literals(p)]  # fmt: skip
+    assert offenders == []
+    assert artifact_literals(PATHS_HOME / "paths.py")  # the rule sees the home's names: it can fail

@@ -151,7 +151,7 @@ def _failed_requests(cfg: RunConfig, st: Storage) -> set[str]:
     """URIs the cascade's label table holds an ``mllm_error`` for (the label stage asks those again)."""
     from near_ray.label.table import latest_rows, read_labels_table
 
-    table = read_labels_table(cfg.artifact("classify/mllm/labels"), st)
+    table = read_labels_table(cfg.paths.cascade_labels, st)
     if table is None:
         return set()
     final = latest_rows(table.select(["uri", "sample", "prompt_version", "model", "status", "domain"]).to_pandas())
@@ -213,13 +213,13 @@ def run_cascade(cfg: RunConfig, targets: dict[str, Target], vocabularies: dict[s
         "table_spend_usd": round(spent, 6),
         "rounds": rounds,
         "budget": {"mllm_budget_usd": cc.mllm_budget_usd, "max_mllm_images": cc.max_mllm_images},
-        "labels": cfg.artifact("classify/mllm/labels"),
+        "labels": cfg.paths.cascade_labels,
     }
 
 
 def _discovery_cost_per_image(cfg: RunConfig, st: Storage) -> float | None:
     """What one image cost the discovery labeling (same prompt and model): the first round's estimate."""
-    uri = cfg.artifact("labels/_summary.json")
+    uri = cfg.paths.label_summary
     s = st.read_json(uri) if st.exists(uri) else {}
     images, usd = s.get("images_labeled") or 0, s.get("estimated_cost_usd") or 0.0
     return 1.5 * usd / images if images and usd else None  # a margin: answers differ in length
@@ -236,20 +236,20 @@ def ask_mllm(cfg: RunConfig, batch: list[Candidate], domains: dict[str, DomainCo
     from near_ray.label.table import read_labels_table
 
     label_cfg = cfg.model_copy(deep=True)
-    label_cfg.storage.workdir = cfg.artifact("classify/mllm")
+    label_cfg.storage.workdir = cfg.paths.cascade
     label_cfg.data.max_images = None
     by_domain: dict[str, list[str]] = defaultdict(list)
     for c in batch:
         by_domain[c.domain].append(c.uri)
     label_cfg.data.domains = []
     for d, uris in sorted(by_domain.items()):
-        manifest = label_cfg.artifact(f"manifests/{d}-{round_no:04d}.parquet")
+        manifest = label_cfg.paths.manifest(f"{d}-{round_no:04d}")
         st.write_parquet(manifest, pa.table({"uri": [_manifest_entry(u, domains[d].uri) for u in uris]}))
         label_cfg.data.domains.append(DomainConfig(name=d, uri=domains[d].uri, meta_class=domains[d].meta_class,
                                                    manifest=manifest))  # fmt: skip
     log.info("cascade round %d: %d image(s) to the MLLM", round_no + 1, len(batch))
     summary = run_label(label_cfg)
-    table = read_labels_table(label_cfg.artifact("labels"), st)
+    table = read_labels_table(label_cfg.paths.labels, st)
     answers: dict[tuple[str, str], Answer] = {}
     for d, uris in by_domain.items():
         mask = pc.and_(pc.equal(table["domain"], d), pc.is_in(table["uri"], value_set=pa.array(uris, pa.string())))

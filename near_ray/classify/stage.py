@@ -67,7 +67,7 @@ def bundle_for(cfg: RunConfig, domain: str) -> str:
         return cc.bundles[domain]
     from near_ray.chosen import served_method
 
-    return cc.bundle or cfg.artifact(f"bundles/{served_method(cfg)}")
+    return cc.bundle or cfg.paths.bundle(served_method(cfg))
 
 
 def resolve_targets(
@@ -106,7 +106,7 @@ def resolve_targets(
 
 # ------------------------------------------------------------------------------------------ calibration
 def calibration_uri(cfg: RunConfig, model_version: str) -> str:
-    return cfg.artifact(f"classify/calibration/{model_version}.json")
+    return cfg.paths.calibration(model_version)
 
 
 def calibrate_bundles(cfg: RunConfig, targets: dict[str, Target], vocabularies: dict[str, list[dict[str, Any]]],
@@ -131,7 +131,7 @@ def _fit(cfg: RunConfig, uri: str, target: Target, vocabulary: list[dict[str, An
     import numpy as np
     import pyarrow.compute as pc
 
-    set_uri = cfg.classify.calibration_set or cfg.artifact("refine/candidates.parquet")
+    set_uri = cfg.classify.calibration_set or cfg.paths.candidates
     record: dict[str, Any] = {"bundle": uri, "model_version": target.model_version, "set": set_uri,
                               "temperature": 1.0, "fitted": False}  # fmt: skip
     if not st.exists(set_uri):

@@ -43,7 +43,7 @@ COLUMNS = SCHEMA.names
 
 
 def predictions_uri(cfg: RunConfig) -> str:
-    return cfg.artifact("predictions")
+    return cfg.paths.predictions
 
 
 def predictions_table(uri: str, storage: Storage, part_rows: int = 5000, flush_interval_s: float = 30.0) -> PartTable:

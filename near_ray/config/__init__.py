@@ -23,6 +23,7 @@ from near_ray.config.label import (
     PriceConfig,
     VLLMBackendConfig,
 )
+from near_ray.config.paths import RunPaths
 from near_ray.config.serve import ServeConfig
 from near_ray.config.train import TrackingConfig, TrainConfig, text_side_rule
 from near_ray.errors import NearRayError
@@ -288,6 +289,11 @@ class RunConfig(Section):
     # Where each stage's artifact lives: one convention, so every stage can run alone.
     def artifact(self, name: str) -> str:
         return join(self.storage.workdir, name)
+
+    @property
+    def paths(self) -> RunPaths:
+        """Every artifact the stages read or write, by name (near_ray.config.paths)."""
+        return RunPaths(self)
 
 
 # --------------------------------------------------------------------------------------------- loading

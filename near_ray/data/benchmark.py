@@ -34,8 +34,8 @@ def prepare_benchmark(cfg: RunConfig, dataset: str, root: str, domain: str | Non
     test = table[(table["split"] == "test") & table["class_name"].notna()]
     if test.empty:
         raise NearRayError(f"{root}: the {layout} dataset has no labeled test split to evaluate on")
-    manifest = cfg.artifact(f"benchmark/{name}/discovery.parquet")
-    truth = cfg.artifact(f"benchmark/{name}/truth.parquet")
+    manifest = cfg.paths.benchmark_manifest(name)
+    truth = cfg.paths.benchmark_truth(name)
     # The manifest carries URIs only: the labeler must never see a class name.
     st.write_parquet(manifest, pa.table({"uri": discovery["uri"].tolist()}))
     st.write_parquet(

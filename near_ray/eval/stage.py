@@ -158,12 +158,12 @@ def direct_mllm(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[l
     from near_ray.label.stage import run_label
 
     label_cfg = cfg.model_copy(deep=True)
-    label_cfg.storage.workdir = cfg.artifact("eval/direct_mllm")
+    label_cfg.storage.workdir = cfg.paths.direct_mllm
     label_cfg.data.max_images = None
     meta = {d.name: d.meta_class for d in cfg.data.domains}
     domains = []
     for name, rows in test.groupby("domain", sort=True):
-        manifest = label_cfg.artifact(f"manifests/{name}.parquet")
+        manifest = label_cfg.paths.manifest(name)
         storage.write_parquet(manifest, pa.table({"uri": rows["uri"].tolist()}))
         # The prefix holds the test images (and, in some layouts, more); the manifest says exactly which.
         domains.append(
@@ -173,7 +173,7 @@ def direct_mllm(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[l
         )
     label_cfg.data.domains = domains
     summary = run_label(label_cfg)
-    labels = storage.read_parquet(label_cfg.artifact("labels")).to_pandas()
+    labels = storage.read_parquet(label_cfg.paths.labels).to_pandas()
     labels["key"] = labels["uri"].map(uri_key)
     labels = labels[labels["key"].isin({uri_key(u) for u in test["uri"]})]
     ok = labels[labels["status"] == "ok"]
@@ -187,7 +187,7 @@ def direct_mllm(cfg: RunConfig, test: pd.DataFrame, storage: Storage) -> tuple[l
         "requests": int(len(labels)),
         "statuses": {str(k): int(v) for k, v in labels["status"].value_counts().items()},
         "images_without_answer": int(sum(p is None for p in preds)),
-        "labels": label_cfg.artifact("labels"),
+        "labels": label_cfg.paths.labels,
         "label_summary": summary,
     }
     return preds, stats
@@ -219,7 +219,7 @@ def _load_bundles(cfg: RunConfig, storage: Storage) -> tuple[dict[str, Bundle], 
     for method in cfg.eval.methods:
         if method == DIRECT_MLLM:
             continue
-        uri = cfg.artifact(f"bundles/{method}")
+        uri = cfg.paths.bundle(method)
         if not storage.exists(join(uri, "config.json")):
             skipped[method] = f"no bundle at {uri}"
             continue
@@ -232,7 +232,7 @@ def _vocabulary_sizes(bundles: dict[str, Bundle]) -> dict[str, dict[str, int]]:
 
 
 def _labeling_summary(cfg: RunConfig, storage: Storage) -> dict[str, Any] | None:
-    uri = cfg.artifact("labels/_summary.json")
+    uri = cfg.paths.label_summary
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
@@ -244,7 +244,7 @@ def _is_simulated(labeling: dict[str, Any] | None, direct: dict[str, Any] | None
 def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
     """Evaluate every configured method on the test split; write report.json, report.md, predictions, plots."""
     st = storage_for(cfg)
-    out = out or cfg.artifact("report")
+    out = out or cfg.paths.report
     test = load_test_sets(cfg, st)
     log.info("evaluate: %d test images in %d domain(s)", len(test), test["domain"].nunique())
     bundles, skipped = _load_bundles(cfg, st)
@@ -265,7 +265,7 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
         log.info("evaluate %s: cACC %.3f sACC %.3f", method, methods[method]["cacc"], methods[method]["sacc"])
     report = _report(cfg, st, test, methods, bundles, skipped, bad, sacc, preds)
     report["served"] = served
-    if cfg.train.select and st.exists(choice := cfg.artifact("select/choice.json")):
+    if cfg.train.select and st.exists(choice := cfg.paths.choice):
         report["selection"] = st.read_json(choice)  # the classifier the run chose without labels, and why
     if DIRECT_MLLM in methods and probs:  # the cascade: the CLIP's least confident images to the MLLM
         cascade = evaluate_cascade(cfg, st, test, bundles[served], probs[served],
@@ -278,7 +278,7 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
             out,
             st,
             methods,
-            cfg.artifact("refine/candidates.parquet"),
+            cfg.paths.candidates,
             {m: b.uri for m, b in bundles.items()},
             confusion,
             cfg.eval.confusion_classes,

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SELECTION = "labels/_selection.json"  # beside labels/_summary.json
 _LIST_BATCH = 10_000
 
 
@@ -173,7 +172,7 @@ def fingerprint(cfg: RunConfig) -> str:
 def choose(cfg: RunConfig, storage: Storage) -> dict[str, Any]:
     """The selection record (``labels/_selection.json``): the one on storage when its fingerprint matches,
     else a new choice, written before any image is asked about."""
-    uri, fp = cfg.artifact(SELECTION), fingerprint(cfg)
+    uri, fp = cfg.paths.label_selection, fingerprint(cfg)
     if storage.exists(uri):
         record = storage.read_json(uri)
         if record.get("fingerprint") == fp:

@@ -107,7 +107,7 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
     finally:
         writer.flush()  # on any failure too: answers already paid for are kept
         ledger.close()
-    summary_uri = cfg.artifact("labels/_summary.json")
+    summary_uri = cfg.paths.label_summary
     if storage.exists(summary_uri):  # a resumed run that asked nothing still knows who answered before
         stats.fingerprints.update(storage.read_json(summary_uri).get("system_fingerprints") or [])
     summary = stats.summary(cfg, counts, writer)

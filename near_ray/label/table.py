@@ -48,7 +48,7 @@ class LabelsNotFoundError(NearRayError):
 
 
 def labels_uri(cfg: RunConfig) -> str:
-    return cfg.artifact("labels")
+    return cfg.paths.labels
 
 
 def labels_table(uri: str, storage: Storage, part_rows: int = 2000, flush_interval_s: float = 30.0) -> PartTable:

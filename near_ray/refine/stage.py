@@ -47,10 +47,6 @@ class RefineError(NearRayError):
     pass
 
 
-def refine_uri(cfg: RunConfig, name: str = "") -> str:
-    return cfg.artifact(f"refine/{name}" if name else "refine")
-
-
 # ------------------------------------------------------------------------------------------ fingerprints
 def _sha(*parts: Any) -> str:
     h = hashlib.sha256()
@@ -80,7 +76,7 @@ def fingerprints(labels: pd.DataFrame, cfg: RunConfig, edits: Edits | None = Non
 
 
 def _previous_summary(st: Storage, cfg: RunConfig) -> dict[str, Any] | None:
-    uri = refine_uri(cfg, "_summary.json")
+    uri = cfg.paths.refine_summary
     try:
         return st.read_json(uri) if st.exists(uri) else None
     except NearRayError as e:
@@ -95,10 +91,10 @@ def _read_labels(cfg: RunConfig, st: Storage) -> pd.DataFrame:
     labels = read_labels(cfg, st)
     missing = {"image_id", "uri", "domain", "sample", "label", "status"} - set(labels.columns)
     if missing:
-        raise RefineError(f"{cfg.artifact('labels')}: labels table lacks columns {sorted(missing)}")
+        raise RefineError(f"{cfg.paths.labels}: labels table lacks columns {sorted(missing)}")
     if labels.empty:
         raise RefineError(
-            f"{cfg.artifact('labels')}: no label rows for model/prompt_version of this config; run `near-ray label`"
+            f"{cfg.paths.labels}: no label rows for model/prompt_version of this config; run `near-ray label`"
         )
     return labels.reset_index(drop=True)
 
@@ -109,7 +105,7 @@ def _embeddings(cfg: RunConfig, st: Storage, labels: pd.DataFrame, fp: dict[str,
     A small record beside the parquet says which inputs it was computed from, so embeddings survive
     a run that failed after computing them (they are the expensive part).
     """
-    uri, record_uri = refine_uri(cfg, "embeddings.parquet"), refine_uri(cfg, "_embeddings.json")
+    uri, record_uri = cfg.paths.embeddings, cfg.paths.embeddings_record
     record = st.read_json(record_uri) if st.exists(record_uri) else {}
     if record.get("fingerprint") == fp["embeddings"] and st.exists(uri):
         emb = read_embeddings(uri, st)
@@ -132,7 +128,7 @@ def _neighbours(cfg: RunConfig, st: Storage, emb: Embeddings, fp: dict[str, str]
     """kNN within each domain, written as neighbors.parquet; returns the graph in local row indices and
     whether it was reused: the graph on storage when the embeddings and kNN settings are unchanged (a
     re-run after vocabulary edits or candidate-set settings searches nothing again)."""
-    uri, record_uri = refine_uri(cfg, "neighbors.parquet"), refine_uri(cfg, "_neighbors.json")
+    uri, record_uri = cfg.paths.neighbors, cfg.paths.neighbors_record
     record = st.read_json(record_uri) if st.exists(record_uri) else {}
     if record.get("fingerprint") == fp["knn"] and st.exists(uri):
         graph = _graph_from_table(st.read_parquet(uri), emb)
@@ -271,7 +267,7 @@ def check_edits(cfg: RunConfig) -> Edits | None:
     (a re-run after the review); before the first labels, refine checks the names when it runs."""
     st = storage_for(cfg)
     edits = load_edits(cfg, st)
-    if edits is not None and st.exists(cfg.artifact("labels")):
+    if edits is not None and st.exists(cfg.paths.labels):
         try:
             labels = _read_labels(cfg, st)
         except NearRayError:
@@ -290,7 +286,7 @@ def run_refine(cfg: RunConfig) -> dict[str, Any]:
         resolve_edits(edits, answers(labels))
     fp = fingerprints(labels, cfg, edits)
     prev = _previous_summary(st, cfg)
-    if prev and prev.get("fingerprint") == fp["all"] and all(st.exists(refine_uri(cfg, n)) for n in OUTPUTS):
+    if prev and prev.get("fingerprint") == fp["all"] and all(st.exists(cfg.paths.refine_file(n)) for n in OUTPUTS):
         log.info("refine: inputs unchanged since the last run, outputs on storage kept")
         return {**prev, "skipped": True}
     timings: dict[str, float] = {}
@@ -299,8 +295,8 @@ def run_refine(cfg: RunConfig) -> dict[str, Any]:
     rc = cfg.refine
     vocab = build_vocabulary(labels, text_encoder(cfg, st), rc.merge_threshold, min_support=rc.min_support,
                              lexical_guard=rc.merge_lexical_guard, min_shared=rc.merge_min_shared, edits=edits)
-    st.write_json(refine_uri(cfg, "vocabulary.json"), vocab.to_json())
-    st.write_json(refine_uri(cfg, "merges.json"), vocab.merges)
+    st.write_json(cfg.paths.vocabulary, vocab.to_json())
+    st.write_json(cfg.paths.merges, vocab.merges)
     timings["vocabulary_s"] = round(time.monotonic() - t, 3)
 
     t = time.monotonic()
@@ -313,13 +309,13 @@ def run_refine(cfg: RunConfig) -> dict[str, Any]:
 
     t = time.monotonic()
     candidates, stats = _candidates(cfg, emb, own_labels(labels, vocab), vocab, graph)
-    st.write_parquet(refine_uri(cfg, "candidates.parquet"), candidates)
+    st.write_parquet(cfg.paths.candidates, candidates)
     timings["candidates_s"] = round(time.monotonic() - t, 3)
 
     summary = _summary(cfg, labels, vocab, emb, reused, stats, fp, timings, time.monotonic() - t0)
     summary["knn_reused"] = knn_reused
     summary["edits"] = edits_record(edits, vocab)
-    st.write_json(refine_uri(cfg, "_summary.json"), summary)  # last: its presence means the outputs are whole
+    st.write_json(cfg.paths.refine_summary, summary)  # last: its presence means the outputs are whole
     return summary
 
 
@@ -367,6 +363,6 @@ def _summary(cfg: RunConfig, labels: pd.DataFrame, vocab: Vocabulary, emb: Embed
                   for d, s in stats.items()},
         "domains": domains,
         "timings_s": {**timings, "total_s": round(total_s, 3)},
-        "outputs": {n: refine_uri(cfg, n) for n in OUTPUTS},
+        "outputs": {n: cfg.paths.refine_file(n) for n in OUTPUTS},
         "skipped": False,
     }

@@ -99,7 +99,7 @@ def resolved_settings(cfg: RunConfig) -> ServeConfig:
     if not settings.bundles and not settings.bundle:
         from near_ray.chosen import served_method
 
-        settings.bundle = cfg.artifact(f"bundles/{served_method(cfg)}")
+        settings.bundle = cfg.paths.bundle(served_method(cfg))
     return settings
 
 

@@ -17,7 +17,7 @@ def pretrain_on_synthetic_corpus(cfg: DemoConfig, corpus: str) -> str:
     from near_ray.sim.synth import generate
 
     st = storage_for(cfg)
-    weights = cfg.artifact("pretrained/model.safetensors")
+    weights = cfg.paths.pretrained
     if st.exists(weights):
         return weights
     s = cfg.synth

@@ -101,8 +101,8 @@ def vocabulary_index(vocabulary: list[dict[str, Any]]) -> dict[tuple[str, str], 
 
 
 def _read_refine(cfg: RunConfig, storage: Storage) -> tuple[list[dict], list[dict], list[dict]]:
-    vocab_uri = cfg.artifact("refine/vocabulary.json")
-    cand_uri = cfg.artifact("refine/candidates.parquet")
+    vocab_uri = cfg.paths.vocabulary
+    cand_uri = cfg.paths.candidates
     for uri in (vocab_uri, cand_uri):
         if not storage.exists(uri):
             raise TrainDataError(f"{uri}: missing; run `near-ray refine` first")
@@ -118,7 +118,7 @@ def _read_refine(cfg: RunConfig, storage: Storage) -> tuple[list[dict], list[dic
 
 def _read_neighbours(cfg: RunConfig, storage: Storage) -> list[dict]:
     """Refine's kNN graph as rows of {image_id, neighbors}; none when refine wrote no graph."""
-    nb_uri = cfg.artifact("refine/neighbors.parquet")
+    nb_uri = cfg.paths.neighbors
     return storage.read_parquet(nb_uri).select(["image_id", "neighbors"]).to_pylist() if storage.exists(nb_uri) else []
 
 
@@ -155,7 +155,7 @@ def load_training_set(cfg: RunConfig, name: str, storage: Storage) -> TrainingSe
         rows.append(row)
         weights.append(w)
     if not rows:
-        raise TrainDataError(f"{cfg.artifact('refine/candidates.parquet')}: no trainable image for method '{name}'")
+        raise TrainDataError(f"{cfg.paths.candidates}: no trainable image for method '{name}'")
     n, width = len(rows), max(len(w) for w in weights)
     cand_idx = np.full((n, width), -1, dtype=np.int64)
     cand_w0 = np.zeros((n, width), dtype=np.float32)

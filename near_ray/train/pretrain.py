@@ -189,7 +189,7 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
     from near_ray.train.runner import epoch_feed, fit, load_trained, ray_run_config, run_name, scaling_config
 
     st = storage_for(cfg)
-    out = out or cfg.artifact("pretrained/model.safetensors")
+    out = out or cfg.paths.pretrained
     info_uri = (out[: -len(".safetensors")] if out.endswith(".safetensors") else out) + ".json"
     if st.exists(out):
         log.info("pretrain: %s exists, skipped", out)
@@ -212,7 +212,7 @@ def pretrain(cfg: RunConfig, captions: str, out: str | None = None) -> dict[str,
         dataset_config=train_data_config(),
     )
     t0 = time.monotonic()
-    result = fit(trainer, f"pretrain ({cfg.artifact(f'train/{name}')})", feed, cfg.train.pretrain_epochs,
+    result = fit(trainer, f"pretrain ({cfg.paths.checkpoints(name)})", feed, cfg.train.pretrain_epochs,
                  label="pretrain")
     meta = load_trained(result.checkpoint, clip)
     retrieval = caption_retrieval(clip, held or train_pairs[-256:], st)

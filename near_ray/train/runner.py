@@ -60,7 +60,7 @@ def ray_run_config(cfg: RunConfig, name: str, storage: Storage) -> Any:
     """RunConfig with checkpoints at ``{workdir}/train/{name}`` (S3 through a pyarrow filesystem)."""
     import ray.train
 
-    base = cfg.artifact("train")
+    base = cfg.paths.train
     if is_s3(base):
         path, fs = base[len("s3://") :], storage.pa_filesystem()
     else:

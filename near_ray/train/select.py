@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from near_ray.chosen import CHOICE, FOLDER
 from near_ray.config import RunConfig
 from near_ray.storage import Storage, join, storage_for
 
@@ -123,15 +122,15 @@ def fit_refine(cfg: RunConfig, held_out: set[str], st: Storage) -> RunConfig:
     from near_ray.refine.candidates import candidate_sets
 
     sel = cfg.model_copy(deep=True)
-    sel.storage.workdir = cfg.artifact(FOLDER)
-    summary = st.read_json(cfg.artifact("refine/_summary.json"))
+    sel.storage.workdir = cfg.paths.select
+    summary = st.read_json(cfg.paths.refine_summary)
     fingerprint = hashlib.sha256(f"{summary.get('fingerprint')}|{sorted(held_out)}".encode()).hexdigest()[:16]
-    done = sel.artifact("refine/_summary.json")
+    done = sel.paths.refine_summary
     if st.exists(done) and st.read_json(done).get("fingerprint") == fingerprint:
         return sel
-    cands = st.read_parquet(cfg.artifact("refine/candidates.parquet")).to_pylist()
+    cands = st.read_parquet(cfg.paths.candidates).to_pylist()
     by_id = {r["image_id"]: r for r in cands}
-    graph = st.read_parquet(cfg.artifact("refine/neighbors.parquet")).to_pylist()
+    graph = st.read_parquet(cfg.paths.neighbors).to_pylist()
     rows: dict[str, list] = {k: [] for k in ("image_id", "uri", "domain", "own_labels", "majority_label",
                                               "candidates", "confidences")}
     kept_graph: dict[str, list] = {"image_id": [], "domain": [], "neighbors": [], "similarities": []}
@@ -161,18 +160,20 @@ def fit_refine(cfg: RunConfig, held_out: set[str], st: Storage) -> RunConfig:
                          ("majority_label", row["majority_label"]), ("candidates", cs.candidates),
                          ("confidences", cs.confidences)):
                 rows[k].append(v)
-    st.write_parquet(sel.artifact("refine/candidates.parquet"), pa.table({
+    st.write_parquet(sel.paths.candidates, pa.table({
         **{k: pa.array(rows[k], pa.string()) for k in ("image_id", "uri", "domain", "majority_label")},
         "own_labels": pa.array(rows["own_labels"], pa.list_(pa.string())),
         "candidates": pa.array(rows["candidates"], pa.list_(pa.string())),
         "confidences": pa.array(rows["confidences"], pa.list_(pa.float32()))}))
-    st.write_parquet(sel.artifact("refine/neighbors.parquet"), pa.table({
+    st.write_parquet(sel.paths.neighbors, pa.table({
         **{k: pa.array(kept_graph[k], pa.string()) for k in ("image_id", "domain")},
         "neighbors": pa.array(kept_graph["neighbors"], pa.list_(pa.string())),
         "similarities": pa.array(kept_graph["similarities"], pa.list_(pa.float32()))}))
-    for name in ("vocabulary.json", "embeddings.parquet", "_embeddings.json"):
-        if st.exists(cfg.artifact(f"refine/{name}")):
-            st.write_bytes(sel.artifact(f"refine/{name}"), st.read_bytes(cfg.artifact(f"refine/{name}")))
+    have, fit = cfg.paths, sel.paths
+    for src, dst in ((have.vocabulary, fit.vocabulary), (have.embeddings, fit.embeddings),
+                     (have.embeddings_record, fit.embeddings_record)):
+        if st.exists(src):
+            st.write_bytes(dst, st.read_bytes(src))
     st.write_json(done, {**summary, "fingerprint": fingerprint, "held_out": len(held_out),
                          "fit_images": len(rows["image_id"])})
     return sel
@@ -199,12 +200,12 @@ def run_select(cfg: RunConfig, in_process: bool = False) -> dict[str, Any]:
 
     st = storage_for(cfg)
     order = list(dict.fromkeys(cfg.train.select))
-    cands = st.read_parquet(cfg.artifact("refine/candidates.parquet")).to_pylist()
+    cands = st.read_parquet(cfg.paths.candidates).to_pylist()
     held_out = holdout_split(cands, cfg.train.select_holdout, cfg.train.seed)
     if not held_out:
         choice = {"chosen": order[0], "candidates": {}, "held_out": 0, "order": order,
                   "why": "no name has two images with answers: nothing to hold out, the first candidate is kept"}
-        st.write_json(cfg.artifact(f"{FOLDER}/{CHOICE}"), choice)
+        st.write_json(cfg.paths.choice, choice)
         return choice
     sel = fit_refine(cfg, held_out, st)
     rows = [r for r in cands if r["image_id"] in held_out]
@@ -212,11 +213,11 @@ def run_select(cfg: RunConfig, in_process: bool = False) -> dict[str, Any]:
     own = {r["image_id"]: list(r["own_labels"]) for r in rows}
     domain = {r["image_id"]: r["domain"] or "" for r in rows}
     scores: dict[str, dict[str, Any]] = {}
-    fit_summary = st.read_json(sel.artifact("refine/_summary.json"))  # read once: every candidate checks it
+    fit_summary = st.read_json(sel.paths.refine_summary)  # read once: every candidate checks it
     for method in order:
         mcfg = sel.model_copy(deep=True)
         mcfg.train.method = method
-        bundle_uri = mcfg.artifact(f"bundles/{method}")
+        bundle_uri = mcfg.paths.bundle(method)
         metrics_uri = join(bundle_uri, "metrics.json")
         if not (st.exists(metrics_uri) and st.read_json(metrics_uri).get("refine_fingerprint") == fit_summary["fingerprint"]):
             run_train(mcfg, in_process=in_process)
@@ -228,7 +229,7 @@ def run_select(cfg: RunConfig, in_process: bool = False) -> dict[str, Any]:
     choice = {"chosen": chosen, "candidates": scores, "order": order, "held_out": len(held_out),
               "fit_images": fit_summary.get("fit_images"),
               "holdout_fraction": cfg.train.select_holdout, "rule": cfg.train.select_rule}
-    st.write_json(cfg.artifact(f"{FOLDER}/{CHOICE}"), choice)
+    st.write_json(cfg.paths.choice, choice)
     log.info("select: %s chosen by %s (%s)", chosen, cfg.train.select_rule,
              ", ".join(f"{m} {s['agreement']:.3f}/{s['grouping']:.3f}" for m, s in scores.items()))
     return choice

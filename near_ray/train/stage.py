@@ -91,7 +91,7 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         "train_time_s": round(elapsed, 2),
         "epoch_time_s_mean": round(float(np.mean([h["epoch_time_s"] for h in history])), 3) if history else None,
     }
-    bundle_uri = cfg.artifact(f"bundles/{method}")
+    bundle_uri = cfg.paths.bundle(method)
     classes = None
     if cfg.train.prototype_weight > 0:
         text = encode_texts(clip, [v["name"] for v in vocabulary], cfg.model.prompt_template)
@@ -137,7 +137,7 @@ def _fit_ray_train(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage, name:
         datasets={"train": ds},
         dataset_config=train_data_config(),
     )
-    where = f"train {method} ({cfg.artifact(f'train/{name}')})"
+    where = f"train {method} ({cfg.paths.checkpoints(name)})"
     return fit(trainer, where, job.feed, cfg.train.epochs, label=f"train {method}",
                tracker=open_tracker(cfg, method)).checkpoint
 
@@ -151,7 +151,7 @@ def _fit_in_process(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage, name
     from near_ray.train.loop import train_loop
     from near_ray.train.runner import InProcessSession
 
-    base = cfg.artifact(f"train/{name}")
+    base = cfg.paths.checkpoints(name)
     folder = str(Path(tempfile.mkdtemp(prefix="near_ray_train_")) / "latest") if is_s3(base) else base + "/in_process"
     Path(folder).parent.mkdir(parents=True, exist_ok=True)
     train_loop({"job": job}, InProcessSession(ds, folder))
@@ -161,7 +161,7 @@ def _fit_in_process(cfg: RunConfig, job: FineTuneJob, ds: Any, st: Storage, name
 def _refine_summary(cfg: RunConfig, st: Storage) -> dict[str, Any]:
     """Refine's summary ({} before refine ran). With ``refine.edits`` set, refine's outputs must have been
     made with those edits (train reads them, it does not redo them): else one error saying what to run."""
-    uri = cfg.artifact("refine/_summary.json")
+    uri = cfg.paths.refine_summary
     summary = st.read_json(uri) if st.exists(uri) else {}
     if cfg.refine.edits:
         from near_ray.refine.edits import check, read_edits
@@ -299,7 +299,7 @@ def training_image_embeddings(cfg: RunConfig, clip: Any, ts: Any, st: Storage) -
     from near_ray.model.clip import encode_images
     from near_ray.refine.embed import read_embeddings
 
-    uri = cfg.artifact("refine/embeddings.parquet")
+    uri = cfg.paths.embeddings
     if cfg.train.train_towers == "text" and st.exists(uri):
         emb = read_embeddings(uri, st)
         row = {iid: i for i, iid in enumerate(emb.meta["image_id"])}
@@ -342,10 +342,10 @@ def export_zero_shot(cfg: RunConfig) -> str:
     from near_ray.train.data import TrainDataError
 
     st = storage_for(cfg)
-    vocab_uri = cfg.artifact("refine/vocabulary.json")
+    vocab_uri = cfg.paths.vocabulary
     if not st.exists(vocab_uri):
         raise TrainDataError(f"{vocab_uri}: missing; run `near-ray refine` first")
     clip = create_clip(cfg.model, st)
     scale = float(min(100.0, clip.model.logit_scale.exp().item()))
-    uri = cfg.artifact("bundles/zero_shot")
+    uri = cfg.paths.bundle("zero_shot")
     return export_bundle(cfg, clip, st.read_json(vocab_uri), uri, scale, {"method": "zero_shot", "epochs": []}, st)

@@ -128,7 +128,7 @@ def open_tracker(cfg: RunConfig, run: str) -> SafeTracker | None:
     if tc.backend == "none":
         return None
     if tc.backend == "tensorboard":
-        uri = tc.uri or cfg.artifact("tensorboard")
+        uri = tc.uri or cfg.paths.tensorboard
         tracker: Tracker = TensorBoardTracker(uri, run, storage_for(cfg))
         where = join(uri, run)
     else:

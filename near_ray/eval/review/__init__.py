@@ -26,7 +26,7 @@ SUSPECTS = 20  # suspect images listed per domain
 
 
 def review_uri(cfg: RunConfig) -> str:
-    return cfg.artifact("review/index.html")
+    return cfg.paths.review
 
 
 def _pictured(reviews: list[DomainReview]) -> set[str]:

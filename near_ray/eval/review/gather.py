@@ -89,7 +89,7 @@ def _bundle_uri(cfg: RunConfig, domain: str) -> str:
     cc = cfg.classify
     from near_ray.chosen import served_method
 
-    return cc.bundles.get(domain) or cc.bundle or cfg.artifact(f"bundles/{served_method(cfg)}")
+    return cc.bundles.get(domain) or cc.bundle or cfg.paths.bundle(served_method(cfg))
 
 
 def _bundle(cfg: RunConfig, st: Storage, domain: str) -> tuple[str | None, list[str] | None, list[dict[str, Any]]]:
@@ -127,14 +127,14 @@ def _labels(cfg: RunConfig, st: Storage) -> pd.DataFrame:
 
 
 def _refine(cfg: RunConfig, st: Storage) -> tuple[list[dict[str, Any]], dict[str, Any], pd.DataFrame, pd.DataFrame | None]:
-    needed = {n: cfg.artifact(f"refine/{n}") for n in ("vocabulary.json", "candidates.parquet")}
-    missing = [u for u in needed.values() if not st.exists(u)]
+    vocab_uri, cand_uri = cfg.paths.vocabulary, cfg.paths.candidates
+    missing = [u for u in (vocab_uri, cand_uri) if not st.exists(u)]
     if missing:
         raise ReviewError(f"review: {', '.join(missing)} not found: run `near-ray refine` first")
-    vocabulary = st.read_json(needed["vocabulary.json"])
-    merges = _read_json(st, cfg.artifact("refine/merges.json"), {}) or {}
-    candidates = st.read_parquet(needed["candidates.parquet"]).to_pandas()
-    nb_uri = cfg.artifact("refine/neighbors.parquet")
+    vocabulary = st.read_json(vocab_uri)
+    merges = _read_json(st, cfg.paths.merges, {}) or {}
+    candidates = st.read_parquet(cand_uri).to_pandas()
+    nb_uri = cfg.paths.neighbors
     neighbors = st.read_parquet(nb_uri).to_pandas() if st.exists(nb_uri) else None
     return vocabulary, merges, candidates, neighbors
 
@@ -273,8 +273,8 @@ def gather(cfg: RunConfig, st: Storage) -> tuple[list[DomainData], dict[str, Any
     out = [domain_data(cfg, d, labels, refine, predictions, truth.get(d), st) for d in domains]
     run = {
         "workdir": cfg.storage.workdir,
-        "label_summary": _read_json(st, cfg.artifact("labels/_summary.json")),
+        "label_summary": _read_json(st, cfg.paths.label_summary),
         "classify_summary": _read_json(st, join(predictions_uri(cfg), "_summary.json")),
-        "refine_summary": _read_json(st, cfg.artifact("refine/_summary.json")),
+        "refine_summary": _read_json(st, cfg.paths.refine_summary),
     }
     return out, run

@@ -72,7 +72,8 @@ class DataConfig(Section):
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"],
         description="file endings listed as images",
     )
-    max_images: int | None = Field(None, description="cap per run (smoke tests, sampling); null = all")
+    max_images: int | None = Field(None, description="the discovery set's size: the images a run asks the MLLM "
+                                   "about, chosen by label.select; null = all")
 
     @model_validator(mode="after")
     def _one_domain_per_image(self) -> DataConfig:

@@ -63,6 +63,34 @@ def test_the_backbones_own_weights_give_its_own_features_and_a_wrong_file_is_nam
         create_clip(ModelConfig(arch="timm:no_such_net", pretrained="random"))
 
 
+def test_a_torchvision_network_gives_its_own_features_and_a_bundle_keeps_them(tmp_path):
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    from near_ray.model.bundle import load_bundle, save_bundle
+    from near_ray.model.clip import create_clip, encode_images
+    from near_ray.model.preprocess import preprocessor
+
+    torch.manual_seed(5)
+    net = torchvision.models.resnet18(weights=None).eval()
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))  # fc included: ignored
+    clip = create_clip(ModelConfig(arch="torchvision:resnet18", pretrained=str(weights)))
+    assert clip.model_config["embed_dim"] == 512 and clip.text == "none" and clip.pixels.size == 224
+    grey = Image.fromarray(np.random.default_rng(2).integers(0, 255, (90, 130), dtype=np.uint8), "L")
+    ours = encode_images(clip, [grey])
+    net.fc = torch.nn.Identity()
+    with torch.no_grad():
+        x = preprocessor(clip.pixels).batch([preprocessor(clip.pixels).pixels(grey)])
+        theirs = torch.nn.functional.normalize(net(x), dim=-1).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    uri = str(tmp_path / "bundle")
+    save_bundle(uri, clip, [{"name": "a", "domain": "d"}, {"name": "b", "domain": "d"}],
+                np.eye(2, 512, dtype=np.float32), prompt_template="{}", logit_scale=10.0)
+    np.testing.assert_allclose(load_bundle(uri).embed([grey]), ours, atol=1e-6)  # rebuilt offline, same pixels
+
+
 @pytest.mark.parametrize("override,field", [
     ("train.method=near_text_only", "train.method near_text_only"),
     ("train.select=[near,near_paper]", "train.select near_paper"),

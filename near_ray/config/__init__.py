@@ -96,7 +96,7 @@ class ModelConfig(Section):
     """The CLIP model: an open_clip architecture with pretrained tag, or local/s3 weights."""
 
     arch: str = Field("ViT-B-16", description="an open_clip model name, a path to a model config JSON, or "
-                      "timm:<name>: a timm image network as the image tower with no text side (image-prototype "
+                      "timm:<name> / torchvision:<name>: an image network as the image tower, no text side (image-prototype "
                       "classifiers only; near_ray.model.backbone)")
     # A random CLIP's names mean nothing, so null is refused: random init is only ever asked for by name.
     pretrained: str = Field(
@@ -126,8 +126,9 @@ class ModelConfig(Section):
 
     @property
     def has_text(self) -> bool:
-        """Whether the model's text side means something before training: not for a timm backbone."""
-        return not self.arch.startswith("timm:")
+        """Whether the model's text side means something before training: not for an image network
+        (near_ray.model.backbone)."""
+        return not self.arch.startswith(("timm:", "torchvision:"))
 
 
 # --------------------------------------------------------------------------------------------- refine

@@ -1,30 +1,32 @@
-"""Any timm image backbone as the image tower, for users who have an image network and no CLIP.
+"""Any timm or torchvision image network as the image tower, for users who have one and no CLIP.
 
 ``model.arch: timm:<name>`` (a ``timm.list_models()`` name, e.g. ``timm:tf_efficientnet_lite0``) builds an
 open_clip CLIP whose image tower is that network (open_clip's ``TimmModel``: the trunk, global average
-pooling, no projection, so the embedding is the network's own pooled features) and whose text side is
-none: a small text tower from random init that stands in for a learned vector per name. Its names mean
-nothing before training, so only classifiers of image prototypes can use such a model: text-only
-classifiers, zero-shot and CLIP's text for merging names are refused at config load
-(``near_ray.config``: ``model.text``).
+pooling, no projection, so the embedding is the network's own pooled features). ``torchvision:<name>``
+(a ``torchvision.models.list_models()`` name, e.g. ``torchvision:resnet50``) does the same with a
+torchvision network whose last linear layer (its classifier) is dropped (``TorchvisionTower``). The text
+side is none: a small text tower from random init that stands in for a learned vector per name. Its
+names mean nothing before training, so only classifiers of image prototypes can use such a model:
+text-only classifiers, zero-shot and CLIP's text for merging names are refused at config load
+(``near_ray.config.train.text_side_rule``).
 
-``model.pretrained`` is then the backbone's weights: a safetensors file (local or ``s3://``) of the timm
-network's state dict (its own keys, or under ``visual.trunk.``; a classifier head is ignored), or
-``random``. The pixel spec (size, mean, std, interpolation) is the network's own, from timm's
-pretrained config; every image mode, grey included, is made RGB on the one pixel path. Everything
-else (the bundle, serving, classify, the cascade) sees an open_clip CLIP like any other.
+``model.pretrained`` is then the network's weights: a safetensors file (local or ``s3://``) of its state
+dict (its own keys, or under ``visual.trunk.``; the classifier head is ignored), or ``random``. The pixel
+spec (size, mean, std, interpolation) is the network's own (timm's pretrained config; ImageNet's at 224
+for torchvision); every image mode, grey included, is made RGB on the one pixel path. Everything else
+(the bundle, serving, classify, the cascade) sees an open_clip CLIP like any other.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from near_ray.errors import NearRayError
 
-if TYPE_CHECKING:
-    import torch
-
 PREFIX = "timm:"
+TORCHVISION = "torchvision:"
 # The stand-in text side: small, from random init, over CLIP's tokenizer (real names are any words).
 NO_TEXT_CFG = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 1}
 NO_TEXT = "none"  # the model config's "text" entry for a model whose text side means nothing untrained
@@ -35,12 +37,14 @@ class BackboneError(NearRayError):
 
 
 def is_backbone(arch: str) -> bool:
-    return arch.startswith(PREFIX)
+    return arch.startswith((PREFIX, TORCHVISION))
 
 
 def backbone_config(arch: str) -> dict[str, Any]:
-    """The open_clip config of ``timm:<name>``: the network as image tower, its pooled features as the
-    embedding (no projection), the stand-in text side, and the network's preprocessing."""
+    """The open_clip config of ``timm:<name>`` or ``torchvision:<name>``: the network as image tower, its
+    pooled features as the embedding (no projection), the stand-in text side, the network's preprocessing."""
+    if arch.startswith(TORCHVISION):
+        return torchvision_config(arch[len(TORCHVISION):])
     import timm
     from timm.models import get_pretrained_cfg
 
@@ -64,20 +68,75 @@ def backbone_config(arch: str) -> dict[str, Any]:
     }
 
 
-def trunk_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A timm network's state dict as its trunk holds it: keys under ``visual.trunk.`` unprefixed, the
+# The placeholder open_clip builds before a torchvision network takes the image tower's place.
+_PLACEHOLDER = {"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "patch_size": 32}
+
+
+def torchvision_config(name: str) -> dict[str, Any]:
+    from torchvision import models
+
+    if name not in models.list_models():
+        raise BackboneError(f"model.arch: '{name}' is not a torchvision model (torchvision.models.list_models())")
+    size = 224
+    return {
+        "embed_dim": TorchvisionTower(name, size).dim,
+        "vision_cfg": dict(_PLACEHOLDER, image_size=size),
+        "text_cfg": dict(NO_TEXT_CFG),
+        "preprocess_cfg": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"},
+        "text": NO_TEXT,
+        "torchvision_model": name,
+    }
+
+
+def build_tower(model: Any, name: str, size: int) -> None:
+    """Put torchvision network ``name`` in the CLIP's image tower (a model config's ``torchvision_model``)."""
+    model.visual = TorchvisionTower(name, size)
+
+
+class TorchvisionTower(torch.nn.Module):
+    """A torchvision network as an open_clip image tower: ``trunk`` without its last linear layer."""
+
+    def __init__(self, name: str, size: int) -> None:
+        from torchvision import models
+
+        super().__init__()
+        self.trunk = models.get_model(name, weights=None)
+        self.head_keys: tuple[str, ...] = ()
+        last = [(n, m) for n, m in self.trunk.named_modules() if isinstance(m, torch.nn.Linear)]
+        if last:  # the classifier: the embedding is what it would read
+            path = last[-1][0]
+            parent = self.trunk.get_submodule(path.rpartition(".")[0]) if "." in path else self.trunk
+            setattr(parent, path.rpartition(".")[2], torch.nn.Identity())
+            self.head_keys = (f"{path}.weight", f"{path}.bias")
+        self.image_size = (size, size)
+        with torch.no_grad():
+            self.dim = int(self.trunk.eval()(torch.zeros(1, 3, size, size)).reshape(1, -1).shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x).reshape(len(x), -1)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        pass  # torchvision networks have no checkpointing switch
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        for p in self.trunk.parameters():
+            p.requires_grad = False
+
+
+def trunk_state(state: dict[str, torch.Tensor], head: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A network's state dict as its trunk holds it: keys under ``visual.trunk.`` unprefixed, the
     classifier head dropped (the embedding is the pooled features)."""
     prefix = "visual.trunk."
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return {k: v for k, v in state.items() if not k.startswith(("classifier.", "fc.", "head.fc."))}
+    return {k: v for k, v in state.items() if not k.startswith(("classifier.", "fc.", "head.fc.")) and k not in head}
 
 
 def load_backbone_weights(model: Any, state: dict[str, torch.Tensor], uri: str) -> None:
-    """Load a timm state dict into the CLIP's image trunk; every trunk weight must come from the file."""
+    """Load a network's state dict into the CLIP's image trunk; every trunk weight must come from the file."""
     trunk = model.visual.trunk
     ours = trunk.state_dict()
-    theirs = trunk_state(state)
+    theirs = trunk_state(state, getattr(model.visual, "head_keys", ()))
     missing = [k for k in ours if k not in theirs]
     unexpected = [k for k in theirs if k not in ours]
     wrong = [k for k in theirs if k in ours and tuple(theirs[k].shape) != tuple(ours[k].shape)]

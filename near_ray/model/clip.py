@@ -197,6 +197,7 @@ def clip_from_config(model_config: dict, init_seed: int = 0, pixels: PixelSpec |
     spec = pixels or PixelSpec.for_model_config(cfg)
     cfg.pop("preprocess_cfg", None)
     text = cfg.pop("text", "clip")
+    torchvision_model = cfg.pop("torchvision_model", None)  # near_ray.model.backbone
     tokenizer_cfg = cfg.pop("tokenizer", None) or {}
     context_length = cfg.get("text_cfg", {}).get("context_length", 77)
     if "bpe_subset" in tokenizer_cfg:  # a small text tower: its own token embedding rows
@@ -207,9 +208,15 @@ def clip_from_config(model_config: dict, init_seed: int = 0, pixels: PixelSpec |
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = open_clip.CLIP(**cfg)
+        if torchvision_model:
+            from near_ray.model.backbone import build_tower
+
+            build_tower(model, torchvision_model, spec.size)
     full_cfg = dict(cfg, tokenizer=tokenizer_cfg) if tokenizer_cfg else cfg
     if text != "clip":
         full_cfg["text"] = text
+    if torchvision_model:
+        full_cfg["torchvision_model"] = torchvision_model
     return Clip(model, spec, tokenizer, full_cfg, text)
 
 

@@ -77,12 +77,14 @@ def torchvision_config(name: str) -> dict[str, Any]:
 
     if name not in models.list_models():
         raise BackboneError(f"model.arch: '{name}' is not a torchvision model (torchvision.models.list_models())")
-    size = 224
+    from near_ray.model.preprocess import torchvision_preprocess_cfg
+
+    size, preprocess = torchvision_preprocess_cfg()
     return {
         "embed_dim": TorchvisionTower(name, size).dim,
         "vision_cfg": dict(_PLACEHOLDER, image_size=size),
         "text_cfg": dict(NO_TEXT_CFG),
-        "preprocess_cfg": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"},
+        "preprocess_cfg": preprocess,
         "text": NO_TEXT,
         "torchvision_model": name,
     }

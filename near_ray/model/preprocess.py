@@ -100,6 +100,12 @@ class PixelSpec:
                    interpolation, cfg.get("resize_mode") or "shortest")
 
 
+def torchvision_preprocess_cfg() -> tuple[int, dict[str, Any]]:
+    """A torchvision network's input size and preprocessing as open_clip's ``preprocess_cfg``: ImageNet's
+    normalization at 224, bilinear (torchvision's classification presets)."""
+    return 224, {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
+
+
 def timm_preprocess_cfg(pretrained_cfg: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """A timm network's input size and its preprocessing as open_clip's ``preprocess_cfg`` (mean, std,
     interpolation; ImageNet's where timm records none). timm's ``crop_pct`` is not applied: the short

@@ -218,6 +218,16 @@ def check_captions(ctx: Context) -> str:
 def check_model(ctx: Context) -> str:
     """The starting CLIP's weights are named, and where they come from is said; nothing is downloaded."""
     m = ctx.cfg.model
+    from near_ray.model.backbone import BackboneError, backbone_config, is_backbone
+
+    if is_backbone(m.arch):  # an image network: its name must resolve here (nothing is downloaded)
+        try:
+            backbone_config(m.arch)
+        except BackboneError as e:
+            raise Failed(str(e)) from None
+        if m.pretrained != RANDOM_INIT and "/" not in m.pretrained:
+            raise Failed(f"model.pretrained: '{m.pretrained}' is not a weights file; {m.arch} reads its weights "
+                         f"from a file (a Hugging Face model from its folder), or '{RANDOM_INIT}'")
     if m.pretrained == RANDOM_INIT:
         return (f"{m.arch} from random weights (model.pretrained: {RANDOM_INIT}, asked for by name): its names mean "
                 "little until trained")

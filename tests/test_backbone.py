@@ -91,6 +91,37 @@ def test_a_torchvision_network_gives_its_own_features_and_a_bundle_keeps_them(tm
     np.testing.assert_allclose(load_bundle(uri).embed([grey]), ours, atol=1e-6)  # rebuilt offline, same pixels
 
 
+def test_a_hugging_face_vision_model_from_a_folder_gives_its_own_features_and_a_bundle_keeps_them(tmp_path):
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from near_ray.model.bundle import load_bundle, save_bundle
+    from near_ray.model.clip import create_clip, encode_images
+    from near_ray.model.preprocess import preprocessor
+
+    torch.manual_seed(7)
+    folder = tmp_path / "tiny-vit"
+    net = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=64, image_size=48, patch_size=16, num_labels=3))
+    net.save_pretrained(folder)  # keys under "vit.", a classifier head, no pooler: as classification checkpoints are
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 48, "width": 48},
+         "resample": 2}))
+    clip = create_clip(ModelConfig(arch=f"hf:{folder}", pretrained=str(folder)))
+    assert (clip.pixels.size, clip.pixels.mean, clip.pixels.interpolation) == (48, (0.5, 0.5, 0.5), "bilinear")
+    grey = Image.fromarray(np.random.default_rng(3).integers(0, 255, (60, 80), dtype=np.uint8), "L")
+    ours = encode_images(clip, [grey])
+    with torch.no_grad():
+        x = preprocessor(clip.pixels).batch([preprocessor(clip.pixels).pixels(grey)])
+        theirs = torch.nn.functional.normalize(net.eval().vit(pixel_values=x).last_hidden_state[:, 0], dim=-1)
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5)
+    uri = str(tmp_path / "bundle")
+    save_bundle(uri, clip, [{"name": "a", "domain": "d"}], np.eye(1, 32, dtype=np.float32), prompt_template="{}",
+                logit_scale=10.0)
+    (folder / "model.safetensors").unlink()  # the bundle needs nothing of the folder
+    np.testing.assert_allclose(load_bundle(uri).embed([grey]), ours, atol=1e-6)
+
+
 @pytest.mark.parametrize("override,field", [
     ("train.method=near_text_only", "train.method near_text_only"),
     ("train.select=[near,near_paper]", "train.select near_paper"),
@@ -160,3 +191,19 @@ def test_a_backbone_bundle_trains_serves_and_classifies_like_any_other(ray_clust
     assert summary["images_computed"] == 4
     df = read_predictions(cfg.artifact("predictions"), st).sort_values("uri")
     assert df["name"].tolist() == [p.names[0] for p in want]
+
+
+def test_the_preflight_names_an_unknown_network_or_a_tag_before_any_work(tmp_path):
+    from near_ray.preflight import Context, Failed, check_model
+
+    def check(arch: str, pretrained: str) -> str:
+        cfg = load_config(None, [f"storage.workdir={tmp_path}", f"model.arch={arch}", f"model.pretrained={pretrained}"])
+        return check_model(Context(cfg=cfg, command="run", storage=Storage()))
+
+    with pytest.raises(Failed, match="'no_such_net' is not a timm model"):
+        check("timm:no_such_net", "random")
+    with pytest.raises(Failed, match="'imagenet' is not a weights file"):
+        check(ARCH, "imagenet")
+    with pytest.raises(Failed, match="no config.json there"):
+        check(f"hf:{tmp_path}/none", f"{tmp_path}/none")
+    assert "from random weights" in check("torchvision:resnet18", "random")

@@ -128,7 +128,7 @@ class ModelConfig(Section):
     def has_text(self) -> bool:
         """Whether the model's text side means something before training: not for an image network
         (near_ray.model.backbone)."""
-        return not self.arch.startswith(("timm:", "torchvision:"))
+        return not self.arch.startswith(("timm:", "torchvision:", "hf:"))
 
 
 # --------------------------------------------------------------------------------------------- refine

@@ -19,6 +19,7 @@ for torchvision); every image mode, grey included, is made RGB on the one pixel 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from near_ray.errors import NearRayError
 
 PREFIX = "timm:"
 TORCHVISION = "torchvision:"
+HF = "hf:"
 # The stand-in text side: small, from random init, over CLIP's tokenizer (real names are any words).
 NO_TEXT_CFG = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 1}
 NO_TEXT = "none"  # the model config's "text" entry for a model whose text side means nothing untrained
@@ -37,7 +39,7 @@ class BackboneError(NearRayError):
 
 
 def is_backbone(arch: str) -> bool:
-    return arch.startswith((PREFIX, TORCHVISION))
+    return arch.startswith((PREFIX, TORCHVISION, HF))
 
 
 def backbone_config(arch: str) -> dict[str, Any]:
@@ -45,6 +47,8 @@ def backbone_config(arch: str) -> dict[str, Any]:
     pooled features as the embedding (no projection), the stand-in text side, the network's preprocessing."""
     if arch.startswith(TORCHVISION):
         return torchvision_config(arch[len(TORCHVISION):])
+    if arch.startswith(HF):
+        return hf_config(arch[len(HF):])
     import timm
     from timm.models import get_pretrained_cfg
 
@@ -90,9 +94,12 @@ def torchvision_config(name: str) -> dict[str, Any]:
     }
 
 
-def build_tower(model: Any, name: str, size: int) -> None:
-    """Put torchvision network ``name`` in the CLIP's image tower (a model config's ``torchvision_model``)."""
-    model.visual = TorchvisionTower(name, size)
+def build_tower(model: Any, spec: dict[str, Any], size: int) -> None:
+    """Put the network of a model config's ``torchvision_model`` or ``hf_vision`` in the CLIP's image tower."""
+    if spec.get("torchvision_model"):
+        model.visual = TorchvisionTower(spec["torchvision_model"], size)
+    elif spec.get("hf_vision"):
+        model.visual = HFTower(spec["hf_vision"], size)
 
 
 class TorchvisionTower(torch.nn.Module):
@@ -125,12 +132,89 @@ class TorchvisionTower(torch.nn.Module):
             p.requires_grad = False
 
 
-def trunk_state(state: dict[str, torch.Tensor], head: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """A network's state dict as its trunk holds it: keys under ``visual.trunk.`` unprefixed, the
-    classifier head dropped (the embedding is the pooled features)."""
-    prefix = "visual.trunk."
-    if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def hf_config(folder: str) -> dict[str, Any]:
+    """``hf:<folder>``: a Hugging Face vision model saved in a local folder (its config.json, and its
+    preprocessor_config.json when there is one); the bundle keeps the model's config, so it rebuilds offline."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from near_ray.model.preprocess import hf_preprocess_cfg
+
+    if not (Path(folder) / "config.json").is_file():
+        raise BackboneError(f"model.arch: hf:{folder}: no config.json there (a Hugging Face model folder, local)")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True).to_dict()
+    prep = Path(folder) / "preprocessor_config.json"
+    size, preprocess = hf_preprocess_cfg(json.loads(prep.read_text()) if prep.is_file() else {},
+                                         int(config.get("image_size") or 224))
+    return {
+        "embed_dim": HFTower(config, size).dim,
+        "vision_cfg": dict(_PLACEHOLDER, image_size=size),
+        "text_cfg": dict(NO_TEXT_CFG),
+        "preprocess_cfg": preprocess,
+        "text": NO_TEXT,
+        "hf_vision": config,
+    }
+
+
+class HFTower(torch.nn.Module):
+    """A Hugging Face vision model as an open_clip image tower: the CLS token of a transformer's last layer,
+    a convolutional network's pooled output (else its spatial mean)."""
+
+    def __init__(self, config: dict[str, Any], size: int) -> None:
+        from transformers import AutoConfig, AutoModel
+
+        super().__init__()
+        self.trunk = AutoModel.from_config(AutoConfig.for_model(**config))
+        self.head_keys: tuple[str, ...] = ()
+        self.prefix = f"{self.trunk.base_model_prefix}." if getattr(self.trunk, "base_model_prefix", "") else ""
+        self.optional_keys = ("pooler.",)  # a transformer's embedding is its CLS token, not the pooler's output
+        self.image_size = (size, size)
+        with torch.no_grad():
+            self.dim = int(self.eval()(torch.zeros(1, 3, size, size)).shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.trunk(pixel_values=x)
+        hidden = out.last_hidden_state
+        if hidden.dim() == 3:
+            return hidden[:, 0]
+        pooled = getattr(out, "pooler_output", None)
+        return (pooled if pooled is not None else hidden.mean(dim=(2, 3))).reshape(len(x), -1)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if getattr(self.trunk, "supports_gradient_checkpointing", False) and enable:
+            self.trunk.gradient_checkpointing_enable()
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        for p in self.trunk.parameters():
+            p.requires_grad = False
+
+
+def load_hf_weights(model: Any, folder: str, pretrained: str) -> None:
+    """``hf:<folder>`` with ``model.pretrained: <folder>``: the folder's weights, loaded by transformers
+    (which renames the keys of checkpoints saved by other versions), copied into the image tower."""
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    if Path(pretrained).resolve() != Path(folder).resolve():
+        raise BackboneError(f"model.pretrained: {pretrained}: a Hugging Face model (hf:{folder}) loads its own "
+                            f"folder's weights: set model.pretrained to {folder}, or 'random'")
+    source = AutoModel.from_pretrained(folder, local_files_only=True)
+    ours, theirs = model.visual.trunk.state_dict(), source.state_dict()
+    if set(ours) != set(theirs):
+        raise BackboneError(f"model.pretrained: {folder}: transformers built {type(source).__name__}, whose weights "
+                            f"do not fit the image tower (e.g. {sorted(set(ours) ^ set(theirs))[:3]})")
+    model.visual.trunk.load_state_dict(theirs)
+
+
+def trunk_state(state: dict[str, torch.Tensor], head: tuple[str, ...] = (),
+                extra_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A network's state dict as its trunk holds it: keys under ``visual.trunk.`` (or a Hugging Face base
+    model's prefix, ``vit.``) unprefixed, the classifier head dropped (the embedding is the pooled features)."""
+    for prefix in ("visual.trunk.", *extra_prefixes):
+        if prefix and any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return {k: v for k, v in state.items() if not k.startswith(("classifier.", "fc.", "head.fc.")) and k not in head}
 
 
@@ -138,12 +222,13 @@ def load_backbone_weights(model: Any, state: dict[str, torch.Tensor], uri: str) 
     """Load a network's state dict into the CLIP's image trunk; every trunk weight must come from the file."""
     trunk = model.visual.trunk
     ours = trunk.state_dict()
-    theirs = trunk_state(state, getattr(model.visual, "head_keys", ()))
-    missing = [k for k in ours if k not in theirs]
+    theirs = trunk_state(state, getattr(model.visual, "head_keys", ()), (getattr(model.visual, "prefix", ""),))
+    optional = getattr(model.visual, "optional_keys", ())  # layers the embedding does not read
+    missing = [k for k in ours if k not in theirs and not k.startswith(optional)]
     unexpected = [k for k in theirs if k not in ours]
     wrong = [k for k in theirs if k in ours and tuple(theirs[k].shape) != tuple(ours[k].shape)]
     if missing or unexpected or wrong:
         raise BackboneError(
-            f"model.pretrained: weights {uri} do not fit timm model '{model.visual.trunk.__class__.__name__}' "
+            f"model.pretrained: weights {uri} do not fit the network '{model.visual.trunk.__class__.__name__}' "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]})")
-    trunk.load_state_dict(theirs)
+    trunk.load_state_dict(theirs, strict=not optional)

@@ -141,8 +141,9 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
 
     pretrained = shipped_weights(model_cfg.arch, model_cfg.weights) or model_cfg.weights  # None: random init
     if pretrained and not _is_weights_uri(pretrained) and is_backbone(model_cfg.arch):
-        raise ModelError(f"model.pretrained: '{pretrained}' is not a weights file; a timm backbone ({model_cfg.arch}) "
-                         "reads its weights from a safetensors file (local or s3://), or starts from 'random'")
+        raise ModelError(f"model.pretrained: '{pretrained}' is not a weights file; an image network ({model_cfg.arch}) "
+                         "reads its weights from a safetensors file (local or s3://; a Hugging Face model from its "
+                         "folder), or starts from 'random'")
     if pretrained and not _is_weights_uri(pretrained) and model_cfg.arch in builtin_configs():
         folder = resources.files("near_ray.model") / "pretrained"
         shipped = sorted(p.name for p in (folder.iterdir() if folder.is_dir() else [])
@@ -162,6 +163,11 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
         tag_cfg = getattr(model.visual, "preprocess_cfg", None) or cfg.get("preprocess_cfg") or {}
         return Clip(model, PixelSpec.for_model_config(config, tag_cfg), tokenizer, config)
     clip = clip_from_config(cfg, model_cfg.init_seed)
+    if pretrained and model_cfg.arch.startswith("hf:"):  # a Hugging Face folder's weights, through transformers
+        from near_ray.model.backbone import load_hf_weights
+
+        load_hf_weights(clip.model, model_cfg.arch[len("hf:"):], pretrained)
+        return clip
     if pretrained:
         from near_ray.model.weights import read_weights
         from near_ray.storage import Storage as _Storage
@@ -197,7 +203,7 @@ def clip_from_config(model_config: dict, init_seed: int = 0, pixels: PixelSpec |
     spec = pixels or PixelSpec.for_model_config(cfg)
     cfg.pop("preprocess_cfg", None)
     text = cfg.pop("text", "clip")
-    torchvision_model = cfg.pop("torchvision_model", None)  # near_ray.model.backbone
+    tower = {k: cfg.pop(k) for k in ("torchvision_model", "hf_vision") if k in cfg}  # near_ray.model.backbone
     tokenizer_cfg = cfg.pop("tokenizer", None) or {}
     context_length = cfg.get("text_cfg", {}).get("context_length", 77)
     if "bpe_subset" in tokenizer_cfg:  # a small text tower: its own token embedding rows
@@ -208,15 +214,14 @@ def clip_from_config(model_config: dict, init_seed: int = 0, pixels: PixelSpec |
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model = open_clip.CLIP(**cfg)
-        if torchvision_model:
+        if tower:
             from near_ray.model.backbone import build_tower
 
-            build_tower(model, torchvision_model, spec.size)
+            build_tower(model, tower, spec.size)
     full_cfg = dict(cfg, tokenizer=tokenizer_cfg) if tokenizer_cfg else cfg
     if text != "clip":
         full_cfg["text"] = text
-    if torchvision_model:
-        full_cfg["torchvision_model"] = torchvision_model
+    full_cfg.update(tower)
     return Clip(model, spec, tokenizer, full_cfg, text)
 
 

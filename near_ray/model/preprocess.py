@@ -106,6 +106,19 @@ def torchvision_preprocess_cfg() -> tuple[int, dict[str, Any]]:
     return 224, {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
 
 
+def hf_preprocess_cfg(processor: dict[str, Any], default_size: int) -> tuple[int, dict[str, Any]]:
+    """A Hugging Face image processor's config (preprocessor_config.json) as an input size and open_clip's
+    ``preprocess_cfg``: its image_mean, image_std, size (height, shortest_edge or a number) and resample
+    (PIL's codes: 2 bilinear, else bicubic); ImageNet's normalization where it names none."""
+    size = processor.get("crop_size") or processor.get("size") or default_size
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge") or default_size
+    mean = processor.get("image_mean") or [0.485, 0.456, 0.406]
+    std = processor.get("image_std") or [0.229, 0.224, 0.225]
+    return int(size), {"mean": list(mean), "std": list(std),
+                       "interpolation": "bilinear" if processor.get("resample") == 2 else "bicubic"}
+
+
 def timm_preprocess_cfg(pretrained_cfg: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """A timm network's input size and its preprocessing as open_clip's ``preprocess_cfg`` (mean, std,
     interpolation; ImageNet's where timm records none). timm's ``crop_pct`` is not applied: the short

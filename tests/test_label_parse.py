@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from near_ray.config import ImageConfig
-from near_ray.label.images import BadImageError, image_id, prepare_image
+from near_ray.images import ImageError
+from near_ray.label.images import image_id, prepare_image
 from near_ray.label.parse import parse_answer
 from near_ray.label.prompts import LABEL_SCHEMA, PromptError, prompt_for, sample_seed, schema_text
 from near_ray.names import title_case
@@ -140,7 +141,7 @@ def test_exif_orientation_is_applied():
     ],
 )
 def test_bad_images_are_rejected_with_the_problem(data, problem):
-    with pytest.raises(BadImageError, match=problem):
+    with pytest.raises(ImageError, match=problem):
         prepare_image(data, ImageConfig(min_side=8))
 
 
@@ -148,7 +149,7 @@ def test_decompression_bomb_is_rejected_from_its_header():
     # A 1-bit PNG claiming 5000x5000 pixels compresses to a few kB; it must never be decoded.
     bomb = _encode(Image.new("1", (5000, 5000)))
     assert len(bomb) < 50_000
-    with pytest.raises(BadImageError, match="too large"):
+    with pytest.raises(ImageError, match="too large"):
         prepare_image(bomb, ImageConfig(max_pixels=1_000_000))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from near_ray.classify.calibration import temperature_scale
-from near_ray.classify.table import SCHEMA, as_table
+from near_ray.classify.table import as_table
 from near_ray.errors import NearRayError
 from near_ray.images import decode_image, fetch
 from near_ray.model.preprocess import PixelSpec, encode_pixels, preprocessor
@@ -199,7 +199,3 @@ def tower_dataset(
         num_cpus=cc.actor_cpus,
         num_gpus=cc.gpus_per_actor,
     )  # fmt: skip
-
-
-def prediction_schema(with_probs: bool = False) -> pa.Schema:
-    return SCHEMA.append(pa.field("probs", pa.list_(pa.float32()))) if with_probs else SCHEMA

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from PIL import Image
 
 from near_ray.config import ImageConfig
-from near_ray.images import ImageError, decode_image, image_id
+from near_ray.images import decode_image, image_id
 
-__all__ = ["BadImageError", "PreparedImage", "image_id", "prepare_image"]
+__all__ = ["PreparedImage", "image_id", "prepare_image"]
 
 MIME = {"JPEG": "image/jpeg", "PNG": "image/png"}
-BadImageError = ImageError  # an image the label stage records as a ``bad_image`` row
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ import pyarrow as pa
 from near_ray.config import LabelConfig, RunConfig
 from near_ray.console import Progress
 from near_ray.data.collections import check_domains, listing_size
-from near_ray.images import fetch
+from near_ray.images import ImageError, fetch
 from near_ray.label.backends import REQUEST_SCHEMA, get_backend, model_name
-from near_ray.label.images import BadImageError, prepare_image
+from near_ray.label.images import prepare_image
 from near_ray.label.parse import parse_answer
 from near_ray.label.prompts import prompt_for, sample_seed, schema_text
 from near_ray.label.select import check_select, selected_chunks
@@ -186,7 +186,7 @@ def build_requests(
             continue
         try:
             prepared = prepare_image(blob, spec.label.image, what=it["uri"])
-        except BadImageError as e:
+        except ImageError as e:  # recorded as a bad_image row
             bad.extend(_bad_rows(it, iid, ask, str(e), spec))
             continue
         system, user = spec.prompts[it["domain"]]

@@ -34,3 +34,36 @@ def test_bundle_roundtrip_predicts_the_same(where, tmp_path, request):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="not a model bundle"):
         load_bundle(str(tmp_path))
+
+
+def test_classify_and_serve_route_a_domain_into_a_bundle_by_one_rule(tmp_path):
+    """A domain goes to the bundle's domain of that name, or to a one-domain bundle whatever its name; a
+    bundle of several domains without it is refused by classify and serve alike (never its whole vocabulary)."""
+    from near_ray.classify.stage import ClassifyError, resolve_targets
+    from near_ray.config import DomainConfig, RunConfig, StorageConfig
+    from near_ray.errors import NearRayError
+    from near_ray.serve.model import load_bundles
+    from near_ray.storage import Storage
+
+    clip = create_clip(ModelConfig(arch="near-tiny", pretrained="random"))
+    vocab = {"two": [("Red Finch", "birds"), ("Star Lily", "flowers")], "one": [("Pickup", "cars")]}
+    uris = {}
+    for key, entries in vocab.items():
+        uris[key] = str(tmp_path / key)
+        save_bundle(uris[key], clip, [{"name": n, "domain": d} for n, d in entries],
+                    np.eye(len(entries), 128, dtype=np.float32), prompt_template="{}", logit_scale=10.0)
+
+    def classify_route(domain: str, uri: str):
+        cfg = RunConfig.model_validate({"storage": {"workdir": str(tmp_path / "run")}, "classify": {"bundles": {domain: uri}}})
+        return resolve_targets(cfg, [DomainConfig(name=domain, uri=str(tmp_path / "images"))], Storage())[0][domain].inner
+
+    def serve_route(domain: str, uri: str):
+        return load_bundles([(domain, uri)], StorageConfig(), "cpu").routes.route(domain)[1]
+
+    for route in (classify_route, serve_route):
+        assert route("birds", uris["two"]) == "birds"
+        assert route("vehicles", uris["one"]) == "cars"  # a one-domain bundle, another name
+        with pytest.raises(NearRayError, match=r"domain 'insects' is not one of the domains of bundle .*two"):
+            route("insects", uris["two"])
+    with pytest.raises(ClassifyError):
+        classify_route("insects", uris["two"])

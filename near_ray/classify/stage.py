@@ -36,7 +36,7 @@ from near_ray.config import DomainConfig, RunConfig
 from near_ray.console import Progress
 from near_ray.data.collections import check_domains, listing_chunks, listing_size
 from near_ray.errors import NearRayError
-from near_ray.model.bundle import FORMAT_VERSION, BundleError
+from near_ray.model.bundle import FORMAT_VERSION, BundleError, domain_in_bundle
 from near_ray.model.preprocess import bundle_pixel_spec
 from near_ray.parts import ResumeLedger
 from near_ray.storage import Storage, join, storage_for
@@ -88,14 +88,11 @@ def resolve_targets(
                 raise BundleError(f"classify: domain '{d.name}': {uri} is not a model bundle ({e})") from e
             if configs[uri].get("format_version") != FORMAT_VERSION:
                 raise BundleError(f"{uri}: bundle format {configs[uri].get('format_version')} is not {FORMAT_VERSION}")
-        config, inner_domains = configs[uri], sorted({v.get("domain") or "" for v in vocabularies[uri]})
-        if d.name in inner_domains:
-            inner: str | None = d.name
-        elif len(inner_domains) == 1:
-            inner = inner_domains[0] or None  # a one-domain bundle names this domain whatever its name
-        else:
-            raise ClassifyError(f"classify: domain '{d.name}' is not one of the domains of bundle {uri} "
-                                f"({inner_domains}); map it to its own bundle with classify.bundles")  # fmt: skip
+        config = configs[uri]
+        try:
+            inner = domain_in_bundle(d.name, [v.get("domain") or "" for v in vocabularies[uri]], uri)
+        except BundleError as e:
+            raise ClassifyError(f"classify: {e}") from None
         try:
             spec = bundle_pixel_spec(config)
         except NearRayError as e:

@@ -90,6 +90,20 @@ def _version(weights: bytes, classifier: bytes, vocabulary: list[dict[str, Any]]
     return digest.hexdigest()[:12]
 
 
+def domain_in_bundle(domain: str, bundle_domains: list[str], uri: str) -> str | None:
+    """The domain inside bundle ``uri`` that answers for a collection or request domain ``domain``: one rule
+    for classify and serve. The domain itself when the bundle has it; a one-domain bundle's only domain
+    (None when it is unnamed) whatever ``domain`` is called; otherwise an error naming both, never the
+    whole vocabulary of several domains."""
+    inner = sorted({d or "" for d in bundle_domains})
+    if domain in inner:
+        return domain
+    if len(inner) == 1:
+        return inner[0] or None
+    raise BundleError(f"domain '{domain}' is not one of the domains of bundle {uri} ({inner}); map it to a bundle "
+                      "that has it (classify.bundles, serve.bundles)")
+
+
 @dataclass
 class Prediction:
     names: list[str]

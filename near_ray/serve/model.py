@@ -51,7 +51,7 @@ def bundle_sources(user_config: dict[str, Any]) -> list[tuple[str | None, str]]:
 
 
 def load_bundles(sources: list[tuple[str | None, str]], storage_cfg: StorageConfig, device: str) -> Loaded:
-    from near_ray.model.bundle import load_bundle
+    from near_ray.model.bundle import domain_in_bundle, load_bundle
     from near_ray.storage import Storage
 
     storage = Storage.from_config(storage_cfg)
@@ -59,8 +59,10 @@ def load_bundles(sources: list[tuple[str | None, str]], storage_cfg: StorageConf
     for i, (alias, uri) in enumerate(sources):
         b = load_bundle(uri, storage, device=device)
         bundles.append(b)
-        inner = sorted({d for d in b.domains if d})
-        names = {alias: alias if alias in inner else None} if alias else {d: d for d in inner}
+        try:  # the same rule as classify's (near_ray.model.bundle.domain_in_bundle)
+            names = {alias: domain_in_bundle(alias, b.domains, uri)} if alias else {d: d for d in sorted(set(b.domains)) if d}
+        except NearRayError as e:
+            raise NearRayError(f"serve.bundles: {e}") from None
         for public, in_bundle in names.items():
             if public in routes:
                 raise NearRayError(f"serve: domain '{public}' is served by two bundles ({sources[routes[public][0]][1]}, {uri})")

@@ -84,14 +84,13 @@ def torchvision_config(name: str) -> dict[str, Any]:
     from near_ray.model.preprocess import torchvision_preprocess_cfg
 
     size, preprocess = torchvision_preprocess_cfg()
-    return {
-        "embed_dim": TorchvisionTower(name, size).dim,
-        "vision_cfg": dict(_PLACEHOLDER, image_size=size),
-        "text_cfg": dict(NO_TEXT_CFG),
-        "preprocess_cfg": preprocess,
-        "text": NO_TEXT,
-        "torchvision_model": name,
-    }
+    return _replaced_tower(TorchvisionTower(name, size).dim, size, preprocess, torchvision_model=name)
+
+
+def _replaced_tower(dim: int, size: int, preprocess: dict[str, Any], **tower: Any) -> dict[str, Any]:
+    """The model config of a network that takes the place of open_clip's image tower (``build_tower``)."""
+    return {"embed_dim": dim, "vision_cfg": dict(_PLACEHOLDER, image_size=size), "text_cfg": dict(NO_TEXT_CFG),
+            "preprocess_cfg": preprocess, "text": NO_TEXT, **tower}
 
 
 def build_tower(model: Any, spec: dict[str, Any], size: int) -> None:
@@ -147,14 +146,7 @@ def hf_config(folder: str) -> dict[str, Any]:
     prep = Path(folder) / "preprocessor_config.json"
     size, preprocess = hf_preprocess_cfg(json.loads(prep.read_text()) if prep.is_file() else {},
                                          int(config.get("image_size") or 224))
-    return {
-        "embed_dim": HFTower(config, size).dim,
-        "vision_cfg": dict(_PLACEHOLDER, image_size=size),
-        "text_cfg": dict(NO_TEXT_CFG),
-        "preprocess_cfg": preprocess,
-        "text": NO_TEXT,
-        "hf_vision": config,
-    }
+    return _replaced_tower(HFTower(config, size).dim, size, preprocess, hf_vision=config)
 
 
 class HFTower(torch.nn.Module):

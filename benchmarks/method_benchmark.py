@@ -162,7 +162,12 @@ def make_draw(work: str, synth_seed: int, args: argparse.Namespace, st: Storage)
     from near_ray.sim.synth import generate
 
     root = join(work, f"draw{synth_seed}", "benchmark")
-    if args.collection == "elpv":  # real pixels: the elpv cells of the draw's modules (benchmarks/elpv.py)
+    collection = getattr(args, "collection", "synthetic")
+    if st.exists(join(root, "taxonomy.json")):  # a work folder holds one collection's draws, never a mix
+        held = (st.read_json(join(root, "taxonomy.json")).get("generator") or {}).get("collection", "synthetic")
+        if held != collection:
+            raise SystemExit(f"--work: {root} holds a {held} draw, not a {collection} one: use another --work")
+    if collection == "elpv":  # real pixels: the elpv cells of the draw's modules (benchmarks/elpv.py)
         return elpv().write_draw(root, synth_seed, st)
     per_species = args.discovery + args.test
     if not st.exists(join(root, "truth.parquet")):
@@ -328,10 +333,10 @@ class Scorer:
 
 
 def _label(model: str) -> str:
-    """A model's name in folders and tables: its tag, its weights file's stem, or a timm network's name."""
+    """A model's name in folders and tables: its tag, its weights file's stem, or a network's name."""
     arch, _, weights = model.rpartition("@")
     if arch:
-        return arch.removeprefix("timm:")
+        return Path(arch.split(":", 1)[-1]).name
     return Path(weights).stem if "/" in weights else weights
 
 
@@ -927,6 +932,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--frozen: for --draws test (dev runs are where a configuration is chosen)")
     if args.draws == "test" and not args.frozen:
         parser.error("--draws test needs --frozen FILE: the configuration chosen on dev draws (written by --freeze)")
+    labels = [_label(m) for m in args.models.split(",")]
+    if len(set(labels)) < len(labels):  # each model's runs live in a folder named by its label
+        parser.error(f"--models: two models would share a folder ({', '.join(labels)}): name them apart")
     args.draw_list = draw_seeds(args.draws, args.draw_seeds)
     args.profile_names = [profile_name(p) for p in args.profiles.split(",")]
     args.config, args.commit, args.uncommitted = run_config(args), git_commit(), uncommitted_changes()

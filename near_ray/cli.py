@@ -105,7 +105,8 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from near_ray.train.methods import get_method
+    from near_ray.config import ConfigError
+    from near_ray.train.methods import get_method, needs_text
     from near_ray.train.pretrain import pretrain
     from near_ray.train.stage import export_zero_shot, run_train
 
@@ -118,6 +119,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             cfg.train.method = choice["chosen"]
             return {"select": choice, cfg.train.method: run_train(cfg)}
         return run_train(cfg)
+    if bad := [m for m in args.method or [] if not cfg.model.has_text and needs_text(m, cfg.train.prototype_weight)]:
+        raise ConfigError(f"--method {', '.join(bad)}: model.arch {cfg.model.arch} has no text side to classify with")
     out: dict[str, Any] = {}
     if args.pretrain_captions:  # the initial CLIP first, then fine-tune from it
         out["pretrain"] = pretrain(cfg, args.pretrain_captions, None)

@@ -221,11 +221,15 @@ def check_model(ctx: Context) -> str:
     from near_ray.model.backbone import BackboneError, backbone_config, is_backbone
 
     if is_backbone(m.arch):  # an image network: its name must resolve here (nothing is downloaded)
+        from near_ray.model.clip import _is_weights_uri
+
         try:
             backbone_config(m.arch)
         except BackboneError as e:
             raise Failed(str(e)) from None
-        if m.pretrained != RANDOM_INIT and "/" not in m.pretrained:
+        except Exception as e:  # noqa: BLE001 (a network that builds but cannot embed an image)
+            raise Failed(f"model.arch: {m.arch} cannot serve as an image tower ({type(e).__name__}: {e})") from None
+        if m.pretrained != RANDOM_INIT and not _is_weights_uri(m.pretrained):
             raise Failed(f"model.pretrained: '{m.pretrained}' is not a weights file; {m.arch} reads its weights "
                          f"from a file (a Hugging Face model from its folder), or '{RANDOM_INIT}'")
     if m.pretrained == RANDOM_INIT:

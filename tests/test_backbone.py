@@ -63,6 +63,41 @@ def test_the_backbones_own_weights_give_its_own_features_and_a_wrong_file_is_nam
         create_clip(ModelConfig(arch="timm:no_such_net", pretrained="random"))
 
 
+@pytest.mark.parametrize("arch", ["timm:test_vit", "torchvision:mobilenet_v3_small"])
+def test_networks_whose_head_is_not_a_pool_and_a_linear_load_their_own_weights(tmp_path, arch):
+    """A timm ViT embeds by its CLS token (its own pool), not a mean; a torchvision network whose classifier
+    has layers before its last linear one keeps them (and drops the classifier's dropout)."""
+    import timm
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    from near_ray.model.clip import create_clip, encode_images
+    from near_ray.model.preprocess import preprocessor
+
+    torch.manual_seed(11)
+    library, name = arch.split(":")
+    net = (timm.create_model(name, pretrained=False) if library == "timm" else torchvision.models.get_model(name)).eval()
+    weights = tmp_path / "net.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    clip = create_clip(ModelConfig(arch=arch, pretrained=str(weights)))
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 255, (70, 90, 3), dtype=np.uint8))
+    x = preprocessor(clip.pixels).batch([preprocessor(clip.pixels).pixels(image)])
+    with torch.no_grad():
+        if library == "timm":
+            feats = net.forward_head(net.forward_features(x), pre_logits=True)
+        else:
+            net.classifier[-1] = torch.nn.Identity()
+            feats = net(x)
+    np.testing.assert_allclose(encode_images(clip, [image]), torch.nn.functional.normalize(feats, dim=-1).numpy(),
+                               atol=1e-5)
+    if library == "torchvision":  # in training mode too: no dropout left on the embedding
+        clip.model.visual.train()
+        with torch.no_grad():
+            a, b = clip.model.visual(x), clip.model.visual(x)
+        assert torch.equal(a, b)
+
+
 def test_a_torchvision_network_gives_its_own_features_and_a_bundle_keeps_them(tmp_path):
     import torch
     import torchvision
@@ -109,6 +144,7 @@ def test_a_hugging_face_vision_model_from_a_folder_gives_its_own_features_and_a_
          "resample": 2}))
     clip = create_clip(ModelConfig(arch=f"hf:{folder}", pretrained=str(folder)))
     assert (clip.pixels.size, clip.pixels.mean, clip.pixels.interpolation) == (48, (0.5, 0.5, 0.5), "bilinear")
+    assert clip.pixels.resize_mode == "squash"  # resized to height x width, no crop: as its processor does
     grey = Image.fromarray(np.random.default_rng(3).integers(0, 255, (60, 80), dtype=np.uint8), "L")
     ours = encode_images(clip, [grey])
     with torch.no_grad():
@@ -207,3 +243,18 @@ def test_the_preflight_names_an_unknown_network_or_a_tag_before_any_work(tmp_pat
     with pytest.raises(Failed, match="no config.json there"):
         check(f"hf:{tmp_path}/none", f"{tmp_path}/none")
     assert "from random weights" in check("torchvision:resnet18", "random")
+    with pytest.raises(Failed, match="not a torchvision classification model"):
+        check("torchvision:fasterrcnn_resnet50_fpn", "random")
+    with pytest.raises(Failed, match="weights file lite0.safetensors not found"):  # a file name, not a tag
+        check(ARCH, "lite0.safetensors")
+
+
+def test_the_train_command_refuses_a_text_classifier_for_a_network_without_text(tmp_path, capsys):
+    from near_ray.cli import main
+
+    write_refine_artifacts(str(tmp_path), per_class=3)
+    sets = [f"storage.workdir={tmp_path}", f"model.arch={ARCH}", "model.pretrained=random"]
+    for method in ("zero_shot", "near_text_only"):
+        assert main(["train", *(x for s in sets for x in ("--set", s)), "--method", method]) != 0
+        assert f"--method {method}: model.arch {ARCH} has no text side" in capsys.readouterr().err
+    assert not (tmp_path / "bundles").exists() and not (tmp_path / "train").exists()  # nothing ran

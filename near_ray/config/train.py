@@ -143,5 +143,8 @@ def text_side_rule(cfg: Any) -> Any:
     text_methods = [m for m in cfg.eval.methods if needs_text(m, weight)]
     if text_methods and "methods" in cfg.eval.model_fields_set:
         raise ValueError(why + f"eval.methods {', '.join(text_methods)} classify with text embeddings")
-    cfg.eval.methods = [m for m in cfg.eval.methods if m not in text_methods]
+    if text_methods:  # the default list, on a copy (an EvalConfig given by the caller is left as it was)
+        kept = [m for m in cfg.eval.methods if m not in text_methods]
+        object.__setattr__(cfg, "eval", cfg.eval.model_copy(update={"methods": kept}))
+        cfg.eval.model_fields_set.discard("methods")
     return cfg

@@ -86,18 +86,19 @@ def manifest_batches(manifest: str, storage: Storage) -> Iterator[list[str]]:
     if not storage.exists(manifest):
         storage.read_bytes(manifest)  # the storage's own "no such file" error, naming the manifest
     fs, path = storage.resolve(manifest)
+    csv = manifest.lower().endswith(".csv")
     try:
-        if manifest.lower().endswith(".csv"):
-            stream = fs.open_input_stream(path)
-            batches = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=4 << 20),
-                                     convert_options=pacsv.ConvertOptions(include_columns=["uri"]))
-        else:
-            file = pq.ParquetFile(fs.open_input_file(path))
-            if "uri" not in file.schema_arrow.names:
-                raise KeyError(f"columns {file.schema_arrow.names}")
-            batches = file.iter_batches(batch_size=10_000, columns=["uri"])
-        for batch in batches:
-            yield [u for u in batch.column(0).to_pylist() if u]
+        with fs.open_input_stream(path) if csv else fs.open_input_file(path) as f:  # closed however the walk ends
+            if csv:
+                batches = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=4 << 20),
+                                         convert_options=pacsv.ConvertOptions(include_columns=["uri"]))
+            else:
+                file = pq.ParquetFile(f)
+                if "uri" not in file.schema_arrow.names:
+                    raise KeyError(f"columns {file.schema_arrow.names}")
+                batches = file.iter_batches(batch_size=10_000, columns=["uri"])
+            for batch in batches:
+                yield [u for u in batch.column(0).to_pylist() if u]
     except (pa.ArrowInvalid, KeyError) as e:
         raise ManifestError(f"{manifest}: not a parquet/CSV table with a 'uri' column: {e}") from None
     except OSError as e:

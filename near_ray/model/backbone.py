@@ -29,6 +29,8 @@ from near_ray.errors import NearRayError
 PREFIX = "timm:"
 TORCHVISION = "torchvision:"
 HF = "hf:"
+CLS_MODELS = {"vit", "deit", "dinov2", "dinov2_with_registers", "beit", "data2vec-vision", "vit_msn", "vit_mae",
+              "ijepa", "dinov3_vit"}  # Hugging Face vision transformers whose first token is a CLS token
 # The stand-in text side: small, from random init, over CLIP's tokenizer (real names are any words).
 NO_TEXT_CFG = {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 1}
 NO_TEXT = "none"  # the model config's "text" entry for a model whose text side means nothing untrained
@@ -60,11 +62,13 @@ def backbone_config(arch: str) -> dict[str, Any]:
         raise BackboneError(f"model.arch: '{name}' is not a timm model (timm.list_models()"
                             + (f"; close: {', '.join(close)}" if close else "") + ")")
     trunk = timm.create_model(name, pretrained=False, num_classes=0)
+    pool = trunk.global_pool if isinstance(getattr(trunk, "global_pool", None), str) else getattr(
+        getattr(trunk, "global_pool", None), "pool_type", "avg")  # its own: a ViT's CLS token, a CNN's average
     pre = get_pretrained_cfg(name)
     size, preprocess = timm_preprocess_cfg(pre.to_dict() if pre is not None else {})
     return {
         "embed_dim": int(trunk.num_features),
-        "vision_cfg": {"timm_model_name": name, "timm_model_pretrained": False, "timm_pool": "avg",
+        "vision_cfg": {"timm_model_name": name, "timm_model_pretrained": False, "timm_pool": pool or "avg",
                        "timm_proj": "none", "image_size": size},
         "text_cfg": dict(NO_TEXT_CFG),
         "preprocess_cfg": preprocess,
@@ -79,8 +83,9 @@ _PLACEHOLDER = {"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "p
 def torchvision_config(name: str) -> dict[str, Any]:
     from torchvision import models
 
-    if name not in models.list_models():
-        raise BackboneError(f"model.arch: '{name}' is not a torchvision model (torchvision.models.list_models())")
+    if name not in models.list_models(module=models):
+        raise BackboneError(f"model.arch: '{name}' is not a torchvision classification model "
+                            "(torchvision.models.list_models(module=torchvision.models))")
     from near_ray.model.preprocess import torchvision_preprocess_cfg
 
     size, preprocess = torchvision_preprocess_cfg()
@@ -111,17 +116,21 @@ class TorchvisionTower(torch.nn.Module):
         self.trunk = models.get_model(name, weights=None)
         self.head_keys: tuple[str, ...] = ()
         last = [(n, m) for n, m in self.trunk.named_modules() if isinstance(m, torch.nn.Linear)]
-        if last:  # the classifier: the embedding is what it would read
+        if last:  # the classifier: the embedding is what it would read (without the classifier's dropout)
             path = last[-1][0]
             parent = self.trunk.get_submodule(path.rpartition(".")[0]) if "." in path else self.trunk
             setattr(parent, path.rpartition(".")[2], torch.nn.Identity())
+            for child, module in list(parent.named_children()):
+                if isinstance(module, torch.nn.Dropout):
+                    setattr(parent, child, torch.nn.Identity())
             self.head_keys = (f"{path}.weight", f"{path}.bias")
         self.image_size = (size, size)
         with torch.no_grad():
             self.dim = int(self.trunk.eval()(torch.zeros(1, 3, size, size)).reshape(1, -1).shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x).reshape(len(x), -1)
+        out = self.trunk(x)
+        return getattr(out, "logits", out).reshape(len(x), -1)  # googlenet/inception train with aux outputs
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         pass  # torchvision networks have no checkpointing switch
@@ -160,7 +169,9 @@ class HFTower(torch.nn.Module):
         self.trunk = AutoModel.from_config(AutoConfig.for_model(**config))
         self.head_keys: tuple[str, ...] = ()
         self.prefix = f"{self.trunk.base_model_prefix}." if getattr(self.trunk, "base_model_prefix", "") else ""
-        self.optional_keys = ("pooler.",)  # a transformer's embedding is its CLS token, not the pooler's output
+        # a transformer with a CLS token embeds by it (not by its pooler); others by their pooled output
+        self.cls_token = config.get("model_type") in CLS_MODELS
+        self.optional_keys = ("pooler.",) if self.cls_token else ()
         self.image_size = (size, size)
         with torch.no_grad():
             self.dim = int(self.eval()(torch.zeros(1, 3, size, size)).shape[1])
@@ -168,30 +179,27 @@ class HFTower(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.trunk(pixel_values=x)
         hidden = out.last_hidden_state
-        if hidden.dim() == 3:
+        if hidden.dim() == 3 and self.cls_token:
             return hidden[:, 0]
         pooled = getattr(out, "pooler_output", None)
-        return (pooled if pooled is not None else hidden.mean(dim=(2, 3))).reshape(len(x), -1)
+        if pooled is None:
+            pooled = hidden.mean(dim=1) if hidden.dim() == 3 else hidden.mean(dim=(2, 3))
+        return pooled.reshape(len(x), -1)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if getattr(self.trunk, "supports_gradient_checkpointing", False) and enable:
-            self.trunk.gradient_checkpointing_enable()
+        if getattr(self.trunk, "supports_gradient_checkpointing", False):
+            (self.trunk.gradient_checkpointing_enable if enable else self.trunk.gradient_checkpointing_disable)()
 
     def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
         for p in self.trunk.parameters():
             p.requires_grad = False
 
 
-def load_hf_weights(model: Any, folder: str, pretrained: str) -> None:
+def load_hf_weights(model: Any, folder: str) -> None:
     """``hf:<folder>`` with ``model.pretrained: <folder>``: the folder's weights, loaded by transformers
     (which renames the keys of checkpoints saved by other versions), copied into the image tower."""
-    from pathlib import Path
-
     from transformers import AutoModel
 
-    if Path(pretrained).resolve() != Path(folder).resolve():
-        raise BackboneError(f"model.pretrained: {pretrained}: a Hugging Face model (hf:{folder}) loads its own "
-                            f"folder's weights: set model.pretrained to {folder}, or 'random'")
     source = AutoModel.from_pretrained(folder, local_files_only=True)
     ours, theirs = model.visual.trunk.state_dict(), source.state_dict()
     if set(ours) != set(theirs):
@@ -203,11 +211,14 @@ def load_hf_weights(model: Any, folder: str, pretrained: str) -> None:
 def trunk_state(state: dict[str, torch.Tensor], head: tuple[str, ...] = (),
                 extra_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """A network's state dict as its trunk holds it: keys under ``visual.trunk.`` (or a Hugging Face base
-    model's prefix, ``vit.``) unprefixed, the classifier head dropped (the embedding is the pooled features)."""
+    model's prefix, ``vit.``) unprefixed, the replaced classifier's keys (``head``) dropped."""
     for prefix in ("visual.trunk.", *extra_prefixes):
         if prefix and any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return {k: v for k, v in state.items() if not k.startswith(("classifier.", "fc.", "head.fc.")) and k not in head}
+    return {k: v for k, v in state.items() if k not in head}
+
+
+HEADS = ("classifier.", "fc.", "head.", "heads.", "last_linear.")  # where networks keep their classifier
 
 
 def load_backbone_weights(model: Any, state: dict[str, torch.Tensor], uri: str) -> None:
@@ -215,6 +226,7 @@ def load_backbone_weights(model: Any, state: dict[str, torch.Tensor], uri: str) 
     trunk = model.visual.trunk
     ours = trunk.state_dict()
     theirs = trunk_state(state, getattr(model.visual, "head_keys", ()), (getattr(model.visual, "prefix", ""),))
+    theirs = {k: v for k, v in theirs.items() if k in ours or not k.startswith(HEADS)}  # a head the trunk lacks
     optional = getattr(model.visual, "optional_keys", ())  # layers the embedding does not read
     missing = [k for k in ours if k not in theirs and not k.startswith(optional)]
     unexpected = [k for k in theirs if k not in ours]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -163,10 +164,11 @@ def create_clip(model_cfg: ModelConfig, storage: Storage | None = None) -> Clip:
         tag_cfg = getattr(model.visual, "preprocess_cfg", None) or cfg.get("preprocess_cfg") or {}
         return Clip(model, PixelSpec.for_model_config(config, tag_cfg), tokenizer, config)
     clip = clip_from_config(cfg, model_cfg.init_seed)
-    if pretrained and model_cfg.arch.startswith("hf:"):  # a Hugging Face folder's weights, through transformers
+    folder = model_cfg.arch[len("hf:"):] if model_cfg.arch.startswith("hf:") else None
+    if pretrained and folder and Path(pretrained).resolve() == Path(folder).resolve():
         from near_ray.model.backbone import load_hf_weights
 
-        load_hf_weights(clip.model, model_cfg.arch[len("hf:"):], pretrained)
+        load_hf_weights(clip.model, folder)  # the folder's own weights, through transformers
         return clip
     if pretrained:
         from near_ray.model.weights import read_weights

@@ -108,14 +108,18 @@ def torchvision_preprocess_cfg() -> tuple[int, dict[str, Any]]:
 
 def hf_preprocess_cfg(processor: dict[str, Any], default_size: int) -> tuple[int, dict[str, Any]]:
     """A Hugging Face image processor's config (preprocessor_config.json) as an input size and open_clip's
-    ``preprocess_cfg``: its image_mean, image_std, size (height, shortest_edge or a number) and resample
-    (PIL's codes: 2 bilinear, else bicubic); ImageNet's normalization where it names none."""
-    size = processor.get("crop_size") or processor.get("size") or default_size
+    ``preprocess_cfg``: its image_mean, image_std, size (a centre crop's, else height, shortest_edge or a
+    number), resize mode (a height x width resize without a crop squashes) and resample (PIL's codes: 2
+    bilinear, else bicubic); ImageNet's normalization where it names none."""
+    crop = processor.get("crop_size") if processor.get("do_center_crop", "crop_size" in processor) else None
+    size = crop or processor.get("size") or default_size
+    # resized to height x width with no crop after (a ViT's processor): both sides to the size, as it does
+    squash = not crop and isinstance(size, dict) and "height" in size
     if isinstance(size, dict):
         size = size.get("height") or size.get("shortest_edge") or default_size
     mean = processor.get("image_mean") or [0.485, 0.456, 0.406]
     std = processor.get("image_std") or [0.229, 0.224, 0.225]
-    return int(size), {"mean": list(mean), "std": list(std),
+    return int(size), {"mean": list(mean), "std": list(std), "resize_mode": "squash" if squash else "shortest",
                        "interpolation": "bilinear" if processor.get("resample") == 2 else "bicubic"}
 
 

@@ -135,6 +135,23 @@ def test_first_and_uncapped_runs_stream_the_listing(tmp_path):
         cfg("label.select=best")
 
 
+def test_a_workdir_labeled_under_a_cap_before_label_select_keeps_its_images(tmp_path):
+    """Upgrading never pays for a new sample: a capped workdir with a label summary and no selection record
+    keeps asking about the listing's first images while label.select is left at its default."""
+    for i in range(6):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "a" / f"{i}.png").write_bytes(b"x")
+    base = [f"storage.workdir={tmp_path / 'run'}", f"data.domains={json.dumps([{'name': 'a', 'uri': str(tmp_path / 'a')}])}",
+            "data.max_images=3"]  # fmt: skip
+    (tmp_path / "run" / "labels").mkdir(parents=True)
+    (tmp_path / "run" / "labels" / "_summary.json").write_text("{}")  # an older version's label run
+    names = lambda *extra: [Path(r["uri"]).name for ch in selected_chunks(load_config(None, [*base, *extra]), Storage())  # noqa: E731
+                            for r in ch]  # fmt: skip
+    listed = [Path(r["uri"]).name for ch in listing_chunks(load_config(None, base), Storage()) for r in ch]
+    assert names() == listed and not (tmp_path / "run" / SELECTION).exists()
+    assert len(names("label.select=random")) == 3 and (tmp_path / "run" / SELECTION).exists()  # asked for: anew
+
+
 # ------------------------------------------------------------------------------------------ the stage
 @pytest.fixture(scope="module")
 def small_bench(tmp_path_factory) -> str:

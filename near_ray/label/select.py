@@ -136,13 +136,27 @@ def choose_diverse(vectors: dict[str, np.ndarray], budgets: dict[str, int]) -> d
 def selected_chunks(cfg: RunConfig, storage: Storage) -> Iterator[list[dict[str, str]]]:
     """The label stage's listing: {uri, domain} rows in chunks of ``label.listing_chunk``. Streamed from the
     listing with ``first`` or without a cap; otherwise the chosen images (chosen, or read back)."""
-    if cfg.label.select == "first" or cfg.data.max_images is None:
+    if cfg.label.select == "first" or cfg.data.max_images is None or labeled_before_select(cfg, storage):
         yield from listing_chunks(cfg, storage)
         return
     rows = [{"uri": r["uri"], "domain": r["domain"]} for r in choose(cfg, storage)["images"]]
     size = cfg.label.listing_chunk
     for i in range(0, len(rows), size):
         yield rows[i : i + size]
+
+
+def labeled_before_select(cfg: RunConfig, storage: Storage) -> bool:
+    """A capped workdir labeled before ``label.select`` existed (a label summary, no selection record) and a
+    rule left at its default: it keeps asking about the images it was labeled with (the listing's first),
+    so an upgrade never pays for a new sample. Naming ``label.select`` chooses anew."""
+    if "select" in cfg.label.model_fields_set or storage.exists(cfg.paths.label_selection):
+        return False
+    if not storage.exists(cfg.paths.label_summary):
+        return False
+    log.warning("label: %s was labeled under data.max_images before label.select existed: asking about the "
+                "listing's first %d images as then (set label.select to choose otherwise)", cfg.paths.labels,
+                cfg.data.max_images)
+    return True
 
 
 def check_select(cfg: RunConfig) -> None:

@@ -104,7 +104,9 @@ NOT_FROZEN = {
                "embed_actor_cpus", "embed_gpus"},
     "label": {"seed", "vllm", "prices", "pool_size", "actor_cpus", "batch_size",
               "batches_per_actor", "prepare_cpus", "listing_chunk", "part_rows", "flush_interval_s",
-              "log_every_batches"},
+              "log_every_batches",
+              # which images a capped run asks about: the benchmark never caps (data.max_images), so none
+              "select", "select_seed", "select_pool"},
     "model": {"pretrained"},  # the starting CLIPs are frozen as `models`
 }
 # ... and of the OpenAI-compatible client, what only decides where and how fast it asks (the benchmark

@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "classify_throughput.json"))
     args = ap.parse_args()
 
-    from near_ray.runtime import ensure_ray
+    from near_ray.ray_session import ensure_ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ensure_ray()  # a local cluster on 127.0.0.1 (all of this machine's CPUs and GPUs)

@@ -31,7 +31,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from near_ray.console import setup_console
     from near_ray.demo import run_demo
-    from near_ray.runtime import prefer_loopback
+    from near_ray.ray_session import prefer_loopback
 
     prefer_loopback()
     setup_console(False)

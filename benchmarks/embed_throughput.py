@@ -63,8 +63,8 @@ def ray_pool(uris: list[str], arch: str, batch: int, cpus: float) -> dict:
     import pandas as pd
 
     from near_ray.config import RunConfig
+    from near_ray.ray_session import ensure_ray
     from near_ray.refine import embed
-    from near_ray.runtime import ensure_ray
     from near_ray.storage import Storage
 
     ensure_ray()

@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "label_throughput.json"))
     args = ap.parse_args()
 
-    from near_ray.runtime import ensure_ray
+    from near_ray.ray_session import ensure_ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ensure_ray()  # a local cluster on 127.0.0.1
@@ -118,10 +118,10 @@ def main() -> None:
         with annotator_process(bench, args.latency) as base_url:
             cfg = load_config(None, [
                 f"storage.workdir={tmp}/run",
-                f"label.openai.base_url={base_url}",
+                f"label.backend.base_url={base_url}",
                 f"label.samples={args.samples}",
                 f"label.pool_size={args.pool_size}",
-                f"label.openai.concurrency={args.concurrency}",
+                f"label.backend.concurrency={args.concurrency}",
                 f"label.batch_size={args.batch_size}",
                 f"data.domains={json.dumps([{'name': 'birds', 'uri': f'{bench}/images/birds', 'meta_class': 'bird'}])}",
             ])  # fmt: skip

@@ -102,15 +102,15 @@ NOT_FROZEN = {
               "pretrain_epochs", "pretrain_lr", "pretrain_batch_size"},
     "refine": {"index", "exact_max_n", "use_gpu", "knn_gpus", "knn_cpus", "embed_batch_size", "embed_actors",
                "embed_actor_cpus", "embed_gpus"},
-    "label": {"seed", "vllm", "prices", "pool_size", "actor_cpus", "batch_size",
+    "label": {"seed", "prices", "pool_size", "actor_cpus", "batch_size",
               "batches_per_actor", "prepare_cpus", "listing_chunk", "part_rows", "flush_interval_s",
-              "log_every_batches",
+              "log_every_batches", "bad_rows_every_batches",
               # which images a capped run asks about: the benchmark never caps (data.max_images), so none
               "select", "select_seed", "select_pool"},
     "model": {"pretrained"},  # the starting CLIPs are frozen as `models`
 }
-# ... and of the OpenAI-compatible client, what only decides where and how fast it asks (the benchmark
-# points it at its own simulated annotator): its model name and answer format stay frozen.
+# ... and of the backend (label.backend: the OpenAI-compatible client), what only decides where and how fast
+# it asks (the benchmark points it at its own simulated annotator): its model name and answer format stay frozen.
 NOT_FROZEN_CLIENT = {"base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_base_s",
                      "backoff_max_s"}
 
@@ -128,7 +128,7 @@ def base_config(work: str, root: str, taxonomy: dict, model: str, args: argparse
                                          f"train.batch_size={3 * 16}", *args.set], schema=DemoConfig)
     cfg.data.domains = [DomainConfig(name=d, uri=join(root, "images", d, "train"), meta_class=t["meta_class"],
                                      truth=join(root, "truth.parquet")) for d, t in taxonomy["domains"].items()]
-    cfg.label.openai.api_key_env = None
+    cfg.label.backend.api_key_env = None
     cfg.train.num_workers = 1
     cfg.train.torch_threads = os.cpu_count()
     return cfg
@@ -198,7 +198,11 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
                       schema=DemoConfig)
     sections = {k: {f: v for f, v in getattr(cfg, k).model_dump(mode="json").items() if f not in NOT_FROZEN[k]}
                 for k in ("train", "refine", "label", "model")}
-    sections["label"]["openai"] = {f: v for f, v in sections["label"]["openai"].items() if f not in NOT_FROZEN_CLIENT}
+    # the backend in the shape configurations were frozen in (`backend: openai` beside `openai: {…}`), so a
+    # committed frozen file matches a run of the same configuration
+    backend = dict(sections["label"].pop("backend"))
+    kind = sections["label"]["backend"] = backend.pop("type")
+    sections["label"][kind] = {f: v for f, v in backend.items() if f not in NOT_FROZEN_CLIENT}
     return {"methods": sorted(args.methods.split(",")), "set": sorted(args.set), **sections,
             "models": args.models.split(","),
             "benchmark": collection_setup(args),
@@ -273,6 +277,15 @@ def write_frozen(path: str, config: dict[str, Any], draws: list[int]) -> dict[st
     return frozen
 
 
+def current_names(train: dict[str, Any]) -> dict[str, Any]:
+    """Train settings recorded before fields were renamed (near_ray.config.train.RENAMED) under their new
+    names: a configuration frozen, or a result made, before a rename still matches the same settings."""
+    from near_ray.config.train import RENAMED
+
+    new = {old: name for name, old in RENAMED.items()}
+    return {new.get(k, k): v for k, v in train.items()}
+
+
 def check_frozen(path: str, config: dict[str, Any], other_collection: bool = False) -> dict[str, Any]:
     """The frozen configuration a test run must match; a clear refusal naming what differs otherwise.
     On another collection (``other_collection``) its images and starting networks are left out."""
@@ -281,6 +294,9 @@ def check_frozen(path: str, config: dict[str, Any], other_collection: bool = Fal
         want = frozen["config_hash"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--frozen {path}: cannot read a frozen configuration ({e})") from None
+    if isinstance(frozen.get("config", {}).get("train"), dict) and config_hash(frozen["config"]) == want:
+        frozen["config"]["train"] = current_names(frozen["config"]["train"])  # today's names: the same settings
+        want = config_hash(frozen["config"])
     if other_collection:
         config = {k: v for k, v in config.items() if k not in COLLECTION_KEYS}
         want = config_hash({k: v for k, v in frozen.get("config", {}).items() if k not in COLLECTION_KEYS})
@@ -324,12 +340,12 @@ class Scorer:
         return preds
 
     def score(self, preds: list[str | None]) -> dict[str, Any]:
-        from near_ray.eval.metrics import by_domain, prediction_spread
+        from near_ray.eval.metrics import by_domain, prediction_spread, registered
 
         domains, truth = self.test["domain"].tolist(), self.test["species"].tolist()
         res = by_domain(domains, truth, preds, self.sacc)
         spread = prediction_spread(domains, truth, preds)
-        return {"cacc": res["cacc"], "sacc": res["sacc"], "nmi": res["nmi"], "ari": res["ari"],
+        return {**{m.name: res[m.name] for m in registered()},
                 "names_predicted": {d: s["distinct_names"] for d, s in spread.items()},
                 "top_share": {d: s["top_share"] for d, s in spread.items()}}
 
@@ -404,7 +420,7 @@ def labels_for(root: str, work: str, cfg: DemoConfig, profile: str, seed: int, s
     cfg = cfg.model_copy(deep=True)
     cfg.storage.workdir, cfg.label.seed = work, seed
     with AnnotatorServer(root, profile=profile, seed=seed) as ann:
-        cfg.label.openai.base_url = ann.base_url
+        cfg.label.backend.base_url = ann.base_url
         run_label(cfg)
         preds, stats = direct_mllm(cfg, scorer.test, st)
         calls = ann.stats()["requests"]
@@ -541,9 +557,13 @@ def overrides_folder(work: str, sets: list[str], touches: tuple[str, ...] | None
 
 
 def _same_scores(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """The same predictions: cACC, NMI and ARI to the last digit; sACC, a mean of Sentence-BERT
-    cosines, to 1e-6 (its last digits move between CPUs with the BLAS kernels, the predictions do not)."""
-    return all(a[k] == b[k] for k in ("cacc", "nmi", "ari")) and abs(a["sacc"] - b["sacc"]) < 1e-6
+    """The same predictions: the clustering metrics (cACC, NMI, ARI) to the last digit; the semantic ones
+    (sACC, a mean of Sentence-BERT cosines) to 1e-6 (its last digits move between CPUs with the BLAS kernels,
+    the predictions do not). Metrics one of the two runs lacks (registered since) are left out."""
+    from near_ray.eval.metrics import registered
+
+    both = [m for m in registered() if m.name in a and m.name in b]
+    return all(abs(a[m.name] - b[m.name]) < 1e-6 if m.semantic else a[m.name] == b[m.name] for m in both)
 
 
 def _run_key(r: dict[str, Any]) -> tuple:
@@ -630,7 +650,7 @@ def kept_setup(keep: list[tuple[str, dict, list[str], dict]], train: dict, refin
 
     out = []
     for path, _, methods, setup in keep:
-        theirs, ours = plain(setup.get("train", {})), plain(train)
+        theirs, ours = plain(current_names(setup.get("train", {}))), plain(train)
         differ = sorted(k for k in theirs.keys() & ours.keys() if theirs[k] != ours[k])
         if differ:
             raise SystemExit(f"--keep {path}: made under other training settings ({', '.join(differ)}); "
@@ -674,13 +694,13 @@ def cacc_codes(truth: Any, pred: Any) -> float:
     """cACC (FineR's: the best one-to-one match of predicted to true clusters) of integer-coded,
     domain-qualified labels: the same figure as near_ray.eval.metrics.cluster_accuracy, fast enough to
     be recomputed on a thousand resamples of every unit."""
-    from scipy.optimize import linear_sum_assignment
+    from near_ray.eval.metrics import hungarian
 
     t = np.unique(np.asarray(truth, dtype=np.int64), return_inverse=True)[1]
     p = np.unique(np.asarray(pred, dtype=np.int64), return_inverse=True)[1]
     shape = (int(p.max()) + 1, int(t.max()) + 1)
     counts = np.bincount(p * shape[1] + t, minlength=shape[0] * shape[1]).reshape(shape)
-    rows, cols = linear_sum_assignment(counts, maximize=True)
+    rows, cols = hungarian(counts)
     return float(counts[rows, cols].sum() / len(t))
 
 
@@ -729,6 +749,7 @@ def paired_entry(runs: list[dict[str, Any]], method: str, preds: dict[tuple, dic
 def summarize(runs: list[dict[str, Any]], methods: list[str], preds: dict[tuple, dict] | None = None) -> dict[str, Any]:
     """Per profile: every method's mean and std over its runs (and how many units they cover), and the
     default method minus every other, paired by unit (``paired_entry``)."""
+    from near_ray.eval.metrics import registered
     from near_ray.eval.stats import mean_std
 
     out: dict[str, Any] = {"profiles": {}, "paired": {}, "paired_choice": {}, "selection": {}, "units": {}}
@@ -742,7 +763,7 @@ def summarize(runs: list[dict[str, Any]], methods: list[str], preds: dict[tuple,
             if not have:
                 continue
             row: dict[str, Any] = {"runs": len(have), "units": len({_unit(r) for r in have})}
-            for key in ("cacc", "sacc", "nmi", "ari"):
+            for key in [k.name for k in registered() if all(k.name in r["metrics"][m] for r in have)]:
                 mean, std = mean_std([r["metrics"][m][key] for r in have])
                 row[f"{key}_mean"], row[f"{key}_std"] = mean, std
             row["cacc_per_run"] = [round(r["metrics"][m]["cacc"], 4) for r in have]
@@ -963,7 +984,7 @@ def main() -> None:
     import tempfile
 
     from near_ray.eval.metrics import SemanticAccuracy
-    from near_ray.runtime import ensure_ray
+    from near_ray.ray_session import ensure_ray
 
     work = str(Path(args.work or tempfile.mkdtemp(prefix="method_benchmark_")).resolve())
     st = Storage()
@@ -976,7 +997,7 @@ def main() -> None:
     preds: dict[tuple, dict[str, Any]] = {}
     setup: dict[str, Any] = {}
     ablation_seeds = None if args.ablation_seeds is None else {int(x) for x in args.ablation_seeds.split(",")}
-    ablations = {"near_no_knn", "near_no_gmm", *(m for m in methods if not METHODS[m].by_default
+    ablations = {"near_no_knn", "near_no_gmm", *(m for m in methods if METHODS[m].experimental
                                                  and not classifier_only(m))}
     for draw in args.draw_list:
         dwork = join(work, f"draw{draw}")

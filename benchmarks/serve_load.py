@@ -57,7 +57,7 @@ def test_image() -> bytes:
 def plain_server(bundle: str, port: int, threads: int) -> None:
     """The baseline: one uvicorn process, each request decoded and classified alone, on one worker
     thread that also built the model (one OpenMP team, as near_ray's replicas keep: see
-    ``near_ray.runtime.compute_thread``)."""
+    ``near_ray.device.compute_thread``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -106,7 +106,7 @@ def start_serve(bundle: str, args: argparse.Namespace, cpus_per_replica: float, 
     port (serve.direct_ingress, on a cluster of its own started with Serve's direct-ingress switch)."""
     import ray
 
-    from near_ray.runtime import ensure_ray
+    from near_ray.ray_session import ensure_ray
     from near_ray.serve.app import DIRECT_INGRESS_ENV, direct_urls
 
     if ray.is_initialized() and (os.environ.get(DIRECT_INGRESS_ENV) == "1") != direct:

@@ -117,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from near_ray.config import RunConfig
-    from near_ray.runtime import ensure_ray
+    from near_ray.ray_session import ensure_ray
     from near_ray.sim.synth import generate
 
     st, work = Storage(), tempfile.mkdtemp(prefix="train_throughput_")

@@ -16,7 +16,7 @@ from typing import Any
 from near_ray import __version__
 from near_ray.config import RunConfig, load_config
 from near_ray.errors import NearRayError
-from near_ray.train.methods import METHODS
+from near_ray.train.methods import METHODS, method_list
 
 log = logging.getLogger("near_ray")
 
@@ -106,7 +106,7 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from near_ray.config import ConfigError
-    from near_ray.train.methods import get_method, needs_text
+    from near_ray.train.methods import get_method, needs_text, warn_experimental
     from near_ray.train.pretrain import pretrain
     from near_ray.train.stage import export_zero_shot, run_train
 
@@ -121,6 +121,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         return run_train(cfg)
     if bad := [m for m in args.method or [] if not cfg.model.has_text and needs_text(m, cfg.train.prototype_weight)]:
         raise ConfigError(f"--method {', '.join(bad)}: model.arch {cfg.model.arch} has no text side to classify with")
+    warn_experimental(args.method)  # a candidate measured and not adopted: said, then trained
     out: dict[str, Any] = {}
     if args.pretrain_captions:  # the initial CLIP first, then fine-tune from it
         out["pretrain"] = pretrain(cfg, args.pretrain_captions, None)
@@ -287,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", required=True, help="URI of captions.parquet (from `near-ray synth`)")
     p.add_argument("--out", default=None, help="where to write the weights (default {workdir}/pretrained)")
     p = add("train", cmd_train, "CLIP fine-tuning (train.method) with Ray Train and model bundle export")
-    p.add_argument("--method", action="append", default=[], choices=list(METHODS),
-                   help="train these methods one after the other (repeatable; default train.method)")  # fmt: skip
+    p.add_argument("--method", action="append", default=[], choices=list(METHODS), metavar="METHOD",
+                   help=f"train these methods in turn (repeatable; default train.method): {method_list()}")  # fmt: skip
     p.add_argument("--pretrain-captions", default=None, help="captions.parquet: contrastive pretraining of the initial CLIP first")
     p.add_argument("--edits", default=None, help="vocabulary edits refine applied (refine.edits): checked, their names kept")
     p = add("classify", cmd_classify, "name a whole collection with a bundle (Ray Data), the CLIP -> MLLM cascade")
@@ -340,7 +341,7 @@ def _error(command: str, e: Exception) -> None:
 
 def main(argv: list[str] | None = None, job: bool = False) -> int:
     """``near-ray …``; with ``job`` (the entry points in jobs/), the run's metadata is logged around it."""
-    from near_ray.runtime import prefer_loopback
+    from near_ray.ray_session import prefer_loopback
 
     prefer_loopback()  # before any stage imports ray
     args = build_parser().parse_args(argv)

@@ -81,16 +81,18 @@ def _classify_over_http(cfg: DemoConfig, st: Storage, root: str, n: int = 4) -> 
 def format_table(report: dict[str, Any]) -> str:
     """The results as a markdown table: what a run of the same commit and config reproduces exactly.
     Latency is a wall-clock measure of this machine at this moment, so it is printed apart."""
+    from near_ray.eval.metrics import View, registered
     from near_ray.eval.report import ordered_methods
 
     methods, served = report.get("methods", {}), report.get("served")
-    lines = ["| method | cACC | sACC | NMI | ARI | names / classes | cost / 1k images ($) |",
-             "|---|---|---|---|---|---|---|"]
+    shown = registered(View.TABLE)
+    lines = ["| method | " + "".join(f"{k.title} | " for k in shown) + "names / classes | cost / 1k images ($) |",
+             "|---|" + "---|" * (len(shown) + 2)]
     for m in ordered_methods(methods):
         r = methods[m]
         spread = r.get("spread", {})
         names = f"{sum(s['distinct_names'] for s in spread.values())} / {sum(s['classes'] for s in spread.values())}"
-        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "–" for k in ("cacc", "sacc", "nmi", "ari")]
+        cells = [k.text(r.get(k.name)) for k in shown]
         cost = f"{r['cost_per_1k']:.3f}" if isinstance(r.get("cost_per_1k"), (int, float)) else "–"
         name = f"{m} (served)" if m == served else m
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {names if spread else '–'} | {cost} |")
@@ -117,7 +119,7 @@ def format_predictions(predictions: Any, root: str, n: int = 8) -> str:
 
 def run_demo(out: str = "demo_out", overrides: list[str] | None = None, config: str | None = None) -> dict[str, Any]:
     from near_ray.pipeline import run_pipeline
-    from near_ray.runtime import ensure_ray
+    from near_ray.ray_session import ensure_ray
     from near_ray.sim.annotator import AnnotatorServer
     from near_ray.sim.corpus import pretrain_on_synthetic_corpus
 
@@ -150,11 +152,11 @@ def run_demo(out: str = "demo_out", overrides: list[str] | None = None, config: 
         before["pretrain"] = round(time.monotonic() - t, 2)
     with AnnotatorServer(root, profile=cfg.synth.annotator_profile, seed=cfg.synth.seed,
                          faults=cfg.synth.annotator_faults) as annotator:
-        cfg.label.openai.base_url = annotator.base_url
+        cfg.label.backend.base_url = annotator.base_url
         summary = run_pipeline(cfg)
         summary["annotator_stats"] = annotator.stats()
 
-    from near_ray.runtime import free_local_port
+    from near_ray.ray_session import free_local_port
 
     cfg.serve.port = free_local_port()
     t = time.monotonic()

@@ -65,7 +65,7 @@ def seconds_per_image(clip: Any, threads: int, backward: bool, batch: int = TIME
 def cpu_estimate(cfg: RunConfig, command: str, storage: Storage) -> tuple[str, float]:
     """(one line: the estimated CPU time of refine's embedding and of training and the setting that shortens
     it, the estimated seconds)."""
-    from near_ray.runtime import torch_device
+    from near_ray.device import torch_device
 
     if torch_device() == "cuda":  # the project's one device rule (before Ray: a visible GPU is this process's)
         return "a GPU is visible here: no CPU estimate", 0.0

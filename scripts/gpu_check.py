@@ -5,7 +5,7 @@
 Paths, in the order they run (one local Ray cluster; the vLLM run starts its own first):
   vllm    the label stage's CLI with two vLLM engines sharing the GPU (TP 1, 0.5 GPU each) on the tiny
           LLaVA that tests/tiny_vlm.py builds, a few multimodal prompts: engine start + answers
-  device  near_ray.runtime.torch_device() in a 1-GPU and a 0-GPU Ray task on the GPU node
+  device  near_ray.device.torch_device() in a 1-GPU and a 0-GPU Ray task on the GPU node
   clip    ViT-B-16-quickgelu (random init) image embeddings: encode_pixels, the one encode path of every
           stage (fp16 autocast on CUDA; images/s), and the refine stage's embedder actor with one GPU over
           real image files (images/s)
@@ -89,13 +89,13 @@ def check_vllm(work: Path, plan: Plan) -> str:
     cmd = [
         plan.python, "-m", "near_ray", "label",
         "--set", f"storage.workdir={work / 'vllm_run'}",
-        "--set", "label.backend=vllm",
-        "--set", f"label.vllm.model_source={model}",
-        "--set", f"label.vllm.gpus_per_replica={gpus}",
-        "--set", f"label.vllm.cpus_per_replica={1 if plan.gpu else 0.5}",
-        "--set", "label.vllm.max_model_len=1024",  # the tiny model's own context
-        "--set", "label.vllm.max_tokens=16",
-        "--set", f"label.vllm.engine_kwargs={{dtype: {dtype}, enforce_eager: true}}",  # no graph capture: a short check
+        "--set", "label.backend.type=vllm",
+        "--set", f"label.backend.model_source={model}",
+        "--set", f"label.backend.gpus_per_replica={gpus}",
+        "--set", f"label.backend.cpus_per_replica={1 if plan.gpu else 0.5}",
+        "--set", "label.backend.max_model_len=1024",  # the tiny model's own context
+        "--set", "label.backend.max_tokens=16",
+        "--set", f"label.backend.engine_kwargs={{dtype: {dtype}, enforce_eager: true}}",  # no graph capture: a short check
         "--set", f"label.pool_size={2 if plan.gpu else 1}",
         "--set", "label.samples=2",
         "--set", f"data.domains={json.dumps(domains)}",
@@ -120,7 +120,7 @@ def check_vllm(work: Path, plan: Plan) -> str:
 def check_device(plan: Plan) -> str:
     import ray
 
-    from near_ray.runtime import torch_device
+    from near_ray.device import torch_device
 
     @ray.remote
     def probe() -> tuple[bool, str]:
@@ -281,7 +281,7 @@ def check_serve(bundle: str, plan: Plan) -> str:
     from ray import serve
 
     from near_ray.config import RunConfig
-    from near_ray.runtime import free_local_port
+    from near_ray.ray_session import free_local_port
     from near_ray.serve.app import run_serve
 
     port = free_local_port()
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 if path == "vllm":
                     text = check_vllm(work, plan)
                 else:
-                    from near_ray.runtime import ensure_ray
+                    from near_ray.ray_session import ensure_ray
 
                     ensure_ray()
                     if path == "faiss":  # as a Ray task: the GPU must be one Ray reserved for it

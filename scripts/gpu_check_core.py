@@ -9,7 +9,7 @@ installs) it needs open_clip_torch, ftfy, wcwidth, pydantic and pydantic-core, w
 repository on PYTHONPATH. Sections, in the order they run, each written to the JSON as it finishes (a
 killed run keeps what it measured):
 
-  device  the one device rule (near_ray.runtime.torch_device), the GPU, its capability and bf16 support
+  device  the one device rule (near_ray.device.torch_device), the GPU, its capability and bf16 support
   embed   refine's embedder path (encode_images: the model's preprocessor, then encode_pixels at the
           device's precision) over synthetic images: images/s, and the cosine drift of fp16 (what
           near_ray runs) and bf16 autocast against fp32 on the same GPU
@@ -90,7 +90,7 @@ def _images(n: int, size: int = 256) -> list[Any]:
 def check_device(plan: Plan) -> dict[str, Any]:
     import torch
 
-    from near_ray.runtime import torch_device
+    from near_ray.device import torch_device
 
     out: dict[str, Any] = {"torch": torch.__version__, "cuda_build": torch.version.cuda,
                            "device_rule": torch_device(), "cuda_available": torch.cuda.is_available()}

@@ -56,7 +56,7 @@ def main() -> None:
     from near_ray.config import load_config
     from near_ray.demo import default_config
     from near_ray.model.clip import create_clip
-    from near_ray.runtime import ensure_ray
+    from near_ray.ray_session import ensure_ray
     from near_ray.sim.config import DemoConfig
     from near_ray.sim.synth import generate
     from near_ray.train.pretrain import caption_retrieval, pretrain, read_pairs

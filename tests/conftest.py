@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray's node IP = 127.0.0.1 (see runtime.py)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray's node IP = 127.0.0.1 (see near_ray/ray_session.py)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,3 +120,90 @@ def ray_metrics_url(ray_cluster) -> str:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ shared data
+@pytest.fixture(scope="session")
+def synth_bench(tmp_path_factory, request):
+    """Writes a synthetic benchmark (near_ray.sim.synth: images, truth.parquet, taxonomy.json) and returns its
+    root: ``synth_bench(domains=..., species=..., images_per_species=..., image_size=..., seed=..., test_fraction=...,
+    s3=False)``. Every test asking for the same settings shares one copy (the session's), so a test that writes
+    into its benchmark (extra images, a corrupt file) asks for ``own=True``: a copy of its own."""
+    from near_ray.sim.synth import generate
+    from near_ray.storage import Storage
+
+    made: dict[tuple, str] = {}
+
+    def make(domains=("birds", "flowers"), species=3, images_per_species=4, image_size=32, seed=0,
+             test_fraction=0.5, s3=False, own=False) -> str:
+        key = (tuple(domains), species, images_per_species, image_size, seed, test_fraction, s3)
+        if key in made and not own:
+            return made[key]
+        if s3:
+            import boto3
+
+            request.getfixturevalue("s3_endpoint")
+            name = f"bench-{uuid.uuid4().hex[:12]}"
+            boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=name)
+            root = f"s3://{name}/bench"
+        else:
+            root = str(tmp_path_factory.mktemp("bench") / "bench")
+        generate(out=root, domains=list(domains), species=species, images_per_species=images_per_species,
+                 image_size=image_size, seed=seed, test_fraction=test_fraction, storage=Storage())
+        if not own:
+            made[key] = root
+        return root
+
+    return make
+
+
+def write_test_bundle(uri: str, vocabulary, vectors="text", *, clip=None, seed: int = 0, arch: str = "near-tiny",
+                      images=None, **save) -> str:
+    """Saves a model bundle of a small random-init CLIP and returns its URI (the ``write_bundle`` fixture).
+
+    ``vocabulary`` is entries ({name, domain, synonyms, support}) or (name, domain) pairs; ``vectors`` the class
+    embeddings: "text" (the model's own text embeddings of the names, a zero-shot classifier), "images" with
+    ``images`` a list of image lists, one per entry (each name's mean image embedding: a prototype classifier),
+    or an array, one row per entry. The rest goes to ``save_bundle`` (``prompt_template``, ``logit_scale``,
+    ``metrics``, ``storage``); ``clip`` reuses a model, ``seed`` draws another."""
+    import numpy as np
+
+    from near_ray.config import ModelConfig
+    from near_ray.model.bundle import save_bundle
+    from near_ray.model.clip import create_clip, encode_images, encode_texts
+
+    entries = [v if isinstance(v, dict) else {"name": v[0], "domain": v[1], "synonyms": [], "support": 1}
+               for v in vocabulary]
+    clip = clip or create_clip(ModelConfig(arch=arch, pretrained="random", init_seed=seed))
+    template = save.setdefault("prompt_template", "a photo of a {}.")
+    save.setdefault("logit_scale", 50.0)
+    if isinstance(vectors, str) and vectors == "images":
+        means = [encode_images(clip, list(ims)).mean(axis=0) for ims in images]
+        vectors = np.stack([m / np.linalg.norm(m) for m in means])
+    elif isinstance(vectors, str):
+        assert vectors == "text", vectors
+        vectors = encode_texts(clip, [e["name"] for e in entries], template)
+    save_bundle(uri, clip, entries, np.asarray(vectors, dtype=np.float32), **save)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def write_bundle():
+    """The one way tests make a model bundle: ``write_test_bundle``."""
+    return write_test_bundle
+
+
+def species_prototypes(truth, taxonomy: dict, domains: list[str], per_species: int = 4) -> tuple[list, list]:
+    """A synthetic benchmark's species as bundle entries (their synonyms from the taxonomy) and, per species, up
+    to ``per_species`` of its train images: ``write_bundle(uri, entries, "images", images=images)`` is then a
+    nearest-centroid classifier. ``truth`` is the benchmark's truth table with a ``uri`` column."""
+    from near_ray.images import decode_image
+    from near_ray.storage import Storage
+
+    st, entries, images = Storage(), [], []
+    for d in domains:
+        for species, rows in truth[(truth["domain"] == d) & (truth["split"] == "train")].groupby("species"):
+            images.append([decode_image(st.read_bytes(u)) for u in rows["uri"].iloc[:per_species]])
+            synonyms = [species, *taxonomy["domains"][d]["species"][species]["synonyms"]]
+            entries.append({"name": species, "domain": d, "synonyms": synonyms, "support": len(rows)})
+    return entries, images

@@ -30,7 +30,7 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
     (tmp / "images").mkdir()
     (tmp / "images" / "a.png").write_bytes(b"not decoded by the preflight")
     (tmp / "mllm.yaml").write_text(f"data: {{domains: [{{name: birds, uri: '{tmp / 'images'}'}}]}}\n"
-                                   f"label: {{openai: {{base_url: '{dead}/v1'}}}}\n")
+                                   f"label: {{backend: {{type: openai, base_url: '{dead}/v1'}}}}\n")
     return [
         ("missing file", ["refine", "-c", str(tmp / "nope.yaml")], ["nope.yaml", "not found"]),
         ("a folder", ["refine", "-c", str(tmp / "folder.yaml")], ["folder.yaml", "folder"]),
@@ -40,7 +40,7 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], list[str]]]:
         ("wrong types", ["train", "-c", str(tmp / "wrong_type.yaml")], ["wrong_type.yaml", "train.epochs", "train.lr"]),
         ("unknown field in --set", ["refine", "--set", "refine.kk=3"], ["--set refine.kk=3", "refine.kk"]),
         ("S3 endpoint down", ["refine", "-c", str(tmp / "s3.yaml")], ["s3.yaml", "storage.endpoint_url", dead]),
-        ("MLLM endpoint down", ["label", "-c", str(tmp / "mllm.yaml")], ["mllm.yaml", "label.openai.base_url", dead]),
+        ("MLLM endpoint down", ["label", "-c", str(tmp / "mllm.yaml")], ["mllm.yaml", "label.backend.base_url", dead]),
     ]
 
 
@@ -83,3 +83,27 @@ def test_bundle_flag_serves_one_bundle_for_every_domain(tmp_path, monkeypatch):
     assert main(argv) == 0
     args = yaml.safe_load(out.read_text())["applications"][0]["args"]
     assert args["bundle"] == "s3://b/bundles/v2" and not args["bundles"]
+
+
+def test_the_experimental_methods_are_marked_in_the_help_and_said_so_when_trained(monkeypatch, capsys):
+    """`near-ray train --help` marks each experimental method; `--method` naming one prints one line on stderr
+    (measured, not adopted) and trains it all the same."""
+    import argparse
+
+    import near_ray.train.stage as stage
+    from near_ray.cli import cmd_train
+    from near_ray.config import RunConfig
+    from near_ray.train.methods import EXPERIMENTAL, METHODS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert EXPERIMENTAL and all(f"{m} (experimental)" in text for m in EXPERIMENTAL)
+    assert all(f"{m} (experimental)" not in text for m in METHODS if m not in EXPERIMENTAL)
+
+    trained = []
+    monkeypatch.setattr(stage, "run_train", lambda cfg: trained.append(cfg.train.method) or {})
+    cmd_train(argparse.Namespace(cfg=RunConfig(), method=["near", EXPERIMENTAL[0]], pretrain_captions=None))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert trained == ["near", EXPERIMENTAL[0]]
+    assert len(err) == 1 and EXPERIMENTAL[0] in err[0] and "experimental" in err[0] and "docs/method.md" in err[0]

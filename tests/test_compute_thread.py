@@ -1,5 +1,5 @@
 """One thread for torch compute per process: the embedding actor, the classify actor and the Serve
-model replica build and run their models on ``near_ray.runtime.compute_thread``, whichever thread Ray
+model replica build and run their models on ``near_ray.device.compute_thread``, whichever thread Ray
 calls them from. A torch op run in another thread gives that thread an OpenMP team of its own, and
 teams on the same cores slow every parallel op (see ``compute_thread``'s docstring for the figure)."""
 
@@ -15,13 +15,13 @@ import numpy as np
 from PIL import Image
 
 from near_ray.config import ModelConfig
-from near_ray.runtime import compute_thread, on_compute_thread
+from near_ray.device import compute_thread, on_compute_thread
 from near_ray.storage import Storage
 
 TEAMS = """
 import os, threading, torch
 from concurrent.futures import ThreadPoolExecutor
-from near_ray.runtime import on_compute_thread
+from near_ray.device import on_compute_thread
 
 torch.set_num_threads(2)
 x = torch.randn(512, 1024)

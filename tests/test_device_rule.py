@@ -16,7 +16,7 @@ ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, _node_ip_address="127.
 
 @ray.remote(num_gpus=1, num_cpus=0)
 def with_gpu():
-    from near_ray.runtime import torch_device
+    from near_ray.device import torch_device
     try:
         return "device " + torch_device()
     except Exception as e:
@@ -24,7 +24,7 @@ def with_gpu():
 
 @ray.remote(num_gpus=0, num_cpus=0)
 def without_gpu():
-    from near_ray.runtime import torch_device
+    from near_ray.device import torch_device
     return "device " + torch_device()
 
 print(ray.get(with_gpu.remote()))
@@ -50,6 +50,6 @@ def test_gpus_assigned_but_no_cuda_is_a_clear_error_and_no_gpus_is_the_cpu():
 def test_outside_ray_a_cpu_machine_uses_the_cpu():
     import torch
 
-    from near_ray.runtime import torch_device
+    from near_ray.device import torch_device
 
     assert torch_device() == ("cuda" if torch.cuda.is_available() else "cpu")

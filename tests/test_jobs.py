@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -26,11 +25,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from conftest import free_port, wait_for_port
+from support.training import scalars
 
 from near_ray.sim.annotator import AnnotatorServer
-from near_ray.sim.synth import generate
 from near_ray.storage import Storage
-from tests.conftest import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -174,15 +173,10 @@ def head(s3_endpoint):
 
 # ------------------------------------------------------------------------------------------ the run
 @pytest.fixture(scope="module")
-def bench(s3_endpoint):
+def bench(synth_bench):
     """2 domains x 3 species x 4 images (half of them discovery images) on S3, and its annotator."""
-    import boto3
-
-    name = f"jobs-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
-    root = f"s3://{name}/bench"
-    generate(out=root, domains=["birds", "flowers"], species=3, images_per_species=4, image_size=64, seed=0,
-             test_fraction=0.5, storage=Storage())
+    root = synth_bench(images_per_species=4, image_size=64, s3=True, own=True)  # runs write in its bucket
+    name = root.split("/")[2]
     # Slow answers (2 in flight, 2.5 s each: 30 s for the 24) keep the labeling going long enough to
     # stop it half-way, however slowly `ray job stop` starts on a loaded machine.
     with AnnotatorServer(root, profile="strong", seed=0, faults={"latency_s": 2.5}) as annotator:
@@ -200,7 +194,7 @@ def run_config(bench: dict[str, Any], workdir: str) -> dict[str, Any]:
         # Ray Data builds every request of so small a listing at once: a stop must still ask only
         # what the labeler already sent (its batches in flight), nothing of what waits for it.
         "label": {"samples": 2, "batch_size": 2, "batches_per_actor": 1, "flush_interval_s": 1.0, "listing_chunk": 4,
-                  "openai": {"base_url": bench["annotator"].base_url, "api_key_env": None, "concurrency": 2}},
+                  "backend": {"type": "openai", "base_url": bench["annotator"].base_url, "api_key_env": None, "concurrency": 2}},
         "model": {"arch": "near-tiny", "pretrained": "random"},
         "refine": {"k": 3, "merge_encoder": "none"},
         "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 2, "warmup_epochs": 1, "batch_size": 8,
@@ -336,21 +330,6 @@ def port_open(port: int) -> bool:
         return False
 
 
-def scalars(data: bytes) -> list[tuple[str, int, float]]:
-    """(tag, step, value) of every scalar in a TensorBoard event file (TFRecord framing)."""
-    from tensorboardX.proto import event_pb2
-
-    out, pos = [], 0
-    while pos + 12 <= len(data):
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        record = data[pos + 12:pos + 12 + length]
-        pos += 12 + length + 4
-        event = event_pb2.Event.FromString(record)
-        for v in event.summary.value:
-            out.append((v.tag, int(event.step), float(v.simple_value)))
-    return out
-
-
 # ------------------------------------------------------------------------------------------ cluster files
 def test_every_cluster_yaml_parses():
     files = sorted((REPO / "cluster").rglob("*.yaml"))
@@ -383,7 +362,7 @@ def test_stage_accelerator_types_match_the_launcher_gpu_nodes():
 
     cfg = load_config(REPO / "configs" / "run.yaml")
     types = yaml.safe_load((REPO / "cluster" / "ray-cluster.yaml").read_text())["available_node_types"]
-    assert types["gpu_label"]["resources"].get(f"accelerator_type:{cfg.label.vllm.accelerator_type}")
+    assert types["gpu_label"]["resources"].get(f"accelerator_type:{cfg.label.backend.accelerator_type}")
     assert types["gpu_train"]["resources"].get(f"accelerator_type:{cfg.train.accelerator_type}")
     assert cfg.train.num_workers <= types["gpu_train"]["resources"]["GPU"]
 
@@ -422,7 +401,7 @@ def test_production_example_config_loads_with_every_field_known():
     cfg = load_config(REPO / "configs" / "run.yaml")  # unknown fields are errors (extra="forbid")
     assert cfg.storage.workdir.startswith("s3://") and all(d.uri.startswith("s3://") for d in cfg.data.domains)
     assert len(cfg.data.domains) >= 3
-    assert cfg.label.backend == "vllm" and cfg.label.vllm.gpus_per_replica >= 1
+    assert cfg.label.backend.type == "vllm" and cfg.label.backend.gpus_per_replica >= 1
     assert (cfg.model.arch, cfg.model.pretrained) == ("ViT-B-16-quickgelu", "openai")
     assert cfg.train.use_gpu and cfg.train.tracking.backend in ("tensorboard", "mlflow")
 
@@ -450,7 +429,7 @@ def package_version() -> str:
 
 def test_sigterm_winds_down_a_stoppable_stage_and_interrupts_anything_else():
     from near_ray.job import stop_gracefully
-    from near_ray.runtime import stoppable
+    from near_ray.stopping import stoppable
 
     def sigterm() -> None:
         os.kill(os.getpid(), signal.SIGTERM)

@@ -227,7 +227,7 @@ def test_only_the_part_table_names_part_files():
 # Data / Train / Serve adapters (the stages, serve.app, train.stage) call into it; it never needs ray.
 COMPUTE_CORE = ("near_ray.model.clip", "near_ray.model.preprocess", "near_ray.model.bundle", "near_ray.refine.embed",
                 "near_ray.refine.knn", "near_ray.train.loop", "near_ray.train.loss", "near_ray.train.data",
-                "near_ray.train.runner", "near_ray.train.methods", "near_ray.eval.metrics")
+                "near_ray.train.runner", "near_ray.train.methods", "near_ray.eval.metrics", "near_ray.device")
 
 
 def test_the_compute_core_imports_and_runs_with_ray_unimportable(tmp_path):
@@ -283,3 +283,15 @@ def test_artifacts_are_named_in_one_place():
                  for hit in artifact_literals(p)]  # fmt: skip
     assert offenders == []
     assert artifact_literals(PATHS_HOME / "paths.py")  # the rule sees the home's names: it can fail
+
+
+def test_tests_mirror_the_packages():
+    """A package's tests live in tests/<package>/ (the top-level modules' in tests/), beside the shared support
+    code and the fault suite: a newcomer changing near_ray/<package> finds its tests in one place."""
+    tests = ROOT / "tests"
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert folders - {"support", "faults"} <= packages, sorted(folders - {"support", "faults"} - packages)
+    assert len(folders & packages) >= 10  # the rule has something to hold
+    for module in tests.glob("test_*.py"):  # the top level: tests of near_ray's top-level modules and of the whole
+        assert module.stem not in {f"test_{p}" for p in packages}, f"{module.name}: belongs in tests/{module.stem[5:]}/"

@@ -93,6 +93,23 @@ def test_a_test_run_needs_the_frozen_configuration_and_gets_it(bench, tmp_path):
         bench.parse_args(["--draws", "test", "--frozen", str(tmp_path / "none.json"), *TINY])
 
 
+def test_a_configuration_frozen_before_a_rename_still_matches_the_same_settings(bench, tmp_path):
+    """A frozen file written under a train field's former name (refine_k) is compared under today's name; a
+    changed value is still refused."""
+    from near_ray.config.train import RENAMED
+
+    dev = bench.parse_args(["--draws", "dev", *TINY])
+    config = json.loads(json.dumps(dev.config))
+    config["train"] = {RENAMED.get(k, k): v for k, v in config["train"].items()}  # as written before the rename
+    assert "refine_k" in config["train"] and "neighbour_k" not in config["train"]
+    frozen = tmp_path / "frozen.json"
+    frozen.write_text(json.dumps({"config_hash": bench.config_hash(config), "commit": "abc", "config": config}))
+    test = bench.parse_args(["--draws", "test", "--frozen", str(frozen), *TINY])
+    assert test.frozen_record == {"config_hash": bench.config_hash(config), "commit": "abc"}
+    with pytest.raises(SystemExit, match=r"differs in: set, train"):
+        bench.parse_args(["--draws", "test", "--frozen", str(frozen), *TINY, "--set", "train.neighbour_k=3"])
+
+
 @pytest.fixture(scope="module")
 def elpv():
     spec = importlib.util.spec_from_file_location("elpv", SCRIPT.with_name("elpv.py"))

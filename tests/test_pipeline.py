@@ -10,17 +10,14 @@ import yaml
 
 from near_ray.cli import main
 from near_ray.sim.annotator import AnnotatorServer
-from near_ray.sim.synth import generate
 from near_ray.storage import Storage
 
 pytestmark = pytest.mark.slow
 
 
-def test_run_end_to_end_on_s3_and_rerun_reuses_everything(bucket, ray_cluster, tmp_path, capsys):
+def test_run_end_to_end_on_s3_and_rerun_reuses_everything(bucket, ray_cluster, tmp_path, capsys, synth_bench):
     st = Storage()
-    root = f"{bucket}/bench"
-    generate(out=root, domains=["birds", "flowers"], species=3, images_per_species=6, image_size=64, seed=0,
-             test_fraction=0.5, storage=st)
+    root = synth_bench(images_per_species=6, image_size=64, s3=True)
     workdir = f"{bucket}/run"
     with AnnotatorServer(root, profile="strong", seed=0) as annotator:
         run_cfg = {
@@ -29,7 +26,7 @@ def test_run_end_to_end_on_s3_and_rerun_reuses_everything(bucket, ray_cluster, t
                 {"name": d, "uri": f"{root}/images/{d}/train", "meta_class": m, "truth": f"{root}/truth.parquet"}
                 for d, m in (("birds", "bird"), ("flowers", "flower"))
             ]},
-            "label": {"samples": 2, "openai": {"base_url": annotator.base_url, "api_key_env": None}},
+            "label": {"samples": 2, "backend": {"type": "openai", "base_url": annotator.base_url, "api_key_env": None}},
             "model": {"arch": "near-tiny", "pretrained": "random"},
             "refine": {"k": 3, "merge_encoder": "none"},
             "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},
@@ -81,13 +78,11 @@ def _count_lines(text: str, start: str) -> list[str]:
 
 
 def test_run_without_truth_trains_one_method_names_the_collection_and_reads_edits_back(bucket, ray_cluster,
-                                                                                        tmp_path, capsys):
+                                                                                        tmp_path, capsys, synth_bench):
     """A user's run: images, no truth table. One training (train.method), the whole collection named, a
     closing summary for a person. Then the review's edits: refine and train again, no MLLM call."""
     st = Storage()
-    root = f"{bucket}/bench"
-    generate(out=root, domains=["birds"], species=3, images_per_species=8, image_size=64, seed=0,
-             test_fraction=0.25, storage=st)
+    root = synth_bench(["birds"], images_per_species=8, image_size=64, test_fraction=0.25, s3=True)
     workdir = f"{bucket}/run"
     collection = f"{root}/images/birds/train"
     images = len(list(st.list(collection)))
@@ -95,7 +90,7 @@ def test_run_without_truth_trains_one_method_names_the_collection_and_reads_edit
         run_cfg = {
             "storage": {"workdir": workdir},
             "data": {"domains": [{"name": "birds", "uri": collection, "meta_class": "bird"}]},  # no truth
-            "label": {"samples": 2, "openai": {"base_url": annotator.base_url, "api_key_env": None}},
+            "label": {"samples": 2, "backend": {"type": "openai", "base_url": annotator.base_url, "api_key_env": None}},
             "model": {"arch": "near-tiny", "pretrained": "random"},
             "refine": {"k": 3, "merge_encoder": "none"},
             "train": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},

@@ -98,7 +98,7 @@ class FakeMLLM:
 def label_config(tmp: Path, base_url: str, **label: Any) -> dict[str, Any]:
     return {"storage": {"workdir": str(tmp / "run")},
             "data": {"domains": [{"name": "birds", "uri": str(images(tmp / "birds")), "meta_class": "bird"}]},
-            "label": {"openai": {"base_url": base_url, "api_key_env": "NEAR_RAY_TEST_KEY"}, **label}}
+            "label": {"backend": {"type": "openai", "base_url": base_url, "api_key_env": "NEAR_RAY_TEST_KEY"}, **label}}
 
 
 def assert_refused(rc: int, err: list[str], ray: bool, command: str, *named: str) -> None:
@@ -146,9 +146,9 @@ def test_a_writable_s3_workdir_keeps_nothing_of_the_probe(tmp_path, bucket):
 
 @pytest.mark.skipif(find_spec("vllm") is not None, reason="vLLM is installed in this environment")
 def test_the_vllm_backend_without_vllm_is_refused(tmp_path):
-    cfg = label_config(tmp_path, "http://127.0.0.1:9/v1", backend="vllm")
+    cfg = label_config(tmp_path, "http://127.0.0.1:9/v1", backend={"type": "vllm"})
     rc, err, _, ray = cli("label", "-c", write_config(tmp_path, cfg), cwd=tmp_path)
-    assert_refused(rc, err, ray, "label", "label.backend", "vllm is not installed")
+    assert_refused(rc, err, ray, "label", "label.backend.type", "vllm is not installed")
 
 
 def test_a_rejected_api_key_is_one_line_after_one_request(tmp_path):
@@ -156,7 +156,7 @@ def test_a_rejected_api_key_is_one_line_after_one_request(tmp_path):
         cfg = label_config(tmp_path, mllm.base_url)
         rc, err, _, ray = cli("label", "-c", write_config(tmp_path, cfg), cwd=tmp_path,
                               env={"NEAR_RAY_TEST_KEY": "sk-wrong-key-0000"})
-    assert_refused(rc, err, ray, "label", f"label.openai.api_key (the key in NEAR_RAY_TEST_KEY) rejected by {mllm.base_url}",
+    assert_refused(rc, err, ray, "label", f"label.backend.api_key (the key in NEAR_RAY_TEST_KEY) rejected by {mllm.base_url}",
                    "HTTP 401", "Incorrect API key")
     assert "sk-wrong" not in err[0]
     [request] = mllm.requests  # one request, authenticated, one output token, an image as the stage sends
@@ -244,7 +244,7 @@ def test_an_unknown_field_gets_the_nearest_known_one(tmp_path):
         load_config(f)
     msg = str(e.value)
     assert "field 'label.sampels': Extra inputs are not permitted (did you mean 'samples'?)" in msg
-    assert "'label.openai.base_ulr'" in msg and "did you mean 'base_url'?" in msg
+    assert "'label.backend.base_ulr'" in msg and "did you mean 'base_url'?" in msg
     assert "field 'data.domains[birds].metaclass'" in msg and "did you mean 'meta_class'?" in msg  # by name
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.zzz=1"])

@@ -59,16 +59,13 @@ def test_pretraining_twice_with_two_workers_gives_identical_weights(ray_cluster,
     assert not _same_weights(weights["a"], weights["c"])
 
 
-def test_the_whole_pipeline_twice_gives_identical_bundles_and_report(ray_cluster, tmp_path):
+def test_the_whole_pipeline_twice_gives_identical_bundles_and_report(ray_cluster, tmp_path, synth_bench):
     from near_ray.config import DomainConfig
     from near_ray.pipeline import run_pipeline
     from near_ray.sim.annotator import AnnotatorServer
-    from near_ray.sim.synth import generate
 
     st = Storage()
-    root = str(tmp_path / "bench")
-    generate(out=root, domains=["birds", "flowers"], species=3, images_per_species=8, image_size=64, seed=0,
-             test_fraction=0.5, storage=st)
+    root = synth_bench(images_per_species=8, image_size=64)
     taxonomy = st.read_json(join(root, "taxonomy.json"))
     runs = []
     for name in ("a", "b"):
@@ -76,7 +73,7 @@ def test_the_whole_pipeline_twice_gives_identical_bundles_and_report(ray_cluster
         cfg.data.domains = [DomainConfig(name=d, uri=join(root, "images", d, "train"), truth=join(root, "truth.parquet"),
                                          meta_class=taxonomy["domains"][d]["meta_class"]) for d in ("birds", "flowers")]
         with AnnotatorServer(root, profile="strong", seed=0) as annotator:
-            cfg.label.openai.base_url = annotator.base_url
+            cfg.label.backend.base_url = annotator.base_url
             run_pipeline(cfg)
         runs.append(cfg)
     a, b = runs

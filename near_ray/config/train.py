@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 
-from near_ray.config.base import Section
+from near_ray.config.base import WHERE_IT_RUNS, Section
 from near_ray.train.methods import TRAINED, needs_text
 
-
 # --------------------------------------------------------------------------------------------- train
+# Fields renamed, by their former names: a config (or --set) with the former name still loads, and what hashes
+# train settings for a name (near_ray.train.runner.run_name, the method benchmark's frozen configuration)
+# keeps the former keys, so existing checkpoints and frozen configurations still match.
+RENAMED = {"neighbour_alpha": "refine_alpha", "neighbour_k": "refine_k"}
+
+
 class TrackingConfig(Section):
     """Where the driver also sends each epoch's training metrics (besides Ray Train's reported metrics).
 
@@ -43,25 +48,31 @@ class TrainConfig(Section):
         "names", description="with select: what the candidates are scored by: agreement with the MLLM's names "
         "(consistency-weighted), or how well their predictions group the held-out images as the MLLM's majority "
         "answers do, whatever the names (docs/train.md)")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers")
-    use_gpu: bool = Field(False, description="one GPU per worker")
+    num_workers: int = Field(2, ge=1, json_schema_extra=WHERE_IT_RUNS, description="Ray Train workers")
+    use_gpu: bool = Field(False, json_schema_extra=WHERE_IT_RUNS, description="one GPU per worker")
     accelerator_type: str | None = Field(
-        None, description='with use_gpu: workers only on nodes with this GPU ("A10G", "H100")')
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves")
+        None, json_schema_extra=WHERE_IT_RUNS,
+        description='with use_gpu: workers only on nodes with this GPU ("A10G", "H100")')
+    cpus_per_worker: float = Field(1.0, gt=0, json_schema_extra=WHERE_IT_RUNS, description="CPUs each worker reserves")
     epochs: int = Field(10, ge=1, description="training epochs, warm-up included")
     warmup_epochs: int = Field(2, ge=0, description="epochs of warm-up before NeaR's clean/noisy split")
     batch_size: int = Field(64, ge=1, description="global batch size, split across workers")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
     lambda_noisy: float = Field(1.0, ge=0, description="weight of the noisy samples' loss on their refined target")
-    refine_alpha: float = Field(
-        0.5, ge=0, le=1, description="own prediction vs neighbours' in the refined target")
-    refine_k: int | None = Field(
-        None, ge=1, description="nearest neighbours in the refined target (null = refine.k)")
+    # the neighbours' share and count in a noisy sample's refined target: training options (refine.k builds the
+    # graph); the old names still load (RENAMED)
+    neighbour_alpha: float = Field(
+        0.5, ge=0, le=1, validation_alias=AliasChoices("neighbour_alpha", "refine_alpha"),
+        description="own prediction vs neighbours' in the refined target (formerly refine_alpha)")
+    neighbour_k: int | None = Field(
+        None, ge=1, validation_alias=AliasChoices("neighbour_k", "refine_k"),
+        description="nearest neighbours in the refined target (null = refine.k; formerly refine_k)")
     neighbour_space: Literal["pretrained", "fine_tuned"] = Field(
-        "pretrained", description="where the refined target's neighbours come from: refine's graph over the "
-        "pretrained image embeddings (the method as published), or found again after every epoch from warm-up on, "
-        "in the fine-tuned classifier's view of each image (its centred logits over its domain's vocabulary)")
+        "pretrained", description="(experimental) where the refined target's neighbours come from: refine's graph "
+        "over the pretrained image embeddings (the method as published), or found again after every epoch from "
+        "warm-up on, in the fine-tuned classifier's view of each image (its centred logits over its domain's "
+        "vocabulary)")
     gmm_clean_threshold: float = Field(
         0.5, ge=0, le=1, description="a sample is clean when the low-loss GMM component's posterior is above this")
     min_label_support: int = Field(
@@ -73,7 +84,7 @@ class TrainConfig(Section):
     prototype_vote: Literal["confidence", "neighbours"] = Field(
         "neighbours", description="prototype weights: confidence alone, or times the neighbours' share in the name")
     prototype_clusters: bool = Field(
-        False, description="prototypes moved to the centres of the image clusters they seed")
+        False, description="(experimental) prototypes moved to the centres of the image clusters they seed")
     clean_loss: Literal["hard", "soft"] = Field(
         "soft", description="clean samples after warm-up: the PLL loss on their confidences W (soft), or CE on "
         "argmax W (hard)")
@@ -87,27 +98,32 @@ class TrainConfig(Section):
     train_towers: Literal["image", "text", "both"] = Field("text", description="which CLIP towers are fine-tuned")
     # every step sends the whole vocabulary through the text tower, whose kept activations grow with it
     grad_checkpointing: bool | None = Field(
-        None, description="gradient checkpointing (both towers' blocks); null: on when the text tower trains and "
-        "the vocabulary has more than 512 names")
+        None, json_schema_extra=WHERE_IT_RUNS, description="gradient checkpointing (both towers' blocks); null: on "
+        "when the text tower trains and the vocabulary has more than 512 names")
     augment: bool = Field(True, description="random training augmentations of the images")
     materialize_gib: float = Field(
-        4.0, ge=0, description="the decoded training images are kept in the object store (decoded once) when they "
-        "take at most this many GiB; above, each epoch decodes them again as it streams")
+        4.0, ge=0, json_schema_extra=WHERE_IT_RUNS, description="the decoded training images are kept in the object "
+        "store (decoded once) when they take at most this many GiB; above, each epoch decodes them again as it "
+        "streams")
     shuffle_buffer: int = Field(
         4096, ge=0, description="rows each worker shuffles per epoch (Ray Data's local shuffle buffer; a new seeded "
         "order every epoch); 0 = the dataset's order; above N, a full shuffle of the worker's shard")
     seed: int = Field(0, description="seed of initialization, shuffling and augmentation")
-    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from (from a checkpoint)")
+    max_failures: int = Field(
+        2, ge=0, json_schema_extra=WHERE_IT_RUNS,
+        description="worker failures Ray Train recovers from (from a checkpoint)")
     torch_threads: int | None = Field(
-        None, ge=1, description="intra-op threads per worker; null = Ray's (the worker's CPUs)")
+        None, ge=1, json_schema_extra=WHERE_IT_RUNS,
+        description="intra-op threads per worker; null = Ray's (the worker's CPUs)")
     prefetch_batches: int | None = Field(
         None, ge=0, description="Ray Data's batches ahead; null: one on a GPU or a one-thread CPU worker, else none")
-    checkpoint_keep: int = Field(2, ge=1, description="checkpoints Ray Train keeps")
+    checkpoint_keep: int = Field(2, ge=1, json_schema_extra=WHERE_IT_RUNS, description="checkpoints Ray Train keeps")
     pretrain_epochs: int = Field(12, ge=1, description="epochs of contrastive pretraining (`near-ray pretrain`)")
     pretrain_lr: float = Field(2e-3, gt=0, description="pretraining's peak of a warm-up + cosine schedule")
     pretrain_batch_size: int = Field(128, ge=2, description="pretraining's global batch; InfoNCE negatives are "
                                      "per worker")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="where epoch metrics also go")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, json_schema_extra=WHERE_IT_RUNS,
+                                     description="where epoch metrics also go")
 
     @field_validator("method")
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from near_ray.config import DomainConfig, RunConfig
-from near_ray.data.readers import DATASETS, canonical_layout, discovery_set, read_dataset
+from near_ray.data.readers import LAYOUTS, canonical_layout, discovery_set, read_dataset
 from near_ray.errors import NearRayError
 from near_ray.storage import storage_for
 
@@ -52,7 +52,7 @@ def prepare_benchmark(cfg: RunConfig, dataset: str, root: str, domain: str | Non
     )
     if cfg.data.domains:
         log.info("data.domains of the config replaced by the %s dataset at %s", layout, root)
-    meta_class = next((d.meta_class for d in cfg.data.domains if d.name == name), None) or DATASETS[layout].meta_class
+    meta_class = next((d.meta_class for d in cfg.data.domains if d.name == name), None) or LAYOUTS[layout].meta_class
     cfg.data.domains = [DomainConfig(name=name, uri=root, meta_class=meta_class, truth=truth, manifest=manifest)]
     cfg.eval.dataset = cfg.eval.dataset or layout
     return {

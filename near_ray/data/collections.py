@@ -40,8 +40,8 @@ def check_domains(cfg: RunConfig, storage: Storage) -> None:
     for d in cfg.data.domains:
         if next(iter(domain_uris(d, cfg, storage)), None) is None:
             where = (
-                f"manifest {d.manifest}"
-                if d.manifest
+                f"manifest {d.manifest}" if d.manifest
+                else f"the {d.layout} dataset at {d.uri}" + (f" (split {d.split})" if d.split else "") if d.layout
                 else f"{d.uri} (extensions {', '.join(cfg.data.image_extensions)})"
             )
             raise EmptyDomainError(f"data.domains[{d.name}]: no images in {where}")
@@ -49,7 +49,11 @@ def check_domains(cfg: RunConfig, storage: Storage) -> None:
 
 def domain_uris(d: DomainConfig, cfg: RunConfig, storage: Storage) -> Iterator[str]:
     """A domain's image URIs: its manifest's ``uri`` column when it has one (each URI once, in the order
-    of its first row: a repeated row would be asked and paid for twice), else the listing of its prefix."""
+    of its first row: a repeated row would be asked and paid for twice), the dataset's own list when it has a
+    layout (its split's only, when it names one), else the listing of its prefix."""
+    if d.layout:
+        yield from layout_rows(d, storage)["uri"]
+        return
     if not d.manifest:
         for obj in storage.list(d.uri, suffixes=cfg.data.image_extensions):
             yield obj.uri
@@ -74,6 +78,16 @@ def domain_uris(d: DomainConfig, cfg: RunConfig, storage: Storage) -> Iterator[s
     if outside:
         log.warning("data.domains[%s]: skipped %d path%s of manifest %s outside the domain's folder %s (links "
                     "resolved)", d.name, outside, "" if outside == 1 else "s", d.manifest, d.uri)
+
+
+def layout_rows(d: DomainConfig, storage: Storage, split: str | None = None):  # -> pd.DataFrame
+    """The rows (uri, class_name, split, domain) of a domain's dataset layout, those of ``split`` (default: the
+    domain's own ``split``) only. A native layout's index is read whole: datasets of that kind are benchmark-sized."""
+    from near_ray.data.readers import read_dataset
+
+    table = read_dataset(d.layout or "unlabeled", d.uri, storage, domain=d.name)
+    split = split or d.split
+    return table[table["split"] == split] if split else table
 
 
 def manifest_batches(manifest: str, storage: Storage) -> Iterator[list[str]]:

@@ -60,35 +60,17 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
-    """What the field calls the dataset, and what near_ray needs to know to name its images."""
+class Layout:
+    """One dataset layout, whole: what the field calls it, how near_ray lists and names its images, and the
+    marker files that identify it (``auto``). Adding a layout is one record in ``LAYOUTS``."""
 
-    layout: str
-    domain: str  # default domain name of its rows
+    name: str
+    read: Callable[..., list[Sample]]  # (root, storage, domain) -> samples
+    domain: str | None  # default domain name of its rows (None: the root folder's name)
     meta_class: str | None  # named in the MLLM prompt
-
-
-DATASETS = {
-    "cub200": DatasetInfo("cub200", "birds", "bird"),
-    "stanford_cars": DatasetInfo("stanford_cars", "cars", "car"),
-    "stanford_dogs": DatasetInfo("stanford_dogs", "dogs", "dog"),
-    "flowers102": DatasetInfo("flowers102", "flowers", "flower"),
-    "oxford_pets": DatasetInfo("oxford_pets", "pets", "pet"),
-    "folder": DatasetInfo("folder", "images", None),
-    "unlabeled": DatasetInfo("unlabeled", "images", None),
-}
-ALIASES = {
-    "cub": "cub200",
-    "cub_200_2011": "cub200",
-    "cars": "stanford_cars",
-    "cars196": "stanford_cars",
-    "dogs": "stanford_dogs",
-    "dogs120": "stanford_dogs",
-    "flowers": "flowers102",
-    "pets": "oxford_pets",
-    "pets37": "oxford_pets",
-    "imagefolder": "folder",
-}
+    aliases: tuple[str, ...] = ()
+    markers: tuple[tuple[str, ...], ...] = ()  # any one group of files, all present, identifies it
+    labelled: bool = True  # its images come with class names (a truth table)
 
 
 # ------------------------------------------------------------------------------ index and .mat files
@@ -282,40 +264,38 @@ def _basename(root: str) -> str:
     return root.rstrip("/").rsplit("/", 1)[-1] or "images"
 
 
-READERS: dict[str, Callable[..., list[Sample]]] = {
-    "cub200": read_cub200,
-    "stanford_cars": read_stanford_cars,
-    "stanford_dogs": read_stanford_dogs,
-    "flowers102": read_flowers102,
-    "oxford_pets": read_oxford_pets,
-    "folder": read_folder,
-    "unlabeled": read_unlabeled,
+LAYOUTS: dict[str, Layout] = {
+    lay.name: lay
+    for lay in (
+        Layout("cub200", read_cub200, "birds", "bird", ("cub", "cub_200_2011"),
+               (("images.txt", "classes.txt"), ("CUB_200_2011/images.txt", "CUB_200_2011/classes.txt"))),
+        Layout("stanford_cars", read_stanford_cars, "cars", "car", ("cars", "cars196"),
+               (("devkit/cars_meta.mat",), ("cars_meta.mat", "cars_train_annos.mat"))),
+        Layout("stanford_dogs", read_stanford_dogs, "dogs", "dog", ("dogs", "dogs120"),
+               (("train_list.mat",), ("file_list.mat",), ("lists/train_list.mat",))),
+        Layout("flowers102", read_flowers102, "flowers", "flower", ("flowers",), (("imagelabels.mat", "setid.mat"),)),
+        Layout("oxford_pets", read_oxford_pets, "pets", "pet", ("pets", "pets37"), (("annotations/trainval.txt",),)),
+        Layout("folder", read_folder, None, None, ("imagefolder",)),  # detected when every image is in a subfolder
+        Layout("unlabeled", read_unlabeled, None, None, labelled=False),
+    )
 }
-
-# Marker files per layout, checked in order by detect_layout (any one alternative group suffices).
-MARKERS: dict[str, list[list[str]]] = {
-    "cub200": [["images.txt", "classes.txt"], ["CUB_200_2011/images.txt", "CUB_200_2011/classes.txt"]],
-    "stanford_cars": [["devkit/cars_meta.mat"], ["cars_meta.mat", "cars_train_annos.mat"]],
-    "stanford_dogs": [["train_list.mat"], ["file_list.mat"], ["lists/train_list.mat"]],
-    "flowers102": [["imagelabels.mat", "setid.mat"]],
-    "oxford_pets": [["annotations/trainval.txt"]],
-}
+ALIASES = {alias: lay.name for lay in LAYOUTS.values() for alias in lay.aliases}
 
 
 # ------------------------------------------------------------------------------------------ front door
 def canonical_layout(layout: str) -> str:
     key = layout.strip().lower().replace("-", "_")
     key = ALIASES.get(key, key)
-    if key != "auto" and key not in READERS:
-        raise DatasetError(f"unknown dataset layout '{layout}': use one of auto, {', '.join(READERS)}")
+    if key != "auto" and key not in LAYOUTS:
+        raise DatasetError(f"unknown dataset layout '{layout}': use one of auto, {', '.join(LAYOUTS)}")
     return key
 
 
 def detect_layout(root: str, storage: Storage) -> str:
     """The layout whose marker files exist under root; else folder (images in subfolders) or unlabeled."""
-    for layout, groups in MARKERS.items():
-        if any(all(storage.exists(join(root, m)) for m in group) for group in groups):
-            return layout
+    for lay in LAYOUTS.values():
+        if any(all(storage.exists(join(root, m)) for m in group) for group in lay.markers):
+            return lay.name
     found = _list_images(root, storage, "auto")
     return "folder" if all(len(parts) >= 2 for _, parts in found) else "unlabeled"
 
@@ -326,8 +306,8 @@ def read_dataset(layout: str, root: str, storage: Storage | None = None, domain:
     key = canonical_layout(layout)
     if key == "auto":
         key = detect_layout(root, st)
-    info = DATASETS[key]
-    samples = READERS[key](root, st, domain or (info.domain if key not in ("folder", "unlabeled") else None))
+    lay = LAYOUTS[key]
+    samples = lay.read(root, st, domain or lay.domain)
     if not samples:
         raise DatasetError(f"{root}: the {key} layout lists no images")
     table = pd.DataFrame([asdict(s) for s in samples], columns=COLUMNS)

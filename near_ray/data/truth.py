@@ -42,8 +42,10 @@ def read_table(uri: str, storage: Storage) -> pd.DataFrame:
 
 def truth_table(domain: DomainConfig, storage: Storage, split: str | None = None) -> pd.DataFrame:
     """The domain's truth rows (those of ``split`` only, when given and the table has splits): columns
-    uri (resolved against the table's folder), domain, species."""
-    assert domain.truth
+    uri (resolved against the table's folder), domain, species. Without a table, a dataset layout's class
+    names are the truth (every split of it, whatever split the domain names)."""
+    if not domain.truth:
+        return _layout_truth(domain, storage, split)
     where = f"data.domains[{domain.name}].truth {domain.truth}"
     try:
         truth = read_table(domain.truth, storage)
@@ -65,3 +67,20 @@ def truth_table(domain: DomainConfig, storage: Storage, split: str | None = None
         "domain": domain.name,
         "species": truth[species_col].astype(str).to_numpy(),
     })
+
+
+def _layout_truth(domain: DomainConfig, storage: Storage, split: str | None) -> pd.DataFrame:
+    from near_ray.data.readers import DatasetError, read_dataset
+
+    try:
+        rows = read_dataset(domain.layout or "unlabeled", domain.uri, storage, domain=domain.name)
+    except DatasetError as e:
+        raise TruthError(f"data.domains[{domain.name}].layout {domain.layout}: {e}") from e
+    if split is not None and (rows["split"] != "").any():
+        rows = rows[rows["split"] == split]
+    rows = rows[rows["class_name"].notna()]
+    if rows.empty and not split:
+        raise TruthError(f"data.domains[{domain.name}].layout {domain.layout}: the dataset at {domain.uri} names no "
+                         "classes (an unlabeled layout): set truth to a table, or leave evaluation out")
+    return pd.DataFrame({"uri": rows["uri"].tolist(), "domain": domain.name,
+                         "species": rows["class_name"].astype(str).to_numpy()})

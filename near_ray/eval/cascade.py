@@ -22,7 +22,7 @@ from near_ray.classify.cascade import mllm_answers
 from near_ray.config import RunConfig
 from near_ray.data.truth import uri_key
 from near_ray.errors import NearRayError
-from near_ray.eval.metrics import by_domain, hungarian_match
+from near_ray.eval.metrics import View, by_domain, hungarian_match, registered
 from near_ray.storage import Storage, join
 
 if TYPE_CHECKING:
@@ -67,7 +67,8 @@ def evaluate_cascade(
                 usd += a.cost_usd
                 names[i] = a.name or clip[i]
         m = by_domain(domains, truth, names, sacc)
-        curve.append({"routed_fraction": f, "routed": len(routed), "cacc": m["cacc"], "sacc": m["sacc"],
+        scores = {s.name: m[s.name] for s in registered(View.BRIEF)}
+        curve.append({"routed_fraction": f, "routed": len(routed), **scores,
                       "cost_per_1k": cfg.label.prices.clip_per_1k_images + 1000 * usd / len(test)})  # fmt: skip
     direct_cacc, direct_cost = direct.get("cacc"), direct.get("cost_per_1k")
     calibration.update(_test_ece(domains, truth, clip, conf, readable, bundle, probs))
@@ -143,8 +144,8 @@ def _plot(curve: list[dict[str, Any]], direct_cacc: float | None, direct_cost: f
 
     fig, ax = _figure(6.5, 4.0)
     x = [c["cost_per_1k"] for c in curve]
-    for key, label in (("cacc", "cACC"), ("sacc", "sACC")):
-        ax.plot(x, [100 * c[key] for c in curve], marker="o", label=f"cascade {label}")
+    for s in [s for s in registered(View.BRIEF) if s.percent]:
+        ax.plot(x, [100 * c[s.name] for c in curve], marker="o", label=f"cascade {s.title}")
     for c in curve:
         ax.annotate(f"{100 * c['routed_fraction']:.0f}%", (c["cost_per_1k"], 100 * c["cacc"]), fontsize=7,
                     textcoords="offset points", xytext=(3, 4))  # fmt: skip
@@ -164,11 +165,13 @@ def render_cascade(report: dict[str, Any]) -> list[str]:
     curve = report.get("cascade")
     if not curve:
         return []
+    shown = registered(View.BRIEF)
     lines = ["", f"## CLIP → MLLM cascade ({report.get('cascade_method', 'near')} → direct MLLM)", "",
-             "| routed | cACC | sACC | cost / 1k images |", "|---:|---:|---:|---:|"]  # fmt: skip
+             "| routed | " + "".join(f"{s.title} | " for s in shown) + "cost / 1k images |",
+             "|---:|" + "---:|" * (len(shown) + 1)]
     for c in curve:
-        lines.append(f"| {100 * c['routed_fraction']:.0f}% | {100 * c['cacc']:.1f} | {100 * c['sacc']:.1f} | "
-                     f"{c['cost_per_1k']:.4f} |")  # fmt: skip
+        cells = "".join(f"{s.text(c.get(s.name), percent=True)} | " for s in shown)
+        lines.append(f"| {100 * c['routed_fraction']:.0f}% | {cells}{c['cost_per_1k']:.4f} |")
     best = report.get("cascade_best")
     lines.append("")
     if best:

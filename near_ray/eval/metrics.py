@@ -8,12 +8,20 @@
 
 Predictions may be ``None`` (no name: an unparsable MLLM answer). For the clustering metrics all
 ``None`` predictions form one cluster; for sACC a missing name scores 0.
+
+Every metric is one ``Metric`` record in a registry (``register_metric``): its key in the result JSON,
+its column title, its format and the views that show it. ``by_domain`` computes every registered metric,
+and the report, the cascade, the evaluate log line, the job's summary and the demo's table list the
+registered ones: adding a metric is one registration.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 import numpy as np
@@ -37,16 +45,23 @@ def contingency(y_true: Sequence[Any], y_pred: Sequence[Any],
     return counts, list(pred_labels), list(true_labels)
 
 
+def hungarian(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Hungarian matching, the one definition (scipy's ``linear_sum_assignment``, maximizing): rows and
+    columns of the one-to-one assignment of predicted to true labels that covers the most of ``counts``
+    [n_pred, n_true]. Rectangular matrices are fine."""
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment(counts, maximize=True)
+
+
 def hungarian_match(y_true: Sequence[Any], y_pred: Sequence[Any],
                     weights: Sequence[float] | None = None) -> tuple[dict[str, str], float]:
     """cACC's matching: the one-to-one assignment of predicted labels to true ones that covers the most images
     (or weight). Returns predicted -> true for the pairs sharing at least one image, and the matched count."""
-    from scipy.optimize import linear_sum_assignment
-
     if len(y_true) == 0:
         return {}, 0.0
     counts, pred, true = contingency(y_true, y_pred, weights)
-    rows, cols = linear_sum_assignment(counts, maximize=True)  # rectangular matrices are fine
+    rows, cols = hungarian(counts)
     return ({str(pred[r]): str(true[c]) for r, c in zip(rows, cols, strict=True) if counts[r, c] > 0},
             float(counts[rows, cols].sum()))
 
@@ -120,18 +135,88 @@ def semantic_accuracy(
     return scorer(pred_names, true_names)
 
 
+# ------------------------------------------------------------------------------------------ the registry
+class View(IntEnum):
+    """Where a metric is shown; a view shows every metric whose ``view`` is at most its own."""
+
+    SUMMARY = 0  # the one-line summaries: the job's last line, the run's closing block
+    BRIEF = 1  # the narrow tables: per domain, the cascade, the accuracy plots, the evaluate log line
+    TABLE = 2  # the report's table and the demo's table (a new metric's default)
+    JSON = 3  # the result JSON only
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric. ``name``: its key in the result JSON; ``title``: its column header; ``fmt``: its
+    plain-text format (the demo's table, the summaries); ``percent``: report.md shows it as 100× with one
+    decimal; ``view``: the briefest view that shows it. ``compute(y_true, y_pred) -> float`` scores the
+    labels as clusters (overall on domain-qualified labels); a ``semantic`` metric's
+    ``compute(true_names, pred_names, scorer)`` returns per-image scores of the bare names by the sentence
+    encoder (a ``SemanticAccuracy``), and its value is their mean; it is computed only with a scorer."""
+
+    name: str
+    title: str
+    compute: Callable[..., Any]
+    fmt: str = "{:.3f}"
+    percent: bool = True
+    higher_is_better: bool = True
+    view: View = View.TABLE
+    semantic: bool = False
+
+    def text(self, value: Any, percent: bool = False) -> str:
+        """A table cell: "–" where there is no value; percent (report.md): None and NaN are "–"."""
+        if percent and self.percent:
+            none = value is None or (isinstance(value, float) and math.isnan(value))
+            return "–" if none else f"{100 * float(value):.1f}"
+        return self.fmt.format(value) if isinstance(value, (int, float)) else "–"
+
+
+_REGISTRY: dict[str, Metric] = {}
+_RESERVED = {"n", "domains"}  # the other keys ``by_domain`` writes
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add a metric: every registered metric is computed by ``by_domain`` and listed by the views its
+    ``view`` reaches, after those already registered. The registry is per process: register on import."""
+    if metric.name in _REGISTRY or metric.name in _RESERVED:
+        raise ValueError(f"a metric named {metric.name!r} is already registered (or the name is reserved)")
+    _REGISTRY[metric.name] = metric
+    return metric
+
+
+def unregister_metric(name: str) -> Metric:
+    return _REGISTRY.pop(name)
+
+
+def registered(view: View = View.JSON) -> list[Metric]:
+    """The metrics ``view`` shows, in registration order (the column order)."""
+    return [m for m in _REGISTRY.values() if m.view <= view]
+
+
+for _metric in (
+    Metric("cacc", "cACC", cluster_accuracy, view=View.SUMMARY),
+    Metric("sacc", "sACC", lambda t, p, scorer: scorer.similarities(p, t), view=View.BRIEF, semantic=True),
+    Metric("nmi", "NMI", nmi),
+    Metric("ari", "ARI", ari),
+):
+    register_metric(_metric)
+
+
+def _mean(scores: np.ndarray) -> float:
+    return float(scores.mean()) if len(scores) else float("nan")
+
+
 def all_metrics(
     true_names: Sequence[str], pred_names: Sequence[str | None], sacc: SemanticAccuracy | None = None
 ) -> dict[str, float]:
-    """cACC, sACC (when a scorer is given), NMI, ARI and N for one set of predictions."""
-    out = {
-        "n": len(true_names),
-        "cacc": cluster_accuracy(true_names, pred_names),
-        "nmi": nmi(true_names, pred_names) if true_names else float("nan"),
-        "ari": ari(true_names, pred_names) if true_names else float("nan"),
-    }
-    if sacc is not None:
-        out["sacc"] = sacc(pred_names, true_names)
+    """N and every registered metric for one set of predictions: the clustering ones in registration
+    order, then the semantic ones (sACC) when a scorer is given."""
+    out: dict[str, Any] = {"n": len(true_names)}
+    for m in registered():
+        if not m.semantic:
+            out[m.name] = m.compute(true_names, pred_names) if len(true_names) else float("nan")
+    for m in [m for m in registered() if m.semantic] if sacc is not None else []:
+        out[m.name] = _mean(np.asarray(m.compute(true_names, pred_names, sacc), dtype=np.float64))
     return out
 
 
@@ -146,17 +231,17 @@ def by_domain(
     overall_true = [f"{d}/{t}" for d, t in zip(domains, true_names, strict=True)]
     overall_pred = [None if p is None else f"{d}/{p}" for d, p in zip(domains, pred_names, strict=True)]
     result = all_metrics(overall_true, overall_pred)
-    if sacc is not None:
-        sims = sacc.similarities(pred_names, true_names)
-        result["sacc"] = float(sims.mean()) if len(sims) else float("nan")
+    # the semantic metrics score the bare names, once: each domain's value is the mean over its rows
+    semantic = [m for m in registered() if m.semantic] if sacc is not None else []
+    scores = {m.name: np.asarray(m.compute(true_names, pred_names, sacc), dtype=np.float64) for m in semantic}
+    result.update({k: _mean(v) for k, v in scores.items()})
     per = {}
     idx: dict[str, list[int]] = {}
     for i, d in enumerate(domains):
         idx.setdefault(d, []).append(i)
     for d, rows in sorted(idx.items()):
         per[d] = all_metrics([true_names[i] for i in rows], [pred_names[i] for i in rows])
-        if sacc is not None:
-            per[d]["sacc"] = float(sims[rows].mean())
+        per[d].update({k: float(v[rows].mean()) for k, v in scores.items()})
     result["domains"] = per
     return result
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from near_ray.errors import NearRayError
+from near_ray.eval.metrics import View, registered
 from near_ray.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,15 @@ def _save(fig: Any, uri: str, storage: Storage) -> str:
 
 
 def accuracy_by_method(methods: dict[str, dict[str, Any]], uri: str, storage: Storage) -> str:
-    """Grouped bars: cACC and sACC (percent) of every evaluated method."""
+    """Grouped bars: the brief percent metrics (cACC and sACC) of every evaluated method."""
     names = list(methods)
+    shown = [s for s in registered(View.BRIEF) if s.percent]
+    width = 0.8 / len(shown)
     fig, ax = _figure()
     x = np.arange(len(names))
-    for offset, key, label in ((-0.2, "cacc", "cACC"), (0.2, "sacc", "sACC")):
-        values = [100 * float(methods[m].get(key) or 0.0) for m in names]
-        bars = ax.bar(x + offset, values, width=0.4, label=label)
+    for i, s in enumerate(shown):
+        values = [100 * float(methods[m].get(s.name) or 0.0) for m in names]
+        bars = ax.bar(x + (i - (len(shown) - 1) / 2) * width, values, width=width, label=s.title)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(x, names, rotation=20, ha="right")
     ax.set_ylabel("accuracy on the test split (%)")

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from near_ray.eval.cascade import render_cascade
+from near_ray.eval.metrics import View, registered
 from near_ray.storage import Storage, join
 from near_ray.train.methods import EVALUATED, TITLES
 
@@ -29,6 +30,7 @@ def ordered_methods(methods: dict[str, Any]) -> list[str]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     methods, served = report["methods"], report.get("served") or "–"
+    shown, brief = registered(View.TABLE), registered(View.BRIEF)
     lines = [f"# Evaluation: {report['dataset']}", ""]
     if report.get("simulated_annotator"):
         lines += [
@@ -39,14 +41,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Test images: {report['test_images']} in {len(report['domains'])} domain(s). "
         f"sACC encoder: `{report['sacc_model']}`. Accuracies in percent; cost in USD per 1,000 images.",
         "",
-        "| method | cACC | sACC | NMI | ARI | cost / 1k images | latency (ms / image) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | " + "".join(f"{s.title} | " for s in shown) + "cost / 1k images | latency (ms / image) |",
+        "|---|" + "---:|" * (len(shown) + 2),
     ]
     for m in ordered_methods(methods):
         r = methods[m]
         lines.append(
-            f"| {TITLES.get(m, m)}{' (served)' if m == served else ''} | {_pct(r.get('cacc'))} | {_pct(r.get('sacc'))} | {_pct(r.get('nmi'))} | "
-            f"{_pct(r.get('ari'))} | {_num(r.get('cost_per_1k'), '.4f')} | {_num(r.get('latency_ms'), '.1f')} |"
+            f"| {TITLES.get(m, m)}{' (served)' if m == served else ''} | "
+            + "".join(f"{s.text(r.get(s.name), percent=True)} | " for s in shown)
+            + f"{_num(r.get('cost_per_1k'), '.4f')} | {_num(r.get('latency_ms'), '.1f')} |"
         )
     if sel := report.get("selection"):
         scores = ", ".join(f"`{m}` {_pct(c['agreement'])}%" for m, c in sel.get("candidates", {}).items())
@@ -57,17 +60,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     if len(report["domains"]) > 1:
         lines += [
             "",
-            "## Per domain (cACC / sACC)",
+            f"## Per domain ({' / '.join(s.title for s in brief)})",
             "",
             "| method | " + " | ".join(d["name"] for d in report["domains"]) + " |",
             "|---|" + "---:|" * len(report["domains"]),
         ]
         for m in ordered_methods(methods):
             per = methods[m].get("domains", {})
-            cells = [
-                f"{_pct(per.get(d['name'], {}).get('cacc'))} / {_pct(per.get(d['name'], {}).get('sacc'))}"
-                for d in report["domains"]
-            ]
+            cells = [" / ".join(s.text(per.get(d["name"], {}).get(s.name), percent=True) for s in brief)
+                     for d in report["domains"]]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += render_cascade(report)
     lines += [

@@ -29,7 +29,7 @@ from near_ray.config import DomainConfig, RunConfig
 from near_ray.data.truth import TruthError, truth_table, uri_key
 from near_ray.errors import NearRayError
 from near_ray.eval.cascade import evaluate_cascade
-from near_ray.eval.metrics import SemanticAccuracy, by_domain, prediction_spread
+from near_ray.eval.metrics import SemanticAccuracy, View, by_domain, prediction_spread, registered
 from near_ray.eval.plots import write_plots
 from near_ray.eval.report import write_report
 from near_ray.names import majority_label
@@ -55,13 +55,14 @@ def test_set(domain: DomainConfig, storage: Storage) -> pd.DataFrame:
     except TruthError as e:
         raise EvaluationError(str(e)) from e
     if test.empty:
-        raise EvaluationError(f"data.domains[{domain.name}].truth {domain.truth}: no test rows for domain "
+        source = f"truth {domain.truth}" if domain.truth else f"layout {domain.layout} at {domain.uri}"
+        raise EvaluationError(f"data.domains[{domain.name}].{source}: no test rows for domain "
                               f"'{domain.name}' (split == 'test')")
     return test
 
 
 def load_test_sets(cfg: RunConfig, storage: Storage) -> pd.DataFrame:
-    frames = [test_set(d, storage) for d in cfg.data.domains if d.truth]
+    frames = [test_set(d, storage) for d in cfg.data.domains if d.has_truth]
     if not frames:
         raise EvaluationError("evaluate: no domain has ground truth (set data.domains[].truth to a truth table)")
     return pd.concat(frames, ignore_index=True)
@@ -262,7 +263,8 @@ def run_evaluate(cfg: RunConfig, out: str | None = None) -> dict[str, Any]:
     for method in [m for m in cfg.eval.methods if m in preds]:
         methods[method] = {**by_domain(domains, truth, preds[method], sacc), **extra[method],
                            "spread": prediction_spread(domains, truth, preds[method])}
-        log.info("evaluate %s: cACC %.3f sACC %.3f", method, methods[method]["cacc"], methods[method]["sacc"])
+        log.info("evaluate %s: %s", method, " ".join(f"{s.title} {s.text(methods[method].get(s.name))}"
+                                                     for s in registered(View.BRIEF)))
     report = _report(cfg, st, test, methods, bundles, skipped, bad, sacc, preds)
     report["served"] = served
     if cfg.train.select and st.exists(choice := cfg.paths.choice):

@@ -55,12 +55,12 @@ def probe(cfg: OpenAIBackendConfig, prices: PriceConfig) -> dict[str, Any]:
         try:
             r = httpx.post(url, content=json.dumps(body), headers=headers, timeout=min(cfg.timeout_s, PROBE_TIMEOUT_S))
         except httpx.TimeoutException:
-            raise ProbeError(f"field 'label.openai.base_url': {url} did not answer within "
+            raise ProbeError(f"field 'label.backend.base_url': {url} did not answer within "
                              f"{min(cfg.timeout_s, PROBE_TIMEOUT_S):g} s") from None
         except httpx.HTTPError as e:
             if attempt == 0 and not isinstance(e, httpx.ConnectError):
                 continue
-            raise ProbeError(f"field 'label.openai.base_url': cannot reach {cfg.base_url} ({_reason(e)})") from None
+            raise ProbeError(f"field 'label.backend.base_url': cannot reach {cfg.base_url} ({_reason(e)})") from None
         latency = time.monotonic() - t0
         if r.status_code >= 500 and attempt == 0:
             time.sleep(1.0)
@@ -69,15 +69,15 @@ def probe(cfg: OpenAIBackendConfig, prices: PriceConfig) -> dict[str, Any]:
     if r.status_code in (401, 403):
         unset = f"; environment variable {cfg.api_key_env} is not set" if cfg.api_key_env and not key else ""
         named = f" (the key in {cfg.api_key_env})" if key else ""
-        raise ProbeError(f"label.openai.api_key{named} rejected by {cfg.base_url} (HTTP {r.status_code}: "
+        raise ProbeError(f"label.backend.api_key{named} rejected by {cfg.base_url} (HTTP {r.status_code}: "
                          f"{_message(r)}){unset}")
     if r.status_code == 404:
-        raise ProbeError(f"label.openai: {url} answered HTTP 404 ({_message(r)}): check label.openai.base_url and "
-                         f"that it serves label.openai.model '{cfg.model}'")
+        raise ProbeError(f"label.backend: {url} answered HTTP 404 ({_message(r)}): check label.backend.base_url and "
+                         f"that it serves label.backend.model '{cfg.model}'")
     if r.status_code == 429:  # the key was accepted: the account is busy, and the stage retries with backoff
         note = "HTTP 429: the key is accepted but rate-limited now; the stage retries with backoff"
     elif r.status_code != 200:
-        raise ProbeError(f"label.openai: {url} refused the probe request (an image and a question for "
+        raise ProbeError(f"label.backend: {url} refused the probe request (an image and a question for "
                          f"'{cfg.model}'): HTTP {r.status_code}: {_message(r)}")
     usage: dict[str, Any] = {}
     if r.status_code == 200:
@@ -87,7 +87,7 @@ def probe(cfg: OpenAIBackendConfig, prices: PriceConfig) -> dict[str, Any]:
             if not isinstance(answer.get("choices"), list):
                 raise ValueError("no 'choices'")
         except ValueError as e:
-            raise ProbeError(f"label.openai.base_url: {url} answered HTTP 200 without a chat completion ({e}): "
+            raise ProbeError(f"label.backend.base_url: {url} answered HTTP 200 without a chat completion ({e}): "
                              f"is it an OpenAI-compatible endpoint?") from None
     tokens_in, tokens_out = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     return {"latency_s": round(latency, 3), "input_tokens": tokens_in, "output_tokens": tokens_out,

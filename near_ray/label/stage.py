@@ -59,7 +59,8 @@ class RequestSpec:
 # ------------------------------------------------------------------------------------------ the stage
 def run_label(cfg: RunConfig) -> dict[str, Any]:
     """Label every image of every domain; resumable, see the module docstring. Returns the run summary."""
-    from near_ray.runtime import StopSignal, ensure_ray, stoppable
+    from near_ray.ray_session import ensure_ray
+    from near_ray.stopping import StopSignal, stoppable
 
     storage = storage_for(cfg)
     check_domains(cfg, storage)  # before starting anything
@@ -71,7 +72,7 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
     writer = labels_table(out_uri, storage, cfg.label.part_rows, cfg.label.flush_interval_s)
     ledger = ResumeLedger.open(writer, resume_rule(cfg.label.prompt_version, model), cfg.label.ledger_partitions,
                                expected_rows=listing_size(cfg, storage) * cfg.label.samples)  # fmt: skip
-    stats = LabelStats(cfg.label.log_every_batches)
+    stats = LabelStats(cfg.label.bad_rows_every_batches)
     stopping = False  # a stop was requested (`ray job stop`): the answers in flight land, nothing new is asked
     try:
         with stoppable() as stop:
@@ -146,7 +147,7 @@ def request_dataset(
     spec = RequestSpec(
         label=lc,
         prompts={d.name: prompt_for(d.meta_class, lc.prompt_version) for d in cfg.data.domains},
-        json_schema=schema_text(lc.openai.structured_output if lc.backend == "openai" else lc.vllm.guided_decoding),
+        json_schema=schema_text(lc.backend.structured),
         model=model_name(lc),
     )
     if isinstance(items, list):

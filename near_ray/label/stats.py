@@ -38,7 +38,7 @@ class LabelStats:
         self.tokens_out += sum(int(r["output_tokens"]) for r in rows)
 
     def due(self) -> bool:
-        """Time to write the bad-image rows the ledger collected (every ``label.log_every_batches``)."""
+        """Time to write the bad-image rows the ledger collected (every ``label.bad_rows_every_batches``)."""
         return self.batches % self.drain_every == 0
 
     def summary(self, cfg: RunConfig, counts: dict[str, int], writer: PartTable) -> dict[str, Any]:
@@ -48,7 +48,7 @@ class LabelStats:
         labeled = counts["images_seen"] - counts["images_skipped"]
         return {
             "labels": writer.uri,
-            "backend": cfg.label.backend,
+            "backend": cfg.label.backend.type,
             "model": model_name(cfg.label),
             "prompt_version": cfg.label.prompt_version,
             "samples": cfg.label.samples,

@@ -10,7 +10,7 @@ goes through here, so one file gives the same pixels and, on one device, the sam
 
 Geometry and normalization are split so that workers ship uint8 pixels (4x fewer bytes than floats)
 and the model's process spends its time on the forward pass. The split reproduces open_clip's eval
-transform exactly (``tests/test_preprocess.py`` compares them). Training augments on top of these
+transform exactly (``tests/model/test_preprocess.py`` compares them). Training augments on top of these
 pixels (``near_ray.train.data``), never on another geometry. The spec belongs to the model: ``Clip.pixels``,
 and a bundle's config.json under ``"preprocess"``. Importing this module imports neither torch nor open_clip.
 """

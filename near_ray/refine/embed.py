@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from near_ray.console import Progress
+from near_ray.device import on_compute_thread, torch_device
 from near_ray.errors import NearRayError
-from near_ray.runtime import on_compute_thread, torch_device
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -44,7 +44,7 @@ class KnnError(NearRayError):
 
 def assigned_gpu() -> bool:
     """Whether this process may use a GPU: Ray assigned it one (or, outside Ray, torch sees one)."""
-    from near_ray.runtime import torch_device
+    from near_ray.device import torch_device
 
     return torch_device() == "cuda"
 

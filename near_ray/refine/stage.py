@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from near_ray.config.base import result_fields
 from near_ray.errors import NearRayError
 from near_ray.model.preprocess import precision
 from near_ray.names import majority_label
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("vocabulary.json", "merges.json", "embeddings.parquet", "neighbors.parquet", "candidates.parquet")
-# Where and with what the work runs, not what it computes: kept out of the outputs' fingerprint.
-_EMBED_RESOURCES = {"embed_batch_size", "embed_actors", "embed_actor_cpus", "embed_gpus", "use_gpu", "knn_gpus", "knn_cpus"}
 _MAX_LISTED_FAILURES = 100
 
 
@@ -67,7 +66,9 @@ def fingerprints(labels: pd.DataFrame, cfg: RunConfig, edits: Edits | None = Non
     # other embeddings, so another fingerprint (only the GPU's adds a part: CPU fingerprints stay what they were)
     half = [precision("cuda")] if cfg.refine.embed_gpus > 0 else []
     embeddings_fp = _sha(sorted(set(images)), cfg.model.model_dump(), cfg.label.image.max_pixels, *half)
-    refine_cfg = {k: v for k, v in cfg.refine.model_dump().items() if k not in _EMBED_RESOURCES | {"edits"}}
+    # where and with what the work runs (fields marked WHERE_IT_RUNS) is not what it computes; the edits file's
+    # name neither (its edits count below, by what they do)
+    refine_cfg = {k: v for k, v in result_fields(cfg.refine).items() if k != "edits"}
     knn_fp = _sha(embeddings_fp, cfg.refine.k, cfg.refine.index, cfg.refine.exact_max_n)
     # the edits count by what they do, not by the file's name (no edits: the fingerprint of a run without)
     edited = [edits.fingerprint] if edits is not None else []
@@ -112,7 +113,7 @@ def _embeddings(cfg: RunConfig, st: Storage, labels: pd.DataFrame, fp: dict[str,
         emb.failures = record.get("bad_images", [])
         log.info("refine: embeddings unchanged, reusing %s", uri)
         return emb, True
-    from near_ray.runtime import ensure_ray
+    from near_ray.ray_session import ensure_ray
 
     ensure_ray()
     emb = embed_images(unique_images(labels), cfg, st)

@@ -163,7 +163,7 @@ def run_serve(cfg: RunConfig, write_config: str | None = None, block: bool = Tru
         return {"serve_config": write_config}
     from ray import serve
 
-    from near_ray.runtime import ensure_ray, joins_a_cluster
+    from near_ray.ray_session import ensure_ray, joins_a_cluster
 
     settings = resolved_settings(cfg)
     check_bundles(cfg, settings)

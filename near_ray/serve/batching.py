@@ -17,14 +17,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from near_ray.runtime import compute_thread
+from near_ray.device import compute_thread
 
 log = logging.getLogger(__name__)
 
 
 class AdaptiveBatcher:
     """``await submit(item)`` -> ``fn([...items])[i]``; ``fn`` runs on the process's compute thread
-    (``near_ray.runtime.compute_thread``), one batch at a time."""
+    (``near_ray.device.compute_thread``), one batch at a time."""
 
     def __init__(self, fn: Callable[[list[Any]], list[Any]], max_batch_size: int, batch_wait_timeout_s: float = 0.0):
         self.fn = fn

@@ -19,9 +19,9 @@ import numpy as np
 from ray import serve
 
 from near_ray.config import StorageConfig
+from near_ray.device import compute_thread, torch_device
 from near_ray.errors import NearRayError
 from near_ray.model.preprocess import encode_pixels, preprocessor
-from near_ray.runtime import compute_thread, torch_device
 from near_ray.serve.batching import AdaptiveBatcher
 from near_ray.serve.metrics import ModelMetrics
 from near_ray.serve.routing import RouteError, Routes

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -122,20 +123,40 @@ def _read_neighbours(cfg: RunConfig, storage: Storage) -> list[dict]:
     return storage.read_parquet(nb_uri).select(["image_id", "neighbors"]).to_pylist() if storage.exists(nb_uri) else []
 
 
-def _initial_confidences(row: dict, method: Method, index: dict[tuple[str, str], int]) -> dict[int, float]:
-    """{vocabulary index: weight} for one image under ``method``; empty = the image is not trainable."""
-    domain = row["domain"] or ""
-    if method.targets == "majority":
-        v = index.get((domain, row["majority_label"])) if row["majority_label"] else None
-        return {} if v is None else {v: 1.0}
-    if method.targets == "own_labels":
-        counts = Counter(index[(domain, n)] for n in (row["own_labels"] or []) if (domain, n) in index)
-        return {v: float(c) for v, c in counts.items()}
+# ------------------------------------------------------------------------------------------ target rules
+TargetRule = Callable[[dict[str, Any], str, dict[tuple[str, str], int]], dict[int, float]]
+
+
+def _majority(row: dict[str, Any], domain: str, index: dict[tuple[str, str], int]) -> dict[int, float]:
+    """The MLLM's majority answer alone."""
+    v = index.get((domain, row["majority_label"])) if row["majority_label"] else None
+    return {} if v is None else {v: 1.0}
+
+
+def _own_labels(row: dict[str, Any], domain: str, index: dict[tuple[str, str], int]) -> dict[int, float]:
+    """The MLLM's own answers, weighted by how often each was given."""
+    counts = Counter(index[(domain, n)] for n in (row["own_labels"] or []) if (domain, n) in index)
+    return {v: float(c) for v, c in counts.items()}
+
+
+def _candidates(row: dict[str, Any], domain: str, index: dict[tuple[str, str], int]) -> dict[int, float]:
+    """Refine's candidate set (own answers and the neighbours' votes) with its confidences."""
     out: dict[int, float] = {}
     for name, conf in zip(row["candidates"] or [], row["confidences"] or [], strict=False):
         if (domain, name) in index:
             out[index[(domain, name)]] = out.get(index[(domain, name)], 0.0) + max(float(conf), 1e-6)
     return out
+
+
+# Where a training image starts, by ``Method.targets`` (every value but "none", which trains nothing): its
+# initial weights {vocabulary index: weight} from its candidates.parquet row; empty = it is not trainable.
+TARGET_RULES: dict[str, TargetRule] = {"majority": _majority, "own_labels": _own_labels, "candidates": _candidates}
+_DROPPED_AS = {"majority": "no_majority_label"}  # why an image without weights is left out (else no_candidates)
+
+
+def _initial_confidences(row: dict, method: Method, index: dict[tuple[str, str], int]) -> dict[int, float]:
+    """{vocabulary index: weight} for one image under ``method``; empty = the image is not trainable."""
+    return TARGET_RULES[method.targets](row, row["domain"] or "", index)
 
 
 def load_training_set(cfg: RunConfig, name: str, storage: Storage) -> TrainingSet:
@@ -150,7 +171,7 @@ def load_training_set(cfg: RunConfig, name: str, storage: Storage) -> TrainingSe
     for row in cands:
         w = _initial_confidences(row, method, index)
         if not w:
-            dropped["no_majority_label" if method.targets == "majority" else "no_candidates"] += 1
+            dropped[_DROPPED_AS.get(method.targets, "no_candidates")] += 1
             continue
         rows.append(row)
         weights.append(w)

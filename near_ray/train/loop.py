@@ -7,7 +7,8 @@ gives every worker, and the GMM, the same state. Memory grows with N·|S|, not N
 
 One epoch:
   1. the neighbours' mean prediction at each candidate set, from the last epoch (NeaR only);
-  2. per batch: logits over the sample's domain vocabulary, the method's loss, the new confidences;
+  2. per batch: logits over the sample's domain vocabulary, the phase's loss (``loss.LOSSES``), the new
+     confidences;
   3. all-reduce W, P and losses; GMM on the losses decides who is clean next epoch;
   4. metrics and a checkpoint (weights + state + optimizer) via ``ray.train.report``.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -290,14 +292,9 @@ def run_epoch(model, optimizer, shard, state: NearState, job: FineTuneJob, epoch
         w, cand = state.dense(state.W[idx], idx), state.dense(state.cand_mask[idx].float(), idx) > 0
         prior = None if phase == "ce" else L.confidence_prior(state.dense(state.W0[idx], idx), mean_pred,
                                                                tc.prior_power, tc.balance)
-        if phase == "ce":
-            per, new_w = L.hard_cross_entropy(logp, w.argmax(dim=1)), w
-        elif phase == "pll":
-            per, new_w = L.partial_label_loss(logp, w), L.proden_update(logp.exp(), cand, prior)
-        else:
-            nb = state.dense(state.nb[idx], idx) if method.neighbour_refinement else None
-            per, new_w = L.near_batch_loss(logp, w, cand, state.clean[idx], nb, tc.refine_alpha, tc.lambda_noisy,
-                                           prior, tc.clean_loss)
+        nb = partial(state.dense, state.nb[idx], idx) if method.neighbour_refinement else None
+        batch_ctx = L.BatchContext(prior, state.clean[idx], nb, tc.neighbour_alpha, tc.lambda_noisy, tc.clean_loss)
+        per, new_w = L.LOSSES[phase](logp, w, cand, batch_ctx)
         optimizer.zero_grad(set_to_none=True)
         loss = per.sum() * ctx.world_size / count.clamp_min(1)
         (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()

@@ -17,6 +17,9 @@ candidate label set S_i; ``confidences`` (W) a [B, V] row-stochastic matrix supp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -188,3 +191,44 @@ def logit_space_neighbours(
         ids, _ = exact_knn(g.cpu().numpy(), kd, features.device.type)  # refine's blocked exact search
         out[rows, :kd] = rows[torch.from_numpy(ids).to(rows.device)]
     return out
+
+
+# ------------------------------------------------------------------------------------------ the phases' losses
+@dataclass
+class BatchContext:
+    """What a phase's loss may read of a batch besides its log-probabilities, confidences and candidate sets:
+    the PRODEN prior (None in the "ce" phase), the clean flags [B], the neighbours' mean prediction [B, V]
+    (asked for only by the losses that use it; None when the method has no neighbour refinement) and the
+    train settings of the loss."""
+
+    prior: torch.Tensor | None
+    clean: torch.Tensor
+    neighbours: Callable[[], torch.Tensor] | None
+    alpha: float  # train.neighbour_alpha
+    lambda_noisy: float
+    clean_loss: str
+
+
+PhaseLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BatchContext], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _ce(log_probs: torch.Tensor, w: torch.Tensor, candidates: torch.Tensor, b: BatchContext):
+    """Cross-entropy on each sample's most confident name; the confidences stay as they are."""
+    return hard_cross_entropy(log_probs, w.argmax(dim=1)), w
+
+
+def _pll(log_probs: torch.Tensor, w: torch.Tensor, candidates: torch.Tensor, b: BatchContext):
+    """The partial-label loss on the confidences, then their PRODEN update (warm-up, or PRODEN throughout)."""
+    return partial_label_loss(log_probs, w), proden_update(log_probs.exp(), candidates, b.prior)
+
+
+def _near(log_probs: torch.Tensor, w: torch.Tensor, candidates: torch.Tensor, b: BatchContext):
+    """NeaR after warm-up: clean samples as PRODEN, noisy ones on their neighbour-refined target."""
+    neighbours = b.neighbours() if b.neighbours is not None else None
+    return near_batch_loss(log_probs, w, candidates, b.clean, neighbours, b.alpha, b.lambda_noisy, b.prior,
+                           b.clean_loss)
+
+
+# The loss of each phase (near_ray.train.methods.Method.phase): (log p [B, V], confidences W [B, V], candidate
+# sets [B, V] bool, BatchContext) -> (per-sample loss [B], new confidences [B, V]). A new phase is one entry.
+LOSSES: dict[str, PhaseLoss] = {"ce": _ce, "pll": _pll, "near": _near}

@@ -1,14 +1,18 @@
 """Every way near_ray turns the MLLM's names into a classifier, defined once.
 
-A method says what each training image starts from (``targets``), which loss it trains with after
-warm-up (``loss``), and whether the NeaR machinery is on: the GMM clean/noisy split (``gmm``) and the
-neighbours' predictions in the refined target (``neighbour_refinement``). The config's allowed values,
-the CLI's choices, the pipeline's list of bundles to train and the report's labels all come from
-``METHODS``: an ablation is one more entry here. Plain data, no torch: the config imports it.
+A method says what each training image starts from (``targets``: one rule each in
+``near_ray.train.data.TARGET_RULES``), which loss it trains with after warm-up (``loss``; each epoch's phase
+has its loss in ``near_ray.train.loss.LOSSES``), and whether the NeaR machinery is on: the GMM clean/noisy
+split (``gmm``) and the neighbours' predictions in the refined target (``neighbour_refinement``). The
+config's allowed values, the CLI's choices, the pipeline's list of bundles to train and the report's labels
+all come from ``METHODS``: an ablation is one more entry here. The experimental ones (``EXPERIMENTAL``) were
+measured and not adopted: trained when named, never by default. Plain data, no torch: the config imports it.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,9 +33,9 @@ class Method:
     graph_votes: bool = False
     # train.* settings this method fixes whatever the run config says (an ablation of one option)
     overrides: tuple[tuple[str, Any], ...] = ()
-    # a candidate under measurement: trained and reported when eval.methods names it (the method
-    # benchmark does), not part of every pipeline run
-    by_default: bool = True
+    # a candidate under measurement, measured and not adopted (docs/method.md): trained and reported when
+    # eval.methods names it (the method benchmark does), not part of every pipeline run
+    experimental: bool = False
 
     @property
     def trained(self) -> bool:
@@ -63,12 +67,12 @@ METHODS: dict[str, Method] = {
         # its text embeddings of the vocabulary, no prototypes; its candidate sets follow refine.neighbour_votes
         Method("near_paper", "NeaR as published: fine-tuned CLIP, text classifier (both towers trained)",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
-               overrides=(("prototype_weight", 0.0), ("train_towers", "both")), by_default=False),
+               overrides=(("prototype_weight", 0.0), ("train_towers", "both")), experimental=True),
         # the default's classifier from a fine-tuned image tower: both towers trained, the prototypes recomputed
         # with the fine-tuned image tower (and test images embedded by it)
         Method("near_both_towers", "NeaR labels, neighbour-voted prototypes of the fine-tuned image tower (both towers)",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
-               overrides=(("train_towers", "both"),), by_default=False),
+               overrides=(("train_towers", "both"),), experimental=True),
         Method("near_no_knn", "NeaR without kNN candidates", targets="own_labels", loss="near", gmm=True),
         Method("near_no_gmm", "NeaR without GMM clean/noisy split", targets="candidates", loss="pll"),
         Method("near_text_only", "NeaR classifying with text embeddings only (no image prototypes)",
@@ -76,7 +80,7 @@ METHODS: dict[str, Method] = {
                overrides=(("prototype_weight", 0.0),)),
         Method("near_refreshed_knn", "NeaR with neighbours re-found in the fine-tuned model's logit space",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
-               overrides=(("neighbour_space", "fine_tuned"),), by_default=False),
+               overrides=(("neighbour_space", "fine_tuned"),), experimental=True),
         # the classifier (train.prototype_weight 1 and prototype_vote "neighbours" by default): its image
         # prototypes without the neighbours' votes, and the mixes measured before (all confidence votes):
         # equal text/image shares (the default until neighbour votes), FineR's mix (0.3), and the
@@ -86,20 +90,21 @@ METHODS: dict[str, Method] = {
                overrides=(("prototype_weight", 1.0), ("prototype_vote", "confidence"))),
         Method("near_equal_mix", "NeaR classifying with equal text and image shares (confidence votes)",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
-               overrides=(("prototype_weight", 0.5), ("prototype_vote", "confidence")), by_default=False),
+               overrides=(("prototype_weight", 0.5), ("prototype_vote", "confidence")), experimental=True),
         Method("near_finer_mix", "NeaR classifying with FineR's mix (0.7 text, 0.3 image prototypes)",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
-               overrides=(("prototype_weight", 0.3), ("prototype_vote", "confidence")), by_default=False),
+               overrides=(("prototype_weight", 0.3), ("prototype_vote", "confidence")), experimental=True),
         Method("near_clustered_prototypes", "NeaR with equal shares, its prototypes moved to the clusters they seed",
                targets="candidates", loss="near", gmm=True, neighbour_refinement=True,
                overrides=(("prototype_clusters", True), ("prototype_weight", 0.5), ("prototype_vote", "confidence")),
-               by_default=False),
+               experimental=True),
     )
 }
 TRAINED = tuple(name for name, m in METHODS.items() if m.trained)
 DIRECT_MLLM = "direct_mllm"  # not a bundle: the MLLM asked about every test image (evaluation only)
 EVALUATED = (DIRECT_MLLM, *METHODS)  # what eval.methods may name
-DEFAULT_EVALUATED = (DIRECT_MLLM, *(name for name, m in METHODS.items() if m.by_default))  # eval.methods' default
+DEFAULT_EVALUATED = (DIRECT_MLLM, *(name for name, m in METHODS.items() if not m.experimental))  # eval.methods' default
+EXPERIMENTAL = tuple(name for name, m in METHODS.items() if m.experimental)
 TITLES = {DIRECT_MLLM: "direct MLLM (per test image)", **{name: m.title for name, m in METHODS.items()}}
 
 
@@ -113,6 +118,19 @@ def needs_text(name: str, prototype_weight: float) -> bool:
     if m.targets == "none":
         return True
     return float(dict(m.overrides).get("prototype_weight", prototype_weight)) < 1
+
+
+def method_list() -> str:
+    """Every method by name, the experimental ones marked (the CLI's help)."""
+    return ", ".join(f"{name} (experimental)" if m.experimental else name for name, m in METHODS.items())
+
+
+def warn_experimental(names: Iterable[str]) -> None:
+    """One line on stderr for each experimental method among ``names`` (`near-ray train --method`): it runs."""
+    for name in names:
+        if name in EXPERIMENTAL:
+            print(f"near-ray: method {name} is experimental: measured, not adopted (see docs/method.md); "
+                  "training it anyway", file=sys.stderr)
 
 
 def get_method(name: str) -> Method:

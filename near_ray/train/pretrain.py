@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from near_ray.config import RANDOM_INIT, RunConfig
 from near_ray.errors import NearRayError
-from near_ray.runtime import ensure_ray
+from near_ray.ray_session import ensure_ray
 from near_ray.storage import Storage, join, parent, storage_for
 from near_ray.train.data import TrainPixels
 

@@ -14,6 +14,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from near_ray.config.base import affects_results, result_fields
+from near_ray.config.train import RENAMED, TrainConfig
 from near_ray.console import Progress
 from near_ray.errors import NearRayError
 from near_ray.storage import Storage, is_s3
@@ -21,7 +23,7 @@ from near_ray.storage import Storage, is_s3
 if TYPE_CHECKING:
     import torch
 
-    from near_ray.config import RunConfig, TrainConfig
+    from near_ray.config import RunConfig
 
 
 class TrainError(NearRayError):
@@ -29,14 +31,20 @@ class TrainError(NearRayError):
 
 
 # ------------------------------------------------------------------------------------------ driver
-# Settings that say where and how fast a run trains, or what happens after it (the bundle's classifier
-# and vocabulary), not what it learns: runs that differ only in these share their checkpoints.
 # The layout of the per-sample state in a checkpoint: part of a run's name, so a checkpoint written by
 # another layout is never resumed (it would not fit).
 STATE_FORMAT = 2
-NOT_LEARNED = {"method", "num_workers", "use_gpu", "cpus_per_worker", "torch_threads", "max_failures",
-               "checkpoint_keep", "accelerator_type", "tracking", "prototype_weight", "min_label_support",
-               "prototype_clusters", "prototype_vote", "grad_checkpointing", "materialize_gib"}  # same gradients, less memory
+# Settings of what happens after training (the bundle's classifier and vocabulary), not of what it learns;
+# with the settings of where and how fast it trains (marked WHERE_IT_RUNS in TrainConfig), NOT_LEARNED:
+# runs that differ only in these share their checkpoints.
+AFTER_TRAINING = {"method", "prototype_weight", "min_label_support", "prototype_clusters", "prototype_vote"}
+NOT_LEARNED = AFTER_TRAINING | {name for name, f in TrainConfig.model_fields.items() if not affects_results(f)}
+
+
+def learned_settings(train: TrainConfig) -> dict[str, Any]:
+    """The train settings a run's name hashes (all but NOT_LEARNED), renamed fields under their former names
+    (near_ray.config.train.RENAMED): the same settings keep their run, and its checkpoints, across a rename."""
+    return {RENAMED.get(k, k): v for k, v in result_fields(train, mode="json").items() if k not in AFTER_TRAINING}
 
 
 def run_name(kind: str, cfg: RunConfig, *inputs: Any) -> str:
@@ -50,9 +58,8 @@ def run_name(kind: str, cfg: RunConfig, *inputs: Any) -> str:
     import hashlib
     import json
 
-    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in NOT_LEARNED}
-    blob = json.dumps([kind, STATE_FORMAT, cfg.model.model_dump(mode="json"), train, *inputs], sort_keys=True,
-                      default=str)
+    blob = json.dumps([kind, STATE_FORMAT, cfg.model.model_dump(mode="json"), learned_settings(cfg.train), *inputs],
+                      sort_keys=True, default=str)
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from near_ray.config import RunConfig
 from near_ray.model.clip import encode_texts
-from near_ray.runtime import ensure_ray
+from near_ray.ray_session import ensure_ray
 from near_ray.storage import Storage, is_s3, storage_for
 from near_ray.train.loop import FaultInjection, FineTuneJob
 from near_ray.train.methods import get_method
@@ -57,8 +57,8 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         storage=st,
         prompts=[cfg.model.prompt_template.format(n) for n in names],
         # through the object store, not the loop config: every worker gets one shared copy
-        arrays=ray.put(dataclasses.replace(ts.arrays, neighbours=ts.neighbours[:, : cfg.train.refine_k]))
-        if cfg.train.refine_k else ray.put(ts.arrays),
+        arrays=ray.put(dataclasses.replace(ts.arrays, neighbours=ts.neighbours[:, : cfg.train.neighbour_k]))
+        if cfg.train.neighbour_k else ray.put(ts.arrays),
         pixels=TrainPixels.for_model(clip, cfg.train.augment),
         fault=fault,
     )
@@ -104,7 +104,7 @@ def run_train(cfg: RunConfig, fault: FaultInjection | None = None, in_process: b
         # ask for NeaR's classifier on their own labels (naive_prototypes); naive and no-kNN stay confidence-weighted
         uses_graph = learns.targets == "candidates" or learns.neighbour_refinement or learns.graph_votes
         if cfg.train.prototype_vote == "neighbours" and uses_graph:
-            graph = neighbour_graph(cfg, ts.image_ids, st)[:, : cfg.train.refine_k or None]
+            graph = neighbour_graph(cfg, ts.image_ids, st)[:, : cfg.train.neighbour_k or None]
             if graph.shape[1]:
                 votes, voting = neighbour_votes(cand_idx, weights, graph), "neighbour"
                 # a name its images' neighbourhoods never carry keeps its text vector (rarely nearest, at w = 1)

@@ -43,10 +43,10 @@ def bench(s3_endpoint) -> str:
 def _overrides(workdir: str, base_url: str, domains: list[dict], *extra: str) -> list[str]:
     return [
         f"storage.workdir={workdir}",
-        f"label.openai.base_url={base_url}",
+        f"label.backend.base_url={base_url}",
         f"label.samples={SAMPLES}",
-        "label.openai.backoff_base_s=0.05",
-        "label.openai.backoff_max_s=0.5",
+        "label.backend.backoff_base_s=0.05",
+        "label.backend.backoff_max_s=0.5",
         f"data.domains={json.dumps(domains)}",
         *extra,
     ]
@@ -88,7 +88,7 @@ def test_killed_label_driver_resubmitted_labels_every_image_once(ray_cluster, be
     total = len(uris) * SAMPLES
     workdir = str(tmp_path / "run")
     with AnnotatorServer(bench, profile="strong", seed=0, faults={"latency_s": 0.3}) as ann:
-        overrides = _overrides(workdir, ann.base_url, _domains(bench), "label.openai.concurrency=2",
+        overrides = _overrides(workdir, ann.base_url, _domains(bench), "label.backend.concurrency=2",
                                "label.batch_size=4", "label.part_rows=4", "label.flush_interval_s=1")
         cfg = load_config(None, overrides)
         cmd = [sys.executable, "-m", "near_ray.cli", "label"] + [a for o in overrides for a in ("--set", o)]
@@ -139,8 +139,8 @@ def test_annotator_failing_a_fifth_of_calls_loses_nothing(ray_cluster, bench, tm
     uris = _images(bench)
     with AnnotatorServer(bench, profile="strong", seed=3, faults=faults) as ann:
         cfg = load_config(None, _overrides(str(tmp_path / "run"), ann.base_url, _domains(bench),
-                                           "label.openai.timeout_s=1.0", "label.openai.max_retries=4",
-                                           "label.openai.concurrency=16"))  # fmt: skip
+                                           "label.backend.timeout_s=1.0", "label.backend.max_retries=4",
+                                           "label.backend.concurrency=16"))  # fmt: skip
         t0 = time.monotonic()
         run_label(cfg)
         seconds = time.monotonic() - t0

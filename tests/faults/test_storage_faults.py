@@ -74,7 +74,7 @@ def test_s3_unavailable_during_a_write_never_leaves_a_partial_object_and_a_rerun
     with AnnotatorServer(bench, profile="strong", seed=0, faults={"latency_s": 0.25}) as ann:
         cfg = load_config(None, [
             "storage.workdir=s3://outage/run", f"storage.endpoint_url={endpoint.url}",
-            f"label.openai.base_url={ann.base_url}", f"label.samples={SAMPLES}", "label.openai.concurrency=2",
+            f"label.backend.base_url={ann.base_url}", f"label.samples={SAMPLES}", "label.backend.concurrency=2",
             "label.batch_size=4", "label.part_rows=4", "label.flush_interval_s=0.5",
             f"data.domains={json.dumps([{'name': 'birds', 'uri': f'{bench}/images/birds'}])}",
         ])  # fmt: skip

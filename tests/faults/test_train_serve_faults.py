@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_serve import VOCAB, _load, deploy, make_bundle, serve_http_port, settings, wait_healthy
-from test_train import _cfg, _predict_from_checkpoint, write_refine_artifacts
+from support.serving import VOCAB, deploy, load, make_bundle, serve_http_port, settings, wait_healthy
+from support.training import predict_from_checkpoint, train_config, write_refine_artifacts
 
 from near_ray.storage import Storage
 
@@ -44,7 +44,7 @@ def test_train_worker_killed_mid_epoch_resumes_and_the_bundle_predicts_like_the_
 
     rows = write_refine_artifacts(str(tmp_path), per_class=12)  # 60 images, 15 steps an epoch
     # prototype_weight 0: the checkpoint-side prediction below is the text classifier alone
-    cfg = _cfg(str(tmp_path), epochs=5, batch_size=4, method="near_no_gmm", checkpoint_keep=5, prototype_weight=0)
+    cfg = train_config(str(tmp_path), epochs=5, batch_size=4, method="near_no_gmm", checkpoint_keep=5, prototype_weight=0)
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(summary=run_train(cfg)), daemon=True)
     t0 = time.monotonic()
@@ -77,7 +77,7 @@ def test_train_worker_killed_mid_epoch_resumes_and_the_bundle_predicts_like_the_
     checkpoint = Checkpoint(summary["checkpoint"])
     for domain in ("birds", "flowers"):
         images = [Image.open(io.BytesIO(st.read_bytes(r["uri"]))) for r in rows if r["domain"] == domain]
-        assert (bundle.predict(images, domain=domain) == _predict_from_checkpoint(cfg, checkpoint, rows, domain)).all()
+        assert (bundle.predict(images, domain=domain) == predict_from_checkpoint(cfg, checkpoint, rows, domain)).all()
     fault_figures.record(
         "train_worker_killed",
         f"SIGKILL in epoch {checkpoints_at_kill} of 5; resumed at epoch {resumed_at} from its checkpoint, "
@@ -100,7 +100,7 @@ def test_serve_replica_killed_under_bounded_load(ray_cluster, tmp_path, fault_fi
     try:
         started = threading.Event()
         with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(_load, url, 120, started)
+            future = pool.submit(load, url, 120, started)
             assert started.wait(60)
             replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "near_fault#Classifier" in a["name"]]
             assert len(replicas) == 2, replicas
@@ -111,7 +111,7 @@ def test_serve_replica_killed_under_bounded_load(ray_cluster, tmp_path, fault_fi
         wait_healthy("near_fault", 2, timeout=180)
         recovery_s = time.monotonic() - killed_at
         assert serve.status().applications["near_fault"].deployments["Classifier"].replica_states == {"RUNNING": 2}
-        after = _load(url, 8, threading.Event())
+        after = load(url, 8, threading.Event())
         assert all(not isinstance(o, Exception) and o.status_code == 200 for o in after), "serving again, no restart"
         fault_figures.record(
             "serve_replica_killed",

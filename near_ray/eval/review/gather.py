@@ -110,7 +110,7 @@ def read_truth(cfg: RunConfig, st: Storage) -> dict[str, dict[str, str]]:
     """Per domain with a truth table: uri key -> true class, every split (the discovery images are "train")."""
     out: dict[str, dict[str, str]] = {}
     for d in cfg.data.domains:
-        if d.truth:
+        if d.has_truth:
             try:
                 table = truth_table(d, st)
             except TruthError as e:

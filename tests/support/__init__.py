@@ -1,0 +1,1 @@
+"""What several test modules share: Serve deployments, refine artifacts for training, bundles."""

@@ -18,16 +18,18 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parent / "support" / "multinode.py"
 # the actors of each stage, by the class name Ray records for them
-STAGE_ACTORS = {"label": "OpenAILabeler", "refine": "Embed", "train": "RayTrainWorker", "classify": "Tower"}
+STAGE_ACTORS = {"label": "OpenAILabeler", "refine": "ImageEmbedder", "train": "RayTrainWorker", "classify": "ImageTower",
+                "serve": "ServeReplica:near_ray:Classifier"}
 
 
 @pytest.mark.timeout(1800)
 def test_every_stage_runs_on_two_nodes_and_nothing_is_asked_or_named_twice(synth_bench, bucket, tmp_path):
     root = synth_bench(images_per_species=4, s3=True)
     images = [o.uri for o in Storage().list(f"{root}/images")]
+    assert "/images/birds/" in images[0]
     workdir, out = f"{bucket}/run", tmp_path / "multinode.json"
     with AnnotatorServer(root, profile="strong", seed=0) as annotator:
-        done = subprocess.run([sys.executable, str(SCRIPT), root, workdir, annotator.base_url, str(out)],
+        done = subprocess.run([sys.executable, str(SCRIPT), root, workdir, annotator.base_url, str(out), images[0], "birds"],
                               capture_output=True, text=True, timeout=1500)
         assert done.returncode == 0, done.stderr[-4000:]
         paid = annotator.stats()["answers_paid"]
@@ -42,3 +44,7 @@ def test_every_stage_runs_on_two_nodes_and_nothing_is_asked_or_named_twice(synth
     assert summary["classify"]["images_computed"] + summary["classify"]["images_copied"] == len(images)
     named = read_predictions(summary["classify"]["predictions"])
     assert sorted(named["uri"]) == sorted(images)  # the whole collection, each image once
+    answers = result["answers"]  # over HTTP from two model replicas on two nodes: one answer, as classify's
+    assert len(answers) == 20 and all(a["predictions"] == answers[0]["predictions"] for a in answers)
+    first = named.set_index("uri").loc[images[0], "name"]  # null where classify abstained
+    assert first is None or answers[0]["predictions"][0]["name"] == first

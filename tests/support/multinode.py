@@ -1,7 +1,7 @@
 """The whole pipeline on a Ray cluster of three nodes on 127.0.0.1 (tests/test_multinode.py runs this in a process
 of its own, so that its cluster is not the test session's).
 
-    python tests/support/multinode.py <benchmark root> <workdir> <annotator base URL> <out.json>
+    python tests/support/multinode.py <benchmark root> <workdir> <annotator base URL> <out.json> <an image> <its domain>
 
 A head node (the driver's, 1 CPU) and two worker nodes of 2 CPUs each, started with Ray's own
 ``ray.cluster_utils.Cluster``. Every actor the stages start asks for 1.5 CPUs, which only a worker node has and
@@ -37,6 +37,7 @@ def config(root: str, workdir: str, base_url: str) -> dict:
         "refine": {"k": 3, "merge_encoder": "none", "embed_actors": 2, "embed_actor_cpus": SPREAD},
         "train": {"num_workers": 2, "cpus_per_worker": SPREAD, "epochs": 2, "warmup_epochs": 1, "batch_size": 8},
         "classify": {"pool_size": 2, "actor_cpus": SPREAD, "batch_size": 8},
+        "serve": {"min_replicas": 2, "max_replicas": 2, "cpus_per_replica": SPREAD, "ingress_cpus": 0.1},
     }
 
 
@@ -50,7 +51,38 @@ def actor_nodes() -> dict[str, list[str]]:
     return {name: sorted(ids) for name, ids in nodes.items()}
 
 
-def main(root: str, workdir: str, base_url: str, out: str) -> None:
+def serve_and_ask(cfg, image: str, domain: str) -> list[dict]:
+    """The trained bundle on Serve (two model replicas, one per worker node; one HTTP proxy, on the head: the
+    nodes share 127.0.0.1), asked about ``image`` of ``domain`` 20 times once it answers (two minutes at most)."""
+    import time
+
+    import httpx
+    from ray import serve
+
+    from near_ray.ray_session import free_local_port
+    from near_ray.serve.app import run_serve
+    from near_ray.storage import Storage
+
+    cfg.serve.port = free_local_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": cfg.serve.port})
+    url = run_serve(cfg, block=False)["url"]
+    body, answers, deadline = Storage().read_bytes(image), [], time.monotonic() + 120
+    with httpx.Client(timeout=30) as client:
+        while time.monotonic() < deadline and len(answers) < 20:
+            try:
+                r = client.post(f"{url}/v1/classify", params={"domain": domain}, content=body,
+                                headers={"content-type": "image/png"})
+            except httpx.HTTPError:
+                time.sleep(0.5)
+                continue
+            if r.status_code == 200:
+                answers.append(r.json())
+            else:
+                time.sleep(0.5)
+    return answers
+
+
+def main(root: str, workdir: str, base_url: str, out: str, image: str, domain: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -62,8 +94,11 @@ def main(root: str, workdir: str, base_url: str, out: str) -> None:
         from near_ray.config import RunConfig
         from near_ray.pipeline import run_pipeline
 
-        summary = run_pipeline(RunConfig.model_validate(config(root, workdir, base_url)))
+        cfg = RunConfig.model_validate(config(root, workdir, base_url))
+        summary = run_pipeline(cfg)
+        answers = serve_and_ask(cfg, image, domain)
         result = {
+            "answers": answers,
             "nodes": {"head": cluster.head_node.node_id, "workers": [w.node_id for w in workers]},
             "actors": actor_nodes(),
             "summary": summary,
@@ -75,4 +110,4 @@ def main(root: str, workdir: str, base_url: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:7])

@@ -143,7 +143,7 @@ def run_size(n: int, partitions: int | None, block: int) -> dict[str, Any]:
     from near_ray.data.collections import listing_chunks
     from near_ray.storage import Storage
 
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory(prefix="bookkeeping-") as tmp:

@@ -54,12 +54,17 @@ class StopSignal:
     """A stage's stop, readable by its actors on every node: the driver ``set``s it when the job is
     stopping, and a worker that is about to pay for new work (an MLLM request) checks it first, so a
     stop asks nothing more than what is already in flight, however far ahead Ray Data built requests.
-    A zero-CPU Ray actor holding one flag; picklable (it travels in ``fn_constructor_kwargs``)."""
+    A zero-CPU Ray actor holding one flag, on the driver's node: it lives and dies with the driver, so the loss
+    of another node never takes the stage's stop with it. Picklable (it travels in ``fn_constructor_kwargs``).
+    A flag that cannot be reached reads as not set: only the driver's node going takes it, and the job's workers
+    go with their driver (a worker that read "stop" instead would drop its rows while a live driver waits)."""
 
     def __init__(self) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self._actor = ray.remote(_Flag).options(num_cpus=0).remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._actor = ray.remote(_Flag).options(num_cpus=0, scheduling_strategy=here).remote()
 
     @contextmanager
     def following(self, request: StopRequest, every_s: float = 0.2) -> Iterator[StopSignal]:
@@ -89,7 +94,15 @@ class StopSignal:
     def is_set(self) -> bool:
         import ray
 
-        return bool(ray.get(self._actor.get.remote()))
+        try:
+            return bool(ray.get(self._actor.get.remote()))
+        except ray.exceptions.RayActorError:
+            return False
 
     async def is_set_async(self) -> bool:  # in an async actor: awaits without blocking its event loop
-        return bool(await self._actor.get.remote())
+        import ray
+
+        try:
+            return bool(await self._actor.get.remote())
+        except ray.exceptions.RayActorError:
+            return False

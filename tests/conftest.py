@@ -96,6 +96,7 @@ def ray_cluster(s3_endpoint):
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a new cluster, never one another process on the machine is running
             num_cpus=4,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

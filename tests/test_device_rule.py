@@ -11,7 +11,7 @@ import pytest
 # sets CUDA_VISIBLE_DEVICES, and torch finds no CUDA device, as on a node whose driver is too old.
 SCRIPT = """
 import os, ray
-ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
          runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(__import__("sys").path)}})
 
 @ray.remote(num_gpus=1, num_cpus=0)

@@ -48,3 +48,34 @@ def test_every_stage_runs_on_two_nodes_and_nothing_is_asked_or_named_twice(synth
     assert len(answers) == 20 and all(a["predictions"] == answers[0]["predictions"] for a in answers)
     first = named.set_index("uri").loc[images[0], "name"]  # null where classify abstained
     assert first is None or answers[0]["predictions"][0]["name"] == first
+
+
+@pytest.mark.timeout(1800)
+def test_a_worker_node_lost_mid_labeling_loses_nothing_and_pays_little_twice(synth_bench, tmp_path):
+    """The node running a labeler (and the resume ledger's partition, when it is there) is removed a third of the
+    way through: the stage finishes on the nodes left, or stops naming the lost ledger and a second run finishes.
+    Either way every image x sample is in the labels table once, and only answers in flight were paid twice."""
+    from near_ray.label.table import read_labels_table
+
+    root = synth_bench(images_per_species=4, own=True)
+    images = [o.uri for o in Storage().list(f"{root}/images")]
+    workdir, out = str(tmp_path / "run"), tmp_path / "lost.json"
+    # slow answers, two in flight per labeler: the labeling lasts long enough to lose a node in the middle of it
+    with AnnotatorServer(root, profile="strong", seed=0, faults={"latency_s": 1.5}) as annotator:
+        done = subprocess.run([sys.executable, str(SCRIPT), "lose-a-node", root, workdir, annotator.base_url, str(out)],
+                              capture_output=True, text=True, timeout=1500)
+        assert done.returncode == 0, done.stderr[-4000:]
+        stats = annotator.stats()
+    result = json.loads(out.read_text())
+    assert result["lost"] in result["labeler_nodes"] and result["lost"] != result["head"]
+    assert 0 < result["paid_at_loss"] < len(images) * 2
+    first, *again = result["runs"]
+    if result["lost"] in result["ledger_nodes"]:  # the ledger cannot outlive its node: a clear stop, then a rerun
+        assert first["outcome"] == "failed" and first["error"].startswith("LedgerLostError: the resume ledger lost")
+        assert [r["outcome"] for r in again] == ["finished"]
+    else:  # the labeler is restarted on a node left; nothing else was on the lost node
+        assert first["outcome"] == "finished" and not again
+    labels = read_labels_table(f"{workdir}/labels", Storage()).to_pandas()  # every row written, parts as they are
+    assert sorted(zip(labels["uri"], labels["sample"], strict=True)) == sorted((u, s) for u in images for s in range(2))
+    # paid twice: at most what a lost labeler held (4 batches of 2 in flight) and what a stopped run had not written
+    assert stats["duplicate_answers"] <= 8 + 8

@@ -38,7 +38,7 @@ from near_ray.data.collections import check_domains, listing_chunks, listing_siz
 from near_ray.errors import NearRayError
 from near_ray.model.bundle import FORMAT_VERSION, BundleError, domain_in_bundle
 from near_ray.model.preprocess import bundle_pixel_spec
-from near_ray.parts import ResumeLedger
+from near_ray.parts import ResumeLedger, lost_partition
 from near_ray.storage import Storage, join, storage_for
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,10 @@ def run_classify(cfg: RunConfig) -> dict[str, Any]:
         counts = {"images_seen": c["images_seen"], "images_skipped": c["images_skipped"],
                   "images_copied": c["samples_copied"], "images_computed": c["samples_asked"]}  # fmt: skip
         stale_parts = ledger.stale_parts
+    except Exception as e:  # a node lost with a ledger partition: say so, not Ray Data's trace
+        if (lost := lost_partition(e)) is None:
+            raise
+        raise lost from None
     finally:
         writer.flush()  # on any failure too: answers already computed are kept
         ledger.close()

@@ -36,7 +36,7 @@ from near_ray.label.prompts import prompt_for, sample_seed, schema_text
 from near_ray.label.select import check_select, selected_chunks
 from near_ray.label.stats import LabelStats
 from near_ray.label.table import copy_identical, labels_table, labels_uri, read_labels, resume_rule
-from near_ray.parts import ResumeLedger
+from near_ray.parts import ResumeLedger, lost_partition
 from near_ray.storage import Storage, storage_for
 
 if TYPE_CHECKING:
@@ -105,6 +105,10 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
         for aliases in ledger.aliases():
             writer.add(copy_identical(aliases, writer, cfg.label.prompt_version, model))
         counts = ledger.counts()
+    except Exception as e:  # a node lost with a ledger partition: say so, not Ray Data's trace
+        if (lost := lost_partition(e)) is None:
+            raise
+        raise lost from None
     finally:
         writer.flush()  # on any failure too: answers already paid for are kept
         ledger.close()

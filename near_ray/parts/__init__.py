@@ -5,7 +5,7 @@
 over Ray actors so that no process holds the whole collection.
 """
 
-from near_ray.parts.ledger import LedgerPartition, ResumeLedger
+from near_ray.parts.ledger import LedgerLostError, LedgerPartition, ResumeLedger, lost_partition
 from near_ray.parts.table import PartTable, ResumeRule, best_rows, domain_of, part_name
 
-__all__ = ["LedgerPartition", "PartTable", "ResumeLedger", "ResumeRule", "best_rows", "domain_of", "part_name"]
+__all__ = ["LedgerLostError", "LedgerPartition", "lost_partition", "PartTable", "ResumeLedger", "ResumeRule", "best_rows", "domain_of", "part_name"]

@@ -28,10 +28,30 @@ from typing import Any
 import numpy as np
 
 import near_ray.parts.keys as K
+from near_ray.errors import NearRayError
 from near_ray.parts.table import PartTable, ResumeRule
 
 ROWS_PER_PARTITION = 10_000_000  # ~0.5 GB of keys (done, answered, claims) per partition actor
 FILES_PER_LOAD_TASK = 64
+
+
+LOST = ("the resume ledger lost a partition (its node left the cluster): run the stage again; what it wrote is "
+        "kept and not asked or computed again")
+
+
+class LedgerLostError(NearRayError):
+    """A partition of the ledger is gone with its node: the stage stops; a rerun resumes from the table."""
+
+
+def lost_partition(error: BaseException) -> LedgerLostError | None:
+    """The ``LedgerLostError`` behind ``error``: a read task raised it, and Ray Data wraps what a task raises."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, LedgerLostError):
+            return LedgerLostError(LOST)
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
 
 
 @dataclass
@@ -204,7 +224,10 @@ class ResumeLedger:
             return refs
         import ray
 
-        return ray.get(refs)
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as e:  # a partition lived on a node that is gone
+            raise LedgerLostError(f"{LOST} ({type(e).__name__})") from None
 
     def plan(self, items: list[tuple[str, str, str]], samples: int = 1) -> list[list[int]]:
         """For each (uri, domain, image_id): the samples still to compute (``[]``: skipped or copied)."""

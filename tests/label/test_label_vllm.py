@@ -117,7 +117,7 @@ from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStage
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 opts = json.loads(sys.argv[1])
-ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 c = vLLMEngineProcessorConfig(**opts)
 stage = vLLMEngineStage(
     fn_constructor_kwargs=dict(batch_size=c.batch_size, max_concurrent_batches=c.max_concurrent_batches,

@@ -45,7 +45,7 @@ table = {}
 torch_sees_cuda(True)
 table["plain script, torch sees CUDA"] = torch_device()
 torch.cuda.is_available = real  # Ray starts as it would on this machine
-ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 torch_sees_cuda(True)
 table["Ray driver, torch sees CUDA"] = torch_device()
 

@@ -109,5 +109,73 @@ def main(root: str, workdir: str, base_url: str, out: str, image: str, domain: s
         cluster.shutdown()
 
 
+def lose_a_node(root: str, workdir: str, base_url: str, out: str) -> None:
+    """The label stage with a worker node removed mid-run (its raylet and every process on it killed, as a
+    machine lost): the node that runs a labeler is removed once a third of the answers are paid. What the
+    stage did (finished, or failed and with what message) and what a second run did are written to ``out``."""
+    import threading
+    import time
+
+    import httpx
+    import ray
+    from ray._private import state
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "num_cpus": 1, "include_dashboard": False})
+    workers = {w.node_id: w for w in (cluster.add_node(**NODE, num_cpus=2) for _ in range(2))}
+    cluster.wait_for_nodes()
+    cluster.connect()
+    stats_url = base_url.rsplit("/v1", 1)[0] + "/stats"
+    try:
+        from near_ray.config import RunConfig
+        from near_ray.label.stage import run_label
+
+        raw = config(root, workdir, base_url)
+        raw["label"].update(actor_cpus=1.0, batch_size=2, flush_interval_s=1.0)
+        raw["label"]["backend"].update(concurrency=2)
+        cfg = RunConfig.model_validate(raw)
+        total = 2 * sum(1 for _ in _images(root))
+        runs: list[dict] = []
+
+        def run() -> None:
+            t = time.monotonic()
+            try:
+                summary = run_label(cfg)
+                runs.append({"outcome": "finished", "summary": summary})
+            except Exception as e:  # what a user would read
+                runs.append({"outcome": "failed", "error": f"{type(e).__name__}: {e}"})
+            runs[-1]["seconds"] = round(time.monotonic() - t, 1)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        while httpx.get(stats_url).json()["answers_paid"] < total // 3 and thread.is_alive():
+            time.sleep(0.2)
+        alive = [a for a in state.actors().values() if a["State"] == "ALIVE"]
+        labelers = {a["Address"]["NodeID"] for a in alive if "OpenAILabeler" in a["ActorClassName"]}
+        ledger = {a["Address"]["NodeID"] for a in alive if a["ActorClassName"] == "LedgerPartition"}
+        # the worst node to lose: a labeler's and the resume ledger's both, where there is one
+        lost = next((n for n in workers if n in labelers and n in ledger), next(n for n in workers if n in labelers))
+        paid_at_loss = httpx.get(stats_url).json()["answers_paid"]
+        cluster.remove_node(workers[lost], allow_graceful=False)
+        thread.join(timeout=900)
+        if runs and runs[0]["outcome"] == "failed":
+            run()  # resubmitted, on the nodes left
+        Path(out).write_text(json.dumps({"lost": lost, "labeler_nodes": sorted(labelers), "ledger_nodes": sorted(ledger),
+                                         "head": cluster.head_node.node_id, "total": total,
+                                         "paid_at_loss": paid_at_loss, "runs": runs}, default=str))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _images(root: str):
+    from near_ray.storage import Storage
+
+    return Storage().list(f"{root}/images")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:7])
+    if sys.argv[1] == "lose-a-node":
+        lose_a_node(*sys.argv[2:6])
+    else:
+        main(*sys.argv[1:7])

@@ -44,11 +44,12 @@ class LedgerLostError(NearRayError):
 
 
 def lost_partition(error: BaseException) -> LedgerLostError | None:
-    """The ``LedgerLostError`` behind ``error``: a read task raised it, and Ray Data wraps what a task raises."""
+    """The ``LedgerLostError`` behind ``error``: a read task raised it, and Ray Data wraps what a task raises (across
+    processes the chain of causes does not travel, only the remote traceback's text does)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, LedgerLostError):
+        if isinstance(error, LedgerLostError) or f"{LedgerLostError.__name__}: " in str(error):
             return LedgerLostError(LOST)
         error = getattr(error, "cause", None) or error.__cause__
     return None

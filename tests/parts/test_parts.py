@@ -124,3 +124,21 @@ def test_the_key_set_matches_a_python_set_as_it_grows():
     assert len(ks._runs) <= int(np.log2(len(reference))) + 2, "O(log n) runs"
     ks.compact()
     assert len(ks) == len(reference) and ks.get(probe)[1].tolist() == values.tolist()
+
+
+def test_a_lost_ledger_partition_is_named_through_ray_datas_wrapping(ray_cluster):
+    """A read task's LedgerLostError reaches the driver wrapped by Ray Data (and its causes do not travel between
+    processes): the stages still stop with the ledger's message, not the wrapper's trace."""
+    import ray
+
+    from near_ray.parts import LedgerLostError, lost_partition
+
+    def plan(batch):
+        raise LedgerLostError("a partition is gone")
+
+    with pytest.raises(Exception) as info:
+        ray.data.range(4).map_batches(plan).materialize()
+    assert not isinstance(info.value, LedgerLostError)  # what the driver gets is Ray Data's error
+    lost = lost_partition(info.value)
+    assert isinstance(lost, LedgerLostError) and str(lost).startswith("the resume ledger lost a partition")
+    assert lost_partition(ValueError("no ledger here")) is None

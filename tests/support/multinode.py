@@ -159,7 +159,10 @@ def lose_a_node(root: str, workdir: str, base_url: str, out: str) -> None:
         cluster.remove_node(workers[lost], allow_graceful=False)
         thread.join(timeout=900)
         if runs and runs[0]["outcome"] == "failed":
-            run()  # resubmitted, on the nodes left
+            deadline = time.monotonic() + 120  # resubmitted once the cluster knows the node is gone, as a user
+            while time.monotonic() < deadline and any(n["NodeID"] == lost and n["Alive"] for n in ray.nodes()):
+                time.sleep(0.5)  # would: nothing new is placed on it then
+            run()
         Path(out).write_text(json.dumps({"lost": lost, "labeler_nodes": sorted(labelers), "ledger_nodes": sorted(ledger),
                                          "head": cluster.head_node.node_id, "total": total,
                                          "paid_at_loss": paid_at_loss, "runs": runs}, default=str))

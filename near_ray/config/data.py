@@ -68,8 +68,10 @@ class DomainConfig(Section):
 
     @property
     def has_truth(self) -> bool:
-        """Whether the domain's classes are known: a truth table, or a dataset layout that names them."""
-        return bool(self.truth) or self.layout not in (None, "unlabeled")
+        """Whether the domain's classes are known: a truth table, or a dataset layout named as one that names them
+        (``auto`` is not: an unlabeled folder of subfolders reads as ``folder``, and a run without labels must not
+        turn into a benchmark run)."""
+        return bool(self.truth) or self.layout not in (None, "unlabeled", "auto")
 
 
 class DataConfig(Section):

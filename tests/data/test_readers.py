@@ -156,6 +156,7 @@ def test_a_layout_is_checked_where_the_config_is_read() -> None:
     with pytest.raises(Exception, match="split needs a layout"):
         domain(split="train")
     assert not domain().data.domains[0].has_truth and not domain(layout="unlabeled").data.domains[0].has_truth
+    assert not domain(layout="auto").data.domains[0].has_truth  # named layouts only: a no-label run stays one
 
 
 def test_cub200_accepts_the_unpacked_parent_folder(tmp_path: Path) -> None:
